@@ -1,0 +1,186 @@
+"""The `cgan-pipe` command line: parse, call, report. No pipeline logic lives here."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+import yaml
+
+from . import __version__
+from .config import load_pipeline, to_dict
+from .errors import UserError
+
+EXAMPLES = {
+    "run": "cgan-pipe run pipelines/cifar.yaml --set train.steps=300",
+    "prepare": "cgan-pipe prepare ../shared/data/cifar10/train.tar shards/cifar --quality 90",
+    "train": "cgan-pipe train pipelines/cifar.yaml --set train.batch_size=128",
+    "generate": "cgan-pipe generate runs/cifar/checkpoints/ckpt-0005000.pt out/ --n 1000 --format webp",
+}
+
+
+def _reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn user errors into a one-line message and exit code (2 usage/config, 1 runtime)."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except UserError as exc:
+            click.secho(f"error: {exc}", fg="red", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted; rerun the same command to resume", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def _progress(quiet: bool) -> bool:
+    return not quiet and sys.stderr.isatty()
+
+
+set_option = click.option(
+    "--set", "-s", "overrides", multiple=True, metavar="KEY=VALUE",
+    help="Override a config key, e.g. --set train.steps=300 (repeatable).",
+)
+quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+dry_run_option = click.option("--dry-run", is_flag=True, help="Print the resolved config and stop.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="cgan-pipe")
+def main() -> None:
+    """Train conditional GANs on archives of compressed images.
+
+    Raw images -> webdataset shards -> DALI loader -> GAN -> JPEG/PNG/WebP.
+    Exit codes: 0 success, 1 runtime failure, 2 usage or config error.
+    """
+
+
+@main.command(epilog=f"Example: {EXAMPLES['run']}")
+@click.argument("pipeline", type=click.Path(dir_okay=False))
+@set_option
+@dry_run_option
+@quiet_option
+@_reports_errors
+def run(pipeline: str, overrides: tuple[str, ...], dry_run: bool, quiet: bool) -> None:
+    """Run a whole PIPELINE (YAML): prepare shards, train, export images.
+
+    Everything goes under the pipeline's run_dir (default runs/<name>/); a stage
+    whose outputs are complete for the same settings is skipped, and training
+    resumes from its last checkpoint. Writes run_dir/summary.json.
+    """
+    from .pipeline import run_pipeline
+
+    cfg = load_pipeline(pipeline, list(overrides))
+    if dry_run:
+        click.echo(yaml.safe_dump(to_dict(cfg), sort_keys=False), nl=False)
+        return
+    summary = run_pipeline(cfg, progress=_progress(quiet), echo=click.echo)
+    click.echo(f"done: {cfg.run_path / 'summary.json'} ({summary['images_per_s']} img/s training)")
+
+
+@main.command(epilog=f"Example: {EXAMPLES['prepare']}")
+@click.argument("source")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["jpeg", "png", "webp"]), default="jpeg", show_default=True,
+              help="Image format in the shards (JPEGs already at the resolution are copied untouched).")
+@click.option("--quality", type=click.IntRange(1, 100), default=95, show_default=True,
+              help="JPEG/WebP quality for re-encoded images.")
+@click.option("--resolution", type=click.Choice([str(2 ** i) for i in range(3, 11)]), default="32",
+              show_default=True, help="Square side in pixels.")
+@click.option("--shard-size", type=click.IntRange(min=1), default=5000, show_default=True, help="Samples per shard.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use at most N images (seeded subset).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Shuffle seed.")
+@click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True,
+              help="Split of a CIFAR-10 python archive.")
+@quiet_option
+@_reports_errors
+def prepare(source: str, out: str, fmt: str, quality: int, resolution: str, shard_size: int,
+            limit: int | None, seed: int, split: str, quiet: bool) -> None:
+    """Turn raw images at SOURCE into webdataset shards in OUT.
+
+    SOURCE is an image-folder tree (class = folder name), a tar/tar.gz of one, the
+    CIFAR-10 python archive, or 'download:cifar10'. OUT receives shard-NNNNNN.tar,
+    a DALI index (.idx) per shard and manifest.json. Rerunning with the same
+    arguments does nothing.
+    """
+    from .data.shards import PrepareSettings, prepare as prepare_shards
+
+    settings = PrepareSettings(resolution=int(resolution), format=fmt, quality=quality, shard_size=shard_size,
+                               limit=limit, seed=seed, split=split)
+    manifest, up_to_date = prepare_shards(source, Path(out), settings, progress=_progress(quiet))
+    if up_to_date:
+        click.echo(f"{out}: already complete for these settings; nothing to do")
+    click.echo(f"{manifest.num_samples} samples in {len(manifest.shards)} shards, "
+               f"{len(manifest.skipped)} skipped -> {Path(out) / 'manifest.json'}")
+    for entry in manifest.skipped[:10]:
+        click.echo(f"  skipped {entry['source']}: {entry['reason']}", err=True)
+
+
+@main.command(epilog=f"Example: {EXAMPLES['train']}")
+@click.argument("pipeline", type=click.Path(dir_okay=False))
+@set_option
+@dry_run_option
+@quiet_option
+@_reports_errors
+def train(pipeline: str, overrides: tuple[str, ...], dry_run: bool, quiet: bool) -> None:
+    """Train the GAN of PIPELINE on the shards in its run_dir/shards.
+
+    Resumes from the newest checkpoint in run_dir/checkpoints. Make the shards
+    first with `cgan-pipe run` or `cgan-pipe prepare SOURCE RUN_DIR/shards`.
+    """
+    from .pipeline import write_resolved_config
+    from .train.loop import train as train_gan
+
+    cfg = load_pipeline(pipeline, list(overrides))
+    if dry_run:
+        click.echo(yaml.safe_dump(to_dict(cfg), sort_keys=False), nl=False)
+        return
+    write_resolved_config(cfg, cfg.run_path)
+    result = train_gan(cfg, cfg.run_path / "shards", cfg.run_path, progress=_progress(quiet))
+    speed = f", {result.images_per_s:.0f} img/s" if result.images_per_s else " (already complete)"
+    click.echo(f"step {result.steps}{speed}; checkpoint {result.checkpoint}")
+
+
+@main.command(epilog=f"Example: {EXAMPLES['generate']}")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--n", type=int, required=True, help="Number of images.")
+@click.option("--format", "fmt", default="jpeg", show_default=True, help="jpeg, png or webp.")
+@click.option("--quality", type=int, default=95, show_default=True, help="JPEG/WebP quality (1-100).")
+@click.option("--classes", default=None, help="Comma-separated class names (default: all, balanced).")
+@click.option("--seed", type=int, default=0, show_default=True, help="First seed; image i uses seed+i.")
+@click.option("--batch-size", type=int, default=250, show_default=True, help="Images per generator call.")
+@click.option("--shard-size", type=int, default=5000, show_default=True, help="Samples per output shard.")
+@click.option("--raw", is_flag=True, help="Use the raw generator instead of its EMA.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace OUT even when it holds other files.")
+@quiet_option
+@_reports_errors
+def generate(checkpoint: str, out: str, n: int, fmt: str, quality: int, classes: str | None, seed: int,
+             batch_size: int, shard_size: int, raw: bool, device: str, overwrite: bool, quiet: bool) -> None:
+    """Generate images from CHECKPOINT into OUT as files and webdataset shards.
+
+    Files are OUT/<class>/seed<seed>-c<class id>-q<quality>.<ext>; OUT/shards holds
+    the same images with .cls and .json (seed, class, quality) plus a manifest,
+    readable by the loader.
+    """
+    from .export import ExportSettings, export
+    from .train.loop import resolve_device
+
+    wanted = tuple(c.strip() for c in classes.split(",") if c.strip()) if classes else None
+    settings = ExportSettings(n=n, format=fmt.lower(), quality=quality, classes=wanted, seed=seed,
+                              batch_size=batch_size, shard_size=shard_size, ema=not raw)
+    result = export(Path(checkpoint), Path(out), settings, device=resolve_device(device),
+                    overwrite=overwrite, progress=_progress(quiet))
+    if result.up_to_date:
+        click.echo(f"{out}: already complete for these settings; nothing to do")
+    else:
+        click.echo(f"{result.n} images ({result.images_per_s:.0f} img/s) -> {result.out_dir}")
+    click.echo(json.dumps({"export_dir": str(result.out_dir), "export_shards": str(result.shards)}))

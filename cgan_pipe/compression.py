@@ -1,0 +1,40 @@
+"""JPEG compression helpers: the standard quantisation tables and quality estimation."""
+
+from __future__ import annotations
+
+import numpy as np
+
+# ITU-T T.81 Annex K, table K.1 (luminance), in natural (row-major) order.
+STD_LUMINANCE_TABLE = np.array([
+    16, 11, 10, 16, 24, 40, 51, 61,
+    12, 12, 14, 19, 26, 58, 60, 55,
+    14, 13, 16, 24, 40, 57, 69, 56,
+    14, 17, 22, 29, 51, 87, 80, 62,
+    18, 22, 37, 56, 68, 109, 103, 77,
+    24, 35, 55, 64, 81, 104, 113, 92,
+    49, 64, 78, 87, 103, 121, 120, 101,
+    72, 92, 95, 98, 112, 100, 103, 99,
+], dtype=np.int64)
+
+
+def scaled_table(base: np.ndarray, quality: int) -> np.ndarray:
+    """The quantisation table libjpeg derives from `base` at `quality` (1-100), baseline-clamped."""
+    scale = 5000 // quality if quality < 50 else 200 - 2 * quality
+    return np.clip((base * scale + 50) // 100, 1, 255)
+
+
+_LUMA_TABLES = np.stack([scaled_table(STD_LUMINANCE_TABLE, q) for q in range(1, 101)])
+
+
+def estimate_jpeg_quality(quantization: dict[int, list[int]] | None) -> int | None:
+    """Estimate the libjpeg quality (1-100) that produced a JPEG's quantisation tables.
+
+    `quantization` is Pillow's `Image.quantization` (table id -> 64 values in natural
+    order). Returns the quality whose scaled standard luminance table is closest, or
+    None when the file has no usable luminance table.
+    """
+    if not quantization or 0 not in quantization or len(quantization[0]) != 64:
+        return None
+    luma = np.asarray(quantization[0], dtype=np.int64)
+    errors = np.abs(_LUMA_TABLES - luma).sum(axis=1)
+    return int(errors.argmin()) + 1

@@ -1,0 +1,411 @@
+"""Typed pipeline configuration: YAML file + `--set` overrides -> validated dataclasses."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from .errors import ConfigError
+
+Device = Literal["auto", "cpu", "cuda"]
+ImageFormat = Literal["jpeg", "png", "webp"]
+
+
+# ---------------------------------------------------------------------------
+# Field helpers: every field carries a help text (shown in docs) and an optional check.
+
+
+def _opt(default: Any, help: str, check: Callable[[Any], str | None] | None = None) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: list(default), metadata={"help": help, "check": check})
+    return field(default=default, metadata={"help": help, "check": check})
+
+
+def _required(help: str, check: Callable[[Any], str | None] | None = None) -> Any:
+    return field(default=None, metadata={"help": help, "check": check, "required": True})
+
+
+def _positive(value: Any) -> str | None:
+    return None if value is None or value > 0 else "must be > 0"
+
+
+def _non_negative(value: Any) -> str | None:
+    return None if value >= 0 else "must be >= 0"
+
+
+def _quality(value: int) -> str | None:
+    return None if 1 <= value <= 100 else "must be between 1 and 100"
+
+
+def _unit_interval(value: float) -> str | None:
+    return None if 0.0 <= value < 1.0 else "must be in [0, 1)"
+
+
+def _resolution(value: int) -> str | None:
+    ok = 8 <= value <= 1024 and value & (value - 1) == 0
+    return None if ok else "must be a power of two between 8 and 1024"
+
+
+def _non_empty(value: str) -> str | None:
+    return None if value.strip() else "must not be empty"
+
+
+# ---------------------------------------------------------------------------
+# The schema. One dataclass per concern; unknown keys are rejected.
+
+
+@dataclass
+class DataConfig:
+    """Where the raw images come from and how they are written into shards."""
+
+    source: str = _required(
+        "Raw images: an image-folder tree (class = folder name), a tar/tar.gz of one, the "
+        "official CIFAR-10 python archive (cifar-10-python.tar.gz or its cifar-10-batches-py "
+        "folder), or 'download:cifar10' to fetch CIFAR-10 with torchvision. "
+        "Relative paths are taken from the current directory; ${VAR:-default} is expanded.",
+        _non_empty,
+    )
+    split: Literal["train", "test"] = _opt(
+        "train", "Which split of a CIFAR-10 python archive or download to use."
+    )
+    resolution: int = _opt(32, "Side of the square training images, in pixels.", _resolution)
+    format: ImageFormat = _opt(
+        "jpeg",
+        "Image format inside the shards. JPEG inputs already at the resolution are copied "
+        "byte for byte (no second lossy encode); everything else is re-encoded.",
+    )
+    quality: int = _opt(95, "JPEG/WebP quality (1-100) for re-encoded images.", _quality)
+    shard_size: int = _opt(5000, "Samples per shard.", _positive)
+    limit: Optional[int] = _opt(
+        None, "Use at most this many images (a seeded random subset); null for all.", _positive
+    )
+    download_dir: str = _opt(
+        "~/.cache/cgan-pipe", "Where 'download:cifar10' keeps the downloaded archive."
+    )
+
+
+@dataclass
+class LoaderConfig:
+    """How shards stream into training batches."""
+
+    backend: Literal["dali", "torch"] = _opt(
+        "dali", "'dali' (NVIDIA DALI pipeline) or 'torch' (webdataset + torchvision decode)."
+    )
+    device: Device = _opt(
+        "auto",
+        "Where images are decoded: 'cuda' (DALI mixed/nvJPEG), 'cpu', or 'auto' (cuda when "
+        "a GPU is present).",
+    )
+    threads: int = _opt(2, "DALI CPU threads, or DataLoader workers for the torch backend.", _positive)
+    shuffle_buffer: int = _opt(
+        4096, "Samples held in the shuffle buffer (shards are also shuffled when written).", _positive
+    )
+    hflip: bool = _opt(True, "Random horizontal flip.")
+
+
+@dataclass
+class ModelConfig:
+    """Generator and discriminator."""
+
+    arch: Literal["dcgan"] = _opt("dcgan", "Network family.")
+    z_dim: int = _opt(128, "Latent size.", _positive)
+    g_width: int = _opt(256, "Channels of the generator's first (4x4) feature map.", _positive)
+    d_width: int = _opt(256, "Channels of the discriminator's last (4x4) feature map.", _positive)
+
+
+@dataclass
+class TrainConfig:
+    """The GAN training loop."""
+
+    steps: int = _opt(5000, "Generator steps to train for.", _positive)
+    batch_size: int = _opt(64, "Images per batch.", _positive)
+    loss: Literal["hinge", "nonsaturating"] = _opt("hinge", "GAN loss.")
+    lr_g: float = _opt(2e-4, "Generator Adam learning rate.", _positive)
+    lr_d: float = _opt(2e-4, "Discriminator Adam learning rate.", _positive)
+    beta1: float = _opt(0.5, "Adam beta1.", _unit_interval)
+    beta2: float = _opt(0.999, "Adam beta2.", _unit_interval)
+    n_dis: int = _opt(1, "Discriminator steps per generator step.", _positive)
+    ema_decay: float = _opt(0.999, "Decay of the generator's exponential moving average.", _unit_interval)
+    log_every: int = _opt(50, "Steps between metrics.jsonl rows.", _positive)
+    sample_every: int = _opt(500, "Steps between sample grids.", _positive)
+    checkpoint_every: int = _opt(500, "Steps between checkpoints.", _positive)
+    device: Device = _opt("auto", "Training device: 'cuda', 'cpu' or 'auto'.")
+
+
+@dataclass
+class ExportConfig:
+    """Generated images written back out as compressed files and shards."""
+
+    n: int = _opt(1000, "Images to generate.", _positive)
+    format: ImageFormat = _opt("jpeg", "Output format.")
+    quality: int = _opt(95, "JPEG/WebP quality (1-100).", _quality)
+    classes: Optional[list[str]] = _opt(
+        None, "Class names to generate, round robin; null for all classes, balanced."
+    )
+    seed: int = _opt(0, "First seed; image i uses seed + i, so a seed range is reproducible.", _non_negative)
+    batch_size: int = _opt(250, "Images per generator call.", _positive)
+    shard_size: int = _opt(5000, "Samples per exported shard.", _positive)
+    ema: bool = _opt(True, "Use the EMA generator (else the raw one).")
+
+
+@dataclass
+class PipelineConfig:
+    """One pipeline: source -> shards -> loader -> trainer -> export."""
+
+    name: str = _required("Pipeline name; the default run directory is runs/<name>.", _non_empty)
+    run_dir: Optional[str] = _opt(None, "Where every output goes; null for runs/<name>.")
+    seed: int = _opt(0, "Seed for shard shuffling, initialisation and training.", _non_negative)
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": DataConfig.__doc__})
+    loader: LoaderConfig = field(default_factory=LoaderConfig, metadata={"help": LoaderConfig.__doc__})
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": ModelConfig.__doc__})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": TrainConfig.__doc__})
+    export: ExportConfig = field(default_factory=ExportConfig, metadata={"help": ExportConfig.__doc__})
+
+    @property
+    def run_path(self) -> Path:
+        """The run directory as a path (`run_dir`, or runs/<name>)."""
+        return Path(self.run_dir) if self.run_dir else Path("runs") / self.name
+
+
+# ---------------------------------------------------------------------------
+# Loading.
+
+
+def load_pipeline(path: str | Path, overrides: list[str] = ()) -> PipelineConfig:
+    """Read a pipeline YAML, apply `KEY=VALUE` overrides, validate, and return the config.
+
+    Raises ConfigError naming the file, line and key for any problem.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: pipeline file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read pipeline file ({exc.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+        lines = _key_lines(yaml.compose(text))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    if raw is None:
+        raw = {}
+    locate = _Locator(str(path), lines)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a pipeline must be a mapping of keys, got {type(raw).__name__}")
+    for item in overrides:
+        _apply_override(raw, item, locate)
+    return _build(PipelineConfig, raw, "", locate)
+
+
+def config_from_dict(raw: dict, origin: str = "config") -> PipelineConfig:
+    """Validate a plain dict (e.g. the config stored in a checkpoint) into a PipelineConfig."""
+    return _build(PipelineConfig, raw, "", _Locator(origin, {}))
+
+
+def to_dict(cfg: Any) -> dict:
+    """The config as plain Python data (for YAML/JSON/checkpoints)."""
+    return dataclasses.asdict(cfg)
+
+
+def digest(section: Any) -> str:
+    """A short stable hash of a config section, for deciding whether a stage is up to date."""
+    blob = json.dumps(to_dict(section) if dataclasses.is_dataclass(section) else section, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def describe_keys(cls: type = PipelineConfig, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """Every leaf key as (dotted key, type name, default, help), in schema order."""
+    rows = []
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows.extend(describe_keys(tp, key + "."))
+            continue
+        default = None if f.metadata.get("required") else _default_of(f)
+        rows.append((key, _type_name(tp), default, f.metadata.get("help", "")))
+    return rows
+
+
+# ---------------------------------------------------------------------------
+# Internals.
+
+
+class _Locator:
+    """Turns a dotted key into 'file:line: key' for error messages."""
+
+    def __init__(self, origin: str, lines: dict[str, int], overridden: set[str] | None = None):
+        self.origin = origin
+        self.lines = lines
+        self.overridden = overridden if overridden is not None else set()
+
+    def __call__(self, key: str) -> str:
+        if key in self.overridden:
+            return f"--set {key}"
+        line = self.lines.get(key)
+        return f"{self.origin}:{line}: {key}" if line else f"{self.origin}: {key}"
+
+
+def _key_lines(node: Any, prefix: str = "") -> dict[str, int]:
+    """Map dotted keys of a composed YAML mapping to their 1-based line numbers."""
+    out: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = f"{prefix}{key_node.value}"
+            out[key] = key_node.start_mark.line + 1
+            out.update(_key_lines(value_node, key + "."))
+    return out
+
+
+def _apply_override(raw: dict, item: str, locate: _Locator) -> None:
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.steps=300")
+    cls: Any = PipelineConfig
+    parts = key.split(".")
+    target = raw
+    for depth, part in enumerate(parts):
+        hints = get_type_hints(cls)
+        names = [f.name for f in dataclasses.fields(cls)]
+        if part not in names:
+            known = ".".join(parts[:depth])
+            raise ConfigError(f"--set {key}: unknown key {part!r}{_suggest(part, names)}"
+                              + (f" in section {known!r}" if known else ""))
+        if depth == len(parts) - 1:
+            break
+        cls = hints[part]
+        if not dataclasses.is_dataclass(cls):
+            raise ConfigError(f"--set {key}: {'.'.join(parts[:depth + 1])} is not a section")
+        sub = target.get(part)
+        if sub is None:
+            sub = target[part] = {}
+        elif not isinstance(sub, dict):
+            raise ConfigError(f"{locate('.'.join(parts[:depth + 1]))}: expected a mapping")
+        target = sub
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text  # not YAML: take it as a plain string
+    target[parts[-1]] = value
+    locate.overridden.add(key)
+
+
+def _suggest(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else f" (known keys: {', '.join(choices)})"
+
+
+def _build(cls: Any, raw: Any, prefix: str, locate: _Locator) -> Any:
+    section = prefix.rstrip(".") or "top level"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{locate(section)}: expected a mapping, got {_kind(raw)}")
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            raise ConfigError(f"{locate(prefix + str(key))}: unknown key{_suggest(str(key), list(fields))}")
+    kwargs = {}
+    for name, f in fields.items():
+        key = prefix + name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):  # an absent section still has its required keys checked
+            kwargs[name] = _build(tp, raw[name] if raw.get(name) is not None else {}, key + ".", locate)
+            continue
+        if name not in raw:
+            if f.metadata.get("required"):
+                raise ConfigError(f"{locate(section)}: missing required key {key!r} ({f.metadata['help']})")
+            continue
+        value = _coerce(tp, raw[name], key, locate)
+        check = f.metadata.get("check")
+        problem = check(value) if check and value is not None else None
+        if problem:
+            raise ConfigError(f"{locate(key)}: {problem} (got {value!r})")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand_env(text: str, key: str, locate: _Locator) -> str:
+    def replace(match: re.Match) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in os.environ and os.environ[name] != "":
+            return os.environ[name]
+        if default is not None:
+            return default
+        raise ConfigError(f"{locate(key)}: environment variable {name} is not set and has no default")
+
+    return _ENV.sub(replace, text)
+
+
+def _coerce(tp: Any, value: Any, key: str, locate: _Locator) -> Any:
+    origin = get_origin(tp)
+    if origin is Union:
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], value, key, locate)
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{locate(key)}: must be one of {', '.join(map(str, choices))} (got {value!r})")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{locate(key)}: expected a list, got {_kind(value)}")
+        (item_type,) = get_args(tp)
+        return [_coerce(item_type, v, f"{key}[{i}]", locate) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 2e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return _expand_env(str(value), key, locate)
+    raise ConfigError(f"{locate(key)}: expected {_type_name(tp)}, got {_kind(value)} {value!r}")
+
+
+def _kind(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Union:
+        return " | ".join(_type_name(a) for a in get_args(tp))
+    if origin is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if origin is list:
+        return f"list[{_type_name(get_args(tp)[0])}]"
+    return "null" if tp is type(None) else tp.__name__
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory()  # type: ignore[misc]

@@ -1,0 +1,85 @@
+"""DALI pipeline: webdataset shards -> decode (GPU nvJPEG or CPU) -> flip -> [-1, 1] torch batches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+from ..config import LoaderConfig
+from ..images import EXTENSIONS
+from .loader import Batch, DatasetInfo, dataset_info, parse_ascii_labels, resolve_decode_device
+from .manifest import Manifest
+
+READER_NAME = "shards"
+LABEL_BYTES = 8  # `.cls` bytes are padded to at least this width so a batch is one dense tensor
+
+
+@pipeline_def
+def _shard_pipeline(paths: list[str], index_paths: list[str], labelled: bool, hflip: bool,
+                    shuffle_buffer: int, decode_device: str, shard_id: int, num_shards: int):
+    image_ext = ";".join(sorted(set(EXTENSIONS.values())))
+    encoded, cls = fn.readers.webdataset(
+        paths=paths, index_paths=index_paths, ext=[image_ext, "cls"],
+        # a labelled set with a sample lacking `.cls` is corrupt; unlabelled sets have none
+        missing_component_behavior="error" if labelled else "empty",
+        random_shuffle=True, initial_fill=shuffle_buffer,
+        shard_id=shard_id, num_shards=num_shards, name=READER_NAME,
+    )
+    decoded = fn.decoders.image(encoded, device=decode_device, output_type=types.RGB)
+    mirror = fn.random.coin_flip(probability=0.5) if hflip else 0
+    images = fn.crop_mirror_normalize(
+        decoded, dtype=types.FLOAT, output_layout="CHW",
+        mean=[127.5] * 3, std=[127.5] * 3, mirror=mirror,
+    )
+    labels = fn.pad(cls, fill_value=0, shape=(LABEL_BYTES,))
+    return images, labels
+
+
+class DaliLoader:
+    """Endless batches from a shard set through a DALI pipeline.
+
+    Decodes on the GPU (`mixed`, nvJPEG) when the resolved loader device is
+    cuda, else on the CPU (`device_id=None`, no GPU needed). Each rank of a
+    torch.distributed job reads its own slice of the shards.
+    """
+
+    def __init__(self, shards: Path, manifest: Manifest, cfg: LoaderConfig, batch_size: int,
+                 seed: int, device: torch.device):
+        self.info: DatasetInfo = dataset_info(manifest)
+        self.device = device
+        self.labelled = manifest.labelled
+        decode_device = resolve_decode_device(cfg.device)
+        rank, world = _rank_and_world()
+        gpu = torch.cuda.current_device() if decode_device == "cuda" else None
+        self.pipeline = _shard_pipeline(
+            paths=[str(shards / s.tar) for s in manifest.shards],
+            index_paths=[str(shards / s.index) for s in manifest.shards],
+            labelled=manifest.labelled, hflip=cfg.hflip, shuffle_buffer=cfg.shuffle_buffer,
+            decode_device="mixed" if gpu is not None else "cpu", shard_id=rank, num_shards=world,
+            batch_size=batch_size, num_threads=cfg.threads, device_id=gpu, seed=seed + rank,
+            prefetch_queue_depth=2,
+        )
+        self.pipeline.build()
+        self._iterator = DALIGenericIterator(
+            self.pipeline, ["images", "labels"], reader_name=READER_NAME,
+            last_batch_policy=LastBatchPolicy.DROP, auto_reset=True,
+        )
+
+    def __iter__(self) -> Iterator[Batch]:
+        while True:  # one pass of the inner loop is one epoch; auto_reset starts the next
+            for outputs in self._iterator:
+                out = outputs[0]
+                images = out["images"].to(self.device, non_blocking=True)
+                labels = parse_ascii_labels(out["labels"]).to(self.device) if self.labelled else \
+                    torch.zeros(images.shape[0], dtype=torch.int64, device=self.device)
+                yield Batch(images=images, labels=labels)
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1

@@ -1,0 +1,95 @@
+"""The loader contract: shard set -> endless stream of training batches, whichever backend."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Protocol
+
+import torch
+
+from ..config import LoaderConfig
+from ..errors import ConfigError
+from .manifest import Manifest, read_manifest
+
+
+@dataclass
+class Batch:
+    """One training batch.
+
+    images: float NCHW in [-1, 1] on the training device; labels: int64 class ids
+    (zeros for unlabelled data); quality: float JPEG quality in [0, 1], or None.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    quality: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What networks are built from: the data's shape and classes."""
+
+    resolution: int
+    channels: int
+    class_names: tuple[str, ...]
+    num_samples: int
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (0 for unlabelled data)."""
+        return len(self.class_names)
+
+
+class Loader(Protocol):
+    """An endless iterator of batches plus the dataset's description."""
+
+    info: DatasetInfo
+
+    def __iter__(self) -> Iterator[Batch]: ...
+
+
+def dataset_info(manifest: Manifest) -> DatasetInfo:
+    """The DatasetInfo recorded in a shard set's manifest."""
+    return DatasetInfo(manifest.resolution, 3, tuple(manifest.class_names), manifest.num_samples)
+
+
+def resolve_decode_device(requested: str) -> str:
+    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; 'cuda' without a GPU is a config error."""
+    has_cuda = torch.cuda.is_available()
+    if requested == "auto":
+        return "cuda" if has_cuda else "cpu"
+    if requested == "cuda" and not has_cuda:
+        raise ConfigError("loader.device: 'cuda' requested but no CUDA device is available (use 'auto' or 'cpu')")
+    return requested
+
+
+def open_loader(shards: Path, cfg: LoaderConfig, batch_size: int, seed: int,
+                device: torch.device) -> Loader:
+    """Open the shard set in `shards` with the backend `cfg.backend`, yielding Batches on `device`."""
+    manifest = read_manifest(Path(shards))
+    if batch_size > manifest.num_samples:
+        raise ConfigError(
+            f"train.batch_size: {batch_size} is larger than the {manifest.num_samples} samples in {shards}"
+        )
+    if cfg.backend == "dali":
+        from .dali_loader import DaliLoader  # DALI is imported only when asked for
+
+        return DaliLoader(Path(shards), manifest, cfg, batch_size, seed, device)
+    from .torch_loader import TorchLoader
+
+    return TorchLoader(Path(shards), manifest, cfg, batch_size, seed, device)
+
+
+def parse_ascii_labels(raw: torch.Tensor) -> torch.Tensor:
+    """Decimal class ids from `.cls` bytes, one zero-padded row of ASCII per sample -> int64.
+
+    DALI hands `.cls` members over as raw bytes ("3" arrives as 51); non-digit bytes
+    (padding, newlines) are ignored.
+    """
+    digits = raw.to(torch.int64) - ord("0")
+    valid = (digits >= 0) & (digits <= 9)
+    value = torch.zeros(raw.shape[0], dtype=torch.int64, device=raw.device)
+    for column in range(raw.shape[1]):
+        value = torch.where(valid[:, column], value * 10 + digits[:, column], value)
+    return value

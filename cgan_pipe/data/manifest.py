@@ -1,0 +1,91 @@
+"""The shard-set manifest: what shards exist, how they were made, what they hold."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..atomic import write_text_atomic
+from ..errors import DataError
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ShardInfo:
+    """One complete shard: its tar, its DALI index, and what it holds."""
+
+    tar: str
+    index: str
+    samples: int
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    """Everything a loader or a rerun needs to know about a shard set.
+
+    A shard that is not listed here does not exist.
+    """
+
+    created_by: str  # "prepare" or "export"
+    source: str  # what the samples were made from
+    settings: dict[str, Any]  # the settings that made the shards (compared on rerun)
+    resolution: int
+    image_format: str  # "jpeg" | "png" | "webp" (the member extension is EXTENSIONS[format])
+    class_names: list[str]
+    shards: list[ShardInfo]
+    class_histogram: dict[str, int] = field(default_factory=dict)
+    quality_histogram: dict[str, int] = field(default_factory=dict)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def num_samples(self) -> int:
+        """Samples over all shards."""
+        return sum(s.samples for s in self.shards)
+
+    @property
+    def labelled(self) -> bool:
+        """Whether samples carry a `.cls` class id."""
+        return bool(self.class_names)
+
+
+def write_manifest(directory: Path, manifest: Manifest) -> Path:
+    """Write `manifest.json` into `directory` atomically (temp file + rename)."""
+    path = directory / MANIFEST_NAME
+    data = asdict(manifest)
+    data["num_samples"] = manifest.num_samples
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+    return path
+
+
+def read_manifest(directory: Path) -> Manifest:
+    """Read and check the manifest of a shard set; DataError naming the file when it is unusable."""
+    path = Path(directory) / MANIFEST_NAME
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(
+            f"{path}: no manifest, so {directory} is not a complete shard set "
+            f"(make one with `cgan-pipe prepare SOURCE {directory}`)"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: unreadable manifest ({exc})") from None
+    try:
+        if data.get("format_version") != FORMAT_VERSION:
+            raise DataError(f"{path}: manifest format {data.get('format_version')!r} is not {FORMAT_VERSION}")
+        data.pop("num_samples", None)
+        data["shards"] = [ShardInfo(**s) for s in data["shards"]]
+        manifest = Manifest(**data)
+    except (TypeError, KeyError, AttributeError) as exc:
+        raise DataError(f"{path}: malformed manifest ({exc})") from None
+    for shard in manifest.shards:
+        for name in (shard.tar, shard.index):
+            if "/" in name or name.startswith(".") or not (path.parent / name).is_file():
+                raise DataError(f"{path}: lists {name!r}, which is missing from {directory}")
+    return manifest

@@ -1,0 +1,68 @@
+"""The loader contract without DALI: webdataset + torchvision decode in a torch DataLoader."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader
+from torchvision.io import ImageReadMode, decode_image
+
+from ..config import LoaderConfig
+from ..images import EXTENSIONS
+from .loader import Batch, DatasetInfo, dataset_info
+from .manifest import Manifest
+
+
+class _DecodeSample:
+    """Picklable per-sample transform: (image bytes, cls bytes) -> (uint8 CHW, label)."""
+
+    def __init__(self, hflip: bool):
+        self.hflip = hflip
+
+    def __call__(self, sample: tuple[bytes, bytes | None]) -> tuple[torch.Tensor, int]:
+        data, cls = sample
+        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        if self.hflip and torch.rand(()) < 0.5:
+            image = image.flip(-1)
+        return image, int(cls) if cls else 0
+
+
+class TorchLoader:
+    """Endless batches from a shard set with webdataset readers in DataLoader workers.
+
+    Images are decoded on the CPU in the workers and normalised to [-1, 1] on
+    the training device.
+    """
+
+    def __init__(self, shards: Path, manifest: Manifest, cfg: LoaderConfig, batch_size: int,
+                 seed: int, device: torch.device):
+        self.info: DatasetInfo = dataset_info(manifest)
+        self.device = device
+        image_ext = ";".join(sorted(set(EXTENSIONS.values())))
+        dataset = (
+            wds.WebDataset(
+                [str(shards / s.tar) for s in manifest.shards],
+                shardshuffle=len(manifest.shards), seed=seed,
+                nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker,
+                empty_check=False,  # fewer shards than workers leaves some workers idle
+            )
+            .shuffle(cfg.shuffle_buffer)
+            # unlabelled sets have no `.cls`; a labelled sample without one is an error
+            .to_tuple(image_ext, "cls", missing_is_error=manifest.labelled)
+            .map(_DecodeSample(cfg.hflip))
+        )
+        generator = torch.Generator().manual_seed(seed)
+        self.loader = DataLoader(
+            dataset, batch_size=batch_size, drop_last=True, num_workers=cfg.threads,
+            persistent_workers=True, pin_memory=device.type == "cuda", generator=generator,
+        )
+
+    def __iter__(self) -> Iterator[Batch]:
+        while True:  # one pass of the DataLoader is one epoch
+            for images, labels in self.loader:
+                images = images.to(self.device, non_blocking=True).float().div_(127.5).sub_(1.0)
+                yield Batch(images=images, labels=labels.to(self.device, dtype=torch.int64))
+

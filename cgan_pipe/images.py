@@ -1,0 +1,70 @@
+"""Image encode/decode helpers shared by prepare and export (Pillow)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+# Member-name extension written into shards for each output format.
+EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
+
+
+class BadImage(ValueError):
+    """An input image that cannot be used; the message says why."""
+
+
+def decode(data: bytes) -> Image.Image:
+    """Fully decode image bytes with Pillow (so truncated or corrupt files fail here, not later)."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except Image.DecompressionBombError as exc:
+        raise BadImage(f"image too large ({exc})") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise BadImage(f"cannot decode ({exc})") from None
+    return image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Return an 8-bit RGB image; transparency is composited over white."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
+def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
+    """Resize so the shorter side is `size` (Lanczos), then crop the centre square."""
+    if image.size == (size, size):
+        return image
+    width, height = image.size
+    scale = size / min(width, height)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    image = image.resize((new_w, new_h), Image.Resampling.LANCZOS)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def encode(image: Image.Image | np.ndarray, fmt: str, quality: int) -> bytes:
+    """Encode an RGB image (PIL or HxWx3 uint8 array) as 'jpeg', 'png' or 'webp' bytes.
+
+    `quality` applies to JPEG and WebP; PNG is lossless.
+    """
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image, "RGB")
+    out = io.BytesIO()
+    if fmt == "jpeg":
+        image.save(out, format="JPEG", quality=quality)
+    elif fmt == "png":
+        image.save(out, format="PNG")
+    elif fmt == "webp":
+        image.save(out, format="WEBP", quality=quality)
+    else:
+        raise ValueError(f"unknown image format {fmt!r}")
+    return out.getvalue()

@@ -1,0 +1,1 @@
+"""GAN training: loop, losses, EMA, checkpoints."""

@@ -1,0 +1,57 @@
+"""Shared fixtures: small real CIFAR-10 archives and shard sets built in temp folders."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from cgan_pipe.data.shards import PrepareSettings, prepare
+
+ROOT = Path(__file__).resolve().parents[1]
+CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def cifar_members(split: str, per_class: int) -> dict[str, bytes]:
+    """The first `per_class` JPEGs of each class of a CIFAR-10 split: {member name: bytes}."""
+    path = CIFAR / f"{split}.tar"
+    if not path.exists():
+        pytest.fail(f"{path} is missing: the tests need ../shared/data/cifar10 beside the project")
+    out, counts = {}, defaultdict(int)
+    with tarfile.open(path) as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            cls = member.name.split("/")[1]
+            if counts[cls] < per_class:
+                out[member.name] = tar.extractfile(member).read()
+                counts[cls] += 1
+    return out
+
+
+def write_tar(path: Path, members: dict[str, bytes]) -> Path:
+    """Write `members` ({name: bytes}) as a plain tar."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_tar(tmp_path_factory) -> Path:
+    """A tar of an image-folder tree: 20 real CIFAR-10 test JPEGs per class (200 images)."""
+    return write_tar(tmp_path_factory.mktemp("src") / "cifar-small.tar", cifar_members("test", 20))
+
+
+@pytest.fixture(scope="session")
+def small_shards(tmp_path_factory, small_tar) -> Path:
+    """A shard set (2 shards) prepared from `small_tar`."""
+    out = tmp_path_factory.mktemp("shards")
+    prepare(str(small_tar), out, PrepareSettings(shard_size=120), progress=False)
+    return out

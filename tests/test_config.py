@@ -1,0 +1,113 @@
+"""Config loading: validation, overrides, environment expansion, error messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cgan_pipe.config import PipelineConfig, config_from_dict, describe_keys, load_pipeline, to_dict
+from cgan_pipe.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "p.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_cifar_pipeline_loads_with_its_documented_values():
+    cfg = load_pipeline(ROOT / "pipelines" / "cifar.yaml")
+    assert cfg.name == "cifar"
+    assert cfg.data.resolution == 32 and cfg.data.format == "jpeg"
+    assert cfg.loader.backend == "dali"
+    assert cfg.run_path == Path("runs/cifar")
+
+
+def test_set_overrides_are_typed_and_win(tmp_path):
+    path = write(tmp_path, "name: x\ndata: {source: a.tar}\n")
+    cfg = load_pipeline(path, ["train.steps=300", "loader.backend=torch", "train.lr_g=1e-3", "export.classes=[cat, dog]"])
+    assert cfg.train.steps == 300 and isinstance(cfg.train.steps, int)
+    assert cfg.loader.backend == "torch"
+    assert cfg.train.lr_g == pytest.approx(1e-3)
+    assert cfg.export.classes == ["cat", "dog"]
+
+
+def test_unknown_key_names_file_line_and_suggests(tmp_path):
+    path = write(tmp_path, "name: x\ndata:\n  source: a.tar\n  resolutoin: 64\n")
+    with pytest.raises(ConfigError) as err:
+        load_pipeline(path)
+    message = str(err.value)
+    assert f"{path}:4: data.resolutoin" in message
+    assert "did you mean 'resolution'" in message
+
+
+def test_wrong_type_names_key_and_value(tmp_path):
+    path = write(tmp_path, "name: x\ndata: {source: a.tar}\ntrain:\n  steps: many\n")
+    with pytest.raises(ConfigError, match=r"p.yaml:4: train.steps: expected int, got str 'many'"):
+        load_pipeline(path)
+
+
+def test_bool_is_not_accepted_as_int(tmp_path):
+    path = write(tmp_path, "name: x\ndata: {source: a.tar}\ntrain: {batch_size: true}\n")
+    with pytest.raises(ConfigError, match="train.batch_size: expected int"):
+        load_pipeline(path)
+
+
+def test_range_checks(tmp_path):
+    path = write(tmp_path, "name: x\ndata: {source: a.tar, resolution: 48}\n")
+    with pytest.raises(ConfigError, match="data.resolution: must be a power of two"):
+        load_pipeline(path)
+    with pytest.raises(ConfigError, match="--set export.quality: must be between 1 and 100"):
+        load_pipeline(write(tmp_path, "name: x\ndata: {source: a.tar}\n"), ["export.quality=101"])
+
+
+def test_choice_lists_allowed_values(tmp_path):
+    path = write(tmp_path, "name: x\ndata: {source: a.tar}\n")
+    with pytest.raises(ConfigError, match="--set loader.backend: must be one of dali, torch"):
+        load_pipeline(path, ["loader.backend=ffcv"])
+
+
+def test_unknown_set_key_is_rejected_with_suggestion(tmp_path):
+    path = write(tmp_path, "name: x\ndata: {source: a.tar}\n")
+    with pytest.raises(ConfigError, match=r"--set train.stepz: unknown key 'stepz' \(did you mean 'steps'\?\)"):
+        load_pipeline(path, ["train.stepz=3"])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_pipeline(path, ["train.steps"])
+
+
+def test_missing_required_key_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="missing required key 'data.source'"):
+        load_pipeline(write(tmp_path, "name: x\n"))
+    with pytest.raises(ConfigError, match="nope.yaml: pipeline file not found"):
+        load_pipeline(tmp_path / "nope.yaml")
+
+
+def test_invalid_yaml_reports_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"p.yaml:3: invalid YAML"):
+        load_pipeline(write(tmp_path, "name: x\ndata:\n\tsource: a.tar\n"))
+
+
+def test_environment_variables_expand_with_defaults(tmp_path, monkeypatch):
+    path = write(tmp_path, "name: x\ndata:\n  source: ${MY_DATA:-fallback.tar}\n")
+    monkeypatch.delenv("MY_DATA", raising=False)
+    assert load_pipeline(path).data.source == "fallback.tar"
+    monkeypatch.setenv("MY_DATA", "/data/mine.tar")
+    assert load_pipeline(path).data.source == "/data/mine.tar"
+    bare = write(tmp_path, "name: x\ndata:\n  source: ${NOT_SET_ANYWHERE}\n")
+    with pytest.raises(ConfigError, match="data.source: environment variable NOT_SET_ANYWHERE is not set"):
+        load_pipeline(bare)
+
+
+def test_round_trip_through_plain_dict():
+    cfg = load_pipeline(ROOT / "pipelines" / "cifar.yaml", ["train.steps=7"])
+    again = config_from_dict(to_dict(cfg))
+    assert again == cfg and isinstance(again, PipelineConfig)
+
+
+def test_every_key_has_help():
+    rows = describe_keys()
+    assert {"data.source", "loader.backend", "loader.device", "train.steps", "export.quality"} <= {r[0] for r in rows}
+    assert all(help_text for _, _, _, help_text in rows)
