@@ -13,7 +13,7 @@ from .atomic import write_text_atomic
 from .config import PipelineConfig, to_dict
 from .data.shards import PrepareSettings, prepare
 from .export import ExportSettings, export
-from .train.loop import resolve_device, train
+from .train.loop import read_metrics, resolve_device, train
 
 SUMMARY_NAME = "summary.json"
 
@@ -69,7 +69,7 @@ def run_pipeline(cfg: PipelineConfig, *, progress: bool, echo: Callable[[str], N
     echo(f"export: {exported.n} {cfg.export.format} images in {exported.out_dir}"
          f"{' [up to date]' if exported.up_to_date else ''}")
 
-    rows = _read_metrics(result.metrics)
+    rows = read_metrics(result.metrics)
     grids = sorted(result.samples.glob("step-*.png"))
     summary = {
         "name": cfg.name,
@@ -97,18 +97,6 @@ def run_pipeline(cfg: PipelineConfig, *, progress: bool, echo: Callable[[str], N
     }
     write_text_atomic(run_dir / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
     return summary
-
-
-def _read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue  # a line cut short by a killed run
-    return rows
 
 
 def _mean(values: Any) -> float | None:

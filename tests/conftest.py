@@ -55,3 +55,18 @@ def small_shards(tmp_path_factory, small_tar) -> Path:
     out = tmp_path_factory.mktemp("shards")
     prepare(str(small_tar), out, PrepareSettings(shard_size=120), progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory, small_shards) -> Path:
+    """A small conditional DCGAN trained for 2 steps on `small_shards`."""
+    from cgan_pipe.config import config_from_dict
+    from cgan_pipe.train.loop import train
+
+    run_dir = tmp_path_factory.mktemp("run")
+    cfg = config_from_dict({
+        "name": "t", "run_dir": str(run_dir), "data": {"source": "unused"}, "loader": {"threads": 1},
+        "model": {"z_dim": 32, "g_width": 64, "d_width": 64},
+        "train": {"steps": 2, "batch_size": 16, "device": "cpu"},
+    })
+    return train(cfg, small_shards, run_dir, progress=False).checkpoint

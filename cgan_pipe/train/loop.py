@@ -12,7 +12,7 @@ import torch
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, write_text_atomic
 from ..config import PipelineConfig, to_dict
 from ..data.loader import DatasetInfo, open_loader
 from ..errors import ConfigError, DataError
@@ -82,6 +82,10 @@ def train(cfg: PipelineConfig, shards: Path, run_dir: Path, progress: bool = Tru
         start = state["step"]
     if start >= tc.steps:
         return TrainResult(existing[-1], start, None, None, metrics_path, samples_dir, start)
+    # Rows logged after the checkpoint we resume from (by a killed run) would be repeated: drop them.
+    if metrics_path.exists():
+        kept = [json.dumps(row) + "\n" for row in read_metrics(metrics_path) if row["step"] <= start]
+        write_text_atomic(metrics_path, "".join(kept))
 
     def checkpoint_state() -> dict:
         return {
@@ -150,6 +154,17 @@ def train(cfg: PipelineConfig, shards: Path, run_dir: Path, progress: bool = Tru
     bar.close()
     return TrainResult(path, tc.steps, total_images / total_time, total_wait / total_time,
                        metrics_path, samples_dir, start)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl file; a last line cut short by a killed run is ignored."""
+    rows = []
+    for line in Path(path).read_text().splitlines() if Path(path).exists() else []:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
 
 
 def _check_compatible(state: dict, cfg: PipelineConfig, info: DatasetInfo, path: Path) -> None:

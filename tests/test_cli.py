@@ -1,0 +1,121 @@
+"""The command line: help, error messages and exit codes, and `cgan-pipe run` end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from cgan_pipe.cli import main
+from cgan_pipe.config import LoaderConfig
+from cgan_pipe.data.loader import open_loader
+from cgan_pipe.data.manifest import read_manifest
+from cgan_pipe.train.checkpoint import load_checkpoint
+
+from conftest import CIFAR, CLASSES, ROOT
+
+CLI = str(Path(sys.executable).with_name("cgan-pipe"))
+
+
+@pytest.mark.parametrize("command", ["run", "prepare", "train", "generate"])
+def test_every_command_has_useful_help(command):
+    result = CliRunner().invoke(main, [command, "--help"])
+    assert result.exit_code == 0
+    assert "Example: cgan-pipe " + command in result.output
+
+
+def test_bad_config_key_exits_2_naming_the_key(tmp_path):
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text("name: x\ndata:\n  source: a.tar\ntrain:\n  setps: 3\n")
+    result = CliRunner().invoke(main, ["run", str(pipeline)])
+    assert result.exit_code == 2
+    assert "p.yaml:5: train.setps: unknown key (did you mean 'steps'?)" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_bad_set_value_and_missing_pipeline_exit_2(tmp_path):
+    result = CliRunner().invoke(main, ["run", str(ROOT / "pipelines" / "cifar.yaml"), "--set", "train.steps=-1"])
+    assert result.exit_code == 2 and "--set train.steps: must be > 0" in result.output
+    result = CliRunner().invoke(main, ["train", str(tmp_path / "missing.yaml")])
+    assert result.exit_code == 2 and "missing.yaml: pipeline file not found" in result.output
+
+
+def test_missing_data_source_exits_1_with_advice(tmp_path):
+    result = CliRunner().invoke(main, ["prepare", str(tmp_path / "nothing"), str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert "does not exist" in result.output and "download:cifar10" in result.output
+
+
+def test_train_without_shards_says_how_to_make_them(tmp_path):
+    result = CliRunner().invoke(main, ["train", str(ROOT / "pipelines" / "cifar.yaml"), "-q",
+                                       "--set", f"run_dir={tmp_path}"])
+    assert result.exit_code == 1 and "cgan-pipe prepare" in result.output
+
+
+def test_dry_run_prints_the_resolved_config(monkeypatch):
+    monkeypatch.setenv("CGAN_PIPE_CIFAR10", "/data/elsewhere.tar")
+    result = CliRunner().invoke(main, ["run", str(ROOT / "pipelines" / "cifar.yaml"), "--dry-run",
+                                       "--set", "train.steps=300"])
+    assert result.exit_code == 0
+    assert "source: /data/elsewhere.tar" in result.output and "steps: 300" in result.output
+
+
+def test_generate_from_the_cli(checkpoint, tmp_path):
+    result = CliRunner().invoke(main, ["generate", str(checkpoint), str(tmp_path / "g"), "--n", "4",
+                                       "--format", "png", "--classes", "cat", "-q"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "g" / "cat").iterdir()) == [
+        f"seed000000{i}-c3-q0.png" for i in range(4)]
+    bad = CliRunner().invoke(main, ["generate", str(checkpoint), str(tmp_path / "h"), "--n", "4", "--format", "gif"])
+    assert bad.exit_code == 2 and "format 'gif'" in bad.output
+
+
+def test_run_end_to_end_on_a_cifar_subset(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [CLI, "run", str(ROOT / "pipelines" / "cifar.yaml"),
+            "--set", f"run_dir={run_dir}", "--set", "data.limit=2000", "--set", "data.shard_size=800",
+            "--set", "train.steps=20", "--set", "train.log_every=10", "--set", "train.sample_every=10",
+            "--set", "train.checkpoint_every=10", "--set", "export.n=120", "--set", "export.quality=90"]
+    env = {**os.environ, "CGAN_PIPE_CIFAR10": str(CIFAR / "train.tar")}
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+
+    # shards: 2000 samples in 3 shards, each with a DALI index, listed in the manifest
+    manifest = read_manifest(Path(summary["shards"]))
+    assert manifest.num_samples == 2000 and [s.samples for s in manifest.shards] == [800, 800, 400]
+    assert sum(manifest.class_histogram.values()) == 2000 and manifest.class_names == CLASSES
+    assert all((run_dir / "shards" / s.index).read_text().startswith(f"v1.2 {s.samples}\n") for s in manifest.shards)
+
+    # checkpoint, metrics, samples
+    state = load_checkpoint(Path(summary["checkpoint"]))
+    assert state["step"] == 20 == summary["steps"]
+    assert {"G", "D", "G_ema", "opt_g", "opt_d", "config"} <= state.keys()
+    rows = [json.loads(line) for line in Path(summary["metrics"]).read_text().splitlines()]
+    assert [r["step"] for r in rows] == [10, 20] and summary["images_per_s"] > 0
+    grid = Image.open(summary["sample_grid"])
+    assert grid.size == (10 * 33 + 1, 10 * 33 + 1)  # one row of 10 per class, 32px + 1px padding
+
+    # export: 120 JPEGs at q90 in class folders, and the same images as loadable shards
+    files = sorted(Path(summary["export_dir"]).glob("*/*.jpg"))
+    assert len(files) == 120 and {f.parent.name for f in files} == set(CLASSES)
+    assert all(Image.open(f).size == (32, 32) for f in files)
+    exported = read_manifest(Path(summary["export_shards"]))
+    assert exported.num_samples == 120 and exported.quality_histogram == {"90": 120}
+    batch = next(iter(open_loader(Path(summary["export_shards"]), LoaderConfig(threads=1), 120, 0,
+                                  torch.device("cpu"))))
+    assert batch.images.shape == (120, 3, 32, 32)
+
+    # a rerun finds every stage up to date
+    again = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert again.returncode == 0, again.stderr
+    stages = json.loads((run_dir / "summary.json").read_text())["stages"]
+    assert {name: s["status"] for name, s in stages.items()} == {
+        "prepare": "up to date", "train": "up to date", "export": "up to date"}

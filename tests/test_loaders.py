@@ -1,0 +1,81 @@
+"""Both loaders honour the batch contract, and labels survive DALI's raw-bytes outputs."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cgan_pipe.config import LoaderConfig
+from cgan_pipe.data.loader import open_loader, parse_ascii_labels
+from cgan_pipe.data.shards import PrepareSettings, prepare
+from cgan_pipe.errors import ConfigError
+
+from conftest import CLASSES, cifar_members, write_tar
+
+BACKENDS = ["dali", "torch"]
+
+
+@pytest.fixture(scope="module")
+def one_per_class(tmp_path_factory):
+    """Shards holding the first test image of every class, and those images decoded by Pillow."""
+    members = cifar_members("test", 1)
+    root = tmp_path_factory.mktemp("one")
+    prepare(str(write_tar(root / "src.tar", members)), root / "shards", PrepareSettings(), progress=False)
+    reference = {name.split("/")[1]: np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float32)
+                 for name, data in members.items()}
+    return root / "shards", reference
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_contract(small_shards, backend):
+    loader = open_loader(small_shards, LoaderConfig(backend=backend, threads=1), 32, 0, torch.device("cpu"))
+    assert loader.info.resolution == 32 and loader.info.channels == 3
+    assert loader.info.class_names == tuple(CLASSES) and loader.info.num_samples == 200
+    batches = iter(loader)
+    for _ in range(8):  # 256 images: crosses the 200-sample epoch boundary
+        batch = next(batches)
+        assert batch.images.shape == (32, 3, 32, 32) and batch.images.dtype == torch.float32
+        assert -1.0 <= batch.images.min() < 0 < batch.images.max() <= 1.0
+        assert batch.labels.dtype == torch.int64 and batch.labels.shape == (32,)
+        assert 0 <= batch.labels.min() and batch.labels.max() <= 9
+        assert batch.quality is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_known_images_arrive_with_their_class(one_per_class, backend):
+    shards, reference = one_per_class
+    cfg = LoaderConfig(backend=backend, threads=1, hflip=False)
+    batch = next(iter(open_loader(shards, cfg, 10, 0, torch.device("cpu"))))
+    pixels = ((batch.images.permute(0, 2, 3, 1).numpy() + 1) * 127.5)
+    names = list(reference)
+    for image, label in zip(pixels, batch.labels.tolist()):
+        errors = [np.abs(image - reference[n]).mean() for n in names]
+        match = names[int(np.argmin(errors))]
+        assert min(errors) < 2.0, "decoded pixels should match a Pillow decode of the same JPEG"
+        assert label == CLASSES.index(match)
+    cat = int(np.argmin([np.abs(p - reference["cat"]).mean() for p in pixels]))
+    assert batch.labels[cat].item() == 3  # the known cat image (test/cat/0000.jpg) is class 3
+
+
+def test_unlabelled_shards_give_zero_labels(tmp_path):
+    members = {f"imgs/{i}.jpg": data for i, data in enumerate(cifar_members("test", 1).values())}
+    prepare(str(write_tar(tmp_path / "u.tar", members)), tmp_path / "s", PrepareSettings(), progress=False)
+    for backend in BACKENDS:
+        loader = open_loader(tmp_path / "s", LoaderConfig(backend=backend, threads=1), 5, 0, torch.device("cpu"))
+        assert loader.info.num_classes == 0
+        assert next(iter(loader)).labels.tolist() == [0] * 5
+
+
+def test_parse_ascii_labels_handles_multi_digit_and_padding():
+    rows = [b"3", b"12", b"7\n", b"0", b""]
+    raw = torch.tensor([list(r.ljust(4, b"\0")) for r in rows], dtype=torch.uint8)
+    assert parse_ascii_labels(raw).tolist() == [3, 12, 7, 0, 0]
+
+
+def test_batch_larger_than_the_data_is_a_config_error(small_shards):
+    with pytest.raises(ConfigError, match="train.batch_size: 500 is larger than the 200 samples"):
+        open_loader(small_shards, LoaderConfig(), 500, 0, torch.device("cpu"))

@@ -1,0 +1,136 @@
+"""prepare: shard contents, DALI index, manifest, pass-through, re-encoding, bad images, reruns."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from cgan_pipe.compression import estimate_jpeg_quality
+from cgan_pipe.data.manifest import read_manifest
+from cgan_pipe.data.shards import PrepareSettings, dali_index, file_sha256, prepare
+from cgan_pipe.errors import DataError
+
+from conftest import CLASSES, cifar_members, write_tar
+
+
+def read_samples(shard: Path) -> dict[str, dict[str, bytes]]:
+    samples: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(shard) as tar:
+        for member in tar:
+            key, ext = member.name.split(".", 1)
+            samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    return samples
+
+
+def test_manifest_lists_complete_shards_with_counts_and_checksums(small_shards):
+    manifest = read_manifest(small_shards)
+    assert [s.samples for s in manifest.shards] == [120, 80]
+    assert manifest.num_samples == 200
+    assert manifest.class_names == CLASSES
+    assert manifest.class_histogram == {c: 20 for c in CLASSES}
+    assert manifest.quality_histogram == {"75": 200}  # the shared JPEGs are libjpeg q75
+    assert manifest.skipped == []
+    for shard in manifest.shards:
+        assert file_sha256(small_shards / shard.tar) == shard.sha256
+        assert (small_shards / shard.tar).stat().st_size == shard.bytes
+    on_disk = json.loads((small_shards / "manifest.json").read_text())
+    assert on_disk["num_samples"] == 200 and on_disk["settings"]["shard_size"] == 120
+
+
+def test_jpegs_at_size_pass_through_byte_for_byte_with_their_labels(small_shards, small_tar):
+    originals = cifar_members("test", 20)
+    seen = 0
+    for shard in sorted(small_shards.glob("shard-*.tar")):
+        for key, sample in read_samples(shard).items():
+            meta = json.loads(sample["json"])
+            assert sample["jpg"] == originals[meta["source"]]
+            assert int(sample["cls"].decode()) == CLASSES.index(meta["source"].split("/")[1])
+            assert meta["quality"] == 75 and meta["reencoded"] is False
+            seen += 1
+    assert seen == 200
+
+
+def test_dali_index_matches_dalis_own_wds2idx(small_shards, tmp_path):
+    shard = small_shards / "shard-000000.tar"
+    tool = Path(sys.executable).with_name("wds2idx")
+    subprocess.run([str(tool), str(shard), str(tmp_path / "ref.idx")], check=True, capture_output=True)
+    assert (small_shards / "shard-000000.idx").read_text() == (tmp_path / "ref.idx").read_text()
+    assert dali_index(shard).startswith("v1.2 120\n")
+
+
+def test_shards_are_written_in_ustar_format(small_shards):
+    with open(small_shards / "shard-000000.tar", "rb") as handle:
+        header = handle.read(512)
+    assert header[257:263] == b"ustar\x00"
+
+
+def test_rerun_is_a_no_op_and_same_settings_give_identical_bytes(small_tar, small_shards, tmp_path):
+    before = {p.name: p.stat().st_mtime_ns for p in small_shards.iterdir()}
+    manifest, up_to_date = prepare(str(small_tar), small_shards, PrepareSettings(shard_size=120), progress=False)
+    assert up_to_date and {p.name: p.stat().st_mtime_ns for p in small_shards.iterdir()} == before
+    again, up_to_date = prepare(str(small_tar), tmp_path, PrepareSettings(shard_size=120), progress=False)
+    assert not up_to_date
+    assert [s.sha256 for s in again.shards] == [s.sha256 for s in manifest.shards]
+
+
+def test_changed_settings_rebuild_and_remove_stale_shards(small_tar, tmp_path):
+    prepare(str(small_tar), tmp_path, PrepareSettings(shard_size=50), progress=False)
+    assert len(list(tmp_path.glob("shard-*.tar"))) == 4
+    (tmp_path / ".shard-000009.tar.tmp-123").write_bytes(b"partial")  # left by a killed run
+    manifest, up_to_date = prepare(str(small_tar), tmp_path, PrepareSettings(shard_size=150), progress=False)
+    assert not up_to_date and len(manifest.shards) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "manifest.json", "shard-000000.idx", "shard-000000.tar", "shard-000001.idx", "shard-000001.tar"]
+
+
+@pytest.mark.parametrize("fmt,ext", [("png", "png"), ("webp", "webp"), ("jpeg", "jpg")])
+def test_resize_and_reencode(small_tar, tmp_path, fmt, ext):
+    settings = PrepareSettings(resolution=16, format=fmt, quality=60, limit=12)
+    manifest, _ = prepare(str(small_tar), tmp_path, settings, progress=False)
+    assert manifest.num_samples == 12 and manifest.image_format == fmt
+    for sample in read_samples(tmp_path / "shard-000000.tar").values():
+        image = Image.open(io.BytesIO(sample[ext]))
+        assert image.size == (16, 16) and image.mode == "RGB"
+        meta = json.loads(sample["json"])
+        assert meta["reencoded"] is True and (meta["width"], meta["height"]) == (32, 32)
+        if fmt == "jpeg":
+            assert estimate_jpeg_quality(image.quantization) == 60 == meta["quality"]
+        elif fmt == "png":
+            assert meta["quality"] is None
+
+
+def test_bad_images_are_skipped_with_reasons(tmp_path):
+    members = cifar_members("test", 3)
+    good = next(iter(members.values()))
+    members["test/cat/truncated.jpg"] = good[: len(good) // 2]
+    members["test/cat/empty.jpg"] = b""
+    members["test/dog/not-an-image.png"] = b"hello, world"
+    source = write_tar(tmp_path / "mixed.tar", members)
+    manifest, _ = prepare(str(source), tmp_path / "out", PrepareSettings(), progress=False)
+    assert manifest.num_samples == 30
+    assert sorted(s["source"] for s in manifest.skipped) == [
+        "test/cat/empty.jpg", "test/cat/truncated.jpg", "test/dog/not-an-image.png"]
+    assert all("cannot decode" in s["reason"] for s in manifest.skipped)
+
+
+def test_a_source_with_no_usable_image_is_an_error(tmp_path):
+    source = write_tar(tmp_path / "bad.tar", {"x/a/1.jpg": b"junk", "x/b/2.jpg": b"junk"})
+    with pytest.raises(DataError, match="none of the 2 images could be used"):
+        prepare(str(source), tmp_path / "out", PrepareSettings(), progress=False)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_missing_shard_makes_the_manifest_unusable(small_shards, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(small_shards, copy)
+    (copy / "shard-000001.tar").unlink()
+    with pytest.raises(DataError, match="shard-000001.tar.*missing"):
+        read_manifest(copy)

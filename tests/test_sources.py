@@ -1,0 +1,89 @@
+"""Raw sources: folder trees, tars of them, the CIFAR-10 python archive; stable class ids."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cgan_pipe.data.sources import CIFAR10_CLASSES, label_items, open_source
+from cgan_pipe.errors import DataError
+
+from conftest import CLASSES, cifar_members
+
+
+def test_tar_source_labels_follow_sorted_class_folders(small_tar):
+    with open_source(str(small_tar)) as src:
+        assert src.class_names == CLASSES
+        assert len(src.items) == 200
+        by_path = {item.path: item.label for item in src.items}
+        assert by_path["test/cat/0000.jpg"] == 3
+        assert by_path["test/truck/0000.jpg"] == 9
+        raw = src.read(src.items[0])
+        assert raw.data[:2] == b"\xff\xd8"  # the original JPEG bytes
+
+
+def test_folder_source_and_unlabelled_folder(tmp_path):
+    members = cifar_members("test", 2)
+    for name, data in members.items():
+        (tmp_path / "tree" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "tree" / name).write_bytes(data)
+    with open_source(str(tmp_path / "tree")) as src:
+        assert src.class_names == CLASSES and len(src.items) == 20
+    with open_source(str(tmp_path / "tree" / "test" / "cat")) as src:
+        assert src.class_names == [] and all(item.label is None for item in src.items)
+
+
+def test_mixed_layout_is_an_error():
+    with pytest.raises(DataError, match="both at the top"):
+        label_items(["root/a.jpg", "root/cat/b.jpg"])
+
+
+def test_missing_source_names_the_path():
+    with pytest.raises(DataError, match="'/no/such/archive.tar' does not exist"):
+        open_source("/no/such/archive.tar")
+
+
+def _cifar_batch(images: list[np.ndarray], labels: list[int]) -> bytes:
+    data = np.stack([im.transpose(2, 0, 1).reshape(-1) for im in images])
+    return pickle.dumps({b"data": data, b"labels": labels,
+                         b"filenames": [f"img_{i}.png".encode() for i in range(len(images))]})
+
+
+def test_cifar_python_archive(tmp_path):
+    # The official archive's layout, filled with real CIFAR-10 pixels (decoded from the shared JPEGs).
+    members = cifar_members("test", 1)
+    images = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in members.values()]
+    labels = [CLASSES.index(name.split("/")[1]) for name in members]
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for name, blob in [("batches.meta", pickle.dumps({b"label_names": [c.encode() for c in CLASSES]}))] + \
+                [(f"data_batch_{i}", _cifar_batch(images[2 * (i - 1):2 * i], labels[2 * (i - 1):2 * i]))
+                 for i in range(1, 6)] + [("test_batch", _cifar_batch(images[:1], labels[:1]))]:
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    with open_source(str(archive)) as src:
+        assert src.class_names == CIFAR10_CLASSES
+        assert [item.label for item in src.items] == labels
+        assert np.array_equal(src.read(src.items[3]).pixels, images[3])
+    with open_source(str(archive), split="test") as src:
+        assert len(src.items) == 1
+
+
+def test_cifar_archive_with_code_in_its_pickle_is_refused(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    (folder / "batches.meta").write_bytes(pickle.dumps({}))
+    for i in range(1, 6):
+        (folder / f"data_batch_{i}").write_bytes(pickle.dumps({b"data": Payload()}))
+    with pytest.raises(DataError, match="refusing to load builtins.print"):
+        open_source(str(folder))
