@@ -225,8 +225,19 @@ def digest(section: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def describe_keys(cls: type = PipelineConfig, prefix: str = "") -> list[tuple[str, str, Any, str]]:
-    """Every leaf key as (dotted key, type name, default, help), in schema order."""
+@dataclass(frozen=True)
+class KeyDoc:
+    """One leaf config key, for documentation."""
+
+    key: str
+    type_name: str
+    default: Any
+    help: str
+    required: bool
+
+
+def describe_keys(cls: type = PipelineConfig, prefix: str = "") -> list[KeyDoc]:
+    """Every leaf key of the schema, in schema order."""
     rows = []
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -235,9 +246,31 @@ def describe_keys(cls: type = PipelineConfig, prefix: str = "") -> list[tuple[st
         if dataclasses.is_dataclass(tp):
             rows.extend(describe_keys(tp, key + "."))
             continue
-        default = None if f.metadata.get("required") else _default_of(f)
-        rows.append((key, _type_name(tp), default, f.metadata.get("help", "")))
+        required = bool(f.metadata.get("required"))
+        default = None if required else _default_of(f)
+        rows.append(KeyDoc(key, _type_name(tp), default, f.metadata.get("help", ""), required))
     return rows
+
+
+def reference_markdown() -> str:
+    """The pipeline YAML reference (docs/config.md), generated from the schema above."""
+    lines = [
+        "# Pipeline YAML reference",
+        "",
+        "Generated from `cgan_pipe/config.py`; do not edit by hand. Regenerate with",
+        "`python -c 'from cgan_pipe.config import reference_markdown as r; print(r(), end=\"\")' > docs/config.md`.",
+        "",
+        "Unknown keys are rejected; any key can be overridden with `--set KEY=VALUE`;",
+        "`${VAR}` and `${VAR:-default}` in strings are expanded from the environment.",
+        "",
+        "| key | type | default | meaning |",
+        "| --- | --- | --- | --- |",
+    ]
+    for doc in describe_keys():
+        shown = "(required)" if doc.required else f"`{json.dumps(doc.default)}`"
+        type_name = doc.type_name.replace("|", "\\|")  # a bare | would split the table cell
+        lines.append(f"| `{doc.key}` | {type_name} | {shown} | {doc.help} |")
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------

@@ -57,16 +57,22 @@ def small_shards(tmp_path_factory, small_tar) -> Path:
     return out
 
 
+def small_config(run_dir: Path, **train):
+    """A pipeline config with a small, fast DCGAN training on CPU in `run_dir`."""
+    from cgan_pipe.config import config_from_dict
+
+    return config_from_dict({
+        "name": "t", "run_dir": str(run_dir), "data": {"source": "unused"}, "loader": {"threads": 1},
+        "model": {"z_dim": 32, "g_width": 64, "d_width": 64},
+        "train": {"steps": 4, "batch_size": 16, "log_every": 2, "sample_every": 2, "checkpoint_every": 2,
+                  "device": "cpu", **train},
+    })
+
+
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory, small_shards) -> Path:
     """A small conditional DCGAN trained for 2 steps on `small_shards`."""
-    from cgan_pipe.config import config_from_dict
     from cgan_pipe.train.loop import train
 
     run_dir = tmp_path_factory.mktemp("run")
-    cfg = config_from_dict({
-        "name": "t", "run_dir": str(run_dir), "data": {"source": "unused"}, "loader": {"threads": 1},
-        "model": {"z_dim": 32, "g_width": 64, "d_width": 64},
-        "train": {"steps": 2, "batch_size": 16, "device": "cpu"},
-    })
-    return train(cfg, small_shards, run_dir, progress=False).checkpoint
+    return train(small_config(run_dir, steps=2), small_shards, run_dir, progress=False).checkpoint

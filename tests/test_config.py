@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from cgan_pipe.config import PipelineConfig, config_from_dict, describe_keys, load_pipeline, to_dict
+from cgan_pipe.config import (PipelineConfig, config_from_dict, describe_keys, load_pipeline,
+                              reference_markdown, to_dict)
 from cgan_pipe.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,5 +110,12 @@ def test_round_trip_through_plain_dict():
 
 def test_every_key_has_help():
     rows = describe_keys()
-    assert {"data.source", "loader.backend", "loader.device", "train.steps", "export.quality"} <= {r[0] for r in rows}
-    assert all(help_text for _, _, _, help_text in rows)
+    assert {"data.source", "loader.backend", "loader.device", "train.steps", "export.quality"} <= {r.key for r in rows}
+    assert all(r.help for r in rows)
+    assert [r.key for r in rows if r.required] == ["name", "data.source"]
+
+
+def test_config_reference_in_docs_is_current():
+    documented = (ROOT / "docs" / "config.md").read_text()
+    assert documented == reference_markdown(), (
+        "docs/config.md is out of date with cgan_pipe/config.py; regenerate it with the command at its top")

@@ -7,20 +7,11 @@ import json
 import pytest
 import torch
 
-from cgan_pipe.config import config_from_dict
 from cgan_pipe.errors import DataError
 from cgan_pipe.train.checkpoint import list_checkpoints, load_checkpoint
 from cgan_pipe.train.loop import train
 
-
-def small_config(run_dir, **train):
-    return config_from_dict({
-        "name": "t", "run_dir": str(run_dir), "data": {"source": "unused"},
-        "loader": {"threads": 1},
-        "model": {"z_dim": 32, "g_width": 64, "d_width": 64},
-        "train": {"steps": 4, "batch_size": 16, "log_every": 2, "sample_every": 2, "checkpoint_every": 2,
-                  "device": "cpu", **train},
-    })
+from conftest import small_config
 
 
 def test_train_writes_metrics_samples_and_checkpoints(small_shards, tmp_path):
