@@ -17,7 +17,7 @@ from .errors import UserError
 
 EXAMPLES = {
     "run": "cgan-pipe run pipelines/cifar.yaml --set train.steps=300",
-    "prepare": "cgan-pipe prepare ../shared/data/cifar10/train.tar shards/cifar --quality 90",
+    "prepare": "cgan-pipe prepare ../shared/data/cifar10/train.tar shards/cifar-webp --format webp --quality 90",
     "train": "cgan-pipe train pipelines/cifar.yaml --set train.batch_size=128",
     "generate": "cgan-pipe generate runs/cifar/checkpoints/ckpt-0005000.pt out/ --n 1000 --format webp",
 }
@@ -159,7 +159,8 @@ def train(pipeline: str, overrides: tuple[str, ...], dry_run: bool, quiet: bool)
 @click.option("--batch-size", type=int, default=250, show_default=True, help="Images per generator call.")
 @click.option("--shard-size", type=int, default=5000, show_default=True, help="Samples per output shard.")
 @click.option("--raw", is_flag=True, help="Use the raw generator instead of its EMA.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where the generator runs.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT even when it holds other files.")
 @quiet_option
 @_reports_errors

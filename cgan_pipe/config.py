@@ -118,8 +118,8 @@ class ModelConfig:
 
     arch: Literal["dcgan"] = _opt("dcgan", "Network family.")
     z_dim: int = _opt(128, "Latent size.", _positive)
-    g_width: int = _opt(256, "Channels of the generator's first (4x4) feature map.", _positive)
-    d_width: int = _opt(256, "Channels of the discriminator's last (4x4) feature map.", _positive)
+    g_width: int = _opt(128, "Channels of the generator's first (4x4) feature map (256+ on a GPU).", _positive)
+    d_width: int = _opt(128, "Channels of the discriminator's last (4x4) feature map (256+ on a GPU).", _positive)
 
 
 @dataclass
@@ -130,8 +130,8 @@ class TrainConfig:
     batch_size: int = _opt(64, "Images per batch.", _positive)
     loss: Literal["hinge", "nonsaturating"] = _opt("hinge", "GAN loss.")
     lr_g: float = _opt(2e-4, "Generator Adam learning rate.", _positive)
-    lr_d: float = _opt(2e-4, "Discriminator Adam learning rate.", _positive)
-    beta1: float = _opt(0.5, "Adam beta1.", _unit_interval)
+    lr_d: float = _opt(4e-4, "Discriminator Adam learning rate (twice G's: TTUR).", _positive)
+    beta1: float = _opt(0.0, "Adam beta1 (0.5 made the DCGAN ignore z on CIFAR-10 here).", _unit_interval)
     beta2: float = _opt(0.999, "Adam beta2.", _unit_interval)
     n_dis: int = _opt(1, "Discriminator steps per generator step.", _positive)
     ema_decay: float = _opt(0.999, "Decay of the generator's exponential moving average.", _unit_interval)

@@ -128,6 +128,14 @@ def test_a_source_with_no_usable_image_is_an_error(tmp_path):
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
+def test_an_unreadable_source_leaves_existing_shards_alone(small_shards, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(small_shards, copy)
+    with pytest.raises(DataError, match="does not exist"):
+        prepare(str(tmp_path / "typo.tar"), copy, PrepareSettings(shard_size=120), progress=False)
+    assert read_manifest(copy).num_samples == 200
+
+
 def test_missing_shard_makes_the_manifest_unusable(small_shards, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(small_shards, copy)

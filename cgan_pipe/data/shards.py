@@ -173,10 +173,10 @@ def prepare(source: str, out_dir: Path, settings: PrepareSettings, *,
                 return existing, True
         except DataError:
             pass  # unusable manifest: rebuild below
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _clear_shard_set(out_dir)
-
     with open_source(source, settings.split, download_dir) as src:
+        # only now that the source is known to be readable may an old shard set be removed
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _clear_shard_set(out_dir)
         order = list(src.items)
         random.Random(settings.seed).shuffle(order)
         if settings.limit is not None:

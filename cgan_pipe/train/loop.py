@@ -14,7 +14,8 @@ from tqdm import tqdm
 
 from ..atomic import atomic_path, write_text_atomic
 from ..config import PipelineConfig, to_dict
-from ..data.loader import DatasetInfo, open_loader
+from ..data.loader import DatasetInfo, dataset_info, open_loader
+from ..data.manifest import read_manifest
 from ..errors import ConfigError, DataError
 from ..models import build_networks
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
@@ -59,29 +60,30 @@ def train(cfg: PipelineConfig, shards: Path, run_dir: Path, progress: bool = Tru
     samples_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
 
-    # Data: the loader reports resolution and classes; the networks are built from them.
-    loader = open_loader(shards, cfg.loader, tc.batch_size, cfg.seed, device)
-    info = loader.info
+    # The newest complete checkpoint, if any: a finished run returns before any set-up.
+    info = dataset_info(read_manifest(shards))
+    existing = list_checkpoints(ckpt_dir)
+    state = load_checkpoint(existing[-1], map_location=device) if existing else None
+    if state is not None:
+        _check_compatible(state, cfg, info, existing[-1])
+    start = state["step"] if state is not None else 0
+    if start >= tc.steps:
+        return TrainResult(existing[-1], start, None, None, metrics_path, samples_dir, start)
 
-    # Networks, EMA generator, optimisers.
+    # Data: an endless stream of batches on the training device.
+    loader = open_loader(shards, cfg.loader, tc.batch_size, cfg.seed, device)
+
+    # Networks (built from the data's shape and classes), EMA generator, optimisers.
     G, D = build_networks(cfg.model, info)
     G, D = G.to(device), D.to(device)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
     opt_g = torch.optim.Adam(G.parameters(), lr=tc.lr_g, betas=(tc.beta1, tc.beta2))
     opt_d = torch.optim.Adam(D.parameters(), lr=tc.lr_d, betas=(tc.beta1, tc.beta2))
-
-    # Resume from the newest complete checkpoint.
-    start = 0
-    existing = list_checkpoints(ckpt_dir)
-    if existing:
-        state = load_checkpoint(existing[-1], map_location=device)
-        _check_compatible(state, cfg, info, existing[-1])
-        G.load_state_dict(state["G"]), D.load_state_dict(state["D"]), G_ema.load_state_dict(state["G_ema"])
-        opt_g.load_state_dict(state["opt_g"]), opt_d.load_state_dict(state["opt_d"])
+    if state is not None:
+        for module, key in ((G, "G"), (D, "D"), (G_ema, "G_ema"), (opt_g, "opt_g"), (opt_d, "opt_d")):
+            module.load_state_dict(state[key])
         torch.set_rng_state(state["rng"]["torch"])
-        start = state["step"]
-    if start >= tc.steps:
-        return TrainResult(existing[-1], start, None, None, metrics_path, samples_dir, start)
+
     # Rows logged after the checkpoint we resume from (by a killed run) would be repeated: drop them.
     if metrics_path.exists():
         kept = [json.dumps(row) + "\n" for row in read_metrics(metrics_path) if row["step"] <= start]
