@@ -173,12 +173,12 @@ def generate(checkpoint: str, out: str, n: int, fmt: str, quality: int, classes:
     readable by the loader.
     """
     from .export import ExportSettings, export
-    from .train.loop import resolve_device
+    from .devices import resolve_device
 
     wanted = tuple(c.strip() for c in classes.split(",") if c.strip()) if classes else None
     settings = ExportSettings(n=n, format=fmt.lower(), quality=quality, classes=wanted, seed=seed,
                               batch_size=batch_size, shard_size=shard_size, ema=not raw)
-    result = export(Path(checkpoint), Path(out), settings, device=resolve_device(device),
+    result = export(Path(checkpoint), Path(out), settings, device=resolve_device(device, "--device"),
                     overwrite=overwrite, progress=_progress(quiet))
     if result.up_to_date:
         click.echo(f"{out}: already complete for these settings; nothing to do")

@@ -13,7 +13,8 @@ from .atomic import write_text_atomic
 from .config import PipelineConfig, to_dict
 from .data.shards import PrepareSettings, prepare
 from .export import ExportSettings, export
-from .train.loop import read_metrics, resolve_device, train
+from .devices import resolve_device
+from .train.loop import read_metrics, train
 
 SUMMARY_NAME = "summary.json"
 
@@ -64,7 +65,7 @@ def run_pipeline(cfg: PipelineConfig, *, progress: bool, echo: Callable[[str], N
 
     t0 = time.perf_counter()
     exported = export(result.checkpoint, run_dir / "export", export_settings(cfg),
-                      device=resolve_device(cfg.train.device), progress=progress)
+                      device=resolve_device(cfg.train.device, "train.device"), progress=progress)
     stages["export"] = {"status": "up to date" if exported.up_to_date else "ran", "seconds": _since(t0)}
     echo(f"export: {exported.n} {cfg.export.format} images in {exported.out_dir}"
          f"{' [up to date]' if exported.up_to_date else ''}")

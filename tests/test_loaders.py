@@ -79,3 +79,16 @@ def test_parse_ascii_labels_handles_multi_digit_and_padding():
 def test_batch_larger_than_the_data_is_a_config_error(small_shards):
     with pytest.raises(ConfigError, match="train.batch_size: 500 is larger than the 200 samples"):
         open_loader(small_shards, LoaderConfig(), 500, 0, torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (DALI mixed decode)")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gpu_decode_gives_the_same_contract_on_cuda(one_per_class, backend):
+    shards, reference = one_per_class
+    cfg = LoaderConfig(backend=backend, device="cuda", threads=1, hflip=False)
+    batch = next(iter(open_loader(shards, cfg, 10, 0, torch.device("cuda"))))
+    assert batch.images.is_cuda and batch.labels.is_cuda
+    pixels = ((batch.images.permute(0, 2, 3, 1).cpu().numpy() + 1) * 127.5)
+    cat = int(np.argmin([np.abs(p - reference["cat"]).mean() for p in pixels]))
+    assert batch.labels[cat].item() == 3

@@ -11,7 +11,8 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from ..config import LoaderConfig
 from ..images import EXTENSIONS
-from .loader import Batch, DatasetInfo, dataset_info, parse_ascii_labels, resolve_decode_device
+from ..devices import resolve_device
+from .loader import Batch, DatasetInfo, dataset_info, parse_ascii_labels
 from .manifest import Manifest
 
 READER_NAME = "shards"
@@ -52,9 +53,8 @@ class DaliLoader:
         self.info: DatasetInfo = dataset_info(manifest)
         self.device = device
         self.labelled = manifest.labelled
-        decode_device = resolve_decode_device(cfg.device)
         rank, world = _rank_and_world()
-        gpu = torch.cuda.current_device() if decode_device == "cuda" else None
+        gpu = torch.cuda.current_device() if resolve_device(cfg.device, "loader.device").type == "cuda" else None
         self.pipeline = _shard_pipeline(
             paths=[str(shards / s.tar) for s in manifest.shards],
             index_paths=[str(shards / s.index) for s in manifest.shards],

@@ -54,16 +54,6 @@ def dataset_info(manifest: Manifest) -> DatasetInfo:
     return DatasetInfo(manifest.resolution, 3, tuple(manifest.class_names), manifest.num_samples)
 
 
-def resolve_decode_device(requested: str) -> str:
-    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; 'cuda' without a GPU is a config error."""
-    has_cuda = torch.cuda.is_available()
-    if requested == "auto":
-        return "cuda" if has_cuda else "cpu"
-    if requested == "cuda" and not has_cuda:
-        raise ConfigError("loader.device: 'cuda' requested but no CUDA device is available (use 'auto' or 'cpu')")
-    return requested
-
-
 def open_loader(shards: Path, cfg: LoaderConfig, batch_size: int, seed: int,
                 device: torch.device) -> Loader:
     """Open the shard set in `shards` with the backend `cfg.backend`, yielding Batches on `device`."""

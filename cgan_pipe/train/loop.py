@@ -16,7 +16,8 @@ from ..atomic import atomic_path, write_text_atomic
 from ..config import PipelineConfig, to_dict
 from ..data.loader import DatasetInfo, dataset_info, open_loader
 from ..data.manifest import read_manifest
-from ..errors import ConfigError, DataError
+from ..devices import resolve_device
+from ..errors import DataError
 from ..models import build_networks
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .ema import update_ema
@@ -38,15 +39,6 @@ class TrainResult:
     resumed_from: int
 
 
-def resolve_device(requested: str) -> torch.device:
-    """'auto' -> cuda when available else cpu; 'cuda' without a GPU is a config error."""
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device: 'cuda' requested but no CUDA device is available (use 'auto' or 'cpu')")
-    return torch.device(requested)
-
-
 def train(cfg: PipelineConfig, shards: Path, run_dir: Path, progress: bool = True) -> TrainResult:
     """Train the configured GAN on the shard set in `shards`, writing under `run_dir`.
 
@@ -54,7 +46,7 @@ def train(cfg: PipelineConfig, shards: Path, run_dir: Path, progress: bool = Tru
     returns at once when that checkpoint already reached `cfg.train.steps`.
     """
     tc = cfg.train
-    device = resolve_device(tc.device)
+    device = resolve_device(tc.device, "train.device")
     ckpt_dir, samples_dir = run_dir / "checkpoints", run_dir / "samples"
     metrics_path = run_dir / "metrics.jsonl"
     samples_dir.mkdir(parents=True, exist_ok=True)
