@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
 import json
 import os
 import re
@@ -217,12 +216,6 @@ def config_from_dict(raw: dict, origin: str = "config") -> PipelineConfig:
 def to_dict(cfg: Any) -> dict:
     """The config as plain Python data (for YAML/JSON/checkpoints)."""
     return dataclasses.asdict(cfg)
-
-
-def digest(section: Any) -> str:
-    """A short stable hash of a config section, for deciding whether a stage is up to date."""
-    blob = json.dumps(to_dict(section) if dataclasses.is_dataclass(section) else section, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,8 @@ from PIL import Image
 
 # Member-name extension written into shards for each output format.
 EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
+# Any of them, in the `a;b;c` form that webdataset and DALI readers take for one component.
+ANY_IMAGE_EXTENSION = ";".join(sorted(EXTENSIONS.values()))
 
 
 class BadImage(ValueError):

@@ -10,7 +10,7 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from ..config import LoaderConfig
-from ..images import EXTENSIONS
+from ..images import ANY_IMAGE_EXTENSION
 from ..devices import resolve_device
 from .loader import Batch, DatasetInfo, dataset_info, parse_ascii_labels
 from .manifest import Manifest
@@ -22,9 +22,8 @@ LABEL_BYTES = 8  # `.cls` bytes are padded to at least this width so a batch is 
 @pipeline_def
 def _shard_pipeline(paths: list[str], index_paths: list[str], labelled: bool, hflip: bool,
                     shuffle_buffer: int, decode_device: str, shard_id: int, num_shards: int):
-    image_ext = ";".join(sorted(set(EXTENSIONS.values())))
     encoded, cls = fn.readers.webdataset(
-        paths=paths, index_paths=index_paths, ext=[image_ext, "cls"],
+        paths=paths, index_paths=index_paths, ext=[ANY_IMAGE_EXTENSION, "cls"],
         # a labelled set with a sample lacking `.cls` is corrupt; unlabelled sets have none
         missing_component_behavior="error" if labelled else "empty",
         random_shuffle=True, initial_fill=shuffle_buffer,

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from torchvision.io import ImageReadMode, decode_image
 
 from ..config import LoaderConfig
-from ..images import EXTENSIONS
+from ..images import ANY_IMAGE_EXTENSION
 from .loader import Batch, DatasetInfo, dataset_info
 from .manifest import Manifest
 
@@ -41,7 +41,6 @@ class TorchLoader:
                  seed: int, device: torch.device):
         self.info: DatasetInfo = dataset_info(manifest)
         self.device = device
-        image_ext = ";".join(sorted(set(EXTENSIONS.values())))
         dataset = (
             wds.WebDataset(
                 [str(shards / s.tar) for s in manifest.shards],
@@ -51,7 +50,7 @@ class TorchLoader:
             )
             .shuffle(cfg.shuffle_buffer)
             # unlabelled sets have no `.cls`; a labelled sample without one is an error
-            .to_tuple(image_ext, "cls", missing_is_error=manifest.labelled)
+            .to_tuple(ANY_IMAGE_EXTENSION, "cls", missing_is_error=manifest.labelled)
             .map(_DecodeSample(cfg.hflip))
         )
         generator = torch.Generator().manual_seed(seed)
