@@ -15,7 +15,7 @@ from PIL import Image
 
 from cgan_pipe.compression import estimate_jpeg_quality
 from cgan_pipe.data.manifest import read_manifest
-from cgan_pipe.data.shards import PrepareSettings, dali_index, file_sha256, prepare
+from cgan_pipe.data.shards import PrepareSettings, ShardSample, ShardWriter, dali_index, file_sha256, prepare
 from cgan_pipe.errors import DataError
 
 from conftest import CLASSES, cifar_members, write_tar
@@ -142,3 +142,14 @@ def test_missing_shard_makes_the_manifest_unusable(small_shards, tmp_path):
     (copy / "shard-000001.tar").unlink()
     with pytest.raises(DataError, match="shard-000001.tar.*missing"):
         read_manifest(copy)
+
+
+def test_a_shard_interrupted_mid_write_never_gets_a_final_name(tmp_path):
+    image = next(iter(cifar_members("test", 1).values()))
+    with pytest.raises(RuntimeError):
+        with ShardWriter(tmp_path, shard_size=2) as writer:
+            for i in range(3):  # the first shard completes, the second is cut off
+                writer.add(ShardSample(f"{i:08d}", image, "jpg", 0, {"source": "x"}))
+            raise RuntimeError("killed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-000000.idx", "shard-000000.tar"]
+    assert dali_index(tmp_path / "shard-000000.tar").startswith("v1.2 2\n")
