@@ -11,7 +11,7 @@ import tarfile
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from PIL import Image
 from tqdm import tqdm
@@ -118,32 +118,47 @@ class ShardWriter:
         ))
 
 
+def sample_members(tar: tarfile.TarFile) -> Iterator[tuple[str, list[tarfile.TarInfo]]]:
+    """Group a shard's files into samples: (key, members) for each run of adjacent files
+    sharing the name before the first dot of their base name (the webdataset rule)."""
+    key, members = None, []
+    for member in tar:
+        if not member.isfile():
+            continue
+        slash = member.name.rfind("/") + 1
+        dot = member.name.find(".", slash)
+        base = member.name[:dot]
+        if dot < 0 or not base or base.endswith("/"):
+            continue  # no extension, or a hidden file: not part of any sample
+        if base != key and members:
+            yield key, members
+            members = []
+        key = base
+        members.append(member)
+    if members:
+        yield key, members
+
+
+def member_extension(member: tarfile.TarInfo) -> str:
+    """The extension of a shard member: everything after the first dot of its base name."""
+    slash = member.name.rfind("/") + 1
+    return member.name[member.name.find(".", slash) + 1:]
+
+
 def dali_index(tar_path: Path) -> str:
     """The DALI webdataset index (format v1.2, as DALI's wds2idx writes it) of a tar shard.
 
     One line per sample: `ext offset size name` for each of its files, where
     offset is the position of the file's data in the tar.
     """
-    samples: list[list[str]] = []
-    last_base = None
     with tarfile.open(tar_path) as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            slash = member.name.rfind("/") + 1
-            dot = member.name.find(".", slash)
-            base, ext = member.name[:dot], member.name[dot + 1:]
-            if dot < 0 or not base or base.endswith("/"):
-                continue
-            entry = f"{ext} {member.offset_data} {member.size} {member.name}"
-            if base != last_base:
-                samples.append([entry])
-                last_base = base
-            else:
-                samples[-1].append(entry)
-    if not samples:
+        lines = [
+            " ".join(f"{member_extension(m)} {m.offset_data} {m.size} {m.name}" for m in members) + "\n"
+            for _, members in sample_members(tar)
+        ]
+    if not lines:
         raise DataError(f"{tar_path}: empty shard")
-    return f"{DALI_INDEX_VERSION} {len(samples)}\n" + "".join(" ".join(s) + "\n" for s in samples)
+    return f"{DALI_INDEX_VERSION} {len(lines)}\n" + "".join(lines)
 
 
 def file_sha256(path: Path) -> str:
