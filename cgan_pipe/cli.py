@@ -19,6 +19,8 @@ EXAMPLES = {
     "run": "cgan-pipe run pipelines/cifar.yaml --set train.steps=300",
     "prepare": "cgan-pipe prepare ../shared/data/cifar10/train.tar shards/cifar-webp --format webp --quality 90",
     "train": "cgan-pipe train pipelines/cifar.yaml --set train.batch_size=128",
+    "verify": "cgan-pipe verify runs/cifar/shards",
+    "inspect": "cgan-pipe inspect runs/cifar/shards --json",
     "generate": "cgan-pipe generate runs/cifar/checkpoints/ckpt-0005000.pt out/ --n 1000 --format webp",
 }
 
@@ -185,3 +187,63 @@ def generate(checkpoint: str, out: str, n: int, fmt: str, quality: int, classes:
     else:
         click.echo(f"{result.n} images ({result.images_per_s:.0f} img/s) -> {result.out_dir}")
     click.echo(json.dumps({"export_dir": str(result.out_dir), "export_shards": str(result.shards)}))
+
+
+@main.command(epilog=f"Example: {EXAMPLES['verify']}")
+@click.argument("shards", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@quiet_option
+@_reports_errors
+def verify(shards: str, as_json: bool, quiet: bool) -> None:
+    """Check the shard set in SHARDS; exit 0 when sound, 1 when anything is wrong.
+
+    Compares each shard's sha256, sample count and DALI index with the manifest,
+    checks every sample's image, .cls and .json, and decodes every image with
+    DALI's CPU decoder (the loader's) at the manifest's resolution. Every problem
+    is listed by shard and sample key.
+    """
+    from dataclasses import asdict
+
+    from .data.verify import verify_shards
+
+    report = verify_shards(Path(shards), progress=_progress(quiet))
+    if as_json:
+        click.echo(json.dumps({"ok": report.ok, "shards": report.shards, "samples": report.samples,
+                               "problems": [asdict(p) for p in report.problems]}, indent=2))
+    else:
+        for p in report.problems:
+            click.echo(f"{p.shard}{':' + p.key if p.key else ''}: {p.problem}")
+        verdict = "ok" if report.ok else f"FAILED, {len(report.problems)} problems"
+        click.echo(f"{shards}: {report.samples} samples in {report.shards} shards: {verdict}")
+    if not report.ok:
+        sys.exit(1)
+
+
+@main.command("inspect", epilog=f"Example: {EXAMPLES['inspect']}")
+@click.argument("shards", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--sheet", type=click.Path(dir_okay=False), default=None,
+              help="Where to write the contact sheet PNG [default: SHARDS/contact-sheet.png].")
+@click.option("--per-class", type=click.IntRange(1, 64), default=8, show_default=True,
+              help="Samples per class on the contact sheet.")
+@_reports_errors
+def inspect_shard_set(shards: str, as_json: bool, sheet: str | None, per_class: int) -> None:
+    """Summarise the shard set in SHARDS and write a contact sheet (one row per class).
+
+    Shows sample and shard counts, resolution, format, class and quality
+    histograms and bytes per image, from the manifest and index files.
+    """
+    from .data.verify import contact_sheet, inspect_shards
+
+    summary = inspect_shards(Path(shards))
+    summary["contact_sheet"] = str(contact_sheet(Path(shards), Path(sheet or Path(shards) / "contact-sheet.png"),
+                                                 per_class=per_class))
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}: {v}" for k, v in value.items())
+        elif isinstance(value, list):
+            value = ", ".join(map(str, value))
+        click.echo(f"{key:>24}  {value}")

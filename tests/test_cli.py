@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -24,7 +26,7 @@ from conftest import CIFAR, CLASSES, ROOT
 CLI = str(Path(sys.executable).with_name("cgan-pipe"))
 
 
-@pytest.mark.parametrize("command", ["run", "prepare", "train", "generate"])
+@pytest.mark.parametrize("command", ["run", "prepare", "train", "generate", "verify", "inspect"])
 def test_every_command_has_useful_help(command):
     result = CliRunner().invoke(main, [command, "--help"])
     assert result.exit_code == 0
@@ -119,3 +121,29 @@ def test_run_end_to_end_on_a_cifar_subset(tmp_path):
     stages = json.loads((run_dir / "summary.json").read_text())["stages"]
     assert {name: s["status"] for name, s in stages.items()} == {
         "prepare": "up to date", "train": "up to date", "export": "up to date"}
+
+
+def test_verify_and_inspect_commands(small_shards, tmp_path):
+    ok = CliRunner().invoke(main, ["verify", str(small_shards), "-q"])
+    assert ok.exit_code == 0 and "200 samples in 2 shards: ok" in ok.output
+    shown = CliRunner().invoke(main, ["inspect", str(small_shards), "--json", "--sheet", str(tmp_path / "s.png")])
+    assert shown.exit_code == 0, shown.output
+    summary = json.loads(shown.output)
+    assert summary["samples"] == 200 and summary["class_histogram"]["cat"] == 20
+    assert Image.open(summary["contact_sheet"]).size == (8 * 34 + 2, 10 * 34 + 2)
+    missing = CliRunner().invoke(main, ["verify", str(tmp_path / "none")])
+    assert missing.exit_code == 1 and "no manifest" in missing.output
+
+
+def test_verify_fails_with_exit_1_naming_the_bad_sample(small_shards, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(small_shards, copy)
+    with tarfile.open(copy / "shard-000000.tar") as tar:
+        member = tar.getmember("00000007.jpg")
+    with open(copy / "shard-000000.tar", "r+b") as handle:  # zero the JPEG's data in place
+        handle.seek(member.offset_data)
+        handle.write(bytes(member.size))
+    result = CliRunner().invoke(main, ["verify", str(copy), "-q"])
+    assert result.exit_code == 1
+    assert "shard-000000.tar:00000007: DALI cannot decode it" in result.output
+    assert "FAILED" in result.output

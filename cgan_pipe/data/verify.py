@@ -1,0 +1,227 @@
+"""Verify a shard set: checksums, counts, sample structure, and a DALI decode of every image."""
+
+from __future__ import annotations
+
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from ..atomic import atomic_path
+from ..images import EXTENSIONS, decode
+from .manifest import Manifest, read_manifest
+from .shards import dali_index, file_sha256, member_extension, sample_members
+
+DECODE_BATCH = 256
+
+
+@dataclass
+class Problem:
+    """One thing wrong with a shard set: where (shard, sample key) and what."""
+
+    shard: str
+    key: str | None
+    problem: str
+
+
+@dataclass
+class VerifyReport:
+    """The outcome of `verify_shards`."""
+
+    shards: int
+    samples: int
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing is wrong."""
+        return not self.problems
+
+
+def verify_shards(directory: Path, progress: bool = False) -> VerifyReport:
+    """Check every shard listed in `directory`'s manifest.
+
+    Checks each shard's sha256 and sample count against the manifest, its DALI
+    index against the tar, that every sample has its image, `.cls` (a known
+    class id, for labelled sets) and `.json`, and decodes every image with the
+    DALI CPU decoder the loader uses, at the manifest's resolution. Raises
+    DataError when the manifest itself is missing or unusable.
+    """
+    manifest = read_manifest(Path(directory))
+    report = VerifyReport(shards=len(manifest.shards), samples=0)
+    decoder = _DaliDecoder()
+    bar = tqdm(total=manifest.num_samples, desc="verify", unit="img", disable=not progress, dynamic_ncols=True)
+    for shard in manifest.shards:
+        tar_path = Path(directory) / shard.tar
+
+        def add(key: str | None, problem: str, name: str = shard.tar) -> None:
+            report.problems.append(Problem(name, key, problem))
+
+        if file_sha256(tar_path) != shard.sha256:
+            add(None, "sha256 differs from the manifest (the shard changed after it was written)")
+        try:
+            images = list(_check_samples(tar_path, manifest, add))
+            if (Path(directory) / shard.index).read_text() != dali_index(tar_path):
+                add(None, f"DALI index {shard.index} does not match the tar")
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            add(None, f"unreadable tar ({exc})")
+            continue
+        if len(images) != shard.samples:
+            add(None, f"{len(images)} samples, the manifest says {shard.samples}")
+        for key, problem in decoder.check(images, manifest.resolution):
+            add(key, problem)
+        report.samples += len(images)
+        bar.update(len(images))
+    bar.close()
+    return report
+
+
+def _check_samples(tar_path: Path, manifest: Manifest,
+                   add: Callable[[str | None, str], None]) -> Iterator[tuple[str, bytes]]:
+    """Yield (key, image bytes) per sample, reporting structural problems through `add`."""
+    image_ext = EXTENSIONS[manifest.image_format]
+    with tarfile.open(tar_path) as tar:
+        for key, members in sample_members(tar):
+            by_ext = {member_extension(m): m for m in members}
+            if "json" not in by_ext:
+                add(key, "no .json metadata")
+            if manifest.labelled:
+                cls = tar.extractfile(by_ext["cls"]).read() if "cls" in by_ext else None
+                text = cls.decode("ascii", "replace").strip() if cls is not None else ""
+                if not text.isdigit() or int(text) >= len(manifest.class_names):
+                    add(key, f"bad class id {cls!r} (expected 0..{len(manifest.class_names) - 1})")
+            if image_ext not in by_ext:
+                add(key, f"no .{image_ext} image")
+                yield key, b""
+                continue
+            yield key, tar.extractfile(by_ext[image_ext]).read()
+
+
+class _DaliDecoder:
+    """DALI's CPU image decoder over batches of encoded images.
+
+    One undecodable image makes DALI invalidate the whole pipeline, so a failing
+    batch is retried image by image, each in a fresh pipeline, to name the bad ones.
+    """
+
+    def __init__(self) -> None:
+        self.pipeline = self._build(DECODE_BATCH)
+
+    @staticmethod
+    def _build(batch_size: int):
+        from nvidia.dali import fn, pipeline_def, types  # DALI is imported only when verifying
+
+        @pipeline_def(batch_size=batch_size, num_threads=2, device_id=None,
+                      exec_async=False, exec_pipelined=False)
+        def decode():
+            encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+            return fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
+
+        pipeline = decode()
+        pipeline.build()
+        return pipeline
+
+    def check(self, images: list[tuple[str, bytes]], resolution: int) -> Iterator[tuple[str, str]]:
+        """Yield (key, problem) for every image DALI cannot decode or that has the wrong size."""
+        for first in range(0, len(images), DECODE_BATCH):
+            chunk = images[first:first + DECODE_BATCH]
+            try:
+                shapes = self._decode(self.pipeline, [data for _, data in chunk])
+            except RuntimeError:
+                self.pipeline = self._build(DECODE_BATCH)
+                shapes = []
+                for key, data in chunk:
+                    try:
+                        shapes += self._decode(self._build(1), [data])
+                    except RuntimeError as exc:
+                        shapes.append(None)
+                        yield key, f"DALI cannot decode it ({_first_line(exc)})"
+            for (key, _), shape in zip(chunk, shapes):
+                if shape is not None and tuple(shape) != (resolution, resolution, 3):
+                    yield key, f"decoded shape {tuple(shape)}, expected {(resolution, resolution, 3)}"
+
+    @staticmethod
+    def _decode(pipeline, encoded: list[bytes]) -> list[tuple[int, ...]]:
+        if any(len(data) == 0 for data in encoded):
+            raise RuntimeError("empty image")
+        pipeline.feed_input("encoded", [np.frombuffer(data, dtype=np.uint8) for data in encoded])
+        (out,) = pipeline.run()
+        return [out.at(i).shape for i in range(len(out))]
+
+
+def _first_line(exc: Exception) -> str:
+    lines = [line for line in str(exc).splitlines() if "failure" in line or "error" in line.lower()]
+    return (lines[-1] if lines else str(exc).splitlines()[0]).strip()
+
+
+def inspect_shards(directory: Path) -> dict:
+    """Summarise a shard set: counts, histograms, resolution, format, bytes per image.
+
+    Reads the manifest and the DALI index files only (no tar is opened).
+    """
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    image_ext = EXTENSIONS[manifest.image_format]
+    image_bytes = 0
+    for shard in manifest.shards:
+        for line in (directory / shard.index).read_text().splitlines()[1:]:
+            fields = line.split()
+            for i in range(0, len(fields), 4):  # ext offset size name, per file of the sample
+                if fields[i] == image_ext:
+                    image_bytes += int(fields[i + 2])
+    n = manifest.num_samples
+    return {
+        "path": str(directory),
+        "created_by": manifest.created_by,
+        "source": manifest.source,
+        "samples": n,
+        "shards": len(manifest.shards),
+        "resolution": manifest.resolution,
+        "image_format": manifest.image_format,
+        "classes": manifest.class_names,
+        "class_histogram": manifest.class_histogram,
+        "quality_histogram": manifest.quality_histogram,
+        "bytes_per_image": round(image_bytes / n, 1),
+        "bytes_per_sample_in_tar": round(sum(s.bytes for s in manifest.shards) / n, 1),
+        "total_bytes": sum(s.bytes for s in manifest.shards),
+        "skipped": len(manifest.skipped),
+    }
+
+
+def contact_sheet(directory: Path, out: Path, per_class: int = 8) -> Path:
+    """Write a PNG with up to `per_class` samples of each class, one row per class (8 rows unlabelled)."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    rows = len(manifest.class_names) or 8
+    image_ext = EXTENSIONS[manifest.image_format]
+    picked: list[list[bytes]] = [[] for _ in range(rows)]
+    needed = rows * per_class
+    for shard in manifest.shards:
+        with tarfile.open(directory / shard.tar) as tar:
+            for _, members in sample_members(tar):
+                by_ext = {member_extension(m): m for m in members}
+                if image_ext not in by_ext:
+                    continue
+                if manifest.labelled and "cls" in by_ext:
+                    row = int(tar.extractfile(by_ext["cls"]).read())
+                else:
+                    row = sum(map(len, picked)) // per_class
+                if row < rows and len(picked[row]) < per_class:
+                    picked[row].append(tar.extractfile(by_ext[image_ext]).read())
+                    needed -= 1
+                if needed == 0:
+                    break
+        if needed == 0:
+            break
+    size, pad = manifest.resolution, 2
+    sheet = Image.new("RGB", (per_class * (size + pad) + pad, rows * (size + pad) + pad), (255, 255, 255))
+    for r, row in enumerate(picked):
+        for c, data in enumerate(row):
+            sheet.paste(decode(data).convert("RGB"), (pad + c * (size + pad), pad + r * (size + pad)))
+    with atomic_path(Path(out)) as tmp:
+        sheet.save(tmp, format="PNG")
+    return Path(out)
