@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import tarfile
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -13,7 +16,7 @@ from tqdm import tqdm
 
 from ..atomic import atomic_path
 from ..images import EXTENSIONS, decode
-from .manifest import Manifest, read_manifest
+from .manifest import Manifest, ShardInfo, read_manifest
 from .shards import dali_index, file_sha256, member_extension, sample_members
 
 DECODE_BATCH = 256
@@ -53,31 +56,37 @@ def verify_shards(directory: Path, progress: bool = False) -> VerifyReport:
     """
     manifest = read_manifest(Path(directory))
     report = VerifyReport(shards=len(manifest.shards), samples=0)
-    decoder = _DaliDecoder()
     bar = tqdm(total=manifest.num_samples, desc="verify", unit="img", disable=not progress, dynamic_ncols=True)
-    for shard in manifest.shards:
-        tar_path = Path(directory) / shard.tar
-
-        def add(key: str | None, problem: str, name: str = shard.tar) -> None:
-            report.problems.append(Problem(name, key, problem))
-
-        if file_sha256(tar_path) != shard.sha256:
-            add(None, "sha256 differs from the manifest (the shard changed after it was written)")
-        try:
-            images = list(_check_samples(tar_path, manifest, add))
-            if (Path(directory) / shard.index).read_text() != dali_index(tar_path):
-                add(None, f"DALI index {shard.index} does not match the tar")
-        except (tarfile.TarError, OSError, EOFError) as exc:
-            add(None, f"unreadable tar ({exc})")
-            continue
-        if len(images) != shard.samples:
-            add(None, f"{len(images)} samples, the manifest says {shard.samples}")
-        for key, problem in decoder.check(images, manifest.resolution):
-            add(key, problem)
-        report.samples += len(images)
-        bar.update(len(images))
+    with _IsolatedDecoder() as decoder:
+        for shard in manifest.shards:
+            _verify_shard(Path(directory), shard, manifest, decoder, report)
+            bar.update(shard.samples)
     bar.close()
     return report
+
+
+def _verify_shard(directory: Path, shard: ShardInfo, manifest: Manifest, decoder: "_IsolatedDecoder",
+                  report: VerifyReport) -> None:
+    """Check one shard, appending what is wrong to `report`."""
+    tar_path = directory / shard.tar
+
+    def add(key: str | None, problem: str) -> None:
+        report.problems.append(Problem(shard.tar, key, problem))
+
+    if file_sha256(tar_path) != shard.sha256:
+        add(None, "sha256 differs from the manifest (the shard changed after it was written)")
+    try:
+        images = list(_check_samples(tar_path, manifest, add))
+        if (directory / shard.index).read_text() != dali_index(tar_path):
+            add(None, f"DALI index {shard.index} does not match the tar")
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        add(None, f"unreadable tar ({exc})")
+        return
+    if len(images) != shard.samples:
+        add(None, f"{len(images)} samples, the manifest says {shard.samples}")
+    for key, problem in decoder.check(images, manifest.resolution):
+        add(key, problem)
+    report.samples += len(images)
 
 
 def _check_samples(tar_path: Path, manifest: Manifest,
@@ -101,56 +110,85 @@ def _check_samples(tar_path: Path, manifest: Manifest,
             yield key, tar.extractfile(by_ext[image_ext]).read()
 
 
-class _DaliDecoder:
-    """DALI's CPU image decoder over batches of encoded images.
+class _IsolatedDecoder:
+    """DALI's CPU image decoder, run in a child process over batches of encoded images.
 
-    One undecodable image makes DALI invalidate the whole pipeline, so a failing
-    batch is retried image by image, each in a fresh pipeline, to name the bad ones.
+    DALI has crashed this process outright (a segfault, seen here) on garbage
+    bytes, and verify must report bad samples, not die of them: a batch whose
+    child crashes is split in halves and retried in fresh children until the
+    crashing image is named. Use as a context manager.
     """
 
-    def __init__(self) -> None:
-        self.pipeline = self._build(DECODE_BATCH)
+    def __enter__(self) -> "_IsolatedDecoder":
+        self._pool = self._new_pool()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._pool.shutdown()
 
     @staticmethod
-    def _build(batch_size: int):
-        from nvidia.dali import fn, pipeline_def, types  # DALI is imported only when verifying
-
-        @pipeline_def(batch_size=batch_size, num_threads=2, device_id=None,
-                      exec_async=False, exec_pipelined=False)
-        def decode():
-            encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
-            return fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
-
-        pipeline = decode()
-        pipeline.build()
-        return pipeline
+    def _new_pool() -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
 
     def check(self, images: list[tuple[str, bytes]], resolution: int) -> Iterator[tuple[str, str]]:
         """Yield (key, problem) for every image DALI cannot decode or that has the wrong size."""
         for first in range(0, len(images), DECODE_BATCH):
-            chunk = images[first:first + DECODE_BATCH]
-            try:
-                shapes = self._decode(self.pipeline, [data for _, data in chunk])
-            except RuntimeError:
-                self.pipeline = self._build(DECODE_BATCH)
-                shapes = []
-                for key, data in chunk:
-                    try:
-                        shapes += self._decode(self._build(1), [data])
-                    except RuntimeError as exc:
-                        shapes.append(None)
-                        yield key, f"DALI cannot decode it ({_first_line(exc)})"
-            for (key, _), shape in zip(chunk, shapes):
-                if shape is not None and tuple(shape) != (resolution, resolution, 3):
-                    yield key, f"decoded shape {tuple(shape)}, expected {(resolution, resolution, 3)}"
+            yield from self._check(images[first:first + DECODE_BATCH], resolution)
 
-    @staticmethod
-    def _decode(pipeline, encoded: list[bytes]) -> list[tuple[int, ...]]:
-        if any(len(data) == 0 for data in encoded):
-            raise RuntimeError("empty image")
-        pipeline.feed_input("encoded", [np.frombuffer(data, dtype=np.uint8) for data in encoded])
-        (out,) = pipeline.run()
-        return [out.at(i).shape for i in range(len(out))]
+    def _check(self, chunk: list[tuple[str, bytes]], resolution: int) -> list[tuple[str, str]]:
+        try:
+            return self._pool.submit(_decode_in_child, chunk, resolution).result()
+        except BrokenProcessPool:
+            self._pool = self._new_pool()
+            if len(chunk) == 1:
+                return [(chunk[0][0], "DALI crashed decoding it (the decoder process died)")]
+            half = len(chunk) // 2
+            return self._check(chunk[:half], resolution) + self._check(chunk[half:], resolution)
+
+
+_PIPELINES: dict[int, object] = {}  # per child process: batch size -> built DALI pipeline
+
+
+def _decode_in_child(chunk: list[tuple[str, bytes]], resolution: int) -> list[tuple[str, str]]:
+    """Decode a batch with DALI (in the child); an invalidated pipeline is rebuilt and the
+    batch retried image by image to name the bad ones."""
+    problems = []
+    try:
+        shapes = _dali_decode([data for _, data in chunk])
+    except RuntimeError:
+        _PIPELINES.pop(DECODE_BATCH, None)  # DALI invalidates a pipeline after a failed decode
+        shapes = []
+        for key, data in chunk:
+            try:
+                shapes += _dali_decode([data])
+            except RuntimeError as exc:
+                _PIPELINES.pop(DECODE_BATCH, None)
+                shapes.append(None)
+                problems.append((key, f"DALI cannot decode it ({_first_line(exc)})"))
+    for (key, _), shape in zip(chunk, shapes):
+        if shape is not None and tuple(shape) != (resolution, resolution, 3):
+            problems.append((key, f"decoded shape {tuple(shape)}, expected {(resolution, resolution, 3)}"))
+    return problems
+
+
+def _dali_decode(encoded: list[bytes]) -> list[tuple[int, ...]]:
+    if any(len(data) == 0 for data in encoded):
+        raise RuntimeError("empty image")
+    if DECODE_BATCH not in _PIPELINES:
+        from nvidia.dali import fn, pipeline_def, types  # DALI is imported only when verifying
+
+        @pipeline_def(batch_size=DECODE_BATCH, num_threads=2, device_id=None,
+                      exec_async=False, exec_pipelined=False)
+        def decode():
+            data = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+            return fn.decoders.image(data, device="cpu", output_type=types.RGB)
+
+        _PIPELINES[DECODE_BATCH] = pipeline = decode()
+        pipeline.build()
+    pipeline = _PIPELINES[DECODE_BATCH]
+    pipeline.feed_input("encoded", [np.frombuffer(data, dtype=np.uint8) for data in encoded])
+    (out,) = pipeline.run()
+    return [out.at(i).shape for i in range(len(out))]
 
 
 def _first_line(exc: Exception) -> str:
