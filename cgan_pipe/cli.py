@@ -99,24 +99,26 @@ def run(pipeline: str, overrides: tuple[str, ...], dry_run: bool, quiet: bool) -
 @click.option("--shard-size", type=click.IntRange(min=1), default=5000, show_default=True, help="Samples per shard.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use at most N images (seeded subset).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Shuffle seed.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Processes writing shards [default: one per core]; the shards do not depend on it.")
 @click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True,
               help="Split of a CIFAR-10 python archive.")
 @quiet_option
 @_reports_errors
 def prepare(source: str, out: str, fmt: str, quality: int, resolution: str, shard_size: int,
-            limit: int | None, seed: int, split: str, quiet: bool) -> None:
+            limit: int | None, seed: int, workers: int | None, split: str, quiet: bool) -> None:
     """Turn raw images at SOURCE into webdataset shards in OUT.
 
     SOURCE is an image-folder tree (class = folder name), a tar/tar.gz of one, the
     CIFAR-10 python archive, or 'download:cifar10'. OUT receives shard-NNNNNN.tar,
-    a DALI index (.idx) per shard and manifest.json. Rerunning with the same
-    arguments does nothing.
+    a DALI index (.idx) per shard and manifest.json. A killed run rerun with the
+    same arguments keeps the shards it finished; a finished one does nothing.
     """
     from .data.shards import PrepareSettings, prepare as prepare_shards
 
     settings = PrepareSettings(resolution=int(resolution), format=fmt, quality=quality, shard_size=shard_size,
                                limit=limit, seed=seed, split=split)
-    manifest, up_to_date = prepare_shards(source, Path(out), settings, progress=_progress(quiet))
+    manifest, up_to_date = prepare_shards(source, Path(out), settings, workers=workers, progress=_progress(quiet))
     if up_to_date:
         click.echo(f"{out}: already complete for these settings; nothing to do")
     click.echo(f"{manifest.num_samples} samples in {len(manifest.shards)} shards, "

@@ -87,6 +87,9 @@ class DataConfig:
     limit: Optional[int] = _opt(
         None, "Use at most this many images (a seeded random subset); null for all.", _positive
     )
+    workers: Optional[int] = _opt(
+        None, "Processes writing shards; null for one per core. The shards do not depend on it.", _positive
+    )
     download_dir: str = _opt(
         "~/.cache/cgan-pipe", "Where 'download:cifar10' keeps the downloaded archive."
     )

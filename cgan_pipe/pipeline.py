@@ -50,7 +50,7 @@ def run_pipeline(cfg: PipelineConfig, *, progress: bool, echo: Callable[[str], N
     stages: dict[str, dict[str, Any]] = {}
 
     t0 = time.perf_counter()
-    manifest, up_to_date = prepare(cfg.data.source, shards_dir, prepare_settings(cfg),
+    manifest, up_to_date = prepare(cfg.data.source, shards_dir, prepare_settings(cfg), workers=cfg.data.workers,
                                    download_dir=cfg.data.download_dir, progress=progress)
     stages["prepare"] = {"status": "up to date" if up_to_date else "ran", "seconds": _since(t0)}
     echo(f"prepare: {manifest.num_samples} samples in {len(manifest.shards)} shards at {shards_dir}"

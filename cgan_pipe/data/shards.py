@@ -5,10 +5,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import multiprocessing
 import os
 import random
 import tarfile
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -17,7 +19,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .. import images
-from ..atomic import TEMP_MARK, remove_stale_temps
+from ..atomic import TEMP_MARK, remove_stale_temps, write_text_atomic
 from ..compression import estimate_jpeg_quality
 from ..errors import DataError
 from .manifest import MANIFEST_NAME, Manifest, ShardInfo, read_manifest, write_manifest
@@ -25,6 +27,10 @@ from .sources import RawImage, SourceItem, open_source
 
 SHARD_NAME = "shard-{:06d}"
 DALI_INDEX_VERSION = "v1.2"
+_PLAN_NAME = ".prepare-plan.json"  # the settings an unfinished prepare in this folder was run with
+_DONE_SUFFIX = ".done.json"  # per finished shard of an unfinished prepare: its ShardInfo, skips, histograms
+_DONE_GLOB = f".shard-*{_DONE_SUFFIX}"
+_SOURCES: dict[tuple[str, str, str], Any] = {}  # per process: open sources, reused across jobs
 
 
 @dataclass(frozen=True)
@@ -52,16 +58,17 @@ class ShardSample:
 
 
 class ShardWriter:
-    """Writes samples into numbered tar shards of `shard_size` samples.
+    """Writes samples into numbered tar shards of `shard_size` samples, from `first_index` on.
 
     Each shard is written under a temp name and renamed, with its DALI index,
     only once complete. Use as a context manager: on error the open shard is
     deleted, so no partial shard ever carries a final name.
     """
 
-    def __init__(self, out_dir: Path, shard_size: int):
+    def __init__(self, out_dir: Path, shard_size: int, first_index: int = 0):
         self.out_dir = Path(out_dir)
         self.shard_size = shard_size
+        self.first_index = first_index  # number of the first shard written
         self.shards: list[ShardInfo] = []
         self._tar: tarfile.TarFile | None = None
         self._tmp: Path | None = None
@@ -70,7 +77,7 @@ class ShardWriter:
     def add(self, sample: ShardSample) -> None:
         """Append one sample, starting a new shard when the current one is full."""
         if self._tar is None:
-            name = SHARD_NAME.format(len(self.shards)) + ".tar"
+            name = SHARD_NAME.format(self.first_index + len(self.shards)) + ".tar"
             self._tmp = self.out_dir / f".{name}{TEMP_MARK}{os.getpid()}"
             # Write USTAR explicitly: DALI has failed on Python's default PAX headers, and
             # webdataset's TarWriter (1.0.2) computes a format but never passes it on.
@@ -106,7 +113,7 @@ class ShardWriter:
     def _finish_shard(self) -> None:
         self._tar.close()
         self._tar = None
-        base = SHARD_NAME.format(len(self.shards))
+        base = SHARD_NAME.format(self.first_index + len(self.shards))
         tar_path, index_path = self.out_dir / f"{base}.tar", self.out_dir / f"{base}.idx"
         index_tmp = self.out_dir / f".{base}.idx{TEMP_MARK}{os.getpid()}"
         index_tmp.write_text(dali_index(self._tmp))
@@ -170,14 +177,17 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def prepare(source: str, out_dir: Path, settings: PrepareSettings, *,
+def prepare(source: str, out_dir: Path, settings: PrepareSettings, *, workers: int | None = None,
             download_dir: str = "~/.cache/cgan-pipe", progress: bool = True) -> tuple[Manifest, bool]:
     """Turn the raw images at `source` into a complete shard set in `out_dir`.
 
     Images are shuffled (seeded) before writing, since DALI only shuffles within
-    a buffer. Undecodable images are skipped and listed with the reason. Returns
-    the manifest and whether the existing shards were already up to date (in
-    which case nothing is written).
+    a buffer; shard i holds the i-th run of `shard_size` inputs, less the
+    undecodable ones, which are skipped and listed with the reason. Shards are
+    written by `workers` processes (default: all cores) and the result does not
+    depend on their number. A killed run rerun with the same settings keeps the
+    shards it finished and writes the rest. Returns the manifest and whether the
+    existing shard set was already complete (in which case nothing is written).
     """
     out_dir = Path(out_dir)
     recorded = {"source": source, **asdict(settings)}
@@ -188,41 +198,134 @@ def prepare(source: str, out_dir: Path, settings: PrepareSettings, *,
                 return existing, True
         except DataError:
             pass  # unusable manifest: rebuild below
+
     with open_source(source, settings.split, download_dir) as src:
-        # only now that the source is known to be readable may an old shard set be removed
-        out_dir.mkdir(parents=True, exist_ok=True)
-        _clear_shard_set(out_dir)
         order = list(src.items)
         random.Random(settings.seed).shuffle(order)
         if settings.limit is not None:
             order = order[: settings.limit]
-        classes, qualities = Counter(), Counter()
-        skipped: list[dict[str, str]] = []
-        written = 0
-        bar = tqdm(order, desc="prepare", unit="img", disable=not progress, dynamic_ncols=True)
-        with ShardWriter(out_dir, settings.shard_size) as writer:
-            for item in bar:
-                try:
-                    data, ext, meta = encode_for_shard(src.read(item), item, src.class_names, settings)
-                except (images.BadImage, DataError) as exc:
-                    skipped.append({"source": item.path, "reason": str(exc)})
-                    continue
-                writer.add(ShardSample(f"{written:08d}", data, ext, item.label, meta))
-                written += 1
-                classes[meta["class"]] += 1
-                qualities[str(meta["quality"])] += 1
-            shards = writer.close()
-        if not shards:
-            raise DataError(f"{source}: none of the {len(order)} images could be used "
-                            f"(first problem: {skipped[0]['reason'] if skipped else 'no images'})")
-        manifest = Manifest(
-            created_by="prepare", source=source, settings=recorded, resolution=settings.resolution,
-            image_format=settings.format, class_names=src.class_names, shards=shards,
-            class_histogram={name: classes[name] for name in src.class_names},
-            quality_histogram=dict(sorted(qualities.items())), skipped=skipped,
-        )
+        class_names = src.class_names
+        _SOURCES[(source, settings.split, download_dir)] = src  # in-process jobs reuse it
+        # Only now that the source is known to be readable may an old shard set be touched.
+        out_dir.mkdir(parents=True, exist_ok=True)
+        done = _resume_state(out_dir, recorded)
+        jobs = [
+            _ShardJob(index=i, first_key=first, items=order[first:first + settings.shard_size], source=source,
+                      download_dir=download_dir, settings=settings, class_names=class_names, out_dir=out_dir)
+            for i, first in enumerate(range(0, len(order), settings.shard_size))
+        ]
+        todo = [job for job in jobs if job.index not in done]
+        bar = tqdm(total=len(order), desc="prepare", unit="img", disable=not progress, dynamic_ncols=True)
+        bar.update(sum(len(job.items) for job in jobs if job.index in done))
+        workers = min(workers or os.cpu_count() or 1, max(len(todo), 1))
+        try:
+            if workers == 1:
+                for job in todo:
+                    done[job.index] = _write_job(job)
+                    bar.update(len(job.items))
+            else:
+                context = multiprocessing.get_context("spawn")  # no fork of a process that may hold torch threads
+                with ProcessPoolExecutor(workers, mp_context=context) as pool:
+                    for job, result in zip(todo, pool.map(_write_job, todo)):
+                        done[job.index] = result
+                        bar.update(len(job.items))
+        finally:
+            _SOURCES.pop((source, settings.split, download_dir), None)
+            bar.close()
+
+    results = [done[job.index] for job in jobs]
+    shards = [ShardInfo(**r["shard"]) for r in results if r["shard"] is not None]
+    skipped = [entry for r in results for entry in r["skipped"]]
+    if not shards:
+        raise DataError(f"{source}: none of the {len(order)} images could be used "
+                        f"(first problem: {skipped[0]['reason'] if skipped else 'no images'})")
+    classes, qualities = Counter(), Counter()
+    for r in results:
+        classes.update(r["classes"])
+        qualities.update(r["qualities"])
+    manifest = Manifest(
+        created_by="prepare", source=source, settings=recorded, resolution=settings.resolution,
+        image_format=settings.format, class_names=class_names, shards=shards,
+        class_histogram={name: classes[name] for name in class_names},
+        quality_histogram=dict(sorted(qualities.items())), skipped=skipped,
+    )
     write_manifest(out_dir, manifest)
+    for path in out_dir.glob(_DONE_GLOB):
+        path.unlink()
+    (out_dir / _PLAN_NAME).unlink(missing_ok=True)
     return manifest, False
+
+
+@dataclass
+class _ShardJob:
+    """One shard's worth of inputs, written by one worker."""
+
+    index: int
+    first_key: int
+    items: list[SourceItem]
+    source: str
+    download_dir: str
+    settings: PrepareSettings
+    class_names: list[str]
+    out_dir: Path
+
+
+def _write_job(job: _ShardJob) -> dict[str, Any]:
+    """Encode and write one shard (in a worker); record it as done; return its record."""
+    key = (job.source, job.settings.split, job.download_dir)
+    if key not in _SOURCES:
+        _SOURCES[key] = open_source(job.source, job.settings.split, job.download_dir)
+    src = _SOURCES[key]
+    classes, qualities = Counter(), Counter()
+    skipped: list[dict[str, str]] = []
+    with ShardWriter(job.out_dir, len(job.items), first_index=job.index) as writer:
+        for offset, item in enumerate(job.items):
+            try:
+                data, ext, meta = encode_for_shard(src.read(item), item, job.class_names, job.settings)
+            except (images.BadImage, DataError) as exc:
+                skipped.append({"source": item.path, "reason": str(exc)})
+                continue
+            writer.add(ShardSample(f"{job.first_key + offset:08d}", data, ext, item.label, meta))
+            classes[meta["class"]] += 1
+            qualities[str(meta["quality"])] += 1
+        shards = writer.close()
+    record = {"shard": asdict(shards[0]) if shards else None, "skipped": skipped,
+              "classes": dict(classes), "qualities": dict(qualities)}
+    write_text_atomic(job.out_dir / f".{SHARD_NAME.format(job.index)}{_DONE_SUFFIX}", json.dumps(record))
+    return record
+
+
+def _resume_state(out_dir: Path, recorded: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """Records of the shards an unfinished prepare with the same settings already wrote.
+
+    Anything else of ours in `out_dir` (a finished set with other settings, an
+    unfinished one with other settings, temp files) is removed.
+    """
+    remove_stale_temps(out_dir)
+    try:
+        plan = json.loads((out_dir / _PLAN_NAME).read_text())
+    except (OSError, ValueError):
+        plan = None
+    done: dict[int, dict[str, Any]] = {}
+    if plan == recorded:
+        for path in out_dir.glob(_DONE_GLOB):
+            try:
+                record = json.loads(path.read_text())
+                index = int(path.name[len(".shard-"):-len(_DONE_SUFFIX)])
+            except (OSError, ValueError):
+                continue
+            shard = record.get("shard")
+            if shard is None or ((out_dir / shard["tar"]).is_file() and (out_dir / shard["index"]).is_file()
+                                 and (out_dir / shard["tar"]).stat().st_size == shard["bytes"]):
+                done[index] = record
+    keep = {name for r in done.values() if r["shard"] for name in (r["shard"]["tar"], r["shard"]["index"])}
+    keep |= {f".{SHARD_NAME.format(i)}{_DONE_SUFFIX}" for i in done}
+    for path in [*out_dir.glob("shard-*.tar"), *out_dir.glob("shard-*.idx"), *out_dir.glob(_DONE_GLOB)]:
+        if path.name not in keep:
+            path.unlink()
+    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+    write_text_atomic(out_dir / _PLAN_NAME, json.dumps(recorded))
+    return done
 
 
 def encode_for_shard(raw: RawImage, item: SourceItem, class_names: list[str],
@@ -256,11 +359,3 @@ def encode_for_shard(raw: RawImage, item: SourceItem, class_names: list[str],
     data = images.encode(rgb, settings.format, settings.quality)
     meta.update(quality=settings.quality if settings.format != "png" else None, reencoded=True)
     return data, images.EXTENSIONS[settings.format], meta
-
-
-def _clear_shard_set(out_dir: Path) -> None:
-    """Remove a previous (stale or partial) shard set of ours from `out_dir`."""
-    remove_stale_temps(out_dir)
-    for path in list(out_dir.glob("shard-*.tar")) + list(out_dir.glob("shard-*.idx")):
-        path.unlink()
-    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
