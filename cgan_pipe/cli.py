@@ -99,6 +99,8 @@ def run(pipeline: str, overrides: tuple[str, ...], dry_run: bool, quiet: bool) -
 @click.option("--shard-size", type=click.IntRange(min=1), default=5000, show_default=True, help="Samples per shard.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use at most N images (seeded subset).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Shuffle seed.")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=64_000_000, show_default=True,
+              help="Skip images with more pixels, unread (decompression-bomb limit).")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Processes writing shards [default: one per core]; the shards do not depend on it.")
 @click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True,
@@ -106,7 +108,8 @@ def run(pipeline: str, overrides: tuple[str, ...], dry_run: bool, quiet: bool) -
 @quiet_option
 @_reports_errors
 def prepare(source: str, out: str, fmt: str, quality: int, resolution: str, shard_size: int,
-            limit: int | None, seed: int, workers: int | None, split: str, quiet: bool) -> None:
+            limit: int | None, seed: int, max_pixels: int, workers: int | None, split: str,
+            quiet: bool) -> None:
     """Turn raw images at SOURCE into webdataset shards in OUT.
 
     SOURCE is an image-folder tree (class = folder name), a tar/tar.gz of one, the
@@ -117,7 +120,7 @@ def prepare(source: str, out: str, fmt: str, quality: int, resolution: str, shar
     from .data.shards import PrepareSettings, prepare as prepare_shards
 
     settings = PrepareSettings(resolution=int(resolution), format=fmt, quality=quality, shard_size=shard_size,
-                               limit=limit, seed=seed, split=split)
+                               limit=limit, seed=seed, split=split, max_pixels=max_pixels)
     manifest, up_to_date = prepare_shards(source, Path(out), settings, workers=workers, progress=_progress(quiet))
     if up_to_date:
         click.echo(f"{out}: already complete for these settings; nothing to do")

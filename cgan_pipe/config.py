@@ -87,6 +87,9 @@ class DataConfig:
     limit: Optional[int] = _opt(
         None, "Use at most this many images (a seeded random subset); null for all.", _positive
     )
+    max_pixels: int = _opt(
+        64_000_000, "Images with more pixels are skipped unread (decompression-bomb limit).", _positive
+    )
     workers: Optional[int] = _opt(
         None, "Processes writing shards; null for one per core. The shards do not depend on it.", _positive
     )

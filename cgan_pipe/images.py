@@ -17,10 +17,19 @@ class BadImage(ValueError):
     """An input image that cannot be used; the message says why."""
 
 
-def decode(data: bytes) -> Image.Image:
-    """Fully decode image bytes with Pillow (so truncated or corrupt files fail here, not later)."""
+# Pillow's own bomb check warns below 2x its limit and is global; `decode` applies ours instead.
+Image.MAX_IMAGE_PIXELS = None
+
+
+def decode(data: bytes, max_pixels: int = 64_000_000) -> Image.Image:
+    """Fully decode image bytes with Pillow (so truncated or corrupt files fail here, not later).
+
+    Images over `max_pixels` are refused from their header, before any pixel is decoded.
+    """
     try:
         image = Image.open(io.BytesIO(data))
+        if image.width * image.height > max_pixels:
+            raise BadImage(f"image too large: {image.width}x{image.height} is over the limit of {max_pixels} pixels")
         image.load()
     except Image.DecompressionBombError as exc:
         raise BadImage(f"image too large ({exc})") from None
@@ -33,6 +42,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """Return an 8-bit RGB image; transparency is composited over white."""
     if image.mode == "RGB":
         return image
+    if image.mode.startswith("I"):  # 16/32-bit greyscale: keep the top 8 bits rather than clip
+        wide = np.asarray(image, dtype=np.uint32)
+        return Image.fromarray((wide >> 8).clip(0, 255).astype(np.uint8), "L").convert("RGB")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGB", rgba.size, (255, 255, 255))

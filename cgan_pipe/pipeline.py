@@ -23,7 +23,8 @@ def prepare_settings(cfg: PipelineConfig) -> PrepareSettings:
     """The prepare stage's settings, taken from the pipeline config."""
     d = cfg.data
     return PrepareSettings(resolution=d.resolution, format=d.format, quality=d.quality,
-                           shard_size=d.shard_size, limit=d.limit, seed=cfg.seed, split=d.split)
+                           shard_size=d.shard_size, limit=d.limit, seed=cfg.seed, split=d.split,
+                           max_pixels=d.max_pixels)
 
 
 def export_settings(cfg: PipelineConfig) -> ExportSettings:

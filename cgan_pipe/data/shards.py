@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from .. import images
@@ -27,6 +27,7 @@ from .sources import RawImage, SourceItem, open_source
 
 SHARD_NAME = "shard-{:06d}"
 DALI_INDEX_VERSION = "v1.2"
+EXIF_ORIENTATION = 0x0112
 _PLAN_NAME = ".prepare-plan.json"  # the settings an unfinished prepare in this folder was run with
 _DONE_SUFFIX = ".done.json"  # per finished shard of an unfinished prepare: its ShardInfo, skips, histograms
 _DONE_GLOB = f".shard-*{_DONE_SUFFIX}"
@@ -44,6 +45,7 @@ class PrepareSettings:
     limit: int | None = None
     seed: int = 0
     split: str = "train"
+    max_pixels: int = 64_000_000  # larger images are skipped (decompression-bomb limit)
 
 
 @dataclass
@@ -204,7 +206,7 @@ def prepare(source: str, out_dir: Path, settings: PrepareSettings, *, workers: i
         random.Random(settings.seed).shuffle(order)
         if settings.limit is not None:
             order = order[: settings.limit]
-        class_names = src.class_names
+        class_names, rejected = src.class_names, src.rejected
         _SOURCES[(source, settings.split, download_dir)] = src  # in-process jobs reuse it
         # Only now that the source is known to be readable may an old shard set be touched.
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -235,7 +237,7 @@ def prepare(source: str, out_dir: Path, settings: PrepareSettings, *, workers: i
 
     results = [done[job.index] for job in jobs]
     shards = [ShardInfo(**r["shard"]) for r in results if r["shard"] is not None]
-    skipped = [entry for r in results for entry in r["skipped"]]
+    skipped = list(rejected) + [entry for r in results for entry in r["skipped"]]
     if not shards:
         raise DataError(f"{source}: none of the {len(order)} images could be used "
                         f"(first problem: {skipped[0]['reason'] if skipped else 'no images'})")
@@ -339,7 +341,7 @@ def encode_for_shard(raw: RawImage, item: SourceItem, class_names: list[str],
     """
     size = settings.resolution
     if raw.data is not None:
-        image = images.decode(raw.data)
+        image = images.decode(raw.data, settings.max_pixels)
         source_format = image.format
     else:
         image = Image.fromarray(raw.pixels, "RGB")
@@ -351,11 +353,15 @@ def encode_for_shard(raw: RawImage, item: SourceItem, class_names: list[str],
         "height": image.height,
         "format": settings.format,
     }
+    rotated = image.getexif().get(EXIF_ORIENTATION, 1) != 1  # the camera's "this side up"
     if (settings.format == "jpeg" and source_format == "JPEG" and image.mode == "RGB"
-            and image.size == (size, size)):
+            and image.size == (size, size) and not rotated):
         meta.update(quality=estimate_jpeg_quality(getattr(image, "quantization", None)), reencoded=False)
         return raw.data, images.EXTENSIONS["jpeg"], meta
-    rgb = images.resize_center_crop(images.to_rgb(image), size)
+    if rotated:
+        meta["exif_rotated"] = True
+    upright = ImageOps.exif_transpose(image) if rotated else image
+    rgb = images.resize_center_crop(images.to_rgb(upright), size)
     data = images.encode(rgb, settings.format, settings.quality)
     meta.update(quality=settings.quality if settings.format != "png" else None, reencoded=True)
     return data, images.EXTENSIONS[settings.format], meta

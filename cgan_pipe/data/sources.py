@@ -45,6 +45,7 @@ class Source:
     description: str
     class_names: list[str]
     items: list[SourceItem]
+    rejected: list[dict[str, str]] = []  # inputs left out before reading: {"source", "reason"}
 
     def read(self, item: SourceItem) -> RawImage:
         """Return the raw image of `item`."""
@@ -125,7 +126,10 @@ class FolderSource(Source):
             raise DataError(f"{root}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
 
     def read(self, item: SourceItem) -> RawImage:
-        return RawImage(data=(self.root / item.path).read_bytes())
+        try:
+            return RawImage(data=(self.root / item.path).read_bytes())
+        except OSError as exc:
+            raise DataError(f"cannot read {self.root / item.path} ({exc.strerror})") from None
 
 
 class TarSource(Source):
@@ -139,9 +143,22 @@ class TarSource(Source):
             members = self._tar.getmembers()
         except (tarfile.TarError, OSError, EOFError) as exc:
             raise DataError(f"{path}: cannot read tar archive ({exc})") from None
-        self._members = {
-            m.name: m for m in members if m.isfile() and posixpath.splitext(m.name)[1].lower() in IMAGE_SUFFIXES
-        }
+        # Members are only ever read, never extracted, so no name can write outside a folder;
+        # unsafe names, links and duplicates are still left out and reported.
+        self._members: dict[str, tarfile.TarInfo] = {}
+        self.rejected = []
+        for m in members:
+            if posixpath.splitext(m.name)[1].lower() not in IMAGE_SUFFIXES:
+                continue
+            parts = m.name.split("/")
+            if m.name.startswith("/") or ".." in parts:
+                self.rejected.append({"source": m.name, "reason": "unsafe member path (absolute or '..')"})
+            elif not m.isfile():
+                self.rejected.append({"source": m.name, "reason": "not a regular file (link or device)"})
+            elif m.name in self._members:
+                self.rejected.append({"source": m.name, "reason": "duplicate member name; the first copy is used"})
+            else:
+                self._members[m.name] = m
         self.class_names, self.items = label_items(list(self._members))
         if not self.items:
             raise DataError(f"{path}: no images found in the archive")
