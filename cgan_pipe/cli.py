@@ -90,8 +90,9 @@ def run(pipeline: str, overrides: tuple[str, ...], dry_run: bool, quiet: bool) -
 @main.command(epilog=f"Example: {EXAMPLES['prepare']}")
 @click.argument("source")
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--format", "fmt", type=click.Choice(["jpeg", "png", "webp"]), default="jpeg", show_default=True,
-              help="Image format in the shards (JPEGs already at the resolution are copied untouched).")
+@click.option("--format", "fmt", type=click.Choice(["jpeg", "png", "webp", "keep"]), default="jpeg",
+              show_default=True, help="Image format in the shards (JPEGs already at the resolution are "
+              "copied untouched); 'keep' copies any RGB JPEG/PNG/WebP at the resolution, else writes PNG.")
 @click.option("--quality", type=click.IntRange(1, 100), default=95, show_default=True,
               help="JPEG/WebP quality for re-encoded images.")
 @click.option("--resolution", type=click.Choice([str(2 ** i) for i in range(3, 11)]), default="32",

@@ -17,6 +17,7 @@ from .errors import ConfigError
 
 Device = Literal["auto", "cpu", "cuda"]
 ImageFormat = Literal["jpeg", "png", "webp"]
+ShardFormat = Literal["jpeg", "png", "webp", "keep"]
 
 
 # ---------------------------------------------------------------------------
@@ -77,10 +78,11 @@ class DataConfig:
         "train", "Which split of a CIFAR-10 python archive or download to use."
     )
     resolution: int = _opt(32, "Side of the square training images, in pixels.", _resolution)
-    format: ImageFormat = _opt(
+    format: ShardFormat = _opt(
         "jpeg",
         "Image format inside the shards. JPEG inputs already at the resolution are copied "
-        "byte for byte (no second lossy encode); everything else is re-encoded.",
+        "byte for byte (no second lossy encode); everything else is re-encoded. 'keep' copies "
+        "every 8-bit RGB JPEG/PNG/WebP at the resolution and re-encodes the rest as PNG.",
     )
     quality: int = _opt(95, "JPEG/WebP quality (1-100) for re-encoded images.", _quality)
     shard_size: int = _opt(5000, "Samples per shard.", _positive)

@@ -9,8 +9,15 @@ from PIL import Image
 
 # Member-name extension written into shards for each output format.
 EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
+# Pillow's name of each format we store.
+PIL_FORMATS = {"JPEG": "jpeg", "PNG": "png", "WEBP": "webp"}
 # Any of them, in the `a;b;c` form that webdataset and DALI readers take for one component.
 ANY_IMAGE_EXTENSION = ";".join(sorted(EXTENSIONS.values()))
+
+
+def shard_extensions(shard_format: str) -> list[str]:
+    """Member extensions an image can have in shards of `shard_format` ('keep' stores any of them)."""
+    return sorted(EXTENSIONS.values()) if shard_format == "keep" else [EXTENSIONS[shard_format]]
 
 
 class BadImage(ValueError):

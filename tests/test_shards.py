@@ -12,11 +12,15 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from cgan_pipe.compression import estimate_jpeg_quality
+from cgan_pipe.config import LoaderConfig
+from cgan_pipe.data.loader import open_loader
 from cgan_pipe.data.manifest import read_manifest
 from cgan_pipe.data.shards import PrepareSettings, ShardSample, ShardWriter, dali_index, file_sha256, prepare
+from cgan_pipe.data.verify import verify_shards
 from cgan_pipe.errors import DataError
 
 from conftest import CLASSES, cifar_members, write_tar
@@ -186,3 +190,28 @@ def test_a_killed_prepare_resumes_and_ends_as_an_uninterrupted_run(tmp_path):
     assert resumed.num_samples == 1500
     assert [s.sha256 for s in resumed.shards] == [s.sha256 for s in clean.shards]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in (tmp_path / "clean").iterdir())
+
+
+def test_keep_copies_rgb_images_at_size_and_writes_the_rest_as_png(tmp_path):
+    jpeg = cifar_members("test", 1)["test/cat/0000.jpg"]
+    rgb = Image.open(io.BytesIO(jpeg)).convert("RGB")
+
+    def save(image, fmt):
+        out = io.BytesIO()
+        image.save(out, fmt)
+        return out.getvalue()
+
+    files = {"d/cat/a.jpg": jpeg, "d/cat/b.png": save(rgb, "PNG"), "d/dog/c.webp": save(rgb, "WEBP"),
+             "d/dog/grey.png": save(rgb.convert("L"), "PNG"), "d/dog/big.jpg": save(rgb.resize((48, 48)), "JPEG")}
+    manifest, _ = prepare(str(write_tar(tmp_path / "s.tar", files)), tmp_path / "o", PrepareSettings(format="keep"),
+                          progress=False)
+    samples = {json.loads(s["json"])["source"]: s for s in read_samples(tmp_path / "o" / "shard-000000.tar").values()}
+    assert samples["d/cat/a.jpg"]["jpg"] == jpeg
+    assert samples["d/cat/b.png"]["png"] == files["d/cat/b.png"]
+    assert samples["d/dog/c.webp"]["webp"] == files["d/dog/c.webp"]
+    for name in ("d/dog/grey.png", "d/dog/big.jpg"):
+        assert json.loads(samples[name]["json"])["reencoded"] is True
+        assert Image.open(io.BytesIO(samples[name]["png"])).size == (32, 32)
+    assert manifest.image_format == "keep" and verify_shards(tmp_path / "o").ok
+    batch = next(iter(open_loader(tmp_path / "o", LoaderConfig(threads=1), 5, 0, torch.device("cpu"))))
+    assert batch.images.shape == (5, 3, 32, 32) and sorted(batch.labels.tolist()) == [0, 0, 1, 1, 1]

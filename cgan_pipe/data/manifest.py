@@ -36,7 +36,7 @@ class Manifest:
     source: str  # what the samples were made from
     settings: dict[str, Any]  # the settings that made the shards (compared on rerun)
     resolution: int
-    image_format: str  # "jpeg" | "png" | "webp" (the member extension is EXTENSIONS[format])
+    image_format: str  # "jpeg" | "png" | "webp", or "keep" for a mix of them (see images.shard_extensions)
     class_names: list[str]
     shards: list[ShardInfo]
     class_histogram: dict[str, int] = field(default_factory=dict)

@@ -354,14 +354,17 @@ def encode_for_shard(raw: RawImage, item: SourceItem, class_names: list[str],
         "format": settings.format,
     }
     rotated = image.getexif().get(EXIF_ORIENTATION, 1) != 1  # the camera's "this side up"
-    if (settings.format == "jpeg" and source_format == "JPEG" and image.mode == "RGB"
-            and image.size == (size, size) and not rotated):
-        meta.update(quality=estimate_jpeg_quality(getattr(image, "quantization", None)), reencoded=False)
-        return raw.data, images.EXTENSIONS["jpeg"], meta
+    stored = images.PIL_FORMATS.get(source_format)
+    as_is = image.mode == "RGB" and image.size == (size, size) and not rotated
+    if as_is and stored is not None and (settings.format == "keep" or settings.format == stored == "jpeg"):
+        quality = estimate_jpeg_quality(getattr(image, "quantization", None)) if stored == "jpeg" else None
+        meta.update(format=stored, quality=quality, reencoded=False)
+        return raw.data, images.EXTENSIONS[stored], meta
     if rotated:
         meta["exif_rotated"] = True
+    target = "png" if settings.format == "keep" else settings.format  # keep: re-encode losslessly
     upright = ImageOps.exif_transpose(image) if rotated else image
     rgb = images.resize_center_crop(images.to_rgb(upright), size)
-    data = images.encode(rgb, settings.format, settings.quality)
-    meta.update(quality=settings.quality if settings.format != "png" else None, reencoded=True)
-    return data, images.EXTENSIONS[settings.format], meta
+    data = images.encode(rgb, target, settings.quality)
+    meta.update(format=target, quality=settings.quality if target != "png" else None, reencoded=True)
+    return data, images.EXTENSIONS[target], meta

@@ -15,7 +15,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..atomic import atomic_path
-from ..images import EXTENSIONS, decode
+from ..images import decode, shard_extensions
 from .manifest import Manifest, ShardInfo, read_manifest
 from .shards import dali_index, file_sha256, member_extension, sample_members
 
@@ -92,10 +92,11 @@ def _verify_shard(directory: Path, shard: ShardInfo, manifest: Manifest, decoder
 def _check_samples(tar_path: Path, manifest: Manifest,
                    add: Callable[[str | None, str], None]) -> Iterator[tuple[str, bytes]]:
     """Yield (key, image bytes) per sample, reporting structural problems through `add`."""
-    image_ext = EXTENSIONS[manifest.image_format]
+    allowed = shard_extensions(manifest.image_format)
     with tarfile.open(tar_path) as tar:
         for key, members in sample_members(tar):
             by_ext = {member_extension(m): m for m in members}
+            image_ext = next((ext for ext in allowed if ext in by_ext), None)
             if "json" not in by_ext:
                 add(key, "no .json metadata")
             if manifest.labelled:
@@ -103,8 +104,8 @@ def _check_samples(tar_path: Path, manifest: Manifest,
                 text = cls.decode("ascii", "replace").strip() if cls is not None else ""
                 if not text.isdigit() or int(text) >= len(manifest.class_names):
                     add(key, f"bad class id {cls!r} (expected 0..{len(manifest.class_names) - 1})")
-            if image_ext not in by_ext:
-                add(key, f"no .{image_ext} image")
+            if image_ext is None:
+                add(key, f"no {' or '.join('.' + e for e in allowed)} image")
                 yield key, b""
                 continue
             yield key, tar.extractfile(by_ext[image_ext]).read()
@@ -203,13 +204,13 @@ def inspect_shards(directory: Path) -> dict:
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
-    image_ext = EXTENSIONS[manifest.image_format]
+    allowed = shard_extensions(manifest.image_format)
     image_bytes = 0
     for shard in manifest.shards:
         for line in (directory / shard.index).read_text().splitlines()[1:]:
             fields = line.split()
             for i in range(0, len(fields), 4):  # ext offset size name, per file of the sample
-                if fields[i] == image_ext:
+                if fields[i] in allowed:
                     image_bytes += int(fields[i + 2])
     n = manifest.num_samples
     return {
@@ -235,14 +236,15 @@ def contact_sheet(directory: Path, out: Path, per_class: int = 8) -> Path:
     directory = Path(directory)
     manifest = read_manifest(directory)
     rows = len(manifest.class_names) or 8
-    image_ext = EXTENSIONS[manifest.image_format]
+    allowed = shard_extensions(manifest.image_format)
     picked: list[list[bytes]] = [[] for _ in range(rows)]
     needed = rows * per_class
     for shard in manifest.shards:
         with tarfile.open(directory / shard.tar) as tar:
             for _, members in sample_members(tar):
                 by_ext = {member_extension(m): m for m in members}
-                if image_ext not in by_ext:
+                image_ext = next((ext for ext in allowed if ext in by_ext), None)
+                if image_ext is None:
                     continue
                 if manifest.labelled and "cls" in by_ext:
                     row = int(tar.extractfile(by_ext["cls"]).read())
