@@ -11,6 +11,7 @@ import random
 import tarfile
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -239,6 +240,10 @@ def prepare(source: str, out_dir: Path, settings: PrepareSettings, *, workers: i
                     for job, result in zip(todo, pool.map(_write_job, todo)):
                         done[job.index] = result
                         bar.update(len(job.items))
+        except BrokenProcessPool:
+            raise DataError(f"a prepare worker died (out of memory?) while writing {out_dir}; finished shards "
+                            f"are kept: rerun the same command to resume, with fewer --workers if memory is short"
+                            ) from None
         finally:
             _SOURCES.pop((source, settings.split, download_dir), None)
             bar.close()
