@@ -100,6 +100,12 @@ def run(pipeline: str, overrides: tuple[str, ...], dry_run: bool, quiet: bool) -
 @click.option("--shard-size", type=click.IntRange(min=1), default=5000, show_default=True, help="Samples per shard.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use at most N images (seeded subset).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Shuffle seed.")
+@click.option("--resize", type=click.Choice(["crop", "pad", "reject"]), default="crop", show_default=True,
+              help="Images not at the resolution: centre crop, pad with black, or skip.")
+@click.option("--subsampling", type=click.Choice(["4:2:0", "4:4:4"]), default="4:2:0", show_default=True,
+              help="Chroma subsampling of re-encoded JPEGs.")
+@click.option("--png-level", type=click.IntRange(0, 9), default=6, show_default=True, help="PNG zlib level.")
+@click.option("--lossless", is_flag=True, help="Lossless WebP.")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=64_000_000, show_default=True,
               help="Skip images with more pixels, unread (decompression-bomb limit).")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
@@ -109,8 +115,8 @@ def run(pipeline: str, overrides: tuple[str, ...], dry_run: bool, quiet: bool) -
 @quiet_option
 @_reports_errors
 def prepare(source: str, out: str, fmt: str, quality: int, resolution: str, shard_size: int,
-            limit: int | None, seed: int, max_pixels: int, workers: int | None, split: str,
-            quiet: bool) -> None:
+            limit: int | None, seed: int, resize: str, subsampling: str, png_level: int, lossless: bool,
+            max_pixels: int, workers: int | None, split: str, quiet: bool) -> None:
     """Turn raw images at SOURCE into webdataset shards in OUT.
 
     SOURCE is an image-folder tree (class = folder name), a tar/tar.gz of one, the
@@ -121,7 +127,8 @@ def prepare(source: str, out: str, fmt: str, quality: int, resolution: str, shar
     from .data.shards import PrepareSettings, prepare as prepare_shards
 
     settings = PrepareSettings(resolution=int(resolution), format=fmt, quality=quality, shard_size=shard_size,
-                               limit=limit, seed=seed, split=split, max_pixels=max_pixels)
+                               limit=limit, seed=seed, split=split, max_pixels=max_pixels, resize=resize,
+                               jpeg_subsampling=subsampling, png_compress_level=png_level, webp_lossless=lossless)
     manifest, up_to_date = prepare_shards(source, Path(out), settings, workers=workers, progress=_progress(quiet))
     if up_to_date:
         click.echo(f"{out}: already complete for these settings; nothing to do")

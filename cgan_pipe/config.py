@@ -46,6 +46,10 @@ def _quality(value: int) -> str | None:
     return None if 1 <= value <= 100 else "must be between 1 and 100"
 
 
+def _png_level(value: int) -> str | None:
+    return None if 0 <= value <= 9 else "must be between 0 and 9"
+
+
 def _unit_interval(value: float) -> str | None:
     return None if 0.0 <= value < 1.0 else "must be in [0, 1)"
 
@@ -89,6 +93,13 @@ class DataConfig:
     limit: Optional[int] = _opt(
         None, "Use at most this many images (a seeded random subset); null for all.", _positive
     )
+    resize: Literal["crop", "pad", "reject"] = _opt(
+        "crop", "Images not at the resolution: 'crop' (shorter side, centre crop), 'pad' (longer side, "
+        "black borders) or 'reject' (skipped and listed)."
+    )
+    jpeg_subsampling: Literal["4:2:0", "4:4:4"] = _opt("4:2:0", "Chroma subsampling of re-encoded JPEGs.")
+    png_compress_level: int = _opt(6, "zlib level (0-9) of written PNGs.", _png_level)
+    webp_lossless: bool = _opt(False, "Write lossless WebP (quality is then ignored).")
     max_pixels: int = _opt(
         64_000_000, "Images with more pixels are skipped unread (decompression-bomb limit).", _positive
     )

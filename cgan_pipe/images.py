@@ -60,6 +60,23 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def fit(image: Image.Image, size: int, policy: str) -> Image.Image:
+    """Make an image `size`x`size` by `policy`: 'crop' (shorter side to size, centre crop),
+    'pad' (longer side to size, centred on black) or 'reject' (BadImage unless already that size)."""
+    if image.size == (size, size):
+        return image
+    if policy == "reject":
+        raise BadImage(f"{image.width}x{image.height} is not {size}x{size} (resize policy 'reject')")
+    if policy == "pad":
+        scale = size / max(image.width, image.height)
+        inner = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                             Image.Resampling.LANCZOS)
+        canvas = Image.new("RGB", (size, size))
+        canvas.paste(inner, ((size - inner.width) // 2, (size - inner.height) // 2))
+        return canvas
+    return resize_center_crop(image, size)
+
+
 def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
     """Resize so the shorter side is `size` (Lanczos), then crop the centre square."""
     if image.size == (size, size):
@@ -72,20 +89,22 @@ def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-def encode(image: Image.Image | np.ndarray, fmt: str, quality: int) -> bytes:
+def encode(image: Image.Image | np.ndarray, fmt: str, quality: int, *, subsampling: str = "4:2:0",
+           compress_level: int = 6, lossless: bool = False) -> bytes:
     """Encode an RGB image (PIL or HxWx3 uint8 array) as 'jpeg', 'png' or 'webp' bytes.
 
-    `quality` applies to JPEG and WebP; PNG is lossless.
+    `quality` applies to JPEG and lossy WebP; `subsampling` ('4:2:0' or '4:4:4') to
+    JPEG chroma; `compress_level` (0-9) to PNG; `lossless` to WebP.
     """
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image, "RGB")
     out = io.BytesIO()
     if fmt == "jpeg":
-        image.save(out, format="JPEG", quality=quality)
+        image.save(out, format="JPEG", quality=quality, subsampling=subsampling)
     elif fmt == "png":
-        image.save(out, format="PNG")
+        image.save(out, format="PNG", compress_level=compress_level)
     elif fmt == "webp":
-        image.save(out, format="WEBP", quality=quality)
+        image.save(out, format="WEBP", quality=quality, lossless=lossless)
     else:
         raise ValueError(f"unknown image format {fmt!r}")
     return out.getvalue()

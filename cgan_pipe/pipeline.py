@@ -24,7 +24,8 @@ def prepare_settings(cfg: PipelineConfig) -> PrepareSettings:
     d = cfg.data
     return PrepareSettings(resolution=d.resolution, format=d.format, quality=d.quality,
                            shard_size=d.shard_size, limit=d.limit, seed=cfg.seed, split=d.split,
-                           max_pixels=d.max_pixels)
+                           max_pixels=d.max_pixels, resize=d.resize, jpeg_subsampling=d.jpeg_subsampling,
+                           png_compress_level=d.png_compress_level, webp_lossless=d.webp_lossless)
 
 
 def export_settings(cfg: PipelineConfig) -> ExportSettings:

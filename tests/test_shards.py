@@ -11,9 +11,10 @@ import tarfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, JpegImagePlugin
 
 from cgan_pipe.compression import estimate_jpeg_quality
 from cgan_pipe.config import LoaderConfig
@@ -215,3 +216,46 @@ def test_keep_copies_rgb_images_at_size_and_writes_the_rest_as_png(tmp_path):
     assert manifest.image_format == "keep" and verify_shards(tmp_path / "o").ok
     batch = next(iter(open_loader(tmp_path / "o", LoaderConfig(threads=1), 5, 0, torch.device("cpu"))))
     assert batch.images.shape == (5, 3, 32, 32) and sorted(batch.labels.tolist()) == [0, 0, 1, 1, 1]
+
+
+def _one_image_tar(tmp_path, image: Image.Image, name: str = "d/cat/x.png") -> Path:
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    return write_tar(tmp_path / "one.tar", {name: out.getvalue(), "d/dog/y.jpg": cifar_members("test", 1)["test/dog/0000.jpg"]})
+
+
+def _only_sample(out_dir: Path, source: str) -> dict[str, bytes]:
+    for sample in read_samples(out_dir / "shard-000000.tar").values():
+        if json.loads(sample["json"])["source"] == source:
+            return sample
+    raise AssertionError(f"{source} not in the shard")
+
+
+def test_resize_policies_pad_and_reject(tmp_path):
+    wide = Image.new("RGB", (64, 32), (200, 30, 30))
+    source = str(_one_image_tar(tmp_path, wide))
+    prepare(source, tmp_path / "pad", PrepareSettings(resize="pad", format="png"), progress=False)
+    padded = np.asarray(Image.open(io.BytesIO(_only_sample(tmp_path / "pad", "d/cat/x.png")["png"])))
+    assert padded.shape == (32, 32, 3)
+    assert padded[0].max() == 0 and padded[-1].max() == 0  # black bars above and below
+    assert abs(int(padded[16, 16, 0]) - 200) <= 2  # the picture itself in the middle
+    manifest, _ = prepare(source, tmp_path / "rej", PrepareSettings(resize="reject"), progress=False)
+    assert manifest.num_samples == 1
+    assert manifest.skipped == [{"source": "d/cat/x.png", "reason": "64x32 is not 32x32 (resize policy 'reject')"}]
+
+
+def test_encoder_options(tmp_path):
+    image = Image.open(io.BytesIO(cifar_members("test", 1)["test/frog/0000.jpg"])).convert("RGB")
+    source = str(_one_image_tar(tmp_path, image))
+    prepare(source, tmp_path / "j", PrepareSettings(jpeg_subsampling="4:4:4", quality=90), progress=False)
+    jpeg = Image.open(io.BytesIO(_only_sample(tmp_path / "j", "d/cat/x.png")["jpg"]))
+    assert JpegImagePlugin.get_sampling(jpeg) == 0  # 4:4:4
+    prepare(source, tmp_path / "w", PrepareSettings(format="webp", webp_lossless=True), progress=False)
+    sample = _only_sample(tmp_path / "w", "d/cat/x.png")
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(sample["webp"])).convert("RGB")), np.asarray(image))
+    assert json.loads(sample["json"])["quality"] is None
+    sizes = {}
+    for level in (0, 9):
+        prepare(source, tmp_path / f"p{level}", PrepareSettings(format="png", png_compress_level=level), progress=False)
+        sizes[level] = len(_only_sample(tmp_path / f"p{level}", "d/cat/x.png")["png"])
+    assert sizes[0] > sizes[9]

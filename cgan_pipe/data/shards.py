@@ -47,6 +47,10 @@ class PrepareSettings:
     seed: int = 0
     split: str = "train"
     max_pixels: int = 64_000_000  # larger images are skipped (decompression-bomb limit)
+    resize: str = "crop"  # off-size images: 'crop', 'pad' or 'reject'
+    jpeg_subsampling: str = "4:2:0"
+    png_compress_level: int = 6
+    webp_lossless: bool = False
 
 
 @dataclass
@@ -377,7 +381,9 @@ def encode_for_shard(raw: RawImage, item: SourceItem, class_names: list[str],
         meta["exif_rotated"] = True
     target = "png" if settings.format == "keep" else settings.format  # keep: re-encode losslessly
     upright = ImageOps.exif_transpose(image) if rotated else image
-    rgb = images.resize_center_crop(images.to_rgb(upright), size)
-    data = images.encode(rgb, target, settings.quality)
-    meta.update(format=target, quality=settings.quality if target != "png" else None, reencoded=True)
+    rgb = images.fit(images.to_rgb(upright), size, settings.resize)
+    data = images.encode(rgb, target, settings.quality, subsampling=settings.jpeg_subsampling,
+                         compress_level=settings.png_compress_level, lossless=settings.webp_lossless)
+    lossy = target == "jpeg" or (target == "webp" and not settings.webp_lossless)
+    meta.update(format=target, quality=settings.quality if lossy else None, reencoded=True)
     return data, images.EXTENSIONS[target], meta
