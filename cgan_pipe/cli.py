@@ -119,7 +119,8 @@ def prepare(source: str, out: str, fmt: str, quality: int, resolution: str, shar
             max_pixels: int, workers: int | None, split: str, quiet: bool) -> None:
     """Turn raw images at SOURCE into webdataset shards in OUT.
 
-    SOURCE is an image-folder tree (class = folder name), a tar/tar.gz of one, the
+    SOURCE is an image-folder tree (class = folder name), a tar/tar.gz of one, a
+    list file of paths (.txt), an existing shard set (re-shard / re-encode), the
     CIFAR-10 python archive, or 'download:cifar10'. OUT receives shard-NNNNNN.tar,
     a DALI index (.idx) per shard and manifest.json. A killed run rerun with the
     same arguments keeps the shards it finished; a finished one does nothing.

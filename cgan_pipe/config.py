@@ -72,7 +72,8 @@ class DataConfig:
     """Where the raw images come from and how they are written into shards."""
 
     source: str = _required(
-        "Raw images: an image-folder tree (class = folder name), a tar/tar.gz of one, the "
+        "Raw images: an image-folder tree (class = folder name), a tar/tar.gz of one, a list file "
+        "(.txt/.lst/.list, one path per line), an existing shard set (to re-shard or re-encode), the "
         "official CIFAR-10 python archive (cifar-10-python.tar.gz or its cifar-10-batches-py "
         "folder), or 'download:cifar10' to fetch CIFAR-10 with torchvision. "
         "Relative paths are taken from the current directory; ${VAR:-default} is expanded.",

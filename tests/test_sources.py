@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cgan_pipe.data.shards import PrepareSettings, prepare
 from cgan_pipe.data.sources import CIFAR10_CLASSES, label_items, open_source
+from cgan_pipe.data.verify import verify_shards
 from cgan_pipe.errors import DataError
 
 from conftest import CLASSES, cifar_members
@@ -87,3 +89,26 @@ def test_cifar_archive_with_code_in_its_pickle_is_refused(tmp_path):
         (folder / f"data_batch_{i}").write_bytes(pickle.dumps({b"data": Payload()}))
     with pytest.raises(DataError, match="refusing to load builtins.print"):
         open_source(str(folder))
+
+
+def test_a_shard_set_is_a_source_for_resharding(small_shards, tmp_path):
+    manifest, _ = prepare(str(small_shards), tmp_path / "re", PrepareSettings(format="png", shard_size=50),
+                          progress=False)
+    assert manifest.num_samples == 200 and len(manifest.shards) == 4
+    assert manifest.class_histogram == {c: 20 for c in CLASSES}  # class ids survive the round trip
+    assert manifest.quality_histogram == {"None": 200}
+    assert verify_shards(tmp_path / "re").ok
+
+
+def test_a_list_file_of_paths(tmp_path):
+    members = cifar_members("test", 2)
+    for name, data in members.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(data)
+    listing = tmp_path / "images.txt"
+    listing.write_text("# my subset\n" + "\n".join(list(members)[:5]) + "\ntest/cat/missing.jpg\n\n")
+    with open_source(str(listing)) as src:
+        assert [item.path for item in src.items] == sorted(list(members)[:5])
+        assert src.class_names == ["airplane", "automobile", "bird"]  # the classes present in the list
+        assert src.rejected == [{"source": "test/cat/missing.jpg", "reason": "listed file does not exist"}]
+        assert src.read(src.items[0]).data == members[src.items[0].path]

@@ -89,3 +89,23 @@ def read_manifest(directory: Path) -> Manifest:
             if "/" in name or name.startswith(".") or not (path.parent / name).is_file():
                 raise DataError(f"{path}: lists {name!r}, which is missing from {directory}")
     return manifest
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    """One file of a sample as a DALI index lists it: where its bytes are in the tar."""
+
+    ext: str
+    offset: int
+    size: int
+    name: str
+
+
+def parse_dali_index(path: Path) -> list[list[IndexEntry]]:
+    """The samples of a DALI v1.2 index file, each as the list of its files."""
+    samples = []
+    for line in Path(path).read_text().splitlines()[1:]:
+        fields = line.split()
+        samples.append([IndexEntry(fields[i], int(fields[i + 1]), int(fields[i + 2]), fields[i + 3])
+                        for i in range(0, len(fields) - 3, 4)])
+    return samples

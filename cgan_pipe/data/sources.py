@@ -11,12 +11,16 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
+from ..images import EXTENSIONS
+from .manifest import MANIFEST_NAME, parse_dali_index, read_manifest
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 CIFAR10_CLASSES = [
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
 ]
 DOWNLOAD_PREFIX = "download:"
+LIST_SUFFIXES = (".txt", ".lst", ".list")
+IMAGE_EXTENSIONS = set(EXTENSIONS.values())  # image members of a shard set
 
 
 @dataclass(frozen=True)
@@ -78,12 +82,17 @@ def open_source(spec: str, split: str = "train", download_dir: str = "~/.cache/c
     if path.is_dir():
         if (path / "batches.meta").exists():
             return CifarPythonSource(path, split)
+        if (path / MANIFEST_NAME).exists():
+            return ShardSetSource(path)
         return FolderSource(path)
+    if path.suffix.lower() in LIST_SUFFIXES:
+        return ListSource(path)
     if _is_cifar_archive(path):
         return CifarPythonSource(path, split)
     if tarfile.is_tarfile(path):
         return TarSource(path)
-    raise DataError(f"data source {spec!r} is neither a folder, a tar archive nor a CIFAR-10 archive")
+    raise DataError(f"data source {spec!r} is neither a folder, a tar archive, a list file "
+                    f"({', '.join(LIST_SUFFIXES)}) nor a CIFAR-10 archive")
 
 
 def label_items(paths: list[str]) -> tuple[list[str], list[SourceItem]]:
@@ -130,6 +139,73 @@ class FolderSource(Source):
             return RawImage(data=(self.root / item.path).read_bytes())
         except OSError as exc:
             raise DataError(f"cannot read {self.root / item.path} ({exc.strerror})") from None
+
+
+class ListSource(Source):
+    """A text file naming one image path per line (relative to the file's folder; '#' comments).
+
+    Classes come from the image-folder layout of the listed paths, as for a folder.
+    """
+
+    def __init__(self, path: Path):
+        self.description = f"list file {path}"
+        self.root = path.parent
+        try:
+            lines = path.read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DataError(f"{path}: cannot read list file ({exc})") from None
+        listed = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        self.rejected = [{"source": p, "reason": "listed file does not exist"}
+                         for p in listed if not (self.root / p).is_file()]
+        missing = {r["source"] for r in self.rejected}
+        self.class_names, self.items = label_items(sorted({p for p in listed if p not in missing}))
+        if not self.items:
+            raise DataError(f"{path}: lists no existing image")
+
+    def read(self, item: SourceItem) -> RawImage:
+        try:
+            return RawImage(data=(self.root / item.path).read_bytes())
+        except OSError as exc:
+            raise DataError(f"cannot read {self.root / item.path} ({exc.strerror})") from None
+
+
+class ShardSetSource(Source):
+    """An existing shard set (made by prepare or export), to re-shard or re-encode.
+
+    Samples keep their class ids; each is read through its shard's DALI index.
+    """
+
+    def __init__(self, path: Path):
+        self.description = f"shard set {path}"
+        manifest = read_manifest(path)
+        self.class_names = list(manifest.class_names)
+        self._where: dict[str, tuple[Path, int, int]] = {}
+        self.items = []
+        for shard in manifest.shards:
+            tar = path / shard.tar
+            with open(tar, "rb") as handle:
+                for files in parse_dali_index(path / shard.index):
+                    image = next((f for f in files if f.ext in IMAGE_EXTENSIONS), None)
+                    cls = next((f for f in files if f.ext == "cls"), None)
+                    if image is None:
+                        continue
+                    label = None
+                    if cls is not None and self.class_names:
+                        handle.seek(cls.offset)
+                        raw = handle.read(cls.size)
+                        if not raw.strip().isdigit() or int(raw) >= len(self.class_names):
+                            raise DataError(f"{tar}: {cls.name} holds {raw!r}, not a class id; "
+                                            f"run `cgan-pipe verify {path}`")
+                        label = int(raw)
+                    item_path = f"{shard.tar}/{image.name}"
+                    self._where[item_path] = (tar, image.offset, image.size)
+                    self.items.append(SourceItem(item_path, label))
+
+    def read(self, item: SourceItem) -> RawImage:
+        tar, offset, size = self._where[item.path]
+        with open(tar, "rb") as handle:
+            handle.seek(offset)
+            return RawImage(data=handle.read(size))
 
 
 class TarSource(Source):

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from ..atomic import atomic_path
 from ..images import decode, shard_extensions
-from .manifest import Manifest, ShardInfo, read_manifest
+from .manifest import Manifest, ShardInfo, parse_dali_index, read_manifest
 from .shards import dali_index, file_sha256, member_extension, sample_members
 
 DECODE_BATCH = 256
@@ -207,11 +207,8 @@ def inspect_shards(directory: Path) -> dict:
     allowed = shard_extensions(manifest.image_format)
     image_bytes = 0
     for shard in manifest.shards:
-        for line in (directory / shard.index).read_text().splitlines()[1:]:
-            fields = line.split()
-            for i in range(0, len(fields), 4):  # ext offset size name, per file of the sample
-                if fields[i] in allowed:
-                    image_bytes += int(fields[i + 2])
+        for files in parse_dali_index(directory / shard.index):
+            image_bytes += sum(entry.size for entry in files if entry.ext in allowed)
     n = manifest.num_samples
     return {
         "path": str(directory),
