@@ -93,8 +93,11 @@ def run(pipeline: str, overrides: tuple[str, ...], dry_run: bool, quiet: bool) -
 @click.option("--format", "fmt", type=click.Choice(["jpeg", "png", "webp", "keep"]), default="jpeg",
               show_default=True, help="Image format in the shards (JPEGs already at the resolution are "
               "copied untouched); 'keep' copies any RGB JPEG/PNG/WebP at the resolution, else writes PNG.")
-@click.option("--quality", type=click.IntRange(1, 100), default=95, show_default=True,
-              help="JPEG/WebP quality for re-encoded images.")
+@click.option("--quality", "quality_text", default="95", show_default=True, metavar="Q[,Q..]",
+              help="JPEG/WebP quality for re-encoded images; several (10,30,50) write each image once "
+              "per quality (or once, at a random one, with --quality-mode random).")
+@click.option("--quality-mode", type=click.Choice(["all", "random"]), default="all", show_default=True,
+              help="With several qualities: one sample per quality, or one random quality per image.")
 @click.option("--resolution", type=click.Choice([str(2 ** i) for i in range(3, 11)]), default="32",
               show_default=True, help="Square side in pixels.")
 @click.option("--shard-size", type=click.IntRange(min=1), default=5000, show_default=True, help="Samples per shard.")
@@ -114,7 +117,7 @@ def run(pipeline: str, overrides: tuple[str, ...], dry_run: bool, quiet: bool) -
               help="Split of a CIFAR-10 python archive.")
 @quiet_option
 @_reports_errors
-def prepare(source: str, out: str, fmt: str, quality: int, resolution: str, shard_size: int,
+def prepare(source: str, out: str, fmt: str, quality_text: str, quality_mode: str, resolution: str, shard_size: int,
             limit: int | None, seed: int, resize: str, subsampling: str, png_level: int, lossless: bool,
             max_pixels: int, workers: int | None, split: str, quiet: bool) -> None:
     """Turn raw images at SOURCE into webdataset shards in OUT.
@@ -126,8 +129,17 @@ def prepare(source: str, out: str, fmt: str, quality: int, resolution: str, shar
     same arguments keeps the shards it finished; a finished one does nothing.
     """
     from .data.shards import PrepareSettings, prepare as prepare_shards
+    from .errors import ConfigError
 
-    settings = PrepareSettings(resolution=int(resolution), format=fmt, quality=quality, shard_size=shard_size,
+    try:
+        qualities = [int(q) for q in quality_text.split(",") if q.strip()]
+    except ValueError:
+        raise ConfigError(f"--quality {quality_text!r}: expected a number or a comma-separated list") from None
+    if not qualities or not all(1 <= q <= 100 for q in qualities):
+        raise ConfigError(f"--quality {quality_text!r}: qualities are between 1 and 100")
+    settings = PrepareSettings(resolution=int(resolution), format=fmt, quality=qualities[0],
+                               qualities=tuple(qualities) if len(qualities) > 1 else None,
+                               quality_mode=quality_mode, shard_size=shard_size,
                                limit=limit, seed=seed, split=split, max_pixels=max_pixels, resize=resize,
                                jpeg_subsampling=subsampling, png_compress_level=png_level, webp_lossless=lossless)
     manifest, up_to_date = prepare_shards(source, Path(out), settings, workers=workers, progress=_progress(quiet))

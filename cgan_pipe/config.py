@@ -90,6 +90,13 @@ class DataConfig:
         "every 8-bit RGB JPEG/PNG/WebP at the resolution and re-encodes the rest as PNG.",
     )
     quality: int = _opt(95, "JPEG/WebP quality (1-100) for re-encoded images.", _quality)
+    qualities: Optional[list[int]] = _opt(
+        None, "Write every image re-encoded at each of these qualities (e.g. [10, 30, 50, 75, 95]), "
+        "recording the quality in its .json: data for quality conditioning. null: one sample per image."
+    )
+    quality_mode: Literal["all", "random"] = _opt(
+        "all", "With qualities: 'all' writes one sample per quality, 'random' one seeded-random quality per image."
+    )
     shard_size: int = _opt(5000, "Samples per shard.", _positive)
     limit: Optional[int] = _opt(
         None, "Use at most this many images (a seeded random subset); null for all.", _positive

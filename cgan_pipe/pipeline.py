@@ -25,7 +25,8 @@ def prepare_settings(cfg: PipelineConfig) -> PrepareSettings:
     return PrepareSettings(resolution=d.resolution, format=d.format, quality=d.quality,
                            shard_size=d.shard_size, limit=d.limit, seed=cfg.seed, split=d.split,
                            max_pixels=d.max_pixels, resize=d.resize, jpeg_subsampling=d.jpeg_subsampling,
-                           png_compress_level=d.png_compress_level, webp_lossless=d.webp_lossless)
+                           png_compress_level=d.png_compress_level, webp_lossless=d.webp_lossless,
+                           qualities=tuple(d.qualities) if d.qualities else None, quality_mode=d.quality_mode)
 
 
 def export_settings(cfg: PipelineConfig) -> ExportSettings:

@@ -147,3 +147,15 @@ def test_verify_fails_with_exit_1_naming_the_bad_sample(small_shards, tmp_path):
     assert result.exit_code == 1
     assert "shard-000000.tar:00000007: DALI c" in result.output  # "cannot decode it" or "crashed decoding it"
     assert "FAILED" in result.output
+
+
+def test_prepare_with_several_qualities_from_the_cli(small_tar, tmp_path):
+    result = CliRunner().invoke(main, ["prepare", str(small_tar), str(tmp_path / "q"), "--quality", "20,80",
+                                       "--limit", "10", "-q"])
+    assert result.exit_code == 0, result.output
+    assert read_manifest(tmp_path / "q").quality_histogram == {"20": 10, "80": 10}
+    again = CliRunner().invoke(main, ["prepare", str(small_tar), str(tmp_path / "q"), "--quality", "20,80",
+                                      "--limit", "10", "-q"])
+    assert again.exit_code == 0 and "already complete" in again.output
+    bad = CliRunner().invoke(main, ["prepare", str(small_tar), str(tmp_path / "r"), "--quality", "0,50"])
+    assert bad.exit_code == 2 and "between 1 and 100" in bad.output

@@ -22,7 +22,7 @@ from cgan_pipe.data.loader import open_loader
 from cgan_pipe.data.manifest import read_manifest
 from cgan_pipe.data.shards import PrepareSettings, ShardSample, ShardWriter, dali_index, file_sha256, prepare
 from cgan_pipe.data.verify import verify_shards
-from cgan_pipe.errors import DataError
+from cgan_pipe.errors import ConfigError, DataError
 
 from conftest import CLASSES, cifar_members, write_tar
 
@@ -259,3 +259,33 @@ def test_encoder_options(tmp_path):
         prepare(source, tmp_path / f"p{level}", PrepareSettings(format="png", png_compress_level=level), progress=False)
         sizes[level] = len(_only_sample(tmp_path / f"p{level}", "d/cat/x.png")["png"])
     assert sizes[0] > sizes[9]
+
+
+def test_multi_quality_writes_each_image_once_per_quality(small_tar, tmp_path):
+    settings = PrepareSettings(qualities=(10, 50, 90), shard_size=30, limit=20)
+    manifest, _ = prepare(str(small_tar), tmp_path, settings, progress=False)
+    assert manifest.num_samples == 60 and [s.samples for s in manifest.shards] == [30, 30]
+    assert manifest.quality_histogram == {"10": 20, "50": 20, "90": 20}
+    by_source: dict[str, list[int]] = {}
+    for shard in manifest.shards:
+        for key, sample in read_samples(tmp_path / shard.tar).items():
+            meta = json.loads(sample["json"])
+            assert estimate_jpeg_quality(Image.open(io.BytesIO(sample["jpg"])).quantization) == meta["quality"]
+            assert int(key) % 3 == [10, 50, 90].index(meta["quality"])  # key = input position * 3 + variant
+            by_source.setdefault(meta["source"], []).append(meta["quality"])
+    assert len(by_source) == 20 and all(sorted(q) == [10, 50, 90] for q in by_source.values())
+    again, up_to_date = prepare(str(small_tar), tmp_path, settings, progress=False)
+    assert up_to_date
+
+
+def test_random_quality_mode_is_seeded_and_worker_independent(small_tar, tmp_path):
+    settings = PrepareSettings(qualities=(10, 30, 50, 75, 95), quality_mode="random", shard_size=40)
+    one, _ = prepare(str(small_tar), tmp_path / "a", settings, workers=1, progress=False)
+    two, _ = prepare(str(small_tar), tmp_path / "b", settings, workers=2, progress=False)
+    assert one.num_samples == 200 and len(one.quality_histogram) == 5
+    assert [s.sha256 for s in one.shards] == [s.sha256 for s in two.shards]
+
+
+def test_several_qualities_need_a_lossy_format(small_tar, tmp_path):
+    with pytest.raises(ConfigError, match="need a lossy format"):
+        prepare(str(small_tar), tmp_path, PrepareSettings(format="png", qualities=(10, 20)), progress=False)

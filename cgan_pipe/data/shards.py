@@ -22,7 +22,7 @@ from tqdm import tqdm
 from .. import images
 from ..atomic import TEMP_MARK, remove_stale_temps, write_text_atomic
 from ..compression import estimate_jpeg_quality
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from .manifest import MANIFEST_NAME, Manifest, ShardInfo, read_manifest, write_manifest
 from .sources import RawImage, SourceItem, open_source
 
@@ -51,6 +51,8 @@ class PrepareSettings:
     jpeg_subsampling: str = "4:2:0"
     png_compress_level: int = 6
     webp_lossless: bool = False
+    qualities: tuple[int, ...] | None = None  # write each image at these JPEG/WebP qualities (no pass-through)
+    quality_mode: str = "all"  # 'all': one sample per quality; 'random': one seeded-random quality per image
 
 
 @dataclass
@@ -205,7 +207,12 @@ def prepare(source: str, out_dir: Path, settings: PrepareSettings, *, workers: i
     existing shard set was already complete (in which case nothing is written).
     """
     out_dir = Path(out_dir)
-    recorded = {"source": source, **asdict(settings)}
+    if settings.qualities and (settings.format not in ("jpeg", "webp") or settings.webp_lossless):
+        raise ConfigError(f"several qualities need a lossy format (jpeg or lossy webp), not {settings.format!r}")
+    if settings.qualities and not all(1 <= q <= 100 for q in settings.qualities):
+        raise ConfigError(f"qualities must be between 1 and 100, got {list(settings.qualities)}")
+    # as it reads back from JSON (tuples become lists), so a rerun compares equal
+    recorded = json.loads(json.dumps({"source": source, **asdict(settings)}))
     if (out_dir / MANIFEST_NAME).exists():
         try:
             existing = read_manifest(out_dir)
@@ -224,10 +231,11 @@ def prepare(source: str, out_dir: Path, settings: PrepareSettings, *, workers: i
         # Only now that the source is known to be readable may an old shard set be touched.
         out_dir.mkdir(parents=True, exist_ok=True)
         done = _resume_state(out_dir, recorded)
+        per_shard = max(1, settings.shard_size // _variants_per_input(settings))  # inputs per shard
         jobs = [
-            _ShardJob(index=i, first_key=first, items=order[first:first + settings.shard_size], source=source,
+            _ShardJob(index=i, first_key=first, items=order[first:first + per_shard], source=source,
                       download_dir=download_dir, settings=settings, class_names=class_names, out_dir=out_dir)
-            for i, first in enumerate(range(0, len(order), settings.shard_size))
+            for i, first in enumerate(range(0, len(order), per_shard))
         ]
         todo = [job for job in jobs if job.index not in done]
         bar = tqdm(total=len(order), desc="prepare", unit="img", disable=not progress, dynamic_ncols=True)
@@ -297,21 +305,39 @@ def _write_job(job: _ShardJob) -> dict[str, Any]:
     src = _SOURCES[key]
     classes, qualities = Counter(), Counter()
     skipped: list[dict[str, str]] = []
-    with ShardWriter(job.out_dir, len(job.items), first_index=job.index) as writer:
+    with ShardWriter(job.out_dir, len(job.items) * _variants_per_input(job.settings), first_index=job.index) as writer:
         for offset, item in enumerate(job.items):
+            position = job.first_key + offset  # the input's place in the shuffled order
             try:
-                data, ext, meta = encode_for_shard(src.read(item), item, job.class_names, job.settings)
+                variants = encode_for_shard(src.read(item), item, job.class_names, job.settings,
+                                            _qualities_for(job.settings, position))
             except (images.BadImage, DataError) as exc:
                 skipped.append({"source": item.path, "reason": str(exc)})
                 continue
-            writer.add(ShardSample(f"{job.first_key + offset:08d}", data, ext, item.label, meta))
-            classes[meta["class"]] += 1
-            qualities[str(meta["quality"])] += 1
+            for variant, (data, ext, meta) in enumerate(variants):
+                key = position * len(variants) + variant
+                writer.add(ShardSample(f"{key:08d}", data, ext, item.label, meta))
+                classes[meta["class"]] += 1
+                qualities[str(meta["quality"])] += 1
         shards = writer.close()
     record = {"shard": asdict(shards[0]) if shards else None, "skipped": skipped,
               "classes": dict(classes), "qualities": dict(qualities)}
     write_text_atomic(job.out_dir / f".{SHARD_NAME.format(job.index)}{_DONE_SUFFIX}", json.dumps(record))
     return record
+
+
+def _qualities_for(settings: PrepareSettings, position: int) -> list[int] | None:
+    """The qualities input number `position` is written at: all of `settings.qualities`, one of
+    them drawn from a generator seeded by (seed, position), or None for the single default sample."""
+    if not settings.qualities:
+        return None
+    if settings.quality_mode == "all":
+        return list(settings.qualities)
+    return [random.Random(f"{settings.seed}:{position}").choice(settings.qualities)]
+
+
+def _variants_per_input(settings: PrepareSettings) -> int:
+    return len(settings.qualities) if settings.qualities and settings.quality_mode == "all" else 1
 
 
 def _resume_state(out_dir: Path, recorded: dict[str, Any]) -> dict[int, dict[str, Any]]:
@@ -347,14 +373,16 @@ def _resume_state(out_dir: Path, recorded: dict[str, Any]) -> dict[int, dict[str
     return done
 
 
-def encode_for_shard(raw: RawImage, item: SourceItem, class_names: list[str],
-                     settings: PrepareSettings) -> tuple[bytes, str, dict[str, Any]]:
-    """Validate one raw image and return (bytes, member extension, metadata) for its shard sample.
+def encode_for_shard(raw: RawImage, item: SourceItem, class_names: list[str], settings: PrepareSettings,
+                     qualities: list[int] | None = None) -> list[tuple[bytes, str, dict[str, Any]]]:
+    """Validate one raw image and return its shard samples as (bytes, member extension, metadata).
 
-    A JPEG already at the target size, in RGB, is passed through untouched (no
-    second lossy encode); its quality is estimated from its quantisation tables.
-    Anything else is converted to RGB, resized and centre-cropped, and encoded
-    at the configured format and quality. Raises images.BadImage when undecodable.
+    Without `qualities`: one sample. A JPEG already at the target size, in RGB, is
+    passed through untouched (no second lossy encode), its quality estimated from
+    its quantisation tables; anything else is converted to RGB, fitted to the
+    resolution and encoded at the configured format and quality. With
+    `qualities`: one re-encoded sample per quality. Raises images.BadImage when
+    the image cannot be used.
     """
     size = settings.resolution
     if raw.data is not None:
@@ -368,22 +396,25 @@ def encode_for_shard(raw: RawImage, item: SourceItem, class_names: list[str],
         "class": class_names[item.label] if item.label is not None else None,
         "width": image.width,
         "height": image.height,
-        "format": settings.format,
     }
     rotated = image.getexif().get(EXIF_ORIENTATION, 1) != 1  # the camera's "this side up"
     stored = images.PIL_FORMATS.get(source_format)
     as_is = image.mode == "RGB" and image.size == (size, size) and not rotated
-    if as_is and stored is not None and (settings.format == "keep" or settings.format == stored == "jpeg"):
+    if qualities is None and as_is and stored is not None and \
+            (settings.format == "keep" or settings.format == stored == "jpeg"):
         quality = estimate_jpeg_quality(getattr(image, "quantization", None)) if stored == "jpeg" else None
-        meta.update(format=stored, quality=quality, reencoded=False)
-        return raw.data, images.EXTENSIONS[stored], meta
+        return [(raw.data, images.EXTENSIONS[stored], {**meta, "format": stored, "quality": quality,
+                                                        "reencoded": False})]
     if rotated:
         meta["exif_rotated"] = True
     target = "png" if settings.format == "keep" else settings.format  # keep: re-encode losslessly
     upright = ImageOps.exif_transpose(image) if rotated else image
     rgb = images.fit(images.to_rgb(upright), size, settings.resize)
-    data = images.encode(rgb, target, settings.quality, subsampling=settings.jpeg_subsampling,
-                         compress_level=settings.png_compress_level, lossless=settings.webp_lossless)
     lossy = target == "jpeg" or (target == "webp" and not settings.webp_lossless)
-    meta.update(format=target, quality=settings.quality if lossy else None, reencoded=True)
-    return data, images.EXTENSIONS[target], meta
+    out = []
+    for quality in qualities or [settings.quality]:
+        data = images.encode(rgb, target, quality, subsampling=settings.jpeg_subsampling,
+                             compress_level=settings.png_compress_level, lossless=settings.webp_lossless)
+        out.append((data, images.EXTENSIONS[target],
+                    {**meta, "format": target, "quality": quality if lossy else None, "reencoded": True}))
+    return out
