@@ -29,13 +29,3 @@ def write_text_atomic(path: Path, text: str) -> None:
     """Write `text` to `path` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
-
-
-def remove_stale_temps(directory: Path) -> int:
-    """Delete temp files left in `directory` by a killed writer; return how many."""
-    removed = 0
-    for p in Path(directory).glob(f".*{TEMP_MARK}*"):
-        if p.is_file():
-            p.unlink()
-            removed += 1
-    return removed

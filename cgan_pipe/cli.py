@@ -111,6 +111,12 @@ def run(pipeline: str, overrides: tuple[str, ...], dry_run: bool, quiet: bool) -
 @click.option("--lossless", is_flag=True, help="Lossless WebP.")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=64_000_000, show_default=True,
               help="Skip images with more pixels, unread (decompression-bomb limit).")
+@click.option("--rank", type=click.IntRange(min=0), default=0, envvar=["RANK", "SLURM_PROCID"], show_default=True,
+              help="This machine's rank when several write one shard set (default from RANK/SLURM_PROCID).")
+@click.option("--world-size", type=click.IntRange(min=1), default=1, envvar=["WORLD_SIZE", "SLURM_NTASKS"],
+              show_default=True, help="How many machines write the shard set (default from WORLD_SIZE/SLURM_NTASKS).")
+@click.option("--merge", is_flag=True,
+              help="Write the manifest of OUT once every rank has finished (SOURCE and other options unused).")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Processes writing shards [default: one per core]; the shards do not depend on it.")
 @click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True,
@@ -119,7 +125,8 @@ def run(pipeline: str, overrides: tuple[str, ...], dry_run: bool, quiet: bool) -
 @_reports_errors
 def prepare(source: str, out: str, fmt: str, quality_text: str, quality_mode: str, resolution: str, shard_size: int,
             limit: int | None, seed: int, resize: str, subsampling: str, png_level: int, lossless: bool,
-            max_pixels: int, workers: int | None, split: str, quiet: bool) -> None:
+            max_pixels: int, rank: int, world_size: int, merge: bool, workers: int | None, split: str,
+            quiet: bool) -> None:
     """Turn raw images at SOURCE into webdataset shards in OUT.
 
     SOURCE is an image-folder tree (class = folder name), a tar/tar.gz of one, a
@@ -128,9 +135,14 @@ def prepare(source: str, out: str, fmt: str, quality_text: str, quality_mode: st
     a DALI index (.idx) per shard and manifest.json. A killed run rerun with the
     same arguments keeps the shards it finished; a finished one does nothing.
     """
-    from .data.shards import PrepareSettings, prepare as prepare_shards
+    from .data.shards import PrepareSettings, merge_shards, prepare as prepare_shards
     from .errors import ConfigError
 
+    if merge:
+        manifest = merge_shards(Path(out))
+        click.echo(f"merged {len(manifest.shards)} shards, {manifest.num_samples} samples -> "
+                   f"{Path(out) / 'manifest.json'}")
+        return
     try:
         qualities = [int(q) for q in quality_text.split(",") if q.strip()]
     except ValueError:
@@ -142,7 +154,12 @@ def prepare(source: str, out: str, fmt: str, quality_text: str, quality_mode: st
                                quality_mode=quality_mode, shard_size=shard_size,
                                limit=limit, seed=seed, split=split, max_pixels=max_pixels, resize=resize,
                                jpeg_subsampling=subsampling, png_compress_level=png_level, webp_lossless=lossless)
-    manifest, up_to_date = prepare_shards(source, Path(out), settings, workers=workers, progress=_progress(quiet))
+    manifest, up_to_date = prepare_shards(source, Path(out), settings, workers=workers, rank=rank,
+                                          world_size=world_size, progress=_progress(quiet))
+    if manifest is None:
+        click.echo(f"rank {rank} of {world_size}: its shards are written in {out}; when every rank is done, "
+                   f"run `cgan-pipe prepare SOURCE {out} --merge`")
+        return
     if up_to_date:
         click.echo(f"{out}: already complete for these settings; nothing to do")
     click.echo(f"{manifest.num_samples} samples in {len(manifest.shards)} shards, "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cgan_pipe.atomic import atomic_path, remove_stale_temps, write_text_atomic
+from cgan_pipe.atomic import atomic_path, write_text_atomic
 
 
 def test_success_renames_into_place(tmp_path):
@@ -21,10 +21,3 @@ def test_failure_keeps_the_old_file_and_leaves_no_temp(tmp_path):
             raise RuntimeError("killed")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
-
-
-def test_stale_temps_are_removed(tmp_path):
-    (tmp_path / ".shard-000001.tar.tmp-999").write_text("x")
-    (tmp_path / "shard-000000.tar").write_text("keep")
-    assert remove_stale_temps(tmp_path) == 1
-    assert [p.name for p in tmp_path.iterdir()] == ["shard-000000.tar"]

@@ -159,3 +159,16 @@ def test_prepare_with_several_qualities_from_the_cli(small_tar, tmp_path):
     assert again.exit_code == 0 and "already complete" in again.output
     bad = CliRunner().invoke(main, ["prepare", str(small_tar), str(tmp_path / "r"), "--quality", "0,50"])
     assert bad.exit_code == 2 and "between 1 and 100" in bad.output
+
+
+def test_prepare_on_two_ranks_from_torchrun_variables_then_merge(small_tar, tmp_path):
+    out = str(tmp_path / "s")
+    for rank in ("0", "1"):
+        result = CliRunner().invoke(main, ["prepare", str(small_tar), out, "--shard-size", "50", "-q"],
+                                    env={"RANK": rank, "WORLD_SIZE": "2"})
+        assert result.exit_code == 0, result.output
+        assert f"rank {rank} of 2" in result.output
+    assert not (tmp_path / "s" / "manifest.json").exists()
+    merged = CliRunner().invoke(main, ["prepare", str(small_tar), out, "--merge"])
+    assert merged.exit_code == 0 and "merged 4 shards, 200 samples" in merged.output
+    assert read_manifest(tmp_path / "s").num_samples == 200

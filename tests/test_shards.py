@@ -20,7 +20,8 @@ from cgan_pipe.compression import estimate_jpeg_quality
 from cgan_pipe.config import LoaderConfig
 from cgan_pipe.data.loader import open_loader
 from cgan_pipe.data.manifest import read_manifest
-from cgan_pipe.data.shards import PrepareSettings, ShardSample, ShardWriter, dali_index, file_sha256, prepare
+from cgan_pipe.data.shards import (PrepareSettings, ShardSample, ShardWriter, dali_index, file_sha256, merge_shards,
+                                   prepare)
 from cgan_pipe.data.verify import verify_shards
 from cgan_pipe.errors import ConfigError, DataError
 
@@ -289,3 +290,22 @@ def test_random_quality_mode_is_seeded_and_worker_independent(small_tar, tmp_pat
 def test_several_qualities_need_a_lossy_format(small_tar, tmp_path):
     with pytest.raises(ConfigError, match="need a lossy format"):
         prepare(str(small_tar), tmp_path, PrepareSettings(format="png", qualities=(10, 20)), progress=False)
+
+
+def test_ranks_write_their_own_shards_and_merge_into_one_set(small_tar, tmp_path):
+    settings = PrepareSettings(shard_size=30)
+    single, _ = prepare(str(small_tar), tmp_path / "single", settings, progress=False)
+    out = tmp_path / "ranks"
+    manifest, _ = prepare(str(small_tar), out, settings, rank=1, world_size=2, progress=False)
+    assert manifest is None
+    assert sorted(p.name for p in out.glob("shard-*.tar")) == ["shard-000001.tar", "shard-000003.tar",
+                                                               "shard-000005.tar"]
+    with pytest.raises(DataError, match="4 of 7 shards are not written yet"):
+        merge_shards(out)
+    prepare(str(small_tar), out, settings, rank=0, world_size=2, progress=False)  # leaves rank 1's shards be
+    merged = merge_shards(out)
+    assert [s.sha256 for s in merged.shards] == [s.sha256 for s in single.shards]
+    assert merged.settings == single.settings and merged.num_samples == 200
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "single").iterdir())
+    with pytest.raises(ConfigError, match="rank 2 is not in 0..1"):
+        prepare(str(small_tar), out, settings, rank=2, world_size=2, progress=False)

@@ -8,6 +8,7 @@ import json
 import multiprocessing
 import os
 import random
+import re
 import tarfile
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -20,7 +21,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from .. import images
-from ..atomic import TEMP_MARK, remove_stale_temps, write_text_atomic
+from ..atomic import TEMP_MARK, write_text_atomic
 from ..compression import estimate_jpeg_quality
 from ..errors import ConfigError, DataError
 from .manifest import MANIFEST_NAME, Manifest, ShardInfo, read_manifest, write_manifest
@@ -32,6 +33,7 @@ EXIF_ORIENTATION = 0x0112
 _PLAN_NAME = ".prepare-plan.json"  # the settings an unfinished prepare in this folder was run with
 _DONE_SUFFIX = ".done.json"  # per finished shard of an unfinished prepare: its ShardInfo, skips, histograms
 _DONE_GLOB = f".shard-*{_DONE_SUFFIX}"
+_SHARD_NUMBER = re.compile(r"shard-(\d{6})")
 _SOURCES: dict[tuple[str, str, str], Any] = {}  # per process: open sources, reused across jobs
 
 
@@ -195,7 +197,8 @@ def file_sha256(path: Path) -> str:
 
 
 def prepare(source: str, out_dir: Path, settings: PrepareSettings, *, workers: int | None = None,
-            download_dir: str = "~/.cache/cgan-pipe", progress: bool = True) -> tuple[Manifest, bool]:
+            rank: int = 0, world_size: int = 1, download_dir: str = "~/.cache/cgan-pipe",
+            progress: bool = True) -> tuple[Manifest | None, bool]:
     """Turn the raw images at `source` into a complete shard set in `out_dir`.
 
     Images are shuffled (seeded) before writing, since DALI only shuffles within
@@ -205,7 +208,13 @@ def prepare(source: str, out_dir: Path, settings: PrepareSettings, *, workers: i
     depend on their number. A killed run rerun with the same settings keeps the
     shards it finished and writes the rest. Returns the manifest and whether the
     existing shard set was already complete (in which case nothing is written).
+
+    With `world_size` > 1 (many machines on a shared folder), this call writes
+    only the shards of `rank` (shard i belongs to rank i % world_size) and
+    returns no manifest; `merge_shards(out_dir)` writes it once every rank is done.
     """
+    if not 0 <= rank < world_size:
+        raise ConfigError(f"rank {rank} is not in 0..{world_size - 1} (world size {world_size})")
     out_dir = Path(out_dir)
     if settings.qualities and (settings.format not in ("jpeg", "webp") or settings.webp_lossless):
         raise ConfigError(f"several qualities need a lossy format (jpeg or lossy webp), not {settings.format!r}")
@@ -230,15 +239,19 @@ def prepare(source: str, out_dir: Path, settings: PrepareSettings, *, workers: i
         _SOURCES[(source, settings.split, download_dir)] = src  # in-process jobs reuse it
         # Only now that the source is known to be readable may an old shard set be touched.
         out_dir.mkdir(parents=True, exist_ok=True)
-        done = _resume_state(out_dir, recorded)
         per_shard = max(1, settings.shard_size // _variants_per_input(settings))  # inputs per shard
         jobs = [
             _ShardJob(index=i, first_key=first, items=order[first:first + per_shard], source=source,
                       download_dir=download_dir, settings=settings, class_names=class_names, out_dir=out_dir)
             for i, first in enumerate(range(0, len(order), per_shard))
         ]
-        todo = [job for job in jobs if job.index not in done]
-        bar = tqdm(total=len(order), desc="prepare", unit="img", disable=not progress, dynamic_ncols=True)
+        plan = {"settings": recorded, "jobs": len(jobs), "inputs": len(order), "class_names": class_names,
+                "rejected": rejected}
+        mine = {job.index for job in jobs if job.index % world_size == rank}
+        done = _resume_state(out_dir, plan, rank, world_size)
+        todo = [job for job in jobs if job.index in mine and job.index not in done]
+        bar = tqdm(total=sum(len(job.items) for job in jobs if job.index in mine), desc="prepare", unit="img",
+                   disable=not progress, dynamic_ncols=True)
         bar.update(sum(len(job.items) for job in jobs if job.index in done))
         workers = min(workers or os.cpu_count() or 1, max(len(todo), 1))
         try:
@@ -260,19 +273,41 @@ def prepare(source: str, out_dir: Path, settings: PrepareSettings, *, workers: i
             _SOURCES.pop((source, settings.split, download_dir), None)
             bar.close()
 
-    results = [done[job.index] for job in jobs]
+    if world_size > 1:
+        return None, False
+    return merge_shards(out_dir), False
+
+
+def merge_shards(out_dir: Path) -> Manifest:
+    """Write the manifest of an unfinished prepare whose shards are all written (by any ranks).
+
+    Raises DataError naming the missing shards when some rank has not finished.
+    """
+    out_dir = Path(out_dir)
+    try:
+        plan = json.loads((out_dir / _PLAN_NAME).read_text())
+    except (OSError, ValueError):
+        raise DataError(f"{out_dir}: no unfinished prepare to merge (no {_PLAN_NAME}); "
+                        f"run `cgan-pipe prepare` there first") from None
+    done = _done_records(out_dir)
+    missing = [SHARD_NAME.format(i) for i in range(plan["jobs"]) if i not in done]
+    if missing:
+        raise DataError(f"{out_dir}: {len(missing)} of {plan['jobs']} shards are not written yet "
+                        f"(e.g. {', '.join(missing[:5])}); finish every rank, then merge")
+    settings, class_names = plan["settings"], plan["class_names"]
+    results = [done[i] for i in range(plan["jobs"])]
     shards = [ShardInfo(**r["shard"]) for r in results if r["shard"] is not None]
-    skipped = list(rejected) + [entry for r in results for entry in r["skipped"]]
+    skipped = list(plan["rejected"]) + [entry for r in results for entry in r["skipped"]]
     if not shards:
-        raise DataError(f"{source}: none of the {len(order)} images could be used "
+        raise DataError(f"{settings['source']}: none of the {plan['inputs']} images could be used "
                         f"(first problem: {skipped[0]['reason'] if skipped else 'no images'})")
     classes, qualities = Counter(), Counter()
     for r in results:
         classes.update(r["classes"])
         qualities.update(r["qualities"])
     manifest = Manifest(
-        created_by="prepare", source=source, settings=recorded, resolution=settings.resolution,
-        image_format=settings.format, class_names=class_names, shards=shards,
+        created_by="prepare", source=settings["source"], settings=settings, resolution=settings["resolution"],
+        image_format=settings["format"], class_names=class_names, shards=shards,
         class_histogram={name: classes[name] for name in class_names},
         quality_histogram=dict(sorted(qualities.items())), skipped=skipped,
     )
@@ -280,7 +315,7 @@ def prepare(source: str, out_dir: Path, settings: PrepareSettings, *, workers: i
     for path in out_dir.glob(_DONE_GLOB):
         path.unlink()
     (out_dir / _PLAN_NAME).unlink(missing_ok=True)
-    return manifest, False
+    return manifest
 
 
 @dataclass
@@ -340,36 +375,46 @@ def _variants_per_input(settings: PrepareSettings) -> int:
     return len(settings.qualities) if settings.qualities and settings.quality_mode == "all" else 1
 
 
-def _resume_state(out_dir: Path, recorded: dict[str, Any]) -> dict[int, dict[str, Any]]:
-    """Records of the shards an unfinished prepare with the same settings already wrote.
+def _shard_number(name: str) -> int | None:
+    match = _SHARD_NUMBER.search(name)
+    return int(match.group(1)) if match else None
 
-    Anything else of ours in `out_dir` (a finished set with other settings, an
-    unfinished one with other settings, temp files) is removed.
-    """
-    remove_stale_temps(out_dir)
-    try:
-        plan = json.loads((out_dir / _PLAN_NAME).read_text())
-    except (OSError, ValueError):
-        plan = None
+
+def _done_records(out_dir: Path) -> dict[int, dict[str, Any]]:
+    """The finished-shard records in `out_dir` whose files are all present."""
     done: dict[int, dict[str, Any]] = {}
-    if plan == recorded:
-        for path in out_dir.glob(_DONE_GLOB):
-            try:
-                record = json.loads(path.read_text())
-                index = int(path.name[len(".shard-"):-len(_DONE_SUFFIX)])
-            except (OSError, ValueError):
-                continue
-            shard = record.get("shard")
-            if shard is None or ((out_dir / shard["tar"]).is_file() and (out_dir / shard["index"]).is_file()
-                                 and (out_dir / shard["tar"]).stat().st_size == shard["bytes"]):
-                done[index] = record
+    for path in out_dir.glob(_DONE_GLOB):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        shard = record.get("shard")
+        if shard is None or ((out_dir / shard["tar"]).is_file() and (out_dir / shard["index"]).is_file()
+                             and (out_dir / shard["tar"]).stat().st_size == shard["bytes"]):
+            done[_shard_number(path.name)] = record
+    return done
+
+
+def _resume_state(out_dir: Path, plan: dict[str, Any], rank: int, world_size: int) -> dict[int, dict[str, Any]]:
+    """Records of this rank's shards (numbers n with n % world_size == rank) that an
+    unfinished prepare with the same plan already wrote.
+
+    Anything else of this rank's in `out_dir` (shards of other settings, temp
+    files of a killed run) is removed; other ranks' files are left alone.
+    """
+    try:
+        same_plan = json.loads((out_dir / _PLAN_NAME).read_text()) == plan
+    except (OSError, ValueError):
+        same_plan = False
+    done = {i: r for i, r in _done_records(out_dir).items() if i % world_size == rank} if same_plan else {}
     keep = {name for r in done.values() if r["shard"] for name in (r["shard"]["tar"], r["shard"]["index"])}
     keep |= {f".{SHARD_NAME.format(i)}{_DONE_SUFFIX}" for i in done}
-    for path in [*out_dir.glob("shard-*.tar"), *out_dir.glob("shard-*.idx"), *out_dir.glob(_DONE_GLOB)]:
-        if path.name not in keep:
+    for path in [*out_dir.glob("shard-*.tar"), *out_dir.glob("shard-*.idx"), *out_dir.glob(".*shard-*")]:
+        number = _shard_number(path.name)
+        if number is not None and number % world_size == rank and path.name not in keep:
             path.unlink()
     (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
-    write_text_atomic(out_dir / _PLAN_NAME, json.dumps(recorded))
+    write_text_atomic(out_dir / _PLAN_NAME, json.dumps(plan))
     return done
 
 
