@@ -220,7 +220,7 @@ def prepare(source: str, out_dir: Path, settings: PrepareSettings, *, workers: i
         raise ConfigError(f"several qualities need a lossy format (jpeg or lossy webp), not {settings.format!r}")
     if settings.qualities and not all(1 <= q <= 100 for q in settings.qualities):
         raise ConfigError(f"qualities must be between 1 and 100, got {list(settings.qualities)}")
-    # as it reads back from JSON (tuples become lists), so a rerun compares equal
+    # the settings as JSON gives them back (tuples become lists), so a rerun compares equal
     recorded = json.loads(json.dumps({"source": source, **asdict(settings)}))
     if (out_dir / MANIFEST_NAME).exists():
         try:
