@@ -119,7 +119,19 @@ def label_items(paths: list[str]) -> tuple[list[str], list[SourceItem]]:
     return class_names, [SourceItem(p, ids[r.split("/", 1)[0]]) for p, r in zip(paths, rel)]
 
 
-class FolderSource(Source):
+class _FilesUnderRoot(Source):
+    """A source whose items are image files on disk at paths relative to `root`."""
+
+    root: Path
+
+    def read(self, item: SourceItem) -> RawImage:
+        try:
+            return RawImage(data=(self.root / item.path).read_bytes())
+        except OSError as exc:
+            raise DataError(f"cannot read {self.root / item.path} ({exc.strerror})") from None
+
+
+class FolderSource(_FilesUnderRoot):
     """An image-folder tree on disk: ROOT/<class>/<image>."""
 
     def __init__(self, root: Path):
@@ -134,14 +146,8 @@ class FolderSource(Source):
         if not self.items:
             raise DataError(f"{root}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
 
-    def read(self, item: SourceItem) -> RawImage:
-        try:
-            return RawImage(data=(self.root / item.path).read_bytes())
-        except OSError as exc:
-            raise DataError(f"cannot read {self.root / item.path} ({exc.strerror})") from None
 
-
-class ListSource(Source):
+class ListSource(_FilesUnderRoot):
     """A text file naming one image path per line (relative to the file's folder; '#' comments).
 
     Classes come from the image-folder layout of the listed paths, as for a folder.
@@ -161,12 +167,6 @@ class ListSource(Source):
         self.class_names, self.items = label_items(sorted({p for p in listed if p not in missing}))
         if not self.items:
             raise DataError(f"{path}: lists no existing image")
-
-    def read(self, item: SourceItem) -> RawImage:
-        try:
-            return RawImage(data=(self.root / item.path).read_bytes())
-        except OSError as exc:
-            raise DataError(f"cannot read {self.root / item.path} ({exc.strerror})") from None
 
 
 class ShardSetSource(Source):
