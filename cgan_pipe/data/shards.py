@@ -144,17 +144,24 @@ class ShardWriter:
         ))
 
 
+def split_member_name(name: str) -> tuple[str, str]:
+    """(sample key, extension) of a shard member name: split at the first dot of its base
+    name (the webdataset rule); the key is empty when there is no such dot or the file is hidden."""
+    dot = name.find(".", name.rfind("/") + 1)
+    if dot < 0 or name[:dot].endswith("/") or dot == 0:
+        return "", name[dot + 1:] if dot >= 0 else ""
+    return name[:dot], name[dot + 1:]
+
+
 def sample_members(tar: tarfile.TarFile) -> Iterator[tuple[str, list[tarfile.TarInfo]]]:
     """Group a shard's files into samples: (key, members) for each run of adjacent files
-    sharing the name before the first dot of their base name (the webdataset rule)."""
+    sharing the same key (see split_member_name)."""
     key, members = None, []
     for member in tar:
         if not member.isfile():
             continue
-        slash = member.name.rfind("/") + 1
-        dot = member.name.find(".", slash)
-        base = member.name[:dot]
-        if dot < 0 or not base or base.endswith("/"):
+        base, _ = split_member_name(member.name)
+        if not base:
             continue  # no extension, or a hidden file: not part of any sample
         if base != key and members:
             yield key, members
@@ -167,8 +174,7 @@ def sample_members(tar: tarfile.TarFile) -> Iterator[tuple[str, list[tarfile.Tar
 
 def member_extension(member: tarfile.TarInfo) -> str:
     """The extension of a shard member: everything after the first dot of its base name."""
-    slash = member.name.rfind("/") + 1
-    return member.name[member.name.find(".", slash) + 1:]
+    return split_member_name(member.name)[1]
 
 
 def dali_index(tar_path: Path) -> str:
