@@ -95,8 +95,7 @@ def _check_samples(tar_path: Path, manifest: Manifest,
     allowed = shard_extensions(manifest.image_format)
     with tarfile.open(tar_path) as tar:
         for key, members in sample_members(tar):
-            by_ext = {member_extension(m): m for m in members}
-            image_ext = next((ext for ext in allowed if ext in by_ext), None)
+            by_ext, image = _files_of(members, allowed)
             if "json" not in by_ext:
                 add(key, "no .json metadata")
             if manifest.labelled:
@@ -104,11 +103,18 @@ def _check_samples(tar_path: Path, manifest: Manifest,
                 text = cls.decode("ascii", "replace").strip() if cls is not None else ""
                 if not text.isdigit() or int(text) >= len(manifest.class_names):
                     add(key, f"bad class id {cls!r} (expected 0..{len(manifest.class_names) - 1})")
-            if image_ext is None:
+            if image is None:
                 add(key, f"no {' or '.join('.' + e for e in allowed)} image")
                 yield key, b""
                 continue
-            yield key, tar.extractfile(by_ext[image_ext]).read()
+            yield key, tar.extractfile(image).read()
+
+
+def _files_of(members: list[tarfile.TarInfo],
+              allowed: list[str]) -> tuple[dict[str, tarfile.TarInfo], tarfile.TarInfo | None]:
+    """A sample's files by extension, and its image file (the first allowed extension present)."""
+    by_ext = {member_extension(m): m for m in members}
+    return by_ext, next((by_ext[ext] for ext in allowed if ext in by_ext), None)
 
 
 class _IsolatedDecoder:
@@ -239,16 +245,15 @@ def contact_sheet(directory: Path, out: Path, per_class: int = 8) -> Path:
     for shard in manifest.shards:
         with tarfile.open(directory / shard.tar) as tar:
             for _, members in sample_members(tar):
-                by_ext = {member_extension(m): m for m in members}
-                image_ext = next((ext for ext in allowed if ext in by_ext), None)
-                if image_ext is None:
+                by_ext, image = _files_of(members, allowed)
+                if image is None:
                     continue
                 if manifest.labelled and "cls" in by_ext:
                     row = int(tar.extractfile(by_ext["cls"]).read())
                 else:
                     row = sum(map(len, picked)) // per_class
                 if row < rows and len(picked[row]) < per_class:
-                    picked[row].append(tar.extractfile(by_ext[image_ext]).read())
+                    picked[row].append(tar.extractfile(image).read())
                     needed -= 1
                 if needed == 0:
                     break
