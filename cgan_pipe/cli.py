@@ -101,6 +101,10 @@ def run(pipeline: str, overrides: tuple[str, ...], dry_run: bool, quiet: bool) -
 @click.option("--resolution", type=click.Choice([str(2 ** i) for i in range(3, 11)]), default="32",
               show_default=True, help="Square side in pixels.")
 @click.option("--shard-size", type=click.IntRange(min=1), default=5000, show_default=True, help="Samples per shard.")
+@click.option("--shard-bytes", metavar="SIZE", default=None,
+              help="Aim shards at about SIZE instead (e.g. 256MB, 1GiB), from the mean size of 256 encoded images.")
+@click.option("--reencode", is_flag=True,
+              help="Re-encode JPEGs that could be copied byte for byte, at --format/--quality.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use at most N images (seeded subset).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Shuffle seed.")
 @click.option("--resize", type=click.Choice(["crop", "pad", "reject"]), default="crop", show_default=True,
@@ -124,9 +128,9 @@ def run(pipeline: str, overrides: tuple[str, ...], dry_run: bool, quiet: bool) -
 @quiet_option
 @_reports_errors
 def prepare(source: str, out: str, fmt: str, quality_text: str, quality_mode: str, resolution: str, shard_size: int,
-            limit: int | None, seed: int, resize: str, subsampling: str, png_level: int, lossless: bool,
-            max_pixels: int, rank: int, world_size: int, merge: bool, workers: int | None, split: str,
-            quiet: bool) -> None:
+            shard_bytes: str | None, reencode: bool, limit: int | None, seed: int, resize: str, subsampling: str,
+            png_level: int, lossless: bool, max_pixels: int, rank: int, world_size: int, merge: bool,
+            workers: int | None, split: str, quiet: bool) -> None:
     """Turn raw images at SOURCE into webdataset shards in OUT.
 
     SOURCE is an image-folder tree (class = folder name), a tar/tar.gz of one, a
@@ -135,6 +139,7 @@ def prepare(source: str, out: str, fmt: str, quality_text: str, quality_mode: st
     a DALI index (.idx) per shard and manifest.json. A killed run rerun with the
     same arguments keeps the shards it finished; a finished one does nothing.
     """
+    from .config import parse_byte_size
     from .data.shards import PrepareSettings, merge_shards, prepare as prepare_shards
     from .errors import ConfigError
 
@@ -149,11 +154,16 @@ def prepare(source: str, out: str, fmt: str, quality_text: str, quality_mode: st
         raise ConfigError(f"--quality {quality_text!r}: expected a number or a comma-separated list") from None
     if not qualities or not all(1 <= q <= 100 for q in qualities):
         raise ConfigError(f"--quality {quality_text!r}: qualities are between 1 and 100")
+    try:
+        shard_bytes_value = parse_byte_size(shard_bytes) if shard_bytes is not None else None
+    except ValueError as exc:
+        raise ConfigError(f"--shard-bytes: {exc}") from None
     settings = PrepareSettings(resolution=int(resolution), format=fmt, quality=qualities[0],
                                qualities=tuple(qualities) if len(qualities) > 1 else None,
                                quality_mode=quality_mode, shard_size=shard_size,
                                limit=limit, seed=seed, split=split, max_pixels=max_pixels, resize=resize,
-                               jpeg_subsampling=subsampling, png_compress_level=png_level, webp_lossless=lossless)
+                               jpeg_subsampling=subsampling, png_compress_level=png_level, webp_lossless=lossless,
+                               reencode=reencode, shard_bytes=shard_bytes_value)
     manifest, up_to_date = prepare_shards(source, Path(out), settings, workers=workers, rank=rank,
                                           world_size=world_size, progress=_progress(quiet))
     if manifest is None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 # ITU-T T.81 Annex K, table K.1 (luminance), in natural (row-major) order.
@@ -35,6 +37,31 @@ def estimate_jpeg_quality(quantization: dict[int, list[int]] | None) -> int | No
     """
     if not quantization or 0 not in quantization or len(quantization[0]) != 64:
         return None
-    luma = np.asarray(quantization[0], dtype=np.int64)
-    errors = np.abs(_LUMA_TABLES - luma).sum(axis=1)
+    return _closest_quality(tuple(quantization[0]))
+
+
+@functools.lru_cache(maxsize=1024)  # an archive's files mostly share a few tables
+def estimate_jpeg_quality_zigzag(luma_table: bytes | None) -> int | None:
+    """`estimate_jpeg_quality` for a luminance table as stored in the file (zigzag order, 64 bytes)."""
+    if luma_table is None or len(luma_table) != 64:
+        return None
+    natural = [0] * 64
+    for k, value in enumerate(luma_table):
+        natural[_ZIGZAG[k]] = value
+    return _closest_quality(tuple(natural))
+
+
+def _zigzag_order() -> list[int]:
+    """Natural (row-major) position of each zigzag coefficient of an 8x8 block (T.81 figure 5)."""
+    cells = sorted(((r, c) for r in range(8) for c in range(8)),
+                   key=lambda rc: (rc[0] + rc[1], rc[0] if (rc[0] + rc[1]) % 2 else rc[1]))
+    return [r * 8 + c for r, c in cells]
+
+
+_ZIGZAG = _zigzag_order()
+
+
+@functools.lru_cache(maxsize=1024)  # an archive's files mostly share a few tables
+def _closest_quality(luma: tuple[int, ...]) -> int:
+    errors = np.abs(_LUMA_TABLES - np.asarray(luma, dtype=np.int64)).sum(axis=1)
     return int(errors.argmin()) + 1

@@ -59,6 +59,35 @@ def _resolution(value: int) -> str | None:
     return None if ok else "must be a power of two between 8 and 1024"
 
 
+_BYTE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30}
+_BYTE_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*", re.IGNORECASE)
+
+
+def parse_byte_size(text: str) -> int:
+    """Bytes in a size such as '500000', '256MB' or '1GiB' (k/M/G: powers of 1000, KiB/MiB/GiB: of 1024).
+
+    Raises ValueError for anything else, or a size under 1 byte.
+    """
+    match = _BYTE_SIZE.fullmatch(str(text))
+    if not match or match.group(2).lower() not in _BYTE_UNITS:
+        raise ValueError(f"{text!r} is not a size (e.g. 500000, 256MB, 1GiB)")
+    size = int(float(match.group(1)) * _BYTE_UNITS[match.group(2).lower()])
+    if size < 1:
+        raise ValueError(f"{text!r} is not a size of at least one byte")
+    return size
+
+
+def _byte_size(value: Any) -> str | None:
+    if value is None:
+        return None
+    try:
+        parse_byte_size(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def _non_empty(value: str) -> str | None:
     return None if value.strip() else "must not be empty"
 
@@ -98,6 +127,14 @@ class DataConfig:
         "all", "With qualities: 'all' writes one sample per quality, 'random' one seeded-random quality per image."
     )
     shard_size: int = _opt(5000, "Samples per shard.", _positive)
+    shard_bytes: Optional[str] = _opt(
+        None, "Aim shards at about this size instead (e.g. '256MB', '1GiB'): the samples per shard are "
+        "set from the mean size of 256 encoded images spread over the input. null: use shard_size.", _byte_size
+    )
+    reencode: bool = _opt(
+        False, "Re-encode JPEGs that could be copied byte for byte (at the resolution, 8-bit RGB) at the "
+        "configured format and quality too."
+    )
     limit: Optional[int] = _opt(
         None, "Use at most this many images (a seeded random subset); null for all.", _positive
     )

@@ -10,7 +10,7 @@ from typing import Any, Callable
 import yaml
 
 from .atomic import write_text_atomic
-from .config import PipelineConfig, to_dict
+from .config import PipelineConfig, parse_byte_size, to_dict
 from .data.shards import PrepareSettings, prepare
 from .export import ExportSettings, export
 from .devices import resolve_device
@@ -26,7 +26,9 @@ def prepare_settings(cfg: PipelineConfig) -> PrepareSettings:
                            shard_size=d.shard_size, limit=d.limit, seed=cfg.seed, split=d.split,
                            max_pixels=d.max_pixels, resize=d.resize, jpeg_subsampling=d.jpeg_subsampling,
                            png_compress_level=d.png_compress_level, webp_lossless=d.webp_lossless,
-                           qualities=tuple(d.qualities) if d.qualities else None, quality_mode=d.quality_mode)
+                           qualities=tuple(d.qualities) if d.qualities else None, quality_mode=d.quality_mode,
+                           reencode=d.reencode,
+                           shard_bytes=parse_byte_size(d.shard_bytes) if d.shard_bytes is not None else None)
 
 
 def export_settings(cfg: PipelineConfig) -> ExportSettings:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cgan_pipe.config import (PipelineConfig, config_from_dict, describe_keys, load_pipeline,
+from cgan_pipe.config import (PipelineConfig, config_from_dict, describe_keys, load_pipeline, parse_byte_size,
                               reference_markdown, to_dict)
 from cgan_pipe.errors import ConfigError
 
@@ -119,3 +119,15 @@ def test_config_reference_in_docs_is_current():
     documented = (ROOT / "docs" / "config.md").read_text()
     assert documented == reference_markdown(), (
         "docs/config.md is out of date with cgan_pipe/config.py; regenerate it with the command at its top")
+
+
+@pytest.mark.parametrize("text,size", [("500000", 500_000), ("256MB", 256 * 10**6), ("1GiB", 2**30),
+                                       ("1.5 kb", 1500), ("64KiB", 65536)])
+def test_byte_sizes_parse(text, size):
+    assert parse_byte_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "MB", "12 parsecs", "-5MB", "0"])
+def test_bad_byte_sizes_are_refused(text):
+    with pytest.raises(ValueError, match="size"):
+        parse_byte_size(text)

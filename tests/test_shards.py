@@ -114,6 +114,30 @@ def test_resize_and_reencode(small_tar, tmp_path, fmt, ext):
             assert meta["quality"] is None
 
 
+def test_reencode_sends_jpegs_at_size_through_the_encoder(small_tar, tmp_path):
+    settings = PrepareSettings(quality=90, reencode=True, limit=20)
+    prepare(str(small_tar), tmp_path, settings, progress=False)
+    for sample in read_samples(tmp_path / "shard-000000.tar").values():
+        meta = json.loads(sample["json"])
+        assert meta["reencoded"] is True and meta["quality"] == 90
+        assert estimate_jpeg_quality(Image.open(io.BytesIO(sample["jpg"])).quantization) == 90
+
+
+def test_shard_bytes_sizes_shards_near_the_target_and_stays_deterministic(small_tar, tmp_path):
+    settings = PrepareSettings(shard_bytes=60_000)
+    manifest, _ = prepare(str(small_tar), tmp_path / "a", settings, progress=False)
+    assert len(manifest.shards) > 3 and manifest.num_samples == 200
+    for shard in manifest.shards[:-1]:  # the last one holds what is left
+        assert 0.8 * 60_000 <= shard.bytes <= 1.2 * 60_000
+    again, _ = prepare(str(small_tar), tmp_path / "b", settings, workers=2, progress=False)
+    assert [s.sha256 for s in again.shards] == [s.sha256 for s in manifest.shards]
+
+
+def test_the_progress_bar_counts_every_image_written_by_the_workers(small_tar, tmp_path, capsys):
+    prepare(str(small_tar), tmp_path, PrepareSettings(shard_size=60), workers=2, progress=True)
+    assert "200/200" in capsys.readouterr().err
+
+
 def test_bad_images_are_skipped_with_reasons(tmp_path):
     members = cifar_members("test", 3)
     good = next(iter(members.values()))

@@ -2,30 +2,32 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import io
 import json
 import multiprocessing
 import os
 import random
 import re
 import tarfile
+import threading
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator
 
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from .. import images
 from ..atomic import TEMP_MARK, write_text_atomic
-from ..compression import estimate_jpeg_quality
+from ..compression import estimate_jpeg_quality, estimate_jpeg_quality_zigzag
 from ..errors import ConfigError, DataError
 from .manifest import MANIFEST_NAME, Manifest, ShardInfo, read_manifest, write_manifest
-from .sources import RawImage, SourceItem, open_source
+from . import tars
+from .sources import DECOMPRESSED_PREFIX, ItemReader, RawImage, SourceItem, open_source
 
 SHARD_NAME = "shard-{:06d}"
 DALI_INDEX_VERSION = "v1.2"
@@ -34,7 +36,6 @@ _PLAN_NAME = ".prepare-plan.json"  # the settings an unfinished prepare in this 
 _DONE_SUFFIX = ".done.json"  # per finished shard of an unfinished prepare: its ShardInfo, skips, histograms
 _DONE_GLOB = f".shard-*{_DONE_SUFFIX}"
 _SHARD_NUMBER = re.compile(r"shard-(\d{6})")
-_SOURCES: dict[tuple[str, str, str], Any] = {}  # per process: open sources, reused across jobs
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,8 @@ class PrepareSettings:
     webp_lossless: bool = False
     qualities: tuple[int, ...] | None = None  # write each image at these JPEG/WebP qualities (no pass-through)
     quality_mode: str = "all"  # 'all': one sample per quality; 'random': one seeded-random quality per image
+    reencode: bool = False  # re-encode JPEGs that could be passed through as they are
+    shard_bytes: int | None = None  # aim shards at about this size instead of shard_size samples
 
 
 @dataclass
@@ -81,8 +84,10 @@ class ShardWriter:
         self.shard_size = shard_size
         self.first_index = first_index  # number of the first shard written
         self.shards: list[ShardInfo] = []
-        self._tar: tarfile.TarFile | None = None
+        self._file: BinaryIO | None = None
         self._tmp: Path | None = None
+        self._size = 0  # bytes written to the open shard
+        self._sha256 = hashlib.sha256()
         self._count = 0
         self._index_lines: list[str] = []  # the DALI index of the open shard, built while writing
 
@@ -90,25 +95,25 @@ class ShardWriter:
         """Append one sample, starting a new shard when the current one is full."""
         if len(sample.key) > 80:
             raise ValueError(f"shard keys are kept short so each header is one block: {sample.key!r}")
-        if self._tar is None:
+        if self._file is None:
             name = SHARD_NAME.format(self.first_index + len(self.shards)) + ".tar"
             self._tmp = self.out_dir / f".{name}{TEMP_MARK}{os.getpid()}"
-            # Write USTAR explicitly: DALI has failed on Python's default PAX headers, and
-            # webdataset's TarWriter (1.0.2) computes a format but never passes it on.
-            self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
+            self._file = open(self._tmp, "wb")
+            self._size, self._sha256 = 0, hashlib.sha256()
             self._count = 0
             self._index_lines = []
         members = {sample.ext: sample.image, "json": json.dumps(sample.meta, sort_keys=True).encode()}
         if sample.label is not None:
             members["cls"] = str(sample.label).encode()
-        entries = []
+        entries, blobs, offset = [], [], self._size
         for ext in sorted(members):  # the files of one sample stay adjacent
-            data = members[ext]
-            info = tarfile.TarInfo(f"{sample.key}.{ext}")
-            info.size, info.mode, info.mtime = len(data), 0o644, 0  # fixed mtime: reproducible bytes
-            # a USTAR header of a name this short is one 512-byte block; the data follows it
-            entries.append(f"{ext} {self._tar.offset + tarfile.BLOCKSIZE} {len(data)} {info.name}")
-            self._tar.addfile(info, io.BytesIO(data))
+            name, data = f"{sample.key}.{ext}", members[ext]
+            # USTAR with fixed mtime and owner, as tarfile would write it: DALI has failed on
+            # Python's default PAX headers (and webdataset 1.0.2's TarWriter writes those)
+            blobs.append(tars.member_bytes(name, data))
+            entries.append(f"{ext} {offset + tars.BLOCK} {len(data)} {name}")
+            offset += len(blobs[-1])
+        self._write(b"".join(blobs))
         self._index_lines.append(" ".join(entries) + "\n")
         self._count += 1
         if self._count == self.shard_size:
@@ -116,7 +121,7 @@ class ShardWriter:
 
     def close(self) -> list[ShardInfo]:
         """Finish the last shard and return every shard written."""
-        if self._tar is not None:
+        if self._file is not None:
             self._finish_shard()
         return self.shards
 
@@ -124,14 +129,20 @@ class ShardWriter:
         return self
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
-        if exc_type is not None and self._tar is not None:
-            self._tar.close()
+        if exc_type is not None and self._file is not None:
+            self._file.close()
             self._tmp.unlink(missing_ok=True)
-            self._tar = None
+            self._file = None
+
+    def _write(self, data: bytes) -> None:
+        self._file.write(data)
+        self._sha256.update(data)
+        self._size += len(data)
 
     def _finish_shard(self) -> None:
-        self._tar.close()
-        self._tar = None
+        self._write(tars.archive_end(self._size))
+        self._file.close()
+        self._file = None
         base = SHARD_NAME.format(self.first_index + len(self.shards))
         tar_path, index_path = self.out_dir / f"{base}.tar", self.out_dir / f"{base}.idx"
         index_tmp = self.out_dir / f".{base}.idx{TEMP_MARK}{os.getpid()}"
@@ -140,7 +151,7 @@ class ShardWriter:
         os.replace(self._tmp, tar_path)
         self.shards.append(ShardInfo(
             tar=tar_path.name, index=index_path.name, samples=self._count,
-            bytes=tar_path.stat().st_size, sha256=file_sha256(tar_path),
+            bytes=self._size, sha256=self._sha256.hexdigest(),
         ))
 
 
@@ -236,48 +247,42 @@ def prepare(source: str, out_dir: Path, settings: PrepareSettings, *, workers: i
         except DataError:
             pass  # unusable manifest: rebuild below
 
-    with open_source(source, settings.split, download_dir) as src:
+    workers = workers or os.cpu_count() or 1
+    counter = multiprocessing.get_context("spawn").Value("q", 0)  # images written, by any process
+    with contextlib.ExitStack() as stack:
+        # The pool starts first, so that its processes start up while the source is listed.
+        pool = stack.enter_context(_start_pool(workers, counter)) if workers > 1 else None
+        if pool is None:  # written here: count here
+            _count_into(counter)
+            stack.callback(_count_into, None)
+        src = stack.enter_context(open_source(source, settings.split, download_dir, scratch_dir=out_dir))
         order = list(src.items)
         random.Random(settings.seed).shuffle(order)
         if settings.limit is not None:
             order = order[: settings.limit]
-        class_names, rejected = src.class_names, src.rejected
-        _SOURCES[(source, settings.split, download_dir)] = src  # in-process jobs reuse it
         # Only now that the source is known to be readable may an old shard set be touched.
         out_dir.mkdir(parents=True, exist_ok=True)
-        per_shard = max(1, settings.shard_size // _variants_per_input(settings))  # inputs per shard
+        per_shard = _inputs_per_shard(order, src.reader, src.class_names, settings)
         jobs = [
-            _ShardJob(index=i, first_key=first, items=order[first:first + per_shard], source=source,
-                      download_dir=download_dir, settings=settings, class_names=class_names, out_dir=out_dir)
+            _ShardJob(index=i, first_key=first, items=order[first:first + per_shard], reader=src.reader,
+                      settings=settings, class_names=src.class_names, out_dir=out_dir)
             for i, first in enumerate(range(0, len(order), per_shard))
         ]
-        plan = {"settings": recorded, "jobs": len(jobs), "inputs": len(order), "class_names": class_names,
-                "rejected": rejected}
+        plan = {"settings": recorded, "jobs": len(jobs), "inputs": len(order), "inputs_per_shard": per_shard,
+                "class_names": src.class_names, "rejected": src.rejected}
         mine = {job.index for job in jobs if job.index % world_size == rank}
         done = _resume_state(out_dir, plan, rank, world_size)
         todo = [job for job in jobs if job.index in mine and job.index not in done]
-        bar = tqdm(total=sum(len(job.items) for job in jobs if job.index in mine), desc="prepare", unit="img",
-                   disable=not progress, dynamic_ncols=True)
-        bar.update(sum(len(job.items) for job in jobs if job.index in done))
-        workers = min(workers or os.cpu_count() or 1, max(len(todo), 1))
+        counter.value = sum(len(jobs[i].items) for i in done)
+        stack.enter_context(_progress_bar(counter, sum(len(jobs[i].items) for i in mine), progress))
         try:
-            if workers == 1:
-                for job in todo:
-                    done[job.index] = _write_job(job)
-                    bar.update(len(job.items))
-            else:
-                context = multiprocessing.get_context("spawn")  # no fork of a process that may hold torch threads
-                with ProcessPoolExecutor(workers, mp_context=context) as pool:
-                    for job, result in zip(todo, pool.map(_write_job, todo)):
-                        done[job.index] = result
-                        bar.update(len(job.items))
+            results = pool.map(_write_job, todo) if pool else map(_write_job, todo)
+            for job, result in zip(todo, results):
+                done[job.index] = result
         except BrokenProcessPool:
             raise DataError(f"a prepare worker died (out of memory?) while writing {out_dir}; finished shards "
                             f"are kept: rerun the same command to resume, with fewer --workers if memory is short"
                             ) from None
-        finally:
-            _SOURCES.pop((source, settings.split, download_dir), None)
-            bar.close()
 
     if world_size > 1:
         return None, False
@@ -321,7 +326,84 @@ def merge_shards(out_dir: Path) -> Manifest:
     for path in out_dir.glob(_DONE_GLOB):
         path.unlink()
     (out_dir / _PLAN_NAME).unlink(missing_ok=True)
+    for path in out_dir.glob(f"{DECOMPRESSED_PREFIX}*.tar"):
+        path.unlink()
     return manifest
+
+
+_PROBE_INPUTS = 256  # inputs encoded to size shards by bytes
+_COUNT_EVERY = 64  # images between progress reports of a worker
+_images_done = None  # per process: the shared count of images written, for the progress bar
+
+
+def _count_into(counter: Any) -> None:
+    """Make this process add the images it writes to `counter` (a shared integer), or stop (None)."""
+    global _images_done
+    _images_done = counter
+
+
+def _count_done(n: int) -> None:
+    if _images_done is not None:
+        with _images_done.get_lock():
+            _images_done.value += n
+
+
+@contextlib.contextmanager
+def _start_pool(workers: int, counter: Any) -> Iterator[ProcessPoolExecutor]:
+    """A pool of `workers` spawned processes, started at once, that count the images they write
+    into `counter`."""
+    context = multiprocessing.get_context("spawn")  # no fork of a process that may hold torch threads
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_count_into, initargs=(counter,)) as pool:
+        pool.submit(os.getpid)  # a pool starts its processes on the first task
+        yield pool
+
+
+@contextlib.contextmanager
+def _progress_bar(counter: Any, total: int, enabled: bool) -> Iterator[None]:
+    """Show a bar of `counter` (images written by any process) out of `total`, refreshed from a thread."""
+    bar = tqdm(total=total, desc="prepare", unit="img", disable=not enabled, dynamic_ncols=True)
+    stop = threading.Event()
+
+    def refresh() -> None:
+        while True:
+            bar.update(counter.value - bar.n)
+            if stop.wait(0.25):
+                return
+
+    thread = threading.Thread(target=refresh, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        bar.update(counter.value - bar.n)
+        bar.close()
+
+
+def _inputs_per_shard(order: list[SourceItem], reader: ItemReader, class_names: list[str],
+                      settings: PrepareSettings) -> int:
+    """Inputs per shard: from `shard_size` samples, or, with `shard_bytes`, from the mean tar size of
+    the samples of up to 256 inputs spread evenly over the (seeded) order, so shards come out near it."""
+    variants = _variants_per_input(settings)
+    if settings.shard_bytes is None:
+        return max(1, settings.shard_size // variants)
+    step = max(1, len(order) // _PROBE_INPUTS)
+    sizes = []
+    for position in range(0, len(order), step)[:_PROBE_INPUTS]:
+        item = order[position]
+        try:
+            samples = encode_for_shard(reader.read(item), item, class_names, settings,
+                                       _qualities_for(settings, position))
+        except (images.BadImage, DataError):
+            continue
+        for data, ext, meta in samples:
+            members = [data, json.dumps(meta, sort_keys=True).encode()]
+            members += [str(item.label).encode()] if item.label is not None else []
+            sizes.append(sum(tars.BLOCK + -(-len(m) // tars.BLOCK) * tars.BLOCK for m in members))
+    if not sizes:
+        return max(1, settings.shard_size // variants)
+    return max(1, int(settings.shard_bytes / (sum(sizes) / len(sizes))) // variants)
 
 
 @dataclass
@@ -331,8 +413,7 @@ class _ShardJob:
     index: int
     first_key: int
     items: list[SourceItem]
-    source: str
-    download_dir: str
+    reader: ItemReader
     settings: PrepareSettings
     class_names: list[str]
     out_dir: Path
@@ -340,26 +421,24 @@ class _ShardJob:
 
 def _write_job(job: _ShardJob) -> dict[str, Any]:
     """Encode and write one shard (in a worker); record it as done; return its record."""
-    key = (job.source, job.settings.split, job.download_dir)
-    if key not in _SOURCES:
-        _SOURCES[key] = open_source(job.source, job.settings.split, job.download_dir)
-    src = _SOURCES[key]
     classes, qualities = Counter(), Counter()
     skipped: list[dict[str, str]] = []
     with ShardWriter(job.out_dir, len(job.items) * _variants_per_input(job.settings), first_index=job.index) as writer:
-        for offset, item in enumerate(job.items):
-            position = job.first_key + offset  # the input's place in the shuffled order
-            try:
-                variants = encode_for_shard(src.read(item), item, job.class_names, job.settings,
-                                            _qualities_for(job.settings, position))
-            except (images.BadImage, DataError) as exc:
-                skipped.append({"source": item.path, "reason": str(exc)})
-                continue
-            for variant, (data, ext, meta) in enumerate(variants):
-                key = position * len(variants) + variant
-                writer.add(ShardSample(f"{key:08d}", data, ext, item.label, meta))
-                classes[meta["class"]] += 1
-                qualities[str(meta["quality"])] += 1
+        for start in range(0, len(job.items), _COUNT_EVERY):
+            chunk = job.items[start:start + _COUNT_EVERY]
+            for position, item in enumerate(chunk, job.first_key + start):  # the input's place in the order
+                try:
+                    variants = encode_for_shard(job.reader.read(item), item, job.class_names, job.settings,
+                                                _qualities_for(job.settings, position))
+                except (images.BadImage, DataError) as exc:
+                    skipped.append({"source": item.path, "reason": str(exc)})
+                    continue
+                for variant, (data, ext, meta) in enumerate(variants):
+                    key = position * len(variants) + variant
+                    writer.add(ShardSample(f"{key:08d}", data, ext, item.label, meta))
+                    classes[meta["class"]] += 1
+                    qualities[str(meta["quality"])] += 1
+            _count_done(len(chunk))
         shards = writer.close()
     record = {"shard": asdict(shards[0]) if shards else None, "skipped": skipped,
               "classes": dict(classes), "qualities": dict(qualities)}
@@ -429,13 +508,22 @@ def encode_for_shard(raw: RawImage, item: SourceItem, class_names: list[str], se
     """Validate one raw image and return its shard samples as (bytes, member extension, metadata).
 
     Without `qualities`: one sample. A JPEG already at the target size, in RGB, is
-    passed through untouched (no second lossy encode), its quality estimated from
-    its quantisation tables; anything else is converted to RGB, fitted to the
-    resolution and encoded at the configured format and quality. With
-    `qualities`: one re-encoded sample per quality. Raises images.BadImage when
-    the image cannot be used.
+    passed through untouched (no second lossy encode; unless `settings.reencode`),
+    its quality estimated from its quantisation tables; anything else is converted
+    to RGB, fitted to the resolution and encoded at the configured format and
+    quality. With `qualities`: one re-encoded sample per quality. Raises
+    images.BadImage when the image cannot be used.
     """
     size = settings.resolution
+    may_pass = qualities is None and not settings.reencode and settings.format in ("jpeg", "keep")
+    header = images.plain_jpeg_header(raw.data) if may_pass and raw.data is not None else None
+    if header is not None and (header.width, header.height) == (size, size) and size * size <= settings.max_pixels:
+        images.decode_plain_jpeg(raw.data, header)  # the fast path of the pass-through below
+        return [(raw.data, "jpg", {
+            "source": item.path, "class": class_names[item.label] if item.label is not None else None,
+            "width": size, "height": size, "format": "jpeg",
+            "quality": estimate_jpeg_quality_zigzag(header.luma_table_zigzag), "reencoded": False,
+        })]
     if raw.data is not None:
         image = images.decode(raw.data, settings.max_pixels)
         source_format = image.format
@@ -448,11 +536,12 @@ def encode_for_shard(raw: RawImage, item: SourceItem, class_names: list[str], se
         "width": image.width,
         "height": image.height,
     }
-    rotated = image.getexif().get(EXIF_ORIENTATION, 1) != 1  # the camera's "this side up"
+    # the camera's "this side up" (getexif parses nothing when the file has no EXIF block)
+    has_exif = "exif" in image.info or "Raw profile type exif" in image.info  # PNG keeps it in a text chunk
+    rotated = has_exif and image.getexif().get(EXIF_ORIENTATION, 1) != 1
     stored = images.PIL_FORMATS.get(source_format)
     as_is = image.mode == "RGB" and image.size == (size, size) and not rotated
-    if qualities is None and as_is and stored is not None and \
-            (settings.format == "keep" or settings.format == stored == "jpeg"):
+    if may_pass and as_is and stored is not None and (settings.format == "keep" or settings.format == stored):
         quality = estimate_jpeg_quality(getattr(image, "quantization", None)) if stored == "jpeg" else None
         return [(raw.data, images.EXTENSIONS[stored], {**meta, "format": stored, "quality": quality,
                                                         "reencoded": False})]

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import io
 import pickle
 import posixpath
 import tarfile
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple, Protocol
+
 import numpy as np
 
 from ..errors import DataError
 from ..images import EXTENSIONS
 from .manifest import MANIFEST_NAME, parse_dali_index, read_manifest
+from .tars import compression_of, decompress_to, list_members, read_span
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 CIFAR10_CLASSES = [
@@ -20,15 +26,17 @@ CIFAR10_CLASSES = [
 ]
 DOWNLOAD_PREFIX = "download:"
 LIST_SUFFIXES = (".txt", ".lst", ".list")
+DECOMPRESSED_PREFIX = ".source-"  # a compressed tar source, decompressed beside the shards while prepare runs
 IMAGE_EXTENSIONS = set(EXTENSIONS.values())  # image members of a shard set
 
 
-@dataclass(frozen=True)
-class SourceItem:
-    """One input image: where it lives (recorded as `source` in shards) and its class id."""
+class SourceItem(NamedTuple):  # a tuple: cheap to hold and to send to workers by the million
+    """One input image: where it lives (recorded as `source` in shards), its class id, and
+    for images inside an archive file, the (offset, size) of its bytes there."""
 
     path: str
     label: int | None
+    span: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -37,6 +45,14 @@ class RawImage:
 
     data: bytes | None = None
     pixels: np.ndarray | None = None
+
+
+class ItemReader(Protocol):
+    """Reads the raw image of an item without listing the source again; small and picklable,
+    so worker processes get one instead of re-opening the source."""
+
+    def read(self, item: SourceItem) -> RawImage:
+        """Return the raw image of `item`."""
 
 
 class Source:
@@ -49,11 +65,12 @@ class Source:
     description: str
     class_names: list[str]
     items: list[SourceItem]
+    reader: ItemReader
     rejected: list[dict[str, str]] = []  # inputs left out before reading: {"source", "reason"}
 
     def read(self, item: SourceItem) -> RawImage:
         """Return the raw image of `item`."""
-        raise NotImplementedError
+        return self.reader.read(item)
 
     def close(self) -> None:
         """Release open files."""
@@ -65,10 +82,14 @@ class Source:
         self.close()
 
 
-def open_source(spec: str, split: str = "train", download_dir: str = "~/.cache/cgan-pipe") -> Source:
+def open_source(spec: str, split: str = "train", download_dir: str = "~/.cache/cgan-pipe",
+                scratch_dir: Path | None = None) -> Source:
     """Open the raw image source named by `spec` (a path, or 'download:cifar10').
 
-    Raises DataError naming the path when it is missing or of an unknown kind.
+    A compressed tar is first decompressed once into `scratch_dir` (a temporary
+    folder when None), since reading members of a gzip stream in shuffled order
+    would decompress it again and again. Raises DataError naming the path when
+    it is missing or of an unknown kind.
     """
     if spec.startswith(DOWNLOAD_PREFIX):
         return _download(spec[len(DOWNLOAD_PREFIX):], split, Path(download_dir).expanduser())
@@ -90,52 +111,83 @@ def open_source(spec: str, split: str = "train", download_dir: str = "~/.cache/c
     if _is_cifar_archive(path):
         return CifarPythonSource(path, split)
     if tarfile.is_tarfile(path):
-        return TarSource(path)
+        return TarSource(path, scratch_dir)
     raise DataError(f"data source {spec!r} is neither a folder, a tar archive, a list file "
                     f"({', '.join(LIST_SUFFIXES)}) nor a CIFAR-10 archive")
 
 
-def label_items(paths: list[str]) -> tuple[list[str], list[SourceItem]]:
+def label_items(paths: list[str], spans: dict[str, tuple[int, int]] | None = None
+                ) -> tuple[list[str], list[SourceItem]]:
     """Assign stable class ids to image paths from an image-folder layout.
 
     The folder directly below the paths' common root names the class; class ids
-    follow the sorted class names. Images all at the root are unlabelled.
+    follow the sorted class names. Images all at the root are unlabelled. `spans`
+    gives each path's place in an archive file, when the paths are archive members.
     """
     paths = sorted(paths)
-    if not paths:
-        return [], []
-    root = posixpath.commonpath([posixpath.dirname(p) for p in paths]) if len(paths) > 1 else posixpath.dirname(paths[0])
-    rel = [posixpath.relpath(p, root) if root else p for p in paths]
-    at_root = [r for r in rel if "/" not in r]
-    if len(at_root) == len(rel):
-        return [], [SourceItem(p, None) for p in paths]
+    spans = spans or {}
+    # classes are decided per folder (few) rather than per path (many); normpath drops a leading './'
+    folders = {folder: posixpath.normpath(folder) for folder in {p.rpartition("/")[0] for p in paths}}
+    root = posixpath.commonpath(list(folders.values())) if folders else ""
+    class_of = {}  # folder -> class name, or None for the root itself
+    for folder, norm in folders.items():
+        rel = norm if not root else "" if norm == root else norm[len(root) + 1:]
+        class_of[folder] = rel.split("/", 1)[0] if rel not in ("", ".") else None
+    at_root = [p for p in paths if class_of[p.rpartition("/")[0]] is None]
+    if len(at_root) == len(paths):
+        return [], [SourceItem(p, None, spans.get(p)) for p in paths]
     if at_root:
         raise DataError(
             f"images are both at the top of {root or 'the source'!r} (e.g. {at_root[0]!r}) and in "
             f"class folders; put every image in a class folder, or none"
         )
-    class_names = sorted({r.split("/", 1)[0] for r in rel})
+    class_names = sorted(set(class_of.values()))
     ids = {name: i for i, name in enumerate(class_names)}
-    return class_names, [SourceItem(p, ids[r.split("/", 1)[0]]) for p, r in zip(paths, rel)]
+    folder_ids = {folder: ids[name] for folder, name in class_of.items()}
+    return class_names, [SourceItem(p, folder_ids[p.rpartition("/")[0]], spans.get(p)) for p in paths]
 
 
-class _FilesUnderRoot(Source):
-    """A source whose items are image files on disk at paths relative to `root`."""
+@dataclass(frozen=True)
+class FileReader:
+    """Reads items that are image files at paths relative to `root`."""
 
     root: Path
 
     def read(self, item: SourceItem) -> RawImage:
+        """Return the bytes of the file."""
         try:
             return RawImage(data=(self.root / item.path).read_bytes())
         except OSError as exc:
             raise DataError(f"cannot read {self.root / item.path} ({exc.strerror})") from None
 
 
-class FolderSource(_FilesUnderRoot):
+@dataclass(frozen=True)
+class SpanReader:
+    """Reads items stored as byte spans of one archive file (an uncompressed tar)."""
+
+    archive: Path
+
+    def read(self, item: SourceItem) -> RawImage:
+        """Return the bytes of the item's span."""
+        return RawImage(data=read_span(self.archive, *item.span))
+
+
+@dataclass(frozen=True)
+class ShardSpanReader:
+    """Reads items of a shard set: byte spans of the shard named by the item path's first part."""
+
+    root: Path
+
+    def read(self, item: SourceItem) -> RawImage:
+        """Return the bytes of the item's span in its shard."""
+        return RawImage(data=read_span(self.root / item.path.split("/", 1)[0], *item.span))
+
+
+class FolderSource(Source):
     """An image-folder tree on disk: ROOT/<class>/<image>."""
 
     def __init__(self, root: Path):
-        self.root = root
+        self.reader = FileReader(root)
         self.description = f"image folder {root}"
         files = [
             p.relative_to(root).as_posix()
@@ -147,7 +199,7 @@ class FolderSource(_FilesUnderRoot):
             raise DataError(f"{root}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
 
 
-class ListSource(_FilesUnderRoot):
+class ListSource(Source):
     """A text file naming one image path per line (relative to the file's folder; '#' comments).
 
     Classes come from the image-folder layout of the listed paths, as for a folder.
@@ -155,14 +207,14 @@ class ListSource(_FilesUnderRoot):
 
     def __init__(self, path: Path):
         self.description = f"list file {path}"
-        self.root = path.parent
+        self.reader = FileReader(path.parent)
         try:
             lines = path.read_text().splitlines()
         except (OSError, UnicodeDecodeError) as exc:
             raise DataError(f"{path}: cannot read list file ({exc})") from None
         listed = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
         self.rejected = [{"source": p, "reason": "listed file does not exist"}
-                         for p in listed if not (self.root / p).is_file()]
+                         for p in listed if not (path.parent / p).is_file()]
         missing = {r["source"] for r in self.rejected}
         self.class_names, self.items = label_items(sorted({p for p in listed if p not in missing}))
         if not self.items:
@@ -177,9 +229,9 @@ class ShardSetSource(Source):
 
     def __init__(self, path: Path):
         self.description = f"shard set {path}"
+        self.reader = ShardSpanReader(path)
         manifest = read_manifest(path)
         self.class_names = list(manifest.class_names)
-        self._where: dict[str, tuple[Path, int, int]] = {}
         self.items = []
         for shard in manifest.shards:
             tar = path / shard.tar
@@ -197,57 +249,61 @@ class ShardSetSource(Source):
                             raise DataError(f"{tar}: {cls.name} holds {raw!r}, not a class id; "
                                             f"run `cgan-pipe verify {path}`")
                         label = int(raw)
-                    item_path = f"{shard.tar}/{image.name}"
-                    self._where[item_path] = (tar, image.offset, image.size)
-                    self.items.append(SourceItem(item_path, label))
-
-    def read(self, item: SourceItem) -> RawImage:
-        tar, offset, size = self._where[item.path]
-        with open(tar, "rb") as handle:
-            handle.seek(offset)
-            return RawImage(data=handle.read(size))
+                    self.items.append(SourceItem(f"{shard.tar}/{image.name}", label, (image.offset, image.size)))
 
 
 class TarSource(Source):
-    """A tar (optionally gzip/bz2/xz) of an image-folder tree."""
+    """A tar (optionally gzip/bz2/xz) of an image-folder tree, read in place, never extracted.
 
-    def __init__(self, path: Path):
+    A compressed tar is decompressed once into `scratch_dir` (kept there, so a
+    resumed prepare does not redo it; the caller removes it) or, when None, into
+    a temporary folder removed on close.
+    """
+
+    def __init__(self, path: Path, scratch_dir: Path | None = None):
         self.path = path
         self.description = f"tar archive {path}"
-        try:
-            self._tar = tarfile.open(path)
-            members = self._tar.getmembers()
-        except (tarfile.TarError, OSError, EOFError) as exc:
-            raise DataError(f"{path}: cannot read tar archive ({exc})") from None
-        # Members are only ever read, never extracted, so no name can write outside a folder;
-        # unsafe names, links and duplicates are still left out and reported.
-        self._members: dict[str, tarfile.TarInfo] = {}
+        self._temp_dir = None
+        archive = path
+        if compression_of(path):
+            if scratch_dir is None:
+                self._temp_dir = tempfile.TemporaryDirectory(prefix="cgan-pipe-")
+                scratch_dir = Path(self._temp_dir.name)
+            archive = Path(scratch_dir) / decompressed_name(path)
+            if not archive.exists():
+                decompress_to(path, archive)
+        self.reader = SpanReader(archive)
+        # Unsafe names, links and duplicates are left out and reported (and could never be
+        # written anywhere: members are only read, by offset).
+        members: dict[str, tuple[int, int]] = {}
         self.rejected = []
-        for m in members:
+        for m in list_members(archive):
             if posixpath.splitext(m.name)[1].lower() not in IMAGE_SUFFIXES:
                 continue
             parts = m.name.split("/")
             if m.name.startswith("/") or ".." in parts:
                 self.rejected.append({"source": m.name, "reason": "unsafe member path (absolute or '..')"})
-            elif not m.isfile():
+            elif not m.is_file:
                 self.rejected.append({"source": m.name, "reason": "not a regular file (link or device)"})
-            elif m.name in self._members:
+            elif m.name in members:
                 self.rejected.append({"source": m.name, "reason": "duplicate member name; the first copy is used"})
             else:
-                self._members[m.name] = m
-        self.class_names, self.items = label_items(list(self._members))
+                members[m.name] = (m.offset, m.size)
+        self.class_names, self.items = label_items(list(members), members)
         if not self.items:
             raise DataError(f"{path}: no images found in the archive")
 
-    def read(self, item: SourceItem) -> RawImage:
-        try:
-            handle = self._tar.extractfile(self._members[item.path])
-            return RawImage(data=handle.read() if handle else b"")
-        except (tarfile.TarError, OSError, EOFError) as exc:
-            raise DataError(f"{self.path}: cannot read member {item.path!r} ({exc})") from None
-
     def close(self) -> None:
-        self._tar.close()
+        if self._temp_dir is not None:
+            self._temp_dir.cleanup()
+
+
+def decompressed_name(path: Path) -> str:
+    """The file name a compressed tar is decompressed to: hidden, and tied to the archive's
+    path, size and modification time so that a changed archive is decompressed afresh."""
+    stat = path.stat()
+    tag = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return f"{DECOMPRESSED_PREFIX}{tag}.tar"
 
 
 class CifarPythonSource(Source):
@@ -255,26 +311,44 @@ class CifarPythonSource(Source):
 
     def __init__(self, path: Path, split: str):
         self.description = f"CIFAR-10 python archive {path} ({split})"
-        names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
-        blobs = _read_cifar_members(path, names)
-        pixels, labels, self.items = [], [], []
-        for name in names:
-            batch = _safe_unpickle(blobs[name], f"{path}:{name}")
-            try:
-                data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-                batch_labels = [int(v) for v in batch[b"labels"]]
-                files = [f.decode() if isinstance(f, bytes) else str(f) for f in batch[b"filenames"]]
-            except (KeyError, ValueError, TypeError) as exc:
-                raise DataError(f"{path}:{name}: not a CIFAR-10 batch ({exc})") from None
-            pixels.append(data.transpose(0, 2, 3, 1))
-            labels.extend(batch_labels)
-            self.items.extend(SourceItem(f"{name}/{f}", y) for f, y in zip(files, batch_labels))
+        self.reader = CifarReader(path, split)
+        self.items = list(_load_cifar(path, split)[0])
         self.class_names = list(CIFAR10_CLASSES)
-        self._pixels = np.concatenate(pixels)
-        self._index = {item.path: i for i, item in enumerate(self.items)}
+
+    def close(self) -> None:
+        _load_cifar.cache_clear()
+
+
+@dataclass(frozen=True)
+class CifarReader:
+    """Reads items of a CIFAR-10 python archive (loaded once per process)."""
+
+    path: Path
+    split: str
 
     def read(self, item: SourceItem) -> RawImage:
-        return RawImage(pixels=self._pixels[self._index[item.path]])
+        """Return the item's 32x32x3 pixels."""
+        _, pixels, index = _load_cifar(self.path, self.split)
+        return RawImage(pixels=pixels[index[item.path]])
+
+
+@functools.lru_cache(maxsize=1)
+def _load_cifar(path: Path, split: str) -> tuple[list[SourceItem], np.ndarray, dict[str, int]]:
+    """(items, pixels NxHxWx3, item path -> row) of one split of a CIFAR-10 python archive."""
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    blobs = _read_cifar_members(path, names)
+    pixels, items = [], []
+    for name in names:
+        batch = _safe_unpickle(blobs[name], f"{path}:{name}")
+        try:
+            data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            labels = [int(v) for v in batch[b"labels"]]
+            files = [f.decode() if isinstance(f, bytes) else str(f) for f in batch[b"filenames"]]
+        except (KeyError, ValueError, TypeError) as exc:
+            raise DataError(f"{path}:{name}: not a CIFAR-10 batch ({exc})") from None
+        pixels.append(data.transpose(0, 2, 3, 1))
+        items.extend(SourceItem(f"{name}/{f}", y) for f, y in zip(files, labels))
+    return items, np.concatenate(pixels), {item.path: i for i, item in enumerate(items)}
 
 
 def _is_cifar_archive(path: Path) -> bool:
