@@ -21,6 +21,7 @@ EXAMPLES = {
     "train": "cgan-pipe train pipelines/cifar.yaml --set train.batch_size=128",
     "verify": "cgan-pipe verify runs/cifar/shards",
     "inspect": "cgan-pipe inspect runs/cifar/shards --json",
+    "bench prepare": "cgan-pipe bench prepare ../shared/data/cifar10/train.tar --dataset-tool dataset_tool.py",
     "generate": "cgan-pipe generate runs/cifar/checkpoints/ckpt-0005000.pt out/ --n 1000 --format webp",
 }
 
@@ -300,3 +301,40 @@ def inspect_shard_set(shards: str, as_json: bool, sheet: str | None, per_class: 
         elif isinstance(value, list):
             value = ", ".join(map(str, value))
         click.echo(f"{key:>24}  {value}")
+
+
+@main.group()
+def bench() -> None:
+    """Time cgan-pipe's stages beside the plain way of doing the same work."""
+
+
+@bench.command("prepare", epilog=f"Example: {EXAMPLES['bench prepare']}")
+@click.argument("source", type=click.Path(exists=True, dir_okay=False))
+@click.option("--quality", type=click.IntRange(1, 100), default=90, show_default=True,
+              help="JPEG quality of the re-encode runs.")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="prepare's processes [default: one per core].")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use the first N images only.")
+@click.option("--dataset-tool", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Path of StyleGAN2-ADA's dataset_tool.py, to time it on the same images (extracted first).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write the records [{method, images, seconds, images_per_s}] to this file.")
+@_reports_errors
+def bench_prepare_command(source: str, quality: int, workers: int | None, limit: int | None,
+                          dataset_tool: str | None, json_path: str | None) -> None:
+    """Time prepare on the tar SOURCE: --format keep, and a re-encode to JPEG at --quality, beside a
+    single-process Pillow loop doing the same re-encode (and StyleGAN2-ADA's dataset_tool when given).
+
+    Prints one line per method and the ratios the project's targets are stated in.
+    """
+    from .atomic import write_text_atomic
+    from .bench import bench_prepare
+
+    records = bench_prepare(Path(source), quality=quality, workers=workers, limit=limit,
+                            dataset_tool=Path(dataset_tool) if dataset_tool else None, echo=click.echo)
+    rate = {r.method: r.images_per_s for r in records}
+    click.echo(f"re-encode: prepare / Pillow loop = "
+               f"{rate[f'prepare-jpeg-q{quality}'] / rate[f'pil-loop-jpeg-q{quality}']:.2f}x")
+    if "stylegan2-ada-dataset_tool" in rate:
+        click.echo(f"keep: prepare / dataset_tool = {rate['prepare-keep'] / rate['stylegan2-ada-dataset_tool']:.2f}x")
+    if json_path:
+        write_text_atomic(Path(json_path), json.dumps([r.to_dict() for r in records], indent=2) + "\n")

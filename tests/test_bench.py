@@ -1,0 +1,29 @@
+"""`cgan-pipe bench prepare` runs every method on the same images and reports consistent records."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+
+from click.testing import CliRunner
+
+from cgan_pipe.bench import pil_reencode_loop
+from cgan_pipe.cli import main
+
+
+def test_bench_prepare_times_each_method_and_writes_json(small_tar, tmp_path):
+    result = CliRunner().invoke(main, ["bench", "prepare", str(small_tar), "--workers", "1",
+                                       "--json", str(tmp_path / "bench.json")])
+    assert result.exit_code == 0, result.output
+    records = json.loads((tmp_path / "bench.json").read_text())
+    assert [r["method"] for r in records] == ["prepare-keep", "prepare-jpeg-q90", "pil-loop-jpeg-q90"]
+    for record in records:
+        assert record["images"] == 200 and record["seconds"] > 0
+        assert abs(record["images_per_s"] - record["images"] / record["seconds"]) < 0.05 * record["images_per_s"]
+    assert "re-encode: prepare / Pillow loop" in result.output
+
+
+def test_the_pillow_baseline_writes_every_image_reencoded(small_tar, tmp_path):
+    assert pil_reencode_loop(small_tar, tmp_path / "out.tar", 90, limit=50) == 50
+    with tarfile.open(tmp_path / "out.tar") as tar:
+        assert len(tar.getmembers()) == 50
