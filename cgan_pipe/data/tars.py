@@ -5,7 +5,6 @@ from __future__ import annotations
 import bz2
 import gzip
 import lzma
-import mmap
 import os
 import shutil
 import tarfile
@@ -20,6 +19,8 @@ from ..errors import DataError
 BLOCK = tarfile.BLOCKSIZE  # 512
 RECORD = tarfile.RECORDSIZE  # tarfile pads a closed archive to a multiple of this
 _ZERO_BLOCK = bytes(BLOCK)
+_CHECKSUM_BATCH = 16384  # headers checked per numpy call (8 MiB of them)
+_READ_CHUNK = 1 << 16  # bytes read around a header: many headers of small members come in one read
 _FILE_TYPES = (b"0", b"\x00", b"7")  # regular (and contiguous) files
 _PLAIN_TYPES = _FILE_TYPES + (b"1", b"2", b"3", b"4", b"5", b"6")  # no extended header involved
 _COMPRESSIONS = {"gzip": (b"\x1f\x8b", gzip.open), "bz2": (b"BZh", bz2.open), "xz": (b"\xfd7zXZ\x00", lzma.open)}
@@ -56,26 +57,30 @@ def list_members(path: Path) -> list[TarEntry]:
     """Every member of the uncompressed tar at `path`, in archive order.
 
     Plain USTAR/GNU headers are parsed directly (tarfile spends ~50 us per
-    member); an archive with extended (PAX, GNU long-name) or base-256 headers,
-    or a bad checksum, is listed by tarfile instead, which also gives its errors.
+    member), reading only around the headers; an archive with extended (PAX, GNU
+    long-name) or base-256 headers, or a bad checksum, is listed by tarfile
+    instead, which also gives its errors.
     """
     try:
-        with open(path, "rb") as handle:
-            if os.fstat(handle.fileno()).st_size == 0:
-                return []
-            with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as view:
-                entries = _scan_plain(view)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            entries = _scan_plain(fd, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
     except OSError as exc:
         raise DataError(f"{path}: cannot read tar archive ({exc.strerror or exc})") from None
     return entries if entries is not None else _list_with_tarfile(path)
 
 
-def _scan_plain(view: mmap.mmap) -> list[TarEntry] | None:
+def _scan_plain(fd: int, file_size: int) -> list[TarEntry] | None:
     """Members of a tar whose headers are all plain; None when any header needs tarfile."""
-    blocks, stored, entries = [], [], []  # header block numbers, their recorded checksums, the members
-    pos, end = 0, len(view) - BLOCK
-    while pos <= end:
-        header = view[pos:pos + BLOCK]
+    entries: list[TarEntry] = []
+    headers, stored = [], []  # headers whose checksums are still to check, and their recorded sums
+    chunk, chunk_start, pos = b"", 0, 0
+    while pos + BLOCK <= file_size:
+        if not chunk_start <= pos <= chunk_start + len(chunk) - BLOCK:
+            chunk_start, chunk = pos, os.pread(fd, _READ_CHUNK, pos)
+        header = chunk[pos - chunk_start:pos - chunk_start + BLOCK]
         if header == _ZERO_BLOCK:
             break
         kind, size_field = header[156:157], header[124:136]
@@ -86,6 +91,7 @@ def _scan_plain(view: mmap.mmap) -> list[TarEntry] | None:
             stored.append(int(header[148:156].rstrip(b"\x00 ") or b"-1", 8))
         except ValueError:
             return None
+        headers.append(header)
         # the rules of tarfile.TarInfo.frombuf: an old-style file named 'x/' is a directory,
         # directories lose trailing slashes, and a non-empty prefix field holds the leading folders
         name = header[:100].split(b"\x00", 1)[0].decode("utf-8", "surrogateescape")
@@ -96,17 +102,22 @@ def _scan_plain(view: mmap.mmap) -> list[TarEntry] | None:
             name = header[345:500].split(b"\x00", 1)[0].decode("utf-8", "surrogateescape") + "/" + name
         is_file = kind in _FILE_TYPES and not is_dir
         data_blocks = (size + BLOCK - 1) // BLOCK * BLOCK if is_file else 0
-        if pos + BLOCK + data_blocks > len(view):
+        if pos + BLOCK + data_blocks > file_size:
             return None  # truncated: tarfile words the error
         entries.append(TarEntry(name, pos + BLOCK, size, is_file))
-        blocks.append(pos // BLOCK)
         pos += BLOCK + data_blocks
-    if not entries:
-        return entries
-    # every header's checksum at once: the sum of its bytes, the checksum field counted as spaces
-    headers = np.frombuffer(view, dtype=np.uint8, count=(end + BLOCK) // BLOCK * BLOCK).reshape(-1, BLOCK)[blocks]
-    computed = headers.sum(axis=1, dtype=np.int64) - headers[:, 148:156].sum(axis=1, dtype=np.int64) + 8 * 32
-    return entries if np.array_equal(computed, stored) else None
+        if len(headers) == _CHECKSUM_BATCH:
+            if not _checksums_match(headers, stored):
+                return None
+            headers, stored = [], []
+    return entries if not headers or _checksums_match(headers, stored) else None
+
+
+def _checksums_match(headers: list[bytes], stored: list[int]) -> bool:
+    """Whether each header's recorded checksum is the sum of its bytes, the checksum field read as spaces."""
+    array = np.frombuffer(b"".join(headers), dtype=np.uint8).reshape(-1, BLOCK)
+    computed = array.sum(axis=1, dtype=np.int64) - array[:, 148:156].sum(axis=1, dtype=np.int64) + 8 * 32
+    return bool(np.array_equal(computed, stored))
 
 
 def _list_with_tarfile(path: Path) -> list[TarEntry]:
