@@ -142,6 +142,7 @@ def prepare(source: str, out: str, fmt: str, quality_text: str, quality_mode: st
     """
     from .config import parse_byte_size
     from .data.shards import PrepareSettings, merge_shards, prepare as prepare_shards
+    from .distributed import process_group, started_by_torchrun, wait_for_all_ranks
     from .errors import ConfigError
 
     if merge:
@@ -165,8 +166,19 @@ def prepare(source: str, out: str, fmt: str, quality_text: str, quality_mode: st
                                limit=limit, seed=seed, split=split, max_pixels=max_pixels, resize=resize,
                                jpeg_subsampling=subsampling, png_compress_level=png_level, webp_lossless=lossless,
                                reencode=reencode, shard_bytes=shard_bytes_value)
-    manifest, up_to_date = prepare_shards(source, Path(out), settings, workers=workers, rank=rank,
-                                          world_size=world_size, progress=_progress(quiet))
+    if started_by_torchrun():  # every rank writes its shards, then rank 0 writes the manifest
+        with process_group():
+            manifest, up_to_date = prepare_shards(source, Path(out), settings, workers=workers, rank=rank,
+                                                  world_size=world_size, progress=_progress(quiet) and rank == 0)
+            if not up_to_date:  # every rank read the same manifest before any wrote, so all agree
+                wait_for_all_ranks()
+                manifest = merge_shards(Path(out)) if rank == 0 else None
+                wait_for_all_ranks()
+        if rank != 0:
+            return
+    else:
+        manifest, up_to_date = prepare_shards(source, Path(out), settings, workers=workers, rank=rank,
+                                              world_size=world_size, progress=_progress(quiet))
     if manifest is None:
         click.echo(f"rank {rank} of {world_size}: its shards are written in {out}; when every rank is done, "
                    f"run `cgan-pipe prepare SOURCE {out} --merge`")

@@ -14,6 +14,7 @@ from .config import PipelineConfig, parse_byte_size, to_dict
 from .data.shards import PrepareSettings, prepare
 from .export import ExportSettings, export
 from .devices import resolve_device
+from .distributed import require_one_process
 from .train.loop import read_metrics, train
 
 SUMMARY_NAME = "summary.json"
@@ -49,6 +50,7 @@ def write_resolved_config(cfg: PipelineConfig, run_dir: Path) -> Path:
 
 def run_pipeline(cfg: PipelineConfig, *, progress: bool, echo: Callable[[str], None]) -> dict[str, Any]:
     """Run every stage of `cfg` under its run directory and return (and write) the summary."""
+    require_one_process("run")
     run_dir = cfg.run_path
     write_resolved_config(cfg, run_dir)
     shards_dir = run_dir / "shards"

@@ -26,9 +26,9 @@ from conftest import CIFAR, CLASSES, ROOT
 CLI = str(Path(sys.executable).with_name("cgan-pipe"))
 
 
-@pytest.mark.parametrize("command", ["run", "prepare", "train", "generate", "verify", "inspect"])
+@pytest.mark.parametrize("command", ["run", "prepare", "train", "generate", "verify", "inspect", "bench prepare"])
 def test_every_command_has_useful_help(command):
-    result = CliRunner().invoke(main, [command, "--help"])
+    result = CliRunner().invoke(main, [*command.split(), "--help"])
     assert result.exit_code == 0
     assert "Example: cgan-pipe " + command in result.output
 
@@ -53,6 +53,15 @@ def test_missing_data_source_exits_1_with_advice(tmp_path):
     result = CliRunner().invoke(main, ["prepare", str(tmp_path / "nothing"), str(tmp_path / "out")])
     assert result.exit_code == 1
     assert "does not exist" in result.output and "download:cifar10" in result.output
+
+
+@pytest.mark.parametrize("command", ["run", "train"])
+def test_run_and_train_refuse_to_repeat_themselves_on_every_torchrun_rank(command, tmp_path):
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "RANK": "0", "WORLD_SIZE": "2"}
+    result = CliRunner().invoke(main, [command, str(ROOT / "pipelines" / "cifar.yaml"), "-q",
+                                       "--set", f"run_dir={tmp_path}"], env=env)
+    assert result.exit_code == 2 and "under torchrun each of the 2 ranks would repeat it" in result.output
+    assert not (tmp_path / "shards").exists()
 
 
 def test_train_without_shards_says_how_to_make_them(tmp_path):

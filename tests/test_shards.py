@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
@@ -333,3 +334,21 @@ def test_ranks_write_their_own_shards_and_merge_into_one_set(small_tar, tmp_path
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "single").iterdir())
     with pytest.raises(ConfigError, match="rank 2 is not in 0..1"):
         prepare(str(small_tar), out, settings, rank=2, world_size=2, progress=False)
+
+
+def test_under_torchrun_the_ranks_split_the_work_and_rank_0_writes_the_manifest(small_tar, tmp_path):
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", f"--master-port={port}",
+               "-m", "cgan_pipe", "prepare", str(small_tar), str(tmp_path / "out"), "--shard-size", "30",
+               "--workers", "1", "-q"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("200 samples in 7 shards") == 1  # rank 0 reports, once
+    single, _ = prepare(str(small_tar), tmp_path / "single", PrepareSettings(shard_size=30), progress=False)
+    assert [s.sha256 for s in read_manifest(tmp_path / "out").shards] == [s.sha256 for s in single.shards]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == \
+        sorted(p.name for p in (tmp_path / "single").iterdir())
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "already complete" in again.stdout, again.stderr

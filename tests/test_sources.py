@@ -40,6 +40,23 @@ def test_folder_source_and_unlabelled_folder(tmp_path):
         assert src.class_names == [] and all(item.label is None for item in src.items)
 
 
+def test_a_file_that_cannot_be_read_is_a_data_error_naming_it(tmp_path):
+    # (as root, permissions cannot make a file unreadable: a file gone after listing can)
+    for name, data in cifar_members("test", 1).items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(data)
+    with open_source(str(tmp_path / "test")) as src:
+        gone = src.items[0]
+        (tmp_path / "test" / gone.path).unlink()
+        with pytest.raises(DataError, match=f"cannot read .*{gone.path} \\(No such file"):
+            src.read(gone)
+        assert src.read(src.items[1]).data
+
+
+def test_tar_members_with_a_leading_dot_folder_get_their_class():
+    assert label_items(["./cat/a.jpg", "./dog/b.jpg"])[0] == ["cat", "dog"]
+
+
 def test_mixed_layout_is_an_error():
     with pytest.raises(DataError, match="both at the top"):
         label_items(["root/a.jpg", "root/cat/b.jpg"])

@@ -17,6 +17,7 @@ from ..config import PipelineConfig, to_dict
 from ..data.loader import DatasetInfo, dataset_info, open_loader
 from ..data.manifest import read_manifest
 from ..devices import resolve_device
+from ..distributed import require_one_process
 from ..errors import DataError
 from ..models import build_networks
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
@@ -45,6 +46,7 @@ def train(cfg: PipelineConfig, shards: Path, run_dir: Path, progress: bool = Tru
     Resumes from the newest checkpoint in `run_dir/checkpoints` when there is one;
     returns at once when that checkpoint already reached `cfg.train.steps`.
     """
+    require_one_process("train")
     tc = cfg.train
     device = resolve_device(tc.device, "train.device")
     ckpt_dir, samples_dir = run_dir / "checkpoints", run_dir / "samples"
