@@ -9,6 +9,7 @@ import tarfile
 import pytest
 
 from cgan_pipe.data import tars
+from cgan_pipe.data.shards import PrepareSettings, prepare
 from cgan_pipe.data.sources import open_source
 from cgan_pipe.errors import DataError
 
@@ -90,3 +91,12 @@ def test_a_gzipped_tar_is_decompressed_once_and_read_in_place(tmp_path):
         reader = src.reader
         assert reader.archive.exists()
     assert not reader.archive.exists()
+
+
+def test_prepare_from_a_gzipped_tar_equals_the_plain_tar_and_cleans_up(small_tar, tmp_path):
+    packed = tmp_path / "small.tar.gz"
+    packed.write_bytes(gzip.compress(small_tar.read_bytes()))
+    from_plain, _ = prepare(str(small_tar), tmp_path / "plain", PrepareSettings(shard_size=120), progress=False)
+    from_gzip, _ = prepare(str(packed), tmp_path / "gz", PrepareSettings(shard_size=120), progress=False)
+    assert [s.sha256 for s in from_gzip.shards] == [s.sha256 for s in from_plain.shards]
+    assert sorted(p.name for p in (tmp_path / "gz").iterdir()) == sorted(p.name for p in (tmp_path / "plain").iterdir())

@@ -326,7 +326,7 @@ def merge_shards(out_dir: Path) -> Manifest:
     for path in out_dir.glob(_DONE_GLOB):
         path.unlink()
     (out_dir / _PLAN_NAME).unlink(missing_ok=True)
-    for path in out_dir.glob(f"{DECOMPRESSED_PREFIX}*.tar"):
+    for path in out_dir.glob(f"*{DECOMPRESSED_PREFIX}*"):  # a decompressed source, or a killed run's temp of it
         path.unlink()
     return manifest
 

@@ -271,6 +271,7 @@ class TarSource(Source):
                 scratch_dir = Path(self._temp_dir.name)
             archive = Path(scratch_dir) / decompressed_name(path)
             if not archive.exists():
+                archive.parent.mkdir(parents=True, exist_ok=True)
                 decompress_to(path, archive)
         self.reader = SpanReader(archive)
         # Unsafe names, links and duplicates are left out and reported (and could never be
@@ -303,7 +304,7 @@ def decompressed_name(path: Path) -> str:
     path, size and modification time so that a changed archive is decompressed afresh."""
     stat = path.stat()
     tag = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    return f"{DECOMPRESSED_PREFIX}{tag}.tar"
+    return f"{DECOMPRESSED_PREFIX}{tag}.tar"  # (its temp name while written: '.' + this + a temp mark)
 
 
 class CifarPythonSource(Source):
