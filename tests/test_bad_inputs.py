@@ -102,7 +102,7 @@ def test_each_bad_input_is_skipped_with_its_reason(prepared):
     assert reasons["/abs/cat/escape.jpg"] == reasons["data/../../cat/escape.jpg"] == \
         "unsafe member path (absolute or '..')"
     assert reasons["data/cat/link.jpg"].startswith("not a regular file")
-    assert reasons["data/cat/ok.jpg"].startswith("duplicate member name")
+    assert reasons["data/cat/ok.jpg"].startswith("duplicate name")
     assert len(manifest.skipped) == 9 and manifest.num_samples == 9
     assert not (root / "abs").exists() and not (root.parent / "cat").exists()
 

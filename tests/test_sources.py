@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from cgan_pipe.data.shards import PrepareSettings, prepare
-from cgan_pipe.data.sources import CIFAR10_CLASSES, label_items, open_source
+from cgan_pipe.data.sources import CIFAR10_CLASSES, label_folders, open_source
 from cgan_pipe.data.verify import verify_shards
 from cgan_pipe.errors import DataError
 
@@ -53,13 +53,16 @@ def test_a_file_that_cannot_be_read_is_a_data_error_naming_it(tmp_path):
         assert src.read(src.items[1]).data
 
 
-def test_tar_members_with_a_leading_dot_folder_get_their_class():
-    assert label_items(["./cat/a.jpg", "./dog/b.jpg"])[0] == ["cat", "dog"]
+def test_classes_come_from_the_folders_below_the_common_root():
+    assert label_folders(["./cat", "./dog/sub"]) == (["cat", "dog"], {"./cat": 0, "./dog/sub": 1})
+    assert label_folders(["train/cat", "train/dog"])[0] == ["cat", "dog"]
+    assert label_folders(["only"]) == ([], {"only": None})  # all images in one folder: unlabelled
+    assert label_folders([""]) == ([], {"": None})
 
 
 def test_mixed_layout_is_an_error():
     with pytest.raises(DataError, match="both at the top"):
-        label_items(["root/a.jpg", "root/cat/b.jpg"])
+        label_folders(["root", "root/cat"])
 
 
 def test_missing_source_names_the_path():

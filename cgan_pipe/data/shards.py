@@ -27,7 +27,8 @@ from ..compression import estimate_jpeg_quality, estimate_jpeg_quality_zigzag
 from ..errors import ConfigError, DataError
 from .manifest import MANIFEST_NAME, Manifest, ShardInfo, read_manifest, write_manifest
 from . import tars
-from .sources import DECOMPRESSED_PREFIX, ItemReader, RawImage, SourceItem, open_source
+from .listing import Listing, SourceItem, shuffled_positions
+from .sources import DECOMPRESSED_PREFIX, ItemReader, RawImage, open_source
 
 SHARD_NAME = "shard-{:06d}"
 DALI_INDEX_VERSION = "v1.2"
@@ -256,25 +257,22 @@ def prepare(source: str, out_dir: Path, settings: PrepareSettings, *, workers: i
             _count_into(counter)
             stack.callback(_count_into, None)
         src = stack.enter_context(open_source(source, settings.split, download_dir, scratch_dir=out_dir))
-        order = list(src.items)
-        random.Random(settings.seed).shuffle(order)
-        if settings.limit is not None:
-            order = order[: settings.limit]
-        # Only now that the source is known to be readable may an old shard set be touched.
-        out_dir.mkdir(parents=True, exist_ok=True)
-        per_shard = _inputs_per_shard(order, src.reader, src.class_names, settings)
+        listing = src.items
+        inputs = min(len(listing), settings.limit or len(listing))  # the first of the seeded order
+        per_shard = _inputs_per_shard(listing, inputs, src.reader, src.class_names, settings)
         jobs = [
-            _ShardJob(index=i, first_key=first, items=order[first:first + per_shard], reader=src.reader,
-                      settings=settings, class_names=src.class_names, out_dir=out_dir)
-            for i, first in enumerate(range(0, len(order), per_shard))
+            _ShardJob(index=i, first_key=first, count=min(per_shard, inputs - first), listing=listing,
+                      reader=src.reader, settings=settings, class_names=src.class_names, out_dir=out_dir)
+            for i, first in enumerate(range(0, inputs, per_shard))
         ]
-        plan = {"settings": recorded, "jobs": len(jobs), "inputs": len(order), "inputs_per_shard": per_shard,
+        plan = {"settings": recorded, "jobs": len(jobs), "inputs": inputs, "inputs_per_shard": per_shard,
                 "class_names": src.class_names, "rejected": src.rejected}
         mine = {job.index for job in jobs if job.index % world_size == rank}
+        # Only now that the source is known to be readable may an old shard set be touched.
         done = _resume_state(out_dir, plan, rank, world_size)
         todo = [job for job in jobs if job.index in mine and job.index not in done]
-        counter.value = sum(len(jobs[i].items) for i in done)
-        stack.enter_context(_progress_bar(counter, sum(len(jobs[i].items) for i in mine), progress))
+        counter.value = sum(jobs[i].count for i in done)
+        stack.enter_context(_progress_bar(counter, sum(jobs[i].count for i in mine), progress))
         try:
             results = pool.map(_write_job, todo) if pool else map(_write_job, todo)
             for job, result in zip(todo, results):
@@ -381,17 +379,18 @@ def _progress_bar(counter: Any, total: int, enabled: bool) -> Iterator[None]:
         bar.close()
 
 
-def _inputs_per_shard(order: list[SourceItem], reader: ItemReader, class_names: list[str],
+def _inputs_per_shard(listing: Listing, inputs: int, reader: ItemReader, class_names: list[str],
                       settings: PrepareSettings) -> int:
     """Inputs per shard: from `shard_size` samples, or, with `shard_bytes`, from the mean tar size of
     the samples of up to 256 inputs spread evenly over the (seeded) order, so shards come out near it."""
     variants = _variants_per_input(settings)
     if settings.shard_bytes is None:
         return max(1, settings.shard_size // variants)
-    step = max(1, len(order) // _PROBE_INPUTS)
     sizes = []
-    for position in range(0, len(order), step)[:_PROBE_INPUTS]:
-        item = order[position]
+    for position in range(0, inputs, max(1, inputs // _PROBE_INPUTS))[:_PROBE_INPUTS]:
+        item, duplicate = listing.entry(int(shuffled_positions(position, 1, len(listing), settings.seed)[0]))
+        if duplicate:
+            continue
         try:
             samples = encode_for_shard(reader.read(item), item, class_names, settings,
                                        _qualities_for(settings, position))
@@ -408,11 +407,13 @@ def _inputs_per_shard(order: list[SourceItem], reader: ItemReader, class_names: 
 
 @dataclass
 class _ShardJob:
-    """One shard's worth of inputs, written by one worker."""
+    """One shard's worth of inputs, written by one worker: positions first_key .. first_key + count - 1
+    of the seeded order of the listing."""
 
     index: int
     first_key: int
-    items: list[SourceItem]
+    count: int
+    listing: Listing
     reader: ItemReader
     settings: PrepareSettings
     class_names: list[str]
@@ -423,10 +424,15 @@ def _write_job(job: _ShardJob) -> dict[str, Any]:
     """Encode and write one shard (in a worker); record it as done; return its record."""
     classes, qualities = Counter(), Counter()
     skipped: list[dict[str, str]] = []
-    with ShardWriter(job.out_dir, len(job.items) * _variants_per_input(job.settings), first_index=job.index) as writer:
-        for start in range(0, len(job.items), _COUNT_EVERY):
-            chunk = job.items[start:start + _COUNT_EVERY]
-            for position, item in enumerate(chunk, job.first_key + start):  # the input's place in the order
+    order = shuffled_positions(job.first_key, job.count, len(job.listing), job.settings.seed)
+    with ShardWriter(job.out_dir, job.count * _variants_per_input(job.settings), first_index=job.index) as writer:
+        for start in range(0, job.count, _COUNT_EVERY):
+            chunk = order[start:start + _COUNT_EVERY]
+            for position, listed in enumerate(chunk.tolist(), job.first_key + start):  # position: in the order
+                item, duplicate = job.listing.entry(listed)
+                if duplicate:
+                    skipped.append({"source": item.path, "reason": "duplicate name; the first copy is used"})
+                    continue
                 try:
                     variants = encode_for_shard(job.reader.read(item), item, job.class_names, job.settings,
                                                 _qualities_for(job.settings, position))

@@ -5,20 +5,22 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import os
 import pickle
 import posixpath
 import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Protocol
+from typing import Iterable, Iterator, Protocol
 
 import numpy as np
 
 from ..errors import DataError
 from ..images import EXTENSIONS
+from .listing import Listing, ListingWriter, SourceItem, listing_base
 from .manifest import MANIFEST_NAME, parse_dali_index, read_manifest
-from .tars import compression_of, decompress_to, list_members, read_span
+from .tars import compression_of, decompress_to, iter_members, read_span
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 CIFAR10_CLASSES = [
@@ -28,15 +30,6 @@ DOWNLOAD_PREFIX = "download:"
 LIST_SUFFIXES = (".txt", ".lst", ".list")
 DECOMPRESSED_PREFIX = ".source-"  # a compressed tar source, decompressed beside the shards while prepare runs
 IMAGE_EXTENSIONS = set(EXTENSIONS.values())  # image members of a shard set
-
-
-class SourceItem(NamedTuple):  # a tuple: cheap to hold and to send to workers by the million
-    """One input image: where it lives (recorded as `source` in shards), its class id, and
-    for images inside an archive file, the (offset, size) of its bytes there."""
-
-    path: str
-    label: int | None
-    span: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -58,28 +51,62 @@ class ItemReader(Protocol):
 class Source:
     """A set of labelled images that can be listed, then read item by item.
 
-    Use as a context manager; `items` is in a stable (sorted) order and
-    `class_names[label]` names each label (empty for unlabelled sources).
+    Use as a context manager. `items` is a Listing on disk, in a stable order
+    (archive order, sorted folder walk, list-file order, ...), written into
+    `scratch_dir` (a temporary folder when None); `class_names[label]` names
+    each label (empty for unlabelled sources).
     """
 
     description: str
     class_names: list[str]
-    items: list[SourceItem]
+    items: Listing
     reader: ItemReader
-    rejected: list[dict[str, str]] = []  # inputs left out before reading: {"source", "reason"}
+    rejected: list[dict[str, str]]  # inputs left out before reading: {"source", "reason"}
+
+    def __init__(self, scratch_dir: Path | None):
+        self._temp_dir = tempfile.TemporaryDirectory(prefix="cgan-pipe-") if scratch_dir is None else None
+        self.scratch_dir = Path(self._temp_dir.name) if self._temp_dir else Path(scratch_dir)
+        self.rejected = []
+        self.items = None
 
     def read(self, item: SourceItem) -> RawImage:
         """Return the raw image of `item`."""
         return self.reader.read(item)
 
     def close(self) -> None:
-        """Release open files."""
+        """Delete the listing and any temporary files."""
+        if self.items is not None:
+            self.items.remove()
+        if self._temp_dir is not None:
+            self._temp_dir.cleanup()
 
     def __enter__(self) -> "Source":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _write_listing(self, entries: Iterable[tuple[str, int | None, tuple[int, int] | None]], *,
+                       by_folder: bool, find_duplicates: bool = False,
+                       class_names: list[str] | None = None) -> None:
+        """List (path, label, span) entries. With `by_folder`, labels are ignored and come from the
+        image-folder layout of the paths instead (see label_folders)."""
+        self.scratch_dir.mkdir(parents=True, exist_ok=True)
+        writer = ListingWriter(listing_base(self.scratch_dir), find_duplicates)
+        folders: dict[str, int] = {}  # folder -> group id (by_folder), else label -> group id
+        try:
+            for path, label, span in entries:
+                key = path.rpartition("/")[0] if by_folder else label
+                writer.add(path, folders.setdefault(key, len(folders)), span)
+            if by_folder:
+                self.class_names, labels = label_folders(list(folders))
+                self.items = writer.finish([labels[f] for f in folders])
+            else:
+                self.class_names = list(class_names or [])
+                self.items = writer.finish(list(folders))
+        except BaseException:
+            writer.abandon()
+            raise
 
 
 def open_source(spec: str, split: str = "train", download_dir: str = "~/.cache/cgan-pipe",
@@ -92,7 +119,7 @@ def open_source(spec: str, split: str = "train", download_dir: str = "~/.cache/c
     it is missing or of an unknown kind.
     """
     if spec.startswith(DOWNLOAD_PREFIX):
-        return _download(spec[len(DOWNLOAD_PREFIX):], split, Path(download_dir).expanduser())
+        return _download(spec[len(DOWNLOAD_PREFIX):], split, Path(download_dir).expanduser(), scratch_dir)
     path = Path(spec).expanduser()
     if not path.exists():
         raise DataError(
@@ -102,49 +129,43 @@ def open_source(spec: str, split: str = "train", download_dir: str = "~/.cache/c
         )
     if path.is_dir():
         if (path / "batches.meta").exists():
-            return CifarPythonSource(path, split)
+            return CifarPythonSource(path, split, scratch_dir)
         if (path / MANIFEST_NAME).exists():
-            return ShardSetSource(path)
-        return FolderSource(path)
+            return ShardSetSource(path, scratch_dir)
+        return FolderSource(path, scratch_dir)
     if path.suffix.lower() in LIST_SUFFIXES:
-        return ListSource(path)
+        return ListSource(path, scratch_dir)
     if _is_cifar_archive(path):
-        return CifarPythonSource(path, split)
+        return CifarPythonSource(path, split, scratch_dir)
     if tarfile.is_tarfile(path):
         return TarSource(path, scratch_dir)
     raise DataError(f"data source {spec!r} is neither a folder, a tar archive, a list file "
                     f"({', '.join(LIST_SUFFIXES)}) nor a CIFAR-10 archive")
 
 
-def label_items(paths: list[str], spans: dict[str, tuple[int, int]] | None = None
-                ) -> tuple[list[str], list[SourceItem]]:
-    """Assign stable class ids to image paths from an image-folder layout.
+def label_folders(folders: list[str]) -> tuple[list[str], dict[str, int | None]]:
+    """Class names, and the class id of each folder, from an image-folder layout.
 
-    The folder directly below the paths' common root names the class; class ids
-    follow the sorted class names. Images all at the root are unlabelled. `spans`
-    gives each path's place in an archive file, when the paths are archive members.
+    The folder directly below the folders' common root names the class; class
+    ids follow the sorted class names. Images all at the root are unlabelled
+    (None). A leading './' is ignored.
     """
-    paths = sorted(paths)
-    spans = spans or {}
-    # classes are decided per folder (few) rather than per path (many); normpath drops a leading './'
-    folders = {folder: posixpath.normpath(folder) for folder in {p.rpartition("/")[0] for p in paths}}
-    root = posixpath.commonpath(list(folders.values())) if folders else ""
-    class_of = {}  # folder -> class name, or None for the root itself
-    for folder, norm in folders.items():
+    norms = {folder: posixpath.normpath(folder) for folder in folders}
+    root = posixpath.commonpath(list(norms.values())) if norms else ""
+    class_of: dict[str, str | None] = {}
+    for folder, norm in norms.items():
         rel = norm if not root else "" if norm == root else norm[len(root) + 1:]
         class_of[folder] = rel.split("/", 1)[0] if rel not in ("", ".") else None
-    at_root = [p for p in paths if class_of[p.rpartition("/")[0]] is None]
-    if len(at_root) == len(paths):
-        return [], [SourceItem(p, None, spans.get(p)) for p in paths]
-    if at_root:
+    named = sorted({name for name in class_of.values() if name is not None})
+    if not named:
+        return [], dict.fromkeys(folders)
+    if None in class_of.values():
         raise DataError(
-            f"images are both at the top of {root or 'the source'!r} (e.g. {at_root[0]!r}) and in "
-            f"class folders; put every image in a class folder, or none"
+            f"images are both at the top of {root or 'the source'!r} and in class folders "
+            f"(e.g. {named[0]!r}); put every image in a class folder, or none"
         )
-    class_names = sorted(set(class_of.values()))
-    ids = {name: i for i, name in enumerate(class_names)}
-    folder_ids = {folder: ids[name] for folder, name in class_of.items()}
-    return class_names, [SourceItem(p, folder_ids[p.rpartition("/")[0]], spans.get(p)) for p in paths]
+    ids = {name: i for i, name in enumerate(named)}
+    return named, {folder: ids[name] for folder, name in class_of.items()}
 
 
 @dataclass(frozen=True)
@@ -184,41 +205,55 @@ class ShardSpanReader:
 
 
 class FolderSource(Source):
-    """An image-folder tree on disk: ROOT/<class>/<image>."""
+    """An image-folder tree on disk: ROOT/<class>/<image>, walked in sorted order."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, scratch_dir: Path | None = None):
+        super().__init__(scratch_dir)
         self.reader = FileReader(root)
         self.description = f"image folder {root}"
-        files = [
-            p.relative_to(root).as_posix()
-            for p in root.rglob("*")
-            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-        ]
-        self.class_names, self.items = label_items(files)
-        if not self.items:
+        self._write_listing(((path, None, None) for path in _walk_images(root)), by_folder=True)
+        if not len(self.items):
+            self.close()
             raise DataError(f"{root}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
 
 
+def _walk_images(root: Path) -> Iterator[str]:
+    """Paths (relative, '/'-separated) of the image files under `root`, folders and files in sorted order."""
+    for folder, subfolders, files in os.walk(root):
+        subfolders.sort()
+        rel = Path(folder).relative_to(root).as_posix()
+        for name in sorted(files):
+            if posixpath.splitext(name)[1].lower() in IMAGE_SUFFIXES and os.path.isfile(os.path.join(folder, name)):
+                yield name if rel == "." else f"{rel}/{name}"
+
+
 class ListSource(Source):
-    """A text file naming one image path per line (relative to the file's folder; '#' comments).
+    """A text file naming one image path per line (relative to the file's folder; '#' comments),
+    listed in file order; a path listed again is skipped. Classes come from the
+    image-folder layout of the listed paths, as for a folder."""
 
-    Classes come from the image-folder layout of the listed paths, as for a folder.
-    """
-
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, scratch_dir: Path | None = None):
+        super().__init__(scratch_dir)
         self.description = f"list file {path}"
         self.reader = FileReader(path.parent)
         try:
-            lines = path.read_text().splitlines()
+            with open(path, encoding="utf-8") as handle:
+                self._write_listing(self._existing(handle, path.parent), by_folder=True, find_duplicates=True)
         except (OSError, UnicodeDecodeError) as exc:
             raise DataError(f"{path}: cannot read list file ({exc})") from None
-        listed = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-        self.rejected = [{"source": p, "reason": "listed file does not exist"}
-                         for p in listed if not (path.parent / p).is_file()]
-        missing = {r["source"] for r in self.rejected}
-        self.class_names, self.items = label_items(sorted({p for p in listed if p not in missing}))
-        if not self.items:
+        if not len(self.items):
+            self.close()
             raise DataError(f"{path}: lists no existing image")
+
+    def _existing(self, lines: Iterable[str], root: Path) -> Iterator[tuple[str, None, None]]:
+        for line in lines:
+            listed = line.strip()
+            if not listed or listed.startswith("#"):
+                continue
+            if (root / listed).is_file():
+                yield listed, None, None
+            else:
+                self.rejected.append({"source": listed, "reason": "listed file does not exist"})
 
 
 class ShardSetSource(Source):
@@ -227,13 +262,18 @@ class ShardSetSource(Source):
     Samples keep their class ids; each is read through its shard's DALI index.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, scratch_dir: Path | None = None):
+        super().__init__(scratch_dir)
         self.description = f"shard set {path}"
         self.reader = ShardSpanReader(path)
         manifest = read_manifest(path)
-        self.class_names = list(manifest.class_names)
-        self.items = []
-        for shard in manifest.shards:
+        self._write_listing(self._samples(path, manifest.shards, list(manifest.class_names)), by_folder=False,
+                            class_names=list(manifest.class_names))
+
+    @staticmethod
+    def _samples(path: Path, shards: list, class_names: list[str]
+                 ) -> Iterator[tuple[str, int | None, tuple[int, int]]]:
+        for shard in shards:
             tar = path / shard.tar
             with open(tar, "rb") as handle:
                 for files in parse_dali_index(path / shard.index):
@@ -242,61 +282,51 @@ class ShardSetSource(Source):
                     if image is None:
                         continue
                     label = None
-                    if cls is not None and self.class_names:
+                    if cls is not None and class_names:
                         handle.seek(cls.offset)
                         raw = handle.read(cls.size)
-                        if not raw.strip().isdigit() or int(raw) >= len(self.class_names):
+                        if not raw.strip().isdigit() or int(raw) >= len(class_names):
                             raise DataError(f"{tar}: {cls.name} holds {raw!r}, not a class id; "
                                             f"run `cgan-pipe verify {path}`")
                         label = int(raw)
-                    self.items.append(SourceItem(f"{shard.tar}/{image.name}", label, (image.offset, image.size)))
+                    yield f"{shard.tar}/{image.name}", label, (image.offset, image.size)
 
 
 class TarSource(Source):
     """A tar (optionally gzip/bz2/xz) of an image-folder tree, read in place, never extracted.
 
-    A compressed tar is decompressed once into `scratch_dir` (kept there, so a
-    resumed prepare does not redo it; the caller removes it) or, when None, into
-    a temporary folder removed on close.
+    A compressed tar is decompressed once into the scratch folder (kept there,
+    so a resumed prepare does not redo it; prepare removes it when done).
     """
 
     def __init__(self, path: Path, scratch_dir: Path | None = None):
+        super().__init__(scratch_dir)
         self.path = path
         self.description = f"tar archive {path}"
-        self._temp_dir = None
         archive = path
         if compression_of(path):
-            if scratch_dir is None:
-                self._temp_dir = tempfile.TemporaryDirectory(prefix="cgan-pipe-")
-                scratch_dir = Path(self._temp_dir.name)
-            archive = Path(scratch_dir) / decompressed_name(path)
+            archive = self.scratch_dir / decompressed_name(path)
             if not archive.exists():
                 archive.parent.mkdir(parents=True, exist_ok=True)
                 decompress_to(path, archive)
         self.reader = SpanReader(archive)
-        # Unsafe names, links and duplicates are left out and reported (and could never be
-        # written anywhere: members are only read, by offset).
-        members: dict[str, tuple[int, int]] = {}
-        self.rejected = []
-        for m in list_members(archive):
+        self._write_listing(self._usable_members(archive), by_folder=True, find_duplicates=True)
+        if not len(self.items):
+            self.close()
+            raise DataError(f"{path}: no images found in the archive")
+
+    def _usable_members(self, archive: Path) -> Iterator[tuple[str, None, tuple[int, int]]]:
+        """Image members; unsafe names and links are left out and reported (and could never be
+        written anywhere: members are only read, by offset). Repeated names are flagged in the listing."""
+        for m in iter_members(archive):
             if posixpath.splitext(m.name)[1].lower() not in IMAGE_SUFFIXES:
                 continue
-            parts = m.name.split("/")
-            if m.name.startswith("/") or ".." in parts:
+            if m.name.startswith("/") or ".." in m.name.split("/"):
                 self.rejected.append({"source": m.name, "reason": "unsafe member path (absolute or '..')"})
             elif not m.is_file:
                 self.rejected.append({"source": m.name, "reason": "not a regular file (link or device)"})
-            elif m.name in members:
-                self.rejected.append({"source": m.name, "reason": "duplicate member name; the first copy is used"})
             else:
-                members[m.name] = (m.offset, m.size)
-        self.class_names, self.items = label_items(list(members), members)
-        if not self.items:
-            raise DataError(f"{path}: no images found in the archive")
-
-    def close(self) -> None:
-        if self._temp_dir is not None:
-            self._temp_dir.cleanup()
+                yield m.name, None, (m.offset, m.size)
 
 
 def decompressed_name(path: Path) -> str:
@@ -310,13 +340,14 @@ def decompressed_name(path: Path) -> str:
 class CifarPythonSource(Source):
     """The official CIFAR-10 python archive (cifar-10-python.tar.gz) or its extracted folder."""
 
-    def __init__(self, path: Path, split: str):
+    def __init__(self, path: Path, split: str, scratch_dir: Path | None = None):
+        super().__init__(scratch_dir)
         self.description = f"CIFAR-10 python archive {path} ({split})"
         self.reader = CifarReader(path, split)
-        self.items = list(_load_cifar(path, split)[0])
-        self.class_names = list(CIFAR10_CLASSES)
+        self._write_listing(_load_cifar(path, split)[0], by_folder=False, class_names=CIFAR10_CLASSES)
 
     def close(self) -> None:
+        super().close()
         _load_cifar.cache_clear()
 
 
@@ -408,7 +439,7 @@ def _safe_unpickle(blob: bytes, where: str) -> dict:
     return batch
 
 
-def _download(name: str, split: str, root: Path) -> Source:
+def _download(name: str, split: str, root: Path, scratch_dir: Path | None) -> Source:
     if name != "cifar10":
         raise DataError(f"cannot download {name!r}: only 'download:cifar10' is supported")
     from torchvision.datasets import CIFAR10  # only needed here
@@ -417,4 +448,4 @@ def _download(name: str, split: str, root: Path) -> Source:
         CIFAR10(root=str(root), train=split == "train", download=True)
     except Exception as exc:  # network errors come in many types
         raise DataError(f"downloading CIFAR-10 into {root} failed ({exc}); give a local path instead") from None
-    return CifarPythonSource(root / "cifar-10-batches-py", split)
+    return CifarPythonSource(root / "cifar-10-batches-py", split, scratch_dir)

@@ -10,6 +10,7 @@ import shutil
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generator, Iterator
 
 import numpy as np
 
@@ -54,63 +55,91 @@ def decompress_to(path: Path, target: Path) -> None:
 
 
 def list_members(path: Path) -> list[TarEntry]:
-    """Every member of the uncompressed tar at `path`, in archive order.
+    """Every member of the uncompressed tar at `path`, in archive order (see iter_members)."""
+    return list(iter_members(path))
+
+
+def iter_members(path: Path) -> Iterator[TarEntry]:
+    """The members of the uncompressed tar at `path`, in archive order, in constant memory.
 
     Plain USTAR/GNU headers are parsed directly (tarfile spends ~50 us per
-    member), reading only around the headers; an archive with extended (PAX, GNU
-    long-name) or base-256 headers, or a bad checksum, is listed by tarfile
-    instead, which also gives its errors.
+    member), reading only around the headers and checking checksums a batch at
+    a time. From the first header that needs more (PAX or GNU long-name
+    extensions, base-256 sizes) or whose batch fails its checksum, tarfile
+    takes over at that header and words any error.
     """
     try:
         fd = os.open(path, os.O_RDONLY)
-        try:
-            entries = _scan_plain(fd, os.fstat(fd).st_size)
-        finally:
-            os.close(fd)
     except OSError as exc:
         raise DataError(f"{path}: cannot read tar archive ({exc.strerror or exc})") from None
-    return entries if entries is not None else _list_with_tarfile(path)
+    try:
+        handover = yield from _scan_plain(fd, os.fstat(fd).st_size)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read tar archive ({exc.strerror or exc})") from None
+    finally:
+        os.close(fd)
+    if handover is not None:
+        yield from _iter_with_tarfile(path, handover)
 
 
-def _scan_plain(fd: int, file_size: int) -> list[TarEntry] | None:
-    """Members of a tar whose headers are all plain; None when any header needs tarfile."""
-    entries: list[TarEntry] = []
-    headers, stored = [], []  # headers whose checksums are still to check, and their recorded sums
-    chunk, chunk_start, pos = b"", 0, 0
-    while pos + BLOCK <= file_size:
+def _scan_plain(fd: int, file_size: int) -> Generator[TarEntry, None, int | None]:
+    """Yield the members of a tar while their headers are plain; return None at the end of the
+    archive, or the position of the first header tarfile has to read."""
+    batch: list[TarEntry] = []
+    headers, stored = [], []  # the batch's headers, whose checksums are still to check, and their sums
+    batch_start = chunk_start = pos = 0
+    chunk = b""
+    while True:
+        if pos + BLOCK > file_size:
+            handover = pos if pos < file_size else None  # a partial last block: tarfile says what is wrong
+            break
         if not chunk_start <= pos <= chunk_start + len(chunk) - BLOCK:
             chunk_start, chunk = pos, os.pread(fd, _READ_CHUNK, pos)
         header = chunk[pos - chunk_start:pos - chunk_start + BLOCK]
         if header == _ZERO_BLOCK:
+            handover = None
             break
-        kind, size_field = header[156:157], header[124:136]
-        if kind not in _PLAIN_TYPES or size_field[0] & 0x80:
-            return None
-        try:
-            size = int(size_field.rstrip(b"\x00 ") or b"0", 8)
-            stored.append(int(header[148:156].rstrip(b"\x00 ") or b"-1", 8))
-        except ValueError:
-            return None
+        entry = _parse_plain(header, pos, file_size)
+        if entry is None:
+            handover = pos
+            break
+        batch.append(entry)
         headers.append(header)
-        # the rules of tarfile.TarInfo.frombuf: an old-style file named 'x/' is a directory,
-        # directories lose trailing slashes, and a non-empty prefix field holds the leading folders
-        name = header[:100].split(b"\x00", 1)[0].decode("utf-8", "surrogateescape")
-        is_dir = kind == b"5" or (kind == b"\x00" and name.endswith("/"))
-        if is_dir:
-            name = name.rstrip("/")
-        if header[345]:
-            name = header[345:500].split(b"\x00", 1)[0].decode("utf-8", "surrogateescape") + "/" + name
-        is_file = kind in _FILE_TYPES and not is_dir
-        data_blocks = (size + BLOCK - 1) // BLOCK * BLOCK if is_file else 0
-        if pos + BLOCK + data_blocks > file_size:
-            return None  # truncated: tarfile words the error
-        entries.append(TarEntry(name, pos + BLOCK, size, is_file))
-        pos += BLOCK + data_blocks
-        if len(headers) == _CHECKSUM_BATCH:
+        stored.append(int(header[148:156].rstrip(b"\x00 ") or b"-1", 8))
+        pos = entry.offset + (-(-entry.size // BLOCK) * BLOCK if entry.is_file else 0)
+        if len(batch) == _CHECKSUM_BATCH:
             if not _checksums_match(headers, stored):
-                return None
-            headers, stored = [], []
-    return entries if not headers or _checksums_match(headers, stored) else None
+                return batch_start
+            yield from batch
+            batch, headers, stored, batch_start = [], [], [], pos
+    if batch and not _checksums_match(headers, stored):
+        return batch_start
+    yield from batch
+    return handover
+
+
+def _parse_plain(header: bytes, pos: int, file_size: int) -> TarEntry | None:
+    """The member whose plain header is at `pos`; None when the header needs tarfile."""
+    kind, size_field = header[156:157], header[124:136]
+    if kind not in _PLAIN_TYPES or size_field[0] & 0x80:
+        return None
+    try:
+        size = int(size_field.rstrip(b"\x00 ") or b"0", 8)
+        int(header[148:156].rstrip(b"\x00 ") or b"-1", 8)
+    except ValueError:
+        return None
+    # the rules of tarfile.TarInfo.frombuf: an old-style file named 'x/' is a directory,
+    # directories lose trailing slashes, and a non-empty prefix field holds the leading folders
+    name = header[:100].split(b"\x00", 1)[0].decode("utf-8", "surrogateescape")
+    is_dir = kind == b"5" or (kind == b"\x00" and name.endswith("/"))
+    if is_dir:
+        name = name.rstrip("/")
+    if header[345]:
+        name = header[345:500].split(b"\x00", 1)[0].decode("utf-8", "surrogateescape") + "/" + name
+    is_file = kind in _FILE_TYPES and not is_dir
+    if is_file and pos + BLOCK + size > file_size:
+        return None  # truncated: tarfile words the error
+    return TarEntry(name, pos + BLOCK, size, is_file)
 
 
 def _checksums_match(headers: list[bytes], stored: list[int]) -> bool:
@@ -120,10 +149,15 @@ def _checksums_match(headers: list[bytes], stored: list[int]) -> bool:
     return bool(np.array_equal(computed, stored))
 
 
-def _list_with_tarfile(path: Path) -> list[TarEntry]:
+def _iter_with_tarfile(path: Path, start: int) -> Iterator[TarEntry]:
+    """The members from the header at `start` on, read by tarfile (forgetting each once yielded)."""
     try:
-        with tarfile.open(path, "r:") as tar:
-            return [TarEntry(m.name, m.offset_data, m.size, m.isfile()) for m in tar.getmembers()]
+        with open(path, "rb") as handle:
+            handle.seek(start)
+            with tarfile.open(fileobj=handle, mode="r:") as tar:
+                for member in iter(tar.next, None):
+                    tar.members = []  # tarfile keeps every member it reads; none is needed again
+                    yield TarEntry(member.name, member.offset_data, member.size, member.isfile())
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise DataError(f"{path}: cannot read tar archive ({exc})") from None
 
