@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import sys
 import tarfile
@@ -10,7 +11,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from PIL import Image
 
@@ -98,3 +99,90 @@ def pil_reencode_loop(source: Path, out: Path, quality: int, limit: int) -> int:
 
 def _line(record: BenchRecord) -> str:
     return f"{record.method:32s} {record.images:8d} images {record.seconds:8.2f} s {record.images_per_s:10.0f} img/s"
+
+
+@dataclass(frozen=True)
+class LoaderRecord:
+    """One timed loader: backend ('dali', 'torch', 'baseline'), decode device, images, seconds."""
+
+    backend: str
+    device: str
+    images: int
+    seconds: float
+
+    @property
+    def images_per_s(self) -> float:
+        """Throughput."""
+        return self.images / self.seconds
+
+    def to_dict(self) -> dict[str, object]:
+        """The record as written by `--json`."""
+        return {**asdict(self), "seconds": round(self.seconds, 3), "images_per_s": round(self.images_per_s, 1)}
+
+
+def bench_loader(shards: Path, *, batch_size: int = 256, batches: int = 100, warmup: int = 10,
+                 workers: int | None = None, echo: Callable[[str], None] = print) -> list[LoaderRecord]:
+    """Time `batches` batches (after `warmup`) of each loader on the shard set `shards`, all with a
+    random horizontal flip and normalisation to [-1, 1], batches on the CPU: DALI decoding on the
+    CPU (and on the GPU, `mixed`, when there is one), the torch backend, and the baseline
+    (webdataset + Pillow + torchvision transforms in a DataLoader), each with `workers`
+    threads/processes (default: one per core)."""
+    import torch
+
+    from .config import LoaderConfig
+    from .data.loader import open_loader
+
+    workers = workers or os.cpu_count() or 1
+    cpu = torch.device("cpu")
+    runs: list[tuple[str, str, Callable[[], Iterator[object]]]] = [
+        ("dali", "cpu", lambda: iter(open_loader(shards, LoaderConfig(backend="dali", device="cpu", threads=workers),
+                                                 batch_size, 0, cpu))),
+    ]
+    if torch.cuda.is_available():
+        runs.append(("dali", "cuda", lambda: iter(open_loader(
+            shards, LoaderConfig(backend="dali", device="cuda", threads=workers), batch_size, 0,
+            torch.device("cuda")))))
+    runs += [
+        ("torch", "cpu", lambda: iter(open_loader(shards, LoaderConfig(backend="torch", threads=workers),
+                                                  batch_size, 0, cpu))),
+        ("baseline", "cpu", lambda: _baseline_batches(shards, batch_size, workers)),
+    ]
+    records = []
+    for backend, device, start_loader in runs:
+        batches_iter = start_loader()
+        for _ in range(warmup):
+            next(batches_iter)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(batches):
+            next(batches_iter)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        records.append(LoaderRecord(backend, device, batches * batch_size, time.perf_counter() - start))
+        echo(f"{backend:10s} {device:5s} {records[-1].images:8d} images {records[-1].seconds:8.2f} s "
+             f"{records[-1].images_per_s:10.0f} img/s")
+        del batches_iter
+    return records
+
+
+def _baseline_batches(shards: Path, batch_size: int, workers: int) -> Iterator[object]:
+    """What a user writes without cgan-pipe: webdataset decoding with Pillow, torchvision
+    transforms (flip, to tensor, normalise), a DataLoader with a worker per core; endless."""
+    import torch
+    import webdataset as wds
+    from torch.utils.data import DataLoader
+    from torchvision import transforms
+
+    from .data.manifest import read_manifest
+
+    manifest = read_manifest(shards)
+    transform = transforms.Compose([transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+                                    transforms.Normalize([0.5] * 3, [0.5] * 3)])
+    dataset = (wds.WebDataset([str(shards / s.tar) for s in manifest.shards], shardshuffle=len(manifest.shards),
+                              nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker, empty_check=False)
+               .shuffle(4096).decode("pil").to_tuple("jpg;png;webp", "cls").map_tuple(transform, int))
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, drop_last=True, persistent_workers=True)
+    while True:
+        for images, labels in loader:
+            yield images, torch.as_tensor(labels)

@@ -22,6 +22,7 @@ EXAMPLES = {
     "verify": "cgan-pipe verify runs/cifar/shards",
     "inspect": "cgan-pipe inspect runs/cifar/shards --json",
     "bench prepare": "cgan-pipe bench prepare ../shared/data/cifar10/train.tar --dataset-tool dataset_tool.py",
+    "bench loader": "cgan-pipe bench loader runs/cifar/shards --json loader.json",
     "generate": "cgan-pipe generate runs/cifar/checkpoints/ckpt-0005000.pt out/ --n 1000 --format webp",
 }
 
@@ -348,5 +349,31 @@ def bench_prepare_command(source: str, quality: int, workers: int | None, limit:
                f"{rate[f'prepare-jpeg-q{quality}'] / rate[f'pil-loop-jpeg-q{quality}']:.2f}x")
     if "stylegan2-ada-dataset_tool" in rate:
         click.echo(f"keep: prepare / dataset_tool = {rate['prepare-keep'] / rate['stylegan2-ada-dataset_tool']:.2f}x")
+    if json_path:
+        write_text_atomic(Path(json_path), json.dumps([r.to_dict() for r in records], indent=2) + "\n")
+
+
+@bench.command("loader", epilog=f"Example: {EXAMPLES['bench loader']}")
+@click.argument("shards", type=click.Path(exists=True, file_okay=False))
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--batches", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Batches timed per loader, after 10 of warm-up.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Threads (DALI) or processes (DataLoader) per loader [default: one per core].")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write the records [{backend, device, images, seconds, images_per_s}] to this file.")
+@_reports_errors
+def bench_loader_command(shards: str, batch_size: int, batches: int, workers: int | None,
+                         json_path: str | None) -> None:
+    """Time the loaders on the shard set SHARDS with flip + normalise: DALI (CPU, and GPU when
+    present), the torch backend, and a baseline (webdataset + Pillow + torchvision transforms in
+    a DataLoader with a worker per core); prints images/s and each one's ratio to the baseline."""
+    from .atomic import write_text_atomic
+    from .bench import bench_loader
+
+    records = bench_loader(Path(shards), batch_size=batch_size, batches=batches, workers=workers, echo=click.echo)
+    baseline = next(r for r in records if r.backend == "baseline").images_per_s
+    for record in records:
+        click.echo(f"{record.backend}/{record.device}: {record.images_per_s / baseline:.2f}x the baseline")
     if json_path:
         write_text_atomic(Path(json_path), json.dumps([r.to_dict() for r in records], indent=2) + "\n")

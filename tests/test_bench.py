@@ -27,3 +27,14 @@ def test_the_pillow_baseline_writes_every_image_reencoded(small_tar, tmp_path):
     assert pil_reencode_loop(small_tar, tmp_path / "out.tar", 90, limit=50) == 50
     with tarfile.open(tmp_path / "out.tar") as tar:
         assert len(tar.getmembers()) == 50
+
+
+def test_bench_loader_times_every_backend_on_the_same_shards(small_shards, tmp_path):
+    result = CliRunner().invoke(main, ["bench", "loader", str(small_shards), "--batch-size", "16", "--batches", "3",
+                                       "--workers", "1", "--json", str(tmp_path / "loader.json")])
+    assert result.exit_code == 0, result.output
+    records = json.loads((tmp_path / "loader.json").read_text())
+    on_cpu = [(r["backend"], r["device"]) for r in records if r["device"] == "cpu"]  # (+ dali/cuda on a GPU)
+    assert on_cpu == [("dali", "cpu"), ("torch", "cpu"), ("baseline", "cpu")]
+    assert all(r["images"] == 48 and r["images_per_s"] > 0 for r in records)
+    assert "dali/cpu:" in result.output and "x the baseline" in result.output
