@@ -36,13 +36,17 @@ def test_batch_contract(small_shards, backend):
     assert loader.info.resolution == 32 and loader.info.channels == 3
     assert loader.info.class_names == tuple(CLASSES) and loader.info.num_samples == 200
     batches = iter(loader)
-    for _ in range(8):  # 256 images: crosses the 200-sample epoch boundary
+    sizes = []
+    for _ in range(9):  # crosses the 200-sample epoch boundary
         batch = next(batches)
-        assert batch.images.shape == (32, 3, 32, 32) and batch.images.dtype == torch.float32
+        n = batch.images.shape[0]
+        sizes.append(n)
+        assert 1 <= n <= 32 and batch.images.shape[1:] == (3, 32, 32) and batch.images.dtype == torch.float32
         assert -1.0 <= batch.images.min() < 0 < batch.images.max() <= 1.0
-        assert batch.labels.dtype == torch.int64 and batch.labels.shape == (32,)
+        assert batch.labels.dtype == torch.int64 and batch.labels.shape == (n,)
         assert 0 <= batch.labels.min() and batch.labels.max() <= 9
         assert batch.quality is None
+    assert sum(sizes) > 200 and max(sizes) == 32  # full batches, the last of an epoch may be smaller
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -92,3 +96,27 @@ def test_gpu_decode_gives_the_same_contract_on_cuda(one_per_class, backend):
     pixels = ((batch.images.permute(0, 2, 3, 1).cpu().numpy() + 1) * 127.5)
     cat = int(np.argmin([np.abs(p - reference["cat"]).mean() for p in pixels]))
     assert batch.labels[cat].item() == 3
+
+
+def test_two_dali_ranks_see_every_sample_exactly_once_per_epoch(small_shards):
+    """small_shards: 200 samples in 2 shards. Each rank's epoch is its own 100, in batches of 16
+    (the seventh is partial); together each epoch is the whole set, nothing dropped or repeated."""
+    from cgan_pipe.data.dali_loader import DaliLoader
+    from cgan_pipe.data.manifest import read_manifest
+
+    manifest = read_manifest(small_shards)
+    config = LoaderConfig(backend="dali", threads=1, hflip=False)
+    epochs: dict[int, list[bytes]] = {0: [], 1: []}
+    for rank in (0, 1):
+        loader = DaliLoader(small_shards, manifest, config, 16, 0, torch.device("cpu"), rank=rank, world_size=2)
+        assert loader.samples_per_epoch == 100
+        batches = iter(loader)
+        for epoch in epochs:
+            seen = 0
+            while seen < loader.samples_per_epoch:
+                batch = next(batches)
+                seen += batch.images.shape[0]
+                epochs[epoch] += [image.numpy().tobytes() for image in batch.images]
+            assert seen == loader.samples_per_epoch  # the epoch ends on a batch boundary
+    for images in epochs.values():
+        assert len(images) == 200 and len(set(images)) == 200

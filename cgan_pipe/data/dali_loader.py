@@ -28,6 +28,9 @@ def _shard_pipeline(paths: list[str], index_paths: list[str], labelled: bool, hf
         missing_component_behavior="error" if labelled else "empty",
         random_shuffle=True, initial_fill=shuffle_buffer,
         shard_id=shard_id, num_shards=num_shards, name=READER_NAME,
+        # the last batch of an epoch is padded (the iterator drops the padding) rather than filled
+        # from the next epoch: each rank then sees each of its samples exactly once per epoch
+        pad_last_batch=True,
     )
     decoded = fn.decoders.image(encoded, device=decode_device, output_type=types.RGB)
     mirror = fn.random.coin_flip(probability=0.5) if hflip else 0
@@ -44,15 +47,17 @@ class DaliLoader:
 
     Decodes on the GPU (`mixed`, nvJPEG) when the resolved loader device is
     cuda, else on the CPU (`device_id=None`, no GPU needed). Each rank of a
-    torch.distributed job reads its own slice of the shards.
+    torch.distributed job (or `rank` of `world_size`, when given) reads its own
+    slice of the samples: `samples_per_epoch` of them, each once per epoch, the
+    last batch of an epoch smaller when the slice is not a whole number of batches.
     """
 
     def __init__(self, shards: Path, manifest: Manifest, cfg: LoaderConfig, batch_size: int,
-                 seed: int, device: torch.device):
+                 seed: int, device: torch.device, rank: int | None = None, world_size: int | None = None):
         self.info: DatasetInfo = dataset_info(manifest)
         self.device = device
         self.labelled = manifest.labelled
-        rank, world = _rank_and_world()
+        rank, world = (rank, world_size) if rank is not None and world_size is not None else _rank_and_world()
         gpu = torch.cuda.current_device() if resolve_device(cfg.device, "loader.device").type == "cuda" else None
         self.pipeline = _shard_pipeline(
             paths=[str(shards / s.tar) for s in manifest.shards],
@@ -65,8 +70,9 @@ class DaliLoader:
         self.pipeline.build()
         self._iterator = DALIGenericIterator(
             self.pipeline, ["images", "labels"], reader_name=READER_NAME,
-            last_batch_policy=LastBatchPolicy.DROP, auto_reset=True,
+            last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True,
         )
+        self.samples_per_epoch: int = self._iterator.size  # this rank's share
 
     def __iter__(self) -> Iterator[Batch]:
         while True:  # one pass of the inner loop is one epoch; auto_reset starts the next

@@ -19,6 +19,7 @@ class Batch:
 
     images: float NCHW in [-1, 1] on the training device; labels: int64 class ids
     (zeros for unlabelled data); quality: float JPEG quality in [0, 1], or None.
+    N is the batch size, or fewer for the last batch of an epoch (no sample is dropped).
     """
 
     images: torch.Tensor

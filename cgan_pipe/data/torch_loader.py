@@ -34,7 +34,8 @@ class TorchLoader:
     """Endless batches from a shard set with webdataset readers in DataLoader workers.
 
     Images are decoded on the CPU in the workers and normalised to [-1, 1] on
-    the training device.
+    the training device. No sample is dropped: each worker's last batch of an
+    epoch may be smaller.
     """
 
     def __init__(self, shards: Path, manifest: Manifest, cfg: LoaderConfig, batch_size: int,
@@ -55,7 +56,7 @@ class TorchLoader:
         )
         generator = torch.Generator().manual_seed(seed)
         self.loader = DataLoader(
-            dataset, batch_size=batch_size, drop_last=True, num_workers=cfg.threads,
+            dataset, batch_size=batch_size, drop_last=False, num_workers=cfg.threads,
             persistent_workers=True, pin_memory=device.type == "cuda", generator=generator,
         )
 
