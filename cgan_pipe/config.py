@@ -54,6 +54,10 @@ def _unit_interval(value: float) -> str | None:
     return None if 0.0 <= value < 1.0 else "must be in [0, 1)"
 
 
+def _scale(value: float | None) -> str | None:
+    return None if value is None or 0.0 < value <= 1.0 else "must be in (0, 1]"
+
+
 def _resolution(value: int) -> str | None:
     ok = 8 <= value <= 1024 and value & (value - 1) == 0
     return None if ok else "must be a power of two between 8 and 1024"
@@ -173,6 +177,17 @@ class LoaderConfig:
         4096, "Samples held in the shuffle buffer (shards are also shuffled when written).", _positive
     )
     hflip: bool = _opt(True, "Random horizontal flip.")
+    pad_crop: int = _opt(
+        0, "Pad each side by this many pixels (black), then crop a random window of the resolution. 0: off.",
+        _non_negative,
+    )
+    resized_crop_min_scale: Optional[float] = _opt(
+        None, "Random resized crop: a random window of this fraction of the area up to all of it (aspect "
+        "3/4..4/3), resized to the resolution. null: off.", _scale
+    )
+    color_jitter: float = _opt(
+        0.0, "Random brightness, contrast and saturation factors in [1 - s, 1 + s]. 0: off.", _unit_interval
+    )
 
 
 @dataclass

@@ -120,3 +120,15 @@ def test_two_dali_ranks_see_every_sample_exactly_once_per_epoch(small_shards):
             assert seen == loader.samples_per_epoch  # the epoch ends on a batch boundary
     for images in epochs.values():
         assert len(images) == 200 and len(set(images)) == 200
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("augment", [{"pad_crop": 4}, {"resized_crop_min_scale": 0.3}, {"color_jitter": 0.5}])
+def test_augmentations_change_pixels_but_not_the_contract(one_per_class, backend, augment):
+    shards, reference = one_per_class
+    cfg = LoaderConfig(backend=backend, threads=1, hflip=False, **augment)
+    batch = next(iter(open_loader(shards, cfg, 10, 0, torch.device("cpu"))))
+    assert batch.images.shape == (10, 3, 32, 32) and -1.0 <= batch.images.min() and batch.images.max() <= 1.0
+    pixels = (batch.images.permute(0, 2, 3, 1).numpy() + 1) * 127.5
+    changed = [min(np.abs(image - ref).mean() for ref in reference.values()) > 2.0 for image in pixels]
+    assert sum(changed) >= 5, "most images should differ from their plain decode"

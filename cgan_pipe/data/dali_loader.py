@@ -1,4 +1,4 @@
-"""DALI pipeline: webdataset shards -> decode (GPU nvJPEG or CPU) -> flip -> [-1, 1] torch batches."""
+"""DALI pipeline: webdataset shards -> decode (GPU nvJPEG or CPU) -> augment -> [-1, 1] torch batches."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ LABEL_BYTES = 8  # `.cls` bytes are padded to at least this width so a batch is 
 
 
 @pipeline_def
-def _shard_pipeline(paths: list[str], index_paths: list[str], labelled: bool, hflip: bool,
-                    shuffle_buffer: int, decode_device: str, shard_id: int, num_shards: int):
+def _shard_pipeline(paths: list[str], index_paths: list[str], labelled: bool, augment: LoaderConfig,
+                    resolution: int, shuffle_buffer: int, decode_device: str, shard_id: int, num_shards: int):
     encoded, cls = fn.readers.webdataset(
         paths=paths, index_paths=index_paths, ext=[ANY_IMAGE_EXTENSION, "cls"],
         # a labelled set with a sample lacking `.cls` is corrupt; unlabelled sets have none
@@ -33,7 +33,19 @@ def _shard_pipeline(paths: list[str], index_paths: list[str], labelled: bool, hf
         pad_last_batch=True,
     )
     decoded = fn.decoders.image(encoded, device=decode_device, output_type=types.RGB)
-    mirror = fn.random.coin_flip(probability=0.5) if hflip else 0
+    if augment.resized_crop_min_scale is not None:
+        decoded = fn.random_resized_crop(decoded, size=(resolution, resolution),
+                                         random_area=[augment.resized_crop_min_scale, 1.0])
+    if augment.pad_crop:
+        side = resolution + 2 * augment.pad_crop  # a centred window larger than the image pads it
+        decoded = fn.crop(decoded, crop=(side, side), out_of_bounds_policy="pad", fill_values=0)
+        decoded = fn.crop(decoded, crop=(resolution, resolution),
+                          crop_pos_x=fn.random.uniform(range=(0.0, 1.0)), crop_pos_y=fn.random.uniform(range=(0.0, 1.0)))
+    if augment.color_jitter:
+        jitter = (1.0 - augment.color_jitter, 1.0 + augment.color_jitter)
+        decoded = fn.color_twist(decoded, brightness=fn.random.uniform(range=jitter),
+                                 contrast=fn.random.uniform(range=jitter), saturation=fn.random.uniform(range=jitter))
+    mirror = fn.random.coin_flip(probability=0.5) if augment.hflip else 0
     images = fn.crop_mirror_normalize(
         decoded, dtype=types.FLOAT, output_layout="CHW",
         mean=[127.5] * 3, std=[127.5] * 3, mirror=mirror,
@@ -62,7 +74,7 @@ class DaliLoader:
         self.pipeline = _shard_pipeline(
             paths=[str(shards / s.tar) for s in manifest.shards],
             index_paths=[str(shards / s.index) for s in manifest.shards],
-            labelled=manifest.labelled, hflip=cfg.hflip, shuffle_buffer=cfg.shuffle_buffer,
+            labelled=manifest.labelled, augment=cfg, resolution=manifest.resolution, shuffle_buffer=cfg.shuffle_buffer,
             decode_device="mixed" if gpu is not None else "cpu", shard_id=rank, num_shards=world,
             batch_size=batch_size, num_threads=cfg.threads, device_id=gpu, seed=seed + rank,
             prefetch_queue_depth=2,

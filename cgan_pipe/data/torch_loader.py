@@ -9,6 +9,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
 from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import v2
 
 from ..config import LoaderConfig
 from ..images import ANY_IMAGE_EXTENSION
@@ -17,17 +18,26 @@ from .manifest import Manifest
 
 
 class _DecodeSample:
-    """Picklable per-sample transform: (image bytes, cls bytes) -> (uint8 CHW, label)."""
+    """Picklable per-sample transform: (image bytes, cls bytes) -> (augmented uint8 CHW, label),
+    with the augmentations of the DALI pipeline, from torchvision."""
 
-    def __init__(self, hflip: bool):
-        self.hflip = hflip
+    def __init__(self, cfg: LoaderConfig, resolution: int):
+        steps = []
+        if cfg.resized_crop_min_scale is not None:
+            steps.append(v2.RandomResizedCrop(resolution, scale=(cfg.resized_crop_min_scale, 1.0), antialias=True))
+        if cfg.pad_crop:
+            steps.append(v2.RandomCrop(resolution, padding=cfg.pad_crop, fill=0))
+        if cfg.color_jitter:
+            steps.append(v2.ColorJitter(brightness=cfg.color_jitter, contrast=cfg.color_jitter,
+                                        saturation=cfg.color_jitter))
+        if cfg.hflip:
+            steps.append(v2.RandomHorizontalFlip())
+        self.augment = v2.Compose(steps)
 
     def __call__(self, sample: tuple[bytes, bytes | None]) -> tuple[torch.Tensor, int]:
         data, cls = sample
         image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-        if self.hflip and torch.rand(()) < 0.5:
-            image = image.flip(-1)
-        return image, int(cls) if cls else 0
+        return self.augment(image), int(cls) if cls else 0
 
 
 class TorchLoader:
@@ -52,7 +62,7 @@ class TorchLoader:
             .shuffle(cfg.shuffle_buffer)
             # unlabelled sets have no `.cls`; a labelled sample without one is an error
             .to_tuple(ANY_IMAGE_EXTENSION, "cls", missing_is_error=manifest.labelled)
-            .map(_DecodeSample(cfg.hflip))
+            .map(_DecodeSample(cfg, manifest.resolution))
         )
         generator = torch.Generator().manual_seed(seed)
         self.loader = DataLoader(
