@@ -32,7 +32,7 @@ class _DecodeSample:
                                         saturation=cfg.color_jitter))
         if cfg.hflip:
             steps.append(v2.RandomHorizontalFlip())
-        self.augment = v2.Compose(steps)
+        self.augment = v2.Compose(steps) if steps else v2.Identity()
 
     def __call__(self, sample: tuple[bytes, bytes | None]) -> tuple[torch.Tensor, int]:
         data, cls = sample
