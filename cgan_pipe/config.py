@@ -54,6 +54,16 @@ def _unit_interval(value: float) -> str | None:
     return None if 0.0 <= value < 1.0 else "must be in [0, 1)"
 
 
+def _diffaugment_policy(value: str) -> str | None:
+    from .augment import parse_policy
+
+    try:
+        parse_policy(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def _scale(value: float | None) -> str | None:
     return None if value is None or 0.0 < value <= 1.0 else "must be in (0, 1]"
 
@@ -207,6 +217,10 @@ class TrainConfig:
     steps: int = _opt(5000, "Generator steps to train for.", _positive)
     batch_size: int = _opt(64, "Images per batch.", _positive)
     loss: Literal["hinge", "nonsaturating"] = _opt("hinge", "GAN loss.")
+    diffaugment: str = _opt(
+        "", "DiffAugment transforms applied to every image D sees, real or fake, e.g. "
+        "'color,translation,cutout' (differentiable, on the training device). '': none.", _diffaugment_policy
+    )
     lr_g: float = _opt(2e-4, "Generator Adam learning rate.", _positive)
     lr_d: float = _opt(4e-4, "Discriminator Adam learning rate (twice G's: TTUR).", _positive)
     beta1: float = _opt(0.0, "Adam beta1 (0.5 made the DCGAN ignore z on CIFAR-10 here).", _unit_interval)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 
-from cgan_pipe.errors import DataError
+from cgan_pipe.errors import ConfigError, DataError
 from cgan_pipe.train.checkpoint import list_checkpoints, load_checkpoint
 from cgan_pipe.train.loop import train
 
@@ -26,6 +27,15 @@ def test_train_writes_metrics_samples_and_checkpoints(small_shards, tmp_path):
     assert state["step"] == 4 and state["config"]["train"]["steps"] == 4
     assert {"G", "D", "G_ema", "opt_g", "opt_d", "rng", "dataset"} <= state.keys()
     assert state["dataset"]["class_names"][3] == "cat"
+
+
+def test_training_with_diffaugment_runs_and_a_bad_policy_names_the_key(small_shards, tmp_path):
+    result = train(small_config(tmp_path, steps=2, diffaugment="color,translation,cutout"), small_shards, tmp_path,
+                   progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert result.steps == 2 and all(math.isfinite(r["loss_d"]) and math.isfinite(r["loss_g"]) for r in rows)
+    with pytest.raises(ConfigError, match="train.diffaugment: unknown DiffAugment transform 'rotate'"):
+        small_config(tmp_path, diffaugment="rotate")
 
 
 def test_rerun_resumes_and_continues_the_step_count(small_shards, tmp_path):

@@ -13,6 +13,7 @@ from torchvision.utils import save_image
 from tqdm import tqdm
 
 from ..atomic import atomic_path, write_text_atomic
+from ..augment import diff_augment, parse_policy
 from ..config import PipelineConfig, to_dict
 from ..data.loader import DatasetInfo, dataset_info, open_loader
 from ..data.manifest import read_manifest
@@ -99,6 +100,11 @@ def train(cfg: PipelineConfig, shards: Path, run_dir: Path, progress: bool = Tru
     window_start, window_wait, window_images = time.perf_counter(), 0.0, 0
     total_time, total_wait, total_images = 0.0, 0.0, 0
     path = existing[-1] if existing else None
+    policy = parse_policy(tc.diffaugment)  # the same random transforms for every image D sees
+
+    def augment(images: torch.Tensor) -> torch.Tensor:
+        return diff_augment(images, policy)
+
     bar = tqdm(range(start + 1, tc.steps + 1), initial=start, total=tc.steps, desc="train",
                unit="step", disable=not progress, dynamic_ncols=True)
     for step in bar:
@@ -110,7 +116,7 @@ def train(cfg: PipelineConfig, shards: Path, run_dir: Path, progress: bool = Tru
             window_images += batch.images.shape[0]
             with torch.no_grad():
                 fake = G(torch.randn(batch.images.shape[0], cfg.model.z_dim, device=device), batch.labels)
-            loss_d = discriminator_loss(tc.loss, D(batch.images, batch.labels), D(fake, batch.labels))
+            loss_d = discriminator_loss(tc.loss, D(augment(batch.images), batch.labels), D(augment(fake), batch.labels))
             opt_d.zero_grad(set_to_none=True)
             loss_d.backward()
             opt_d.step()
@@ -118,7 +124,7 @@ def train(cfg: PipelineConfig, shards: Path, run_dir: Path, progress: bool = Tru
         # G phase: fresh latents, uniformly drawn classes.
         labels = torch.randint(0, n_classes, (tc.batch_size,), device=device)
         fake = G(torch.randn(tc.batch_size, cfg.model.z_dim, device=device), labels)
-        loss_g = generator_loss(tc.loss, D(fake, labels))
+        loss_g = generator_loss(tc.loss, D(augment(fake), labels))
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         opt_g.step()
