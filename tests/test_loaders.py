@@ -12,7 +12,7 @@ from PIL import Image
 from cgan_pipe.config import LoaderConfig
 from cgan_pipe.data.loader import open_loader, parse_ascii_labels
 from cgan_pipe.data.shards import PrepareSettings, prepare
-from cgan_pipe.errors import ConfigError
+from cgan_pipe.errors import ConfigError, DataError
 
 from conftest import CLASSES, cifar_members, write_tar
 
@@ -75,9 +75,13 @@ def test_unlabelled_shards_give_zero_labels(tmp_path):
 
 
 def test_parse_ascii_labels_handles_multi_digit_and_padding():
-    rows = [b"3", b"12", b"7\n", b"0", b""]
+    rows = [b"3", b"12", b"7\n", b"0"]
     raw = torch.tensor([list(r.ljust(4, b"\0")) for r in rows], dtype=torch.uint8)
-    assert parse_ascii_labels(raw).tolist() == [3, 12, 7, 0, 0]
+    assert parse_ascii_labels(raw).tolist() == [3, 12, 7, 0]
+    for bad in (b"", b"x", b"1x"):  # never a silent label 0
+        with pytest.raises(DataError, match="not a class id"):
+            parse_ascii_labels(torch.tensor([list(b"1".ljust(4, b"\0")), list(bad.ljust(4, b"\0"))],
+                                            dtype=torch.uint8))
 
 
 def test_batch_larger_than_the_data_is_a_config_error(small_shards):
@@ -132,3 +136,53 @@ def test_augmentations_change_pixels_but_not_the_contract(one_per_class, backend
     pixels = (batch.images.permute(0, 2, 3, 1).numpy() + 1) * 127.5
     changed = [min(np.abs(image - ref).mean() for ref in reference.values()) > 2.0 for image in pixels]
     assert sum(changed) >= 5, "most images should differ from their plain decode"
+
+
+def _damaged_copy(small_shards, tmp_path, damage):
+    import shutil
+
+    from cgan_pipe.data.manifest import parse_dali_index
+
+    copy = tmp_path / "shards"
+    shutil.copytree(small_shards, copy)
+    samples = list(parse_dali_index(copy / "shard-000001.idx"))
+    with open(copy / "shard-000001.tar", "r+b") as handle:
+        damage(handle, samples)
+    return copy
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_truncated_shard_is_named_before_any_batch(small_shards, tmp_path, backend):
+    copy = _damaged_copy(small_shards, tmp_path, lambda handle, samples: handle.truncate(30000))
+    with pytest.raises(DataError, match="shard-000001.tar: 30000 bytes where the manifest says"):
+        open_loader(copy, LoaderConfig(backend=backend, threads=1), 16, 0, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_class_file_that_is_not_a_number_is_an_error_not_a_label(small_shards, tmp_path, backend):
+    def spoil_labels(handle, samples):
+        for files in samples:
+            cls = next(f for f in files if f.ext == "cls")
+            handle.seek(cls.offset)
+            handle.write(b"x" * cls.size)
+
+    copy = _damaged_copy(small_shards, tmp_path, spoil_labels)
+    batches = iter(open_loader(copy, LoaderConfig(backend=backend, threads=1), 16, 0, torch.device("cpu")))
+    with pytest.raises(DataError, match="verify"):
+        for _ in range(20):  # 320 samples: both shards are read
+            next(batches)
+
+
+def test_an_undecodable_image_names_the_shard_set(small_shards, tmp_path):
+    # (torch backend only: DALI has segfaulted this process on garbage JPEG bytes; verify covers it)
+    def spoil_images(handle, samples):
+        for files in samples:
+            image = next(f for f in files if f.ext == "jpg")
+            handle.seek(image.offset + 20)
+            handle.write(bytes(image.size - 20))
+
+    copy = _damaged_copy(small_shards, tmp_path, spoil_images)
+    batches = iter(open_loader(copy, LoaderConfig(backend="torch", threads=1), 16, 0, torch.device("cpu")))
+    with pytest.raises(DataError, match=f"{copy}: the torch loader failed on a sample"):
+        for _ in range(20):
+            next(batches)

@@ -12,6 +12,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 from ..config import LoaderConfig
 from ..images import ANY_IMAGE_EXTENSION
 from ..devices import resolve_device
+from ..errors import DataError
 from .loader import Batch, DatasetInfo, dataset_info, parse_ascii_labels
 from .manifest import Manifest
 
@@ -68,6 +69,7 @@ class DaliLoader:
                  seed: int, device: torch.device, rank: int | None = None, world_size: int | None = None):
         self.info: DatasetInfo = dataset_info(manifest)
         self.device = device
+        self.shards = shards
         self.labelled = manifest.labelled
         rank, world = (rank, world_size) if rank is not None and world_size is not None else _rank_and_world()
         gpu = torch.cuda.current_device() if resolve_device(cfg.device, "loader.device").type == "cuda" else None
@@ -88,12 +90,24 @@ class DaliLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         while True:  # one pass of the inner loop is one epoch; auto_reset starts the next
-            for outputs in self._iterator:
+            for outputs in _naming_failures(self._iterator, self.shards):
                 out = outputs[0]
                 images = out["images"].to(self.device, non_blocking=True)
                 labels = parse_ascii_labels(out["labels"]).to(self.device) if self.labelled else \
                     torch.zeros(images.shape[0], dtype=torch.int64, device=self.device)
                 yield Batch(images=images, labels=labels)
+
+
+def _naming_failures(iterator: Iterator[list[dict[str, torch.Tensor]]], shards: Path
+                     ) -> Iterator[list[dict[str, torch.Tensor]]]:
+    """`iterator`, with a failure of the DALI pipeline (undecodable image, missing `.cls`) turned
+    into a DataError naming the shard set; DALI's own message (which names the file) is kept."""
+    try:
+        yield from iterator
+    except RuntimeError as exc:
+        detail = next((line for line in str(exc).splitlines() if line.strip()), "")
+        raise DataError(f"{shards}: the DALI loader failed on a sample ({detail.strip()[:300]}); "
+                        f"run `cgan-pipe verify {shards}` to list the bad samples") from exc
 
 
 def _rank_and_world() -> tuple[int, int]:

@@ -9,7 +9,7 @@ from typing import Iterator, Protocol
 import torch
 
 from ..config import LoaderConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from .manifest import Manifest, read_manifest
 
 
@@ -59,6 +59,12 @@ def open_loader(shards: Path, cfg: LoaderConfig, batch_size: int, seed: int,
                 device: torch.device) -> Loader:
     """Open the shard set in `shards` with the backend `cfg.backend`, yielding Batches on `device`."""
     manifest = read_manifest(Path(shards))
+    for shard in manifest.shards:  # a truncated, emptied or replaced shard fails here, not mid-training
+        size = (Path(shards) / shard.tar).stat().st_size
+        if size != shard.bytes:
+            raise DataError(f"{Path(shards) / shard.tar}: {size} bytes where the manifest says {shard.bytes} "
+                            f"(truncated or replaced); run `cgan-pipe verify {shards}`, and prepare the "
+                            f"shards again if it fails")
     if batch_size > manifest.num_samples:
         raise ConfigError(
             f"train.batch_size: {batch_size} is larger than the {manifest.num_samples} samples in {shards}"
@@ -75,11 +81,19 @@ def open_loader(shards: Path, cfg: LoaderConfig, batch_size: int, seed: int,
 def parse_ascii_labels(raw: torch.Tensor) -> torch.Tensor:
     """Decimal class ids from `.cls` bytes, one zero-padded row of ASCII per sample -> int64.
 
-    DALI hands `.cls` members over as raw bytes ("3" arrives as 51); non-digit bytes
-    (padding, newlines) are ignored.
+    DALI hands `.cls` members over as raw bytes ("3" arrives as 51). Whitespace and the zero
+    padding are ignored; a row with any other byte, or with no digit, raises DataError rather
+    than becoming a wrong label.
     """
-    digits = raw.to(torch.int64) - ord("0")
+    raw = raw.to(torch.int64)
+    digits = raw - ord("0")
     valid = (digits >= 0) & (digits <= 9)
+    ignorable = (raw == 0) | (raw == ord(" ")) | (raw == ord("\n")) | (raw == ord("\r")) | (raw == ord("\t"))
+    bad = (~(valid | ignorable)).any(dim=1) | ~valid.any(dim=1)
+    if bad.any():
+        row = raw[int(bad.nonzero()[0])]
+        text = bytes(int(b) for b in row if b).decode("latin-1")
+        raise DataError(f"a sample's .cls holds {text!r}, not a class id; run `cgan-pipe verify` on the shards")
     value = torch.zeros(raw.shape[0], dtype=torch.int64, device=raw.device)
     for column in range(raw.shape[1]):
         value = torch.where(valid[:, column], value * 10 + digits[:, column], value)

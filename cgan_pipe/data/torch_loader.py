@@ -12,6 +12,7 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
 from ..config import LoaderConfig
+from ..errors import DataError
 from ..images import ANY_IMAGE_EXTENSION
 from .loader import Batch, DatasetInfo, dataset_info
 from .manifest import Manifest
@@ -52,6 +53,7 @@ class TorchLoader:
                  seed: int, device: torch.device):
         self.info: DatasetInfo = dataset_info(manifest)
         self.device = device
+        self.shards = shards
         dataset = (
             wds.WebDataset(
                 [str(shards / s.tar) for s in manifest.shards],
@@ -72,7 +74,17 @@ class TorchLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         while True:  # one pass of the DataLoader is one epoch
-            for images, labels in self.loader:
+            for images, labels in _naming_failures(self.loader, self.shards):
                 images = images.to(self.device, non_blocking=True).float().div_(127.5).sub_(1.0)
                 yield Batch(images=images, labels=labels.to(self.device, dtype=torch.int64))
 
+
+def _naming_failures(loader: DataLoader, shards: Path) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """`loader`'s batches, with a worker's failure on a sample (undecodable image, a `.cls` that is
+    not a number) turned into a DataError naming the shard set."""
+    try:
+        yield from loader
+    except (RuntimeError, ValueError) as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise DataError(f"{shards}: the torch loader failed on a sample ({(lines[-1] if lines else '')[:300]}); "
+                        f"run `cgan-pipe verify {shards}` to list the bad samples") from exc
