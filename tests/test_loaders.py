@@ -102,18 +102,23 @@ def test_gpu_decode_gives_the_same_contract_on_cuda(one_per_class, backend):
     assert batch.labels[cat].item() == 3
 
 
-def test_two_dali_ranks_see_every_sample_exactly_once_per_epoch(small_shards):
-    """small_shards: 200 samples in 2 shards. Each rank's epoch is its own 100, in batches of 16
-    (the seventh is partial); together each epoch is the whole set, nothing dropped or repeated."""
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_ranks_see_every_sample_exactly_once_per_epoch(small_shards, backend):
+    """small_shards: 200 samples in 2 shards (120 + 80). Each rank reads its share in batches of
+    16, the last of an epoch partial; together each epoch is the whole set, nothing dropped or
+    repeated. (DALI splits by sample: 100 each; the torch backend by shard.)"""
     from cgan_pipe.data.dali_loader import DaliLoader
     from cgan_pipe.data.manifest import read_manifest
+    from cgan_pipe.data.torch_loader import TorchLoader
 
     manifest = read_manifest(small_shards)
-    config = LoaderConfig(backend="dali", threads=1, hflip=False)
+    config = LoaderConfig(backend=backend, threads=1, hflip=False)
+    make = DaliLoader if backend == "dali" else TorchLoader
     epochs: dict[int, list[bytes]] = {0: [], 1: []}
+    shares = []
     for rank in (0, 1):
-        loader = DaliLoader(small_shards, manifest, config, 16, 0, torch.device("cpu"), rank=rank, world_size=2)
-        assert loader.samples_per_epoch == 100
+        loader = make(small_shards, manifest, config, 16, 0, torch.device("cpu"), rank=rank, world_size=2)
+        shares.append(loader.samples_per_epoch)
         batches = iter(loader)
         for epoch in epochs:
             seen = 0
@@ -122,6 +127,7 @@ def test_two_dali_ranks_see_every_sample_exactly_once_per_epoch(small_shards):
                 seen += batch.images.shape[0]
                 epochs[epoch] += [image.numpy().tobytes() for image in batch.images]
             assert seen == loader.samples_per_epoch  # the epoch ends on a batch boundary
+    assert shares == ([100, 100] if backend == "dali" else [120, 80])
     for images in epochs.values():
         assert len(images) == 200 and len(set(images)) == 200
 

@@ -20,7 +20,8 @@ def test_train_writes_metrics_samples_and_checkpoints(small_shards, tmp_path):
     assert result.steps == 4 and result.resumed_from == 0 and result.images_per_s > 0
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4]
-    assert all({"loss_d", "loss_g", "images_per_s", "data_wait", "kimg"} <= r.keys() for r in rows)
+    assert all({"loss_d", "loss_g", "images_per_s", "data_wait", "kimg", "epoch"} <= r.keys() for r in rows)
+    assert rows[-1]["epoch"] == round(4 * 16 / 200, 3)  # 4 steps of 16 over the 200 samples
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step-0000002.png", "step-0000004.png"]
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["ckpt-0000002.pt", "ckpt-0000004.pt"]
     state = load_checkpoint(result.checkpoint)

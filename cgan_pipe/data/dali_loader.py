@@ -13,7 +13,7 @@ from ..config import LoaderConfig
 from ..images import ANY_IMAGE_EXTENSION
 from ..devices import resolve_device
 from ..errors import DataError
-from .loader import Batch, DatasetInfo, dataset_info, parse_ascii_labels
+from .loader import Batch, DatasetInfo, dataset_info, parse_ascii_labels, rank_and_world
 from .manifest import Manifest
 
 READER_NAME = "shards"
@@ -71,7 +71,7 @@ class DaliLoader:
         self.device = device
         self.shards = shards
         self.labelled = manifest.labelled
-        rank, world = (rank, world_size) if rank is not None and world_size is not None else _rank_and_world()
+        rank, world = (rank, world_size) if rank is not None and world_size is not None else rank_and_world()
         gpu = torch.cuda.current_device() if resolve_device(cfg.device, "loader.device").type == "cuda" else None
         self.pipeline = _shard_pipeline(
             paths=[str(shards / s.tar) for s in manifest.shards],
@@ -108,9 +108,3 @@ def _naming_failures(iterator: Iterator[list[dict[str, torch.Tensor]]], shards: 
         detail = next((line for line in str(exc).splitlines() if line.strip()), "")
         raise DataError(f"{shards}: the DALI loader failed on a sample ({detail.strip()[:300]}); "
                         f"run `cgan-pipe verify {shards}` to list the bad samples") from exc
-
-
-def _rank_and_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1

@@ -43,11 +43,19 @@ class DatasetInfo:
 
 
 class Loader(Protocol):
-    """An endless iterator of batches plus the dataset's description."""
+    """An endless iterator of batches plus the dataset's description and this rank's epoch size."""
 
     info: DatasetInfo
+    samples_per_epoch: int
 
     def __iter__(self) -> Iterator[Batch]: ...
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the world size of its torch.distributed group ((0, 1) without one)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 def dataset_info(manifest: Manifest) -> DatasetInfo:

@@ -12,9 +12,9 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
 from ..config import LoaderConfig
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..images import ANY_IMAGE_EXTENSION
-from .loader import Batch, DatasetInfo, dataset_info
+from .loader import Batch, DatasetInfo, dataset_info, rank_and_world
 from .manifest import Manifest
 
 
@@ -46,19 +46,27 @@ class TorchLoader:
 
     Images are decoded on the CPU in the workers and normalised to [-1, 1] on
     the training device. No sample is dropped: each worker's last batch of an
-    epoch may be smaller.
+    epoch may be smaller. Each rank of a torch.distributed job (or `rank` of
+    `world_size`, when given) reads every `world_size`-th shard from its
+    `rank`-th: `samples_per_epoch` samples, each once per epoch.
     """
 
     def __init__(self, shards: Path, manifest: Manifest, cfg: LoaderConfig, batch_size: int,
-                 seed: int, device: torch.device):
+                 seed: int, device: torch.device, rank: int | None = None, world_size: int | None = None):
         self.info: DatasetInfo = dataset_info(manifest)
         self.device = device
         self.shards = shards
+        rank, world = (rank, world_size) if rank is not None and world_size is not None else rank_and_world()
+        mine = manifest.shards[rank::world]
+        if not mine:
+            raise ConfigError(f"{shards}: {len(manifest.shards)} shards cannot be shared by {world} ranks (the torch "
+                              f"loader splits by shard); prepare with a smaller --shard-size, or use the dali loader")
+        self.samples_per_epoch: int = sum(s.samples for s in mine)  # this rank's share
         dataset = (
             wds.WebDataset(
-                [str(shards / s.tar) for s in manifest.shards],
-                shardshuffle=len(manifest.shards), seed=seed,
-                nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker,
+                [str(shards / s.tar) for s in mine],
+                shardshuffle=len(mine), seed=seed,
+                nodesplitter=_this_rank_already, workersplitter=wds.split_by_worker,
                 empty_check=False,  # fewer shards than workers leaves some workers idle
             )
             .shuffle(cfg.shuffle_buffer)
@@ -77,6 +85,11 @@ class TorchLoader:
             for images, labels in _naming_failures(self.loader, self.shards):
                 images = images.to(self.device, non_blocking=True).float().div_(127.5).sub_(1.0)
                 yield Batch(images=images, labels=labels.to(self.device, dtype=torch.int64))
+
+
+def _this_rank_already(urls: Iterator[str]) -> Iterator[str]:
+    """webdataset's node splitter when the shards given are already this rank's."""
+    return urls
 
 
 def _naming_failures(loader: DataLoader, shards: Path) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -138,6 +138,8 @@ def train(cfg: PipelineConfig, shards: Path, run_dir: Path, progress: bool = Tru
             elapsed = time.perf_counter() - window_start
             row = {
                 "step": step, "kimg": round(step * tc.n_dis * tc.batch_size / 1000, 3),
+                # epochs of this rank's share of the data (full batches counted; an epoch's last may be smaller)
+                "epoch": round(step * tc.n_dis * tc.batch_size / loader.samples_per_epoch, 3),
                 "loss_d": round(loss_d.item(), 5), "loss_g": round(loss_g.item(), 5),
                 "images_per_s": round(window_images / elapsed, 1),
                 "data_wait": round(window_wait / elapsed, 4), "time": round(time.time(), 3),
