@@ -192,3 +192,38 @@ def test_an_undecodable_image_names_the_shard_set(small_shards, tmp_path):
     with pytest.raises(DataError, match=f"{copy}: the torch loader failed on a sample"):
         for _ in range(20):
             next(batches)
+
+
+@pytest.fixture()
+def served(small_shards):
+    """small_shards served over HTTP from this machine (a real server, no outside network)."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(small_shards))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+
+
+def test_the_torch_backend_streams_shards_from_a_url(served):
+    loader = open_loader(served, LoaderConfig(backend="torch", threads=1), 16, 0, torch.device("cpu"))
+    assert loader.info.num_samples == 200 and loader.samples_per_epoch == 200
+    batches = iter(loader)
+    seen = 0
+    while seen < 200:
+        batch = next(batches)
+        seen += batch.images.shape[0]
+        assert batch.images.shape[1:] == (3, 32, 32) and batch.labels.max() <= 9
+    assert seen == 200
+
+
+def test_dali_says_it_needs_local_files_and_a_bad_url_is_named(served):
+    with pytest.raises(ConfigError, match="the DALI loader reads local or mounted files only"):
+        open_loader(served, LoaderConfig(backend="dali"), 16, 0, torch.device("cpu"))
+    with pytest.raises(DataError, match="missing/manifest.json: cannot read the manifest"):
+        open_loader(served + "missing", LoaderConfig(backend="torch"), 16, 0, torch.device("cpu"))

@@ -10,7 +10,7 @@ import torch
 
 from ..config import LoaderConfig
 from ..errors import ConfigError, DataError
-from .manifest import Manifest, read_manifest
+from .manifest import Manifest, read_manifest, read_remote_manifest
 
 
 @dataclass
@@ -63,16 +63,29 @@ def dataset_info(manifest: Manifest) -> DatasetInfo:
     return DatasetInfo(manifest.resolution, 3, tuple(manifest.class_names), manifest.num_samples)
 
 
-def open_loader(shards: Path, cfg: LoaderConfig, batch_size: int, seed: int,
+def is_url(shards: Path | str) -> bool:
+    """Whether `shards` names a shard set by URL (http(s)://, s3://, ...) rather than a local folder."""
+    return "://" in str(shards) and not str(shards).startswith("file://")
+
+
+def open_loader(shards: Path | str, cfg: LoaderConfig, batch_size: int, seed: int,
                 device: torch.device) -> Loader:
-    """Open the shard set in `shards` with the backend `cfg.backend`, yielding Batches on `device`."""
-    manifest = read_manifest(Path(shards))
-    for shard in manifest.shards:  # a truncated, emptied or replaced shard fails here, not mid-training
-        size = (Path(shards) / shard.tar).stat().st_size
-        if size != shard.bytes:
-            raise DataError(f"{Path(shards) / shard.tar}: {size} bytes where the manifest says {shard.bytes} "
-                            f"(truncated or replaced); run `cgan-pipe verify {shards}`, and prepare the "
-                            f"shards again if it fails")
+    """Open the shard set at `shards` (a folder, or for the torch backend a URL) with the backend
+    `cfg.backend`, yielding Batches on `device`."""
+    if is_url(shards):
+        if cfg.backend == "dali":
+            raise ConfigError(f"{shards}: the DALI loader reads local or mounted files only; copy or mount the "
+                              f"shards, or set loader.backend: torch to stream them from the URL")
+        manifest = read_remote_manifest(str(shards))
+    else:
+        shards = Path(shards)
+        manifest = read_manifest(shards)
+        for shard in manifest.shards:  # a truncated, emptied or replaced shard fails here, not mid-training
+            size = (shards / shard.tar).stat().st_size
+            if size != shard.bytes:
+                raise DataError(f"{shards / shard.tar}: {size} bytes where the manifest says {shard.bytes} "
+                                f"(truncated or replaced); run `cgan-pipe verify {shards}`, and prepare the "
+                                f"shards again if it fails")
     if batch_size > manifest.num_samples:
         raise ConfigError(
             f"train.batch_size: {batch_size} is larger than the {manifest.num_samples} samples in {shards}"
@@ -80,10 +93,10 @@ def open_loader(shards: Path, cfg: LoaderConfig, batch_size: int, seed: int,
     if cfg.backend == "dali":
         from .dali_loader import DaliLoader  # DALI is imported only when asked for
 
-        return DaliLoader(Path(shards), manifest, cfg, batch_size, seed, device)
+        return DaliLoader(shards, manifest, cfg, batch_size, seed, device)
     from .torch_loader import TorchLoader
 
-    return TorchLoader(Path(shards), manifest, cfg, batch_size, seed, device)
+    return TorchLoader(shards, manifest, cfg, batch_size, seed, device)
 
 
 def parse_ascii_labels(raw: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import urllib.error
+import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,26 +70,58 @@ def read_manifest(directory: Path) -> Manifest:
     """Read and check the manifest of a shard set; DataError naming the file when it is unusable."""
     path = Path(directory) / MANIFEST_NAME
     try:
-        data = json.loads(path.read_text())
+        text = path.read_text()
     except FileNotFoundError:
         raise DataError(
             f"{path}: no manifest, so {directory} is not a complete shard set "
             f"(make one with `cgan-pipe prepare SOURCE {directory}`)"
         ) from None
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
         raise DataError(f"{path}: unreadable manifest ({exc})") from None
+    manifest = parse_manifest(text, str(path))
+    for shard in manifest.shards:
+        for name in (shard.tar, shard.index):
+            if not (path.parent / name).is_file():
+                raise DataError(f"{path}: lists {name!r}, which is missing from {directory}")
+    return manifest
+
+
+def read_remote_manifest(url: str) -> Manifest:
+    """Read and check the manifest of a shard set at a URL (http(s) with the standard library,
+    other schemes through fsspec); DataError naming the URL when it cannot be read."""
+    where = f"{url.rstrip('/')}/{MANIFEST_NAME}"
+    try:
+        if where.startswith(("http://", "https://")):
+            with urllib.request.urlopen(where, timeout=60) as response:
+                text = response.read().decode("utf-8")
+        else:
+            import fsspec  # only for object stores; their filesystems (s3fs, gcsfs, ...) are the user's to install
+
+            with fsspec.open(where, "rt") as handle:
+                text = handle.read()
+    except (OSError, ValueError, ImportError, urllib.error.URLError) as exc:
+        raise DataError(f"{where}: cannot read the manifest ({exc})") from None
+    return parse_manifest(text, where)
+
+
+def parse_manifest(text: str, where: str) -> Manifest:
+    """The Manifest in `text` (read from `where`), checked; DataError naming `where` when unusable."""
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise DataError(f"{where}: unreadable manifest ({exc})") from None
     try:
         if data.get("format_version") != FORMAT_VERSION:
-            raise DataError(f"{path}: manifest format {data.get('format_version')!r} is not {FORMAT_VERSION}")
+            raise DataError(f"{where}: manifest format {data.get('format_version')!r} is not {FORMAT_VERSION}")
         data.pop("num_samples", None)
         data["shards"] = [ShardInfo(**s) for s in data["shards"]]
         manifest = Manifest(**data)
     except (TypeError, KeyError, AttributeError) as exc:
-        raise DataError(f"{path}: malformed manifest ({exc})") from None
+        raise DataError(f"{where}: malformed manifest ({exc})") from None
     for shard in manifest.shards:
         for name in (shard.tar, shard.index):
-            if "/" in name or name.startswith(".") or not (path.parent / name).is_file():
-                raise DataError(f"{path}: lists {name!r}, which is missing from {directory}")
+            if "/" in name or name.startswith("."):
+                raise DataError(f"{where}: lists {name!r}, which is not a file name in the shard folder")
     return manifest
 
 

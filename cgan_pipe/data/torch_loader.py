@@ -1,4 +1,5 @@
-"""The loader contract without DALI: webdataset + torchvision decode in a torch DataLoader."""
+"""The loader contract without DALI: webdataset + torchvision decode in a torch DataLoader; shards
+may be local or at a URL."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from torchvision.transforms import v2
 from ..config import LoaderConfig
 from ..errors import ConfigError, DataError
 from ..images import ANY_IMAGE_EXTENSION
-from .loader import Batch, DatasetInfo, dataset_info, rank_and_world
+from .loader import Batch, DatasetInfo, dataset_info, is_url, rank_and_world
 from .manifest import Manifest
 
 
@@ -51,7 +52,7 @@ class TorchLoader:
     `rank`-th: `samples_per_epoch` samples, each once per epoch.
     """
 
-    def __init__(self, shards: Path, manifest: Manifest, cfg: LoaderConfig, batch_size: int,
+    def __init__(self, shards: Path | str, manifest: Manifest, cfg: LoaderConfig, batch_size: int,
                  seed: int, device: torch.device, rank: int | None = None, world_size: int | None = None):
         self.info: DatasetInfo = dataset_info(manifest)
         self.device = device
@@ -64,7 +65,7 @@ class TorchLoader:
         self.samples_per_epoch: int = sum(s.samples for s in mine)  # this rank's share
         dataset = (
             wds.WebDataset(
-                [str(shards / s.tar) for s in mine],
+                [_shard_location(shards, s.tar) for s in mine],
                 shardshuffle=len(mine), seed=seed,
                 nodesplitter=_this_rank_already, workersplitter=wds.split_by_worker,
                 empty_check=False,  # fewer shards than workers leaves some workers idle
@@ -85,6 +86,12 @@ class TorchLoader:
             for images, labels in _naming_failures(self.loader, self.shards):
                 images = images.to(self.device, non_blocking=True).float().div_(127.5).sub_(1.0)
                 yield Batch(images=images, labels=labels.to(self.device, dtype=torch.int64))
+
+
+def _shard_location(shards: Path | str, name: str) -> str:
+    """Where webdataset opens shard `name` of the set at `shards`: a path, or a URL (http(s) through
+    curl, and the other schemes webdataset's gopen knows)."""
+    return f"{str(shards).rstrip('/')}/{name}" if is_url(shards) else str(Path(shards) / name)
 
 
 def _this_rank_already(urls: Iterator[str]) -> Iterator[str]:
