@@ -199,7 +199,7 @@ def prepare(source: str, out: str, fmt: str, quality_text: str, quality_mode: st
 @quiet_option
 @_reports_errors
 def train(pipeline: str, overrides: tuple[str, ...], dry_run: bool, quiet: bool) -> None:
-    """Train the GAN of PIPELINE on the shards in its run_dir/shards.
+    """Train the GAN of PIPELINE on the shards in its run_dir/shards (or loader.shards).
 
     Resumes from the newest checkpoint in run_dir/checkpoints. Make the shards
     first with `cgan-pipe run` or `cgan-pipe prepare SOURCE RUN_DIR/shards`.
@@ -212,7 +212,7 @@ def train(pipeline: str, overrides: tuple[str, ...], dry_run: bool, quiet: bool)
         click.echo(yaml.safe_dump(to_dict(cfg), sort_keys=False), nl=False)
         return
     write_resolved_config(cfg, cfg.run_path)
-    result = train_gan(cfg, cfg.run_path / "shards", cfg.run_path, progress=_progress(quiet))
+    result = train_gan(cfg, cfg.loader.shards or cfg.run_path / "shards", cfg.run_path, progress=_progress(quiet))
     speed = f", {result.images_per_s:.0f} img/s" if result.images_per_s else " (already complete)"
     click.echo(f"step {result.steps}{speed}; checkpoint {result.checkpoint}")
 

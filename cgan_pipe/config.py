@@ -174,6 +174,10 @@ class DataConfig:
 class LoaderConfig:
     """How shards stream into training batches."""
 
+    shards: Optional[str] = _opt(
+        None, "Shard set `cgan-pipe train` reads instead of run_dir/shards: a folder, or for the torch "
+        "backend a URL (http(s):// through curl; s3://, gs://, ... where webdataset and fsspec can open them)."
+    )
     backend: Literal["dali", "torch"] = _opt(
         "dali", "'dali' (NVIDIA DALI pipeline) or 'torch' (webdataset + torchvision decode)."
     )

@@ -227,3 +227,16 @@ def test_dali_says_it_needs_local_files_and_a_bad_url_is_named(served):
         open_loader(served, LoaderConfig(backend="dali"), 16, 0, torch.device("cpu"))
     with pytest.raises(DataError, match="missing/manifest.json: cannot read the manifest"):
         open_loader(served + "missing", LoaderConfig(backend="torch"), 16, 0, torch.device("cpu"))
+
+
+def test_training_reads_shards_from_a_url(served, tmp_path):
+    import dataclasses
+
+    from cgan_pipe.train.loop import train
+
+    from conftest import small_config
+
+    cfg = small_config(tmp_path, steps=2)
+    cfg = dataclasses.replace(cfg, loader=dataclasses.replace(cfg.loader, backend="torch", shards=served))
+    result = train(cfg, cfg.loader.shards, tmp_path, progress=False)
+    assert result.steps == 2 and result.checkpoint.exists()

@@ -68,18 +68,21 @@ def is_url(shards: Path | str) -> bool:
     return "://" in str(shards) and not str(shards).startswith("file://")
 
 
+def shard_set_manifest(shards: Path | str) -> Manifest:
+    """The checked manifest of the shard set in a folder or at a URL."""
+    return read_remote_manifest(str(shards)) if is_url(shards) else read_manifest(Path(shards))
+
+
 def open_loader(shards: Path | str, cfg: LoaderConfig, batch_size: int, seed: int,
                 device: torch.device) -> Loader:
     """Open the shard set at `shards` (a folder, or for the torch backend a URL) with the backend
     `cfg.backend`, yielding Batches on `device`."""
-    if is_url(shards):
-        if cfg.backend == "dali":
-            raise ConfigError(f"{shards}: the DALI loader reads local or mounted files only; copy or mount the "
-                              f"shards, or set loader.backend: torch to stream them from the URL")
-        manifest = read_remote_manifest(str(shards))
-    else:
+    if is_url(shards) and cfg.backend == "dali":
+        raise ConfigError(f"{shards}: the DALI loader reads local or mounted files only; copy or mount the "
+                          f"shards, or set loader.backend: torch to stream them from the URL")
+    manifest = shard_set_manifest(shards)
+    if not is_url(shards):
         shards = Path(shards)
-        manifest = read_manifest(shards)
         for shard in manifest.shards:  # a truncated, emptied or replaced shard fails here, not mid-training
             size = (shards / shard.tar).stat().st_size
             if size != shard.bytes:

@@ -15,8 +15,7 @@ from tqdm import tqdm
 from ..atomic import atomic_path, write_text_atomic
 from ..augment import diff_augment, parse_policy
 from ..config import PipelineConfig, to_dict
-from ..data.loader import DatasetInfo, dataset_info, open_loader
-from ..data.manifest import read_manifest
+from ..data.loader import DatasetInfo, dataset_info, open_loader, shard_set_manifest
 from ..devices import resolve_device
 from ..distributed import require_one_process
 from ..errors import DataError
@@ -41,8 +40,9 @@ class TrainResult:
     resumed_from: int
 
 
-def train(cfg: PipelineConfig, shards: Path, run_dir: Path, progress: bool = True) -> TrainResult:
-    """Train the configured GAN on the shard set in `shards`, writing under `run_dir`.
+def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool = True) -> TrainResult:
+    """Train the configured GAN on the shard set in `shards` (a folder, or a URL for the torch
+    loader), writing under `run_dir`.
 
     Resumes from the newest checkpoint in `run_dir/checkpoints` when there is one;
     returns at once when that checkpoint already reached `cfg.train.steps`.
@@ -56,7 +56,7 @@ def train(cfg: PipelineConfig, shards: Path, run_dir: Path, progress: bool = Tru
     torch.manual_seed(cfg.seed)
 
     # The newest complete checkpoint, if any: a finished run returns before any set-up.
-    info = dataset_info(read_manifest(shards))
+    info = dataset_info(shard_set_manifest(shards))
     existing = list_checkpoints(ckpt_dir)
     state = load_checkpoint(existing[-1], map_location=device) if existing else None
     if state is not None:
