@@ -240,3 +240,17 @@ def test_training_reads_shards_from_a_url(served, tmp_path):
     cfg = dataclasses.replace(cfg, loader=dataclasses.replace(cfg.loader, backend="torch", shards=served))
     result = train(cfg, cfg.loader.shards, tmp_path, progress=False)
     assert result.steps == 2 and result.checkpoint.exists()
+
+
+def test_batched_decode_keeps_order_across_jpeg_and_png(one_per_class):
+    # the GPU path of the torch backend, run here on the CPU device: JPEGs in one decode_jpeg call
+    from torchvision.io import decode_image
+
+    from cgan_pipe.data.torch_loader import _decode_batch
+
+    jpegs = list(cifar_members("test", 1).values())[:3]
+    png = io.BytesIO()
+    Image.open(io.BytesIO(jpegs[0])).save(png, "PNG")
+    encoded = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in [jpegs[0], png.getvalue(), *jpegs[1:]]]
+    decoded = _decode_batch(encoded, torch.device("cpu"))
+    assert [torch.equal(d, decode_image(e)) for d, e in zip(decoded, encoded)] == [True] * 4

@@ -9,44 +9,75 @@ from typing import Iterator
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
-from torchvision.io import ImageReadMode, decode_image
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms import v2
 
 from ..config import LoaderConfig
 from ..errors import ConfigError, DataError
 from ..images import ANY_IMAGE_EXTENSION
+from ..devices import resolve_device
 from .loader import Batch, DatasetInfo, dataset_info, is_url, rank_and_world
 from .manifest import Manifest
 
 
+def _augmentations(cfg: LoaderConfig, resolution: int) -> v2.Transform:
+    """The augmentations of the DALI pipeline, from torchvision (CPU or CUDA uint8 CHW images)."""
+    steps = []
+    if cfg.resized_crop_min_scale is not None:
+        steps.append(v2.RandomResizedCrop(resolution, scale=(cfg.resized_crop_min_scale, 1.0), antialias=True))
+    if cfg.pad_crop:
+        steps.append(v2.RandomCrop(resolution, padding=cfg.pad_crop, fill=0))
+    if cfg.color_jitter:
+        steps.append(v2.ColorJitter(brightness=cfg.color_jitter, contrast=cfg.color_jitter,
+                                    saturation=cfg.color_jitter))
+    if cfg.hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    return v2.Compose(steps) if steps else v2.Identity()
+
+
 class _DecodeSample:
-    """Picklable per-sample transform: (image bytes, cls bytes) -> (augmented uint8 CHW, label),
-    with the augmentations of the DALI pipeline, from torchvision."""
+    """Picklable per-sample transform in the DataLoader workers: (image bytes, cls bytes) ->
+    (augmented uint8 CHW, label)."""
 
     def __init__(self, cfg: LoaderConfig, resolution: int):
-        steps = []
-        if cfg.resized_crop_min_scale is not None:
-            steps.append(v2.RandomResizedCrop(resolution, scale=(cfg.resized_crop_min_scale, 1.0), antialias=True))
-        if cfg.pad_crop:
-            steps.append(v2.RandomCrop(resolution, padding=cfg.pad_crop, fill=0))
-        if cfg.color_jitter:
-            steps.append(v2.ColorJitter(brightness=cfg.color_jitter, contrast=cfg.color_jitter,
-                                        saturation=cfg.color_jitter))
-        if cfg.hflip:
-            steps.append(v2.RandomHorizontalFlip())
-        self.augment = v2.Compose(steps) if steps else v2.Identity()
+        self.augment = _augmentations(cfg, resolution)
 
     def __call__(self, sample: tuple[bytes, bytes | None]) -> tuple[torch.Tensor, int]:
         data, cls = sample
-        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-        return self.augment(image), int(cls) if cls else 0
+        return self.augment(_decode_on_cpu(data)), int(cls) if cls else 0
+
+
+def _keep_encoded(sample: tuple[bytes, bytes | None]) -> tuple[torch.Tensor, int]:
+    """Per-sample transform when decoding happens later, batched on the GPU: bytes as a uint8 tensor."""
+    data, cls = sample
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8), int(cls) if cls else 0
+
+
+def _collate_encoded(samples: list[tuple[torch.Tensor, int]]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    return [data for data, _ in samples], torch.tensor([label for _, label in samples], dtype=torch.int64)
+
+
+def _decode_on_cpu(data: bytes | torch.Tensor) -> torch.Tensor:
+    encoded = data if isinstance(data, torch.Tensor) else torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return decode_image(encoded, mode=ImageReadMode.RGB)
+
+
+def _decode_batch(encoded: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Decode a batch: its JPEGs in one decode_jpeg call on `device` (nvJPEG on a GPU), any PNG/WebP
+    on the CPU; in the order given."""
+    is_jpeg = [bool(e[:2].tolist() == [0xFF, 0xD8]) for e in encoded]
+    jpegs = [e for e, j in zip(encoded, is_jpeg) if j]
+    decoded = iter(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device) if jpegs else [])
+    return [next(decoded) if j else _decode_on_cpu(e).to(device) for e, j in zip(encoded, is_jpeg)]
 
 
 class TorchLoader:
     """Endless batches from a shard set with webdataset readers in DataLoader workers.
 
-    Images are decoded on the CPU in the workers and normalised to [-1, 1] on
-    the training device. No sample is dropped: each worker's last batch of an
+    Images are decoded on the CPU in the workers, or, when the loader device
+    is cuda, read there as bytes and decoded a batch at a time with nvJPEG
+    (torchvision.io.decode_jpeg on the GPU); normalised to [-1, 1] on the
+    training device. No sample is dropped: each worker's last batch of an
     epoch may be smaller. Each rank of a torch.distributed job (or `rank` of
     `world_size`, when given) reads every `world_size`-th shard from its
     `rank`-th: `samples_per_epoch` samples, each once per epoch.
@@ -57,6 +88,9 @@ class TorchLoader:
         self.info: DatasetInfo = dataset_info(manifest)
         self.device = device
         self.shards = shards
+        # with a GPU, workers only read bytes and the batch is decoded at once with nvJPEG
+        self.gpu_decode = resolve_device(cfg.device, "loader.device").type == "cuda"
+        self.augment = _augmentations(cfg, manifest.resolution)
         rank, world = (rank, world_size) if rank is not None and world_size is not None else rank_and_world()
         mine = manifest.shards[rank::world]
         if not mine:
@@ -73,17 +107,21 @@ class TorchLoader:
             .shuffle(cfg.shuffle_buffer)
             # unlabelled sets have no `.cls`; a labelled sample without one is an error
             .to_tuple(ANY_IMAGE_EXTENSION, "cls", missing_is_error=manifest.labelled)
-            .map(_DecodeSample(cfg, manifest.resolution))
+            .map(_keep_encoded if self.gpu_decode else _DecodeSample(cfg, manifest.resolution))
         )
         generator = torch.Generator().manual_seed(seed)
         self.loader = DataLoader(
             dataset, batch_size=batch_size, drop_last=False, num_workers=cfg.threads,
-            persistent_workers=True, pin_memory=device.type == "cuda", generator=generator,
+            persistent_workers=True, pin_memory=device.type == "cuda" and not self.gpu_decode, generator=generator,
+            collate_fn=_collate_encoded if self.gpu_decode else None,
         )
 
     def __iter__(self) -> Iterator[Batch]:
         while True:  # one pass of the DataLoader is one epoch
             for images, labels in _naming_failures(self.loader, self.shards):
+                if self.gpu_decode:
+                    decoded = _decode_batch(images, self.device)
+                    images = torch.stack([self.augment(image) for image in decoded])
                 images = images.to(self.device, non_blocking=True).float().div_(127.5).sub_(1.0)
                 yield Batch(images=images, labels=labels.to(self.device, dtype=torch.int64))
 
