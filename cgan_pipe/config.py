@@ -208,10 +208,15 @@ class LoaderConfig:
 class ModelConfig:
     """Generator and discriminator."""
 
-    arch: Literal["dcgan"] = _opt("dcgan", "Network family.")
+    arch: Literal["dcgan", "resnet"] = _opt(
+        "dcgan", "Network family: 'dcgan' (strided convs, projection D) or 'resnet' (SNGAN/BigGAN-style residual "
+        "blocks, class-conditional BatchNorm in G with a shared class embedding, projection D)."
+    )
     z_dim: int = _opt(128, "Latent size.", _positive)
-    g_width: int = _opt(128, "Channels of the generator's first (4x4) feature map (256+ on a GPU).", _positive)
-    d_width: int = _opt(128, "Channels of the discriminator's last (4x4) feature map (256+ on a GPU).", _positive)
+    g_width: int = _opt(128, "Channels of the generator's first (4x4) feature map (resnet: of every block; "
+                        "256+ on a GPU).", _positive)
+    d_width: int = _opt(128, "Channels of the discriminator's last (4x4) feature map (resnet: of every block; "
+                        "256+ on a GPU).", _positive)
 
 
 @dataclass

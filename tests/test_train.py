@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -90,3 +91,10 @@ def test_missing_or_foreign_checkpoint_is_named(tmp_path):
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(DataError, match="other.pt: not a cgan-pipe checkpoint"):
         load_checkpoint(tmp_path / "other.pt")
+
+
+def test_the_resnet_model_trains_and_records_its_architecture(small_shards, tmp_path):
+    cfg = small_config(tmp_path, steps=2)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, arch="resnet", g_width=32, d_width=32))
+    result = train(cfg, small_shards, tmp_path, progress=False)
+    assert result.steps == 2 and load_checkpoint(result.checkpoint)["config"]["model"]["arch"] == "resnet"

@@ -6,7 +6,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..data.loader import DatasetInfo
-from . import dcgan
+from . import dcgan, resnet
 
 
 def build_networks(cfg: ModelConfig, info: DatasetInfo) -> tuple[nn.Module, nn.Module]:
@@ -14,5 +14,9 @@ def build_networks(cfg: ModelConfig, info: DatasetInfo) -> tuple[nn.Module, nn.M
     if cfg.arch == "dcgan":
         generator = dcgan.Generator(cfg.z_dim, info.num_classes, info.resolution, info.channels, cfg.g_width)
         discriminator = dcgan.Discriminator(info.num_classes, info.resolution, info.channels, cfg.d_width)
+        return generator, discriminator
+    if cfg.arch == "resnet":
+        generator = resnet.Generator(cfg.z_dim, info.num_classes, info.resolution, info.channels, cfg.g_width)
+        discriminator = resnet.Discriminator(info.num_classes, info.resolution, info.channels, cfg.d_width)
         return generator, discriminator
     raise ValueError(f"unknown architecture {cfg.arch!r}")  # config validation admits only known ones
