@@ -20,13 +20,13 @@ from .data.sources import open_source
 from .errors import DataError
 
 
-@dataclass(frozen=True)
-class BenchRecord:
-    """One timed method: how many images it handled in how many seconds."""
+class _Timed:
+    """What every bench record has: `images` handled in `seconds` (fields of the dataclasses below),
+    under a `label` for the printed table."""
 
-    method: str
     images: int
     seconds: float
+    label: str
 
     @property
     def images_per_s(self) -> float:
@@ -36,6 +36,24 @@ class BenchRecord:
     def to_dict(self) -> dict[str, object]:
         """The record as written by `--json`."""
         return {**asdict(self), "seconds": round(self.seconds, 3), "images_per_s": round(self.images_per_s, 1)}
+
+    def line(self) -> str:
+        """One line of the printed table."""
+        return f"{self.label:32s} {self.images:8d} images {self.seconds:8.2f} s {self.images_per_s:10.0f} img/s"
+
+
+@dataclass(frozen=True)
+class BenchRecord(_Timed):
+    """One timed method: how many images it handled in how many seconds."""
+
+    method: str
+    images: int
+    seconds: float
+
+    @property
+    def label(self) -> str:
+        """The method's name."""
+        return self.method
 
 
 def bench_prepare(source: Path, *, quality: int = 90, workers: int | None = None, limit: int | None = None,
@@ -59,11 +77,11 @@ def bench_prepare(source: Path, *, quality: int = 90, workers: int | None = None
             start = time.perf_counter()
             manifest, _ = prepare(str(source), scratch / method, settings, workers=workers, progress=False)
             records.append(BenchRecord(method, manifest.num_samples, time.perf_counter() - start))
-            echo(_line(records[-1]))
+            echo(records[-1].line())
         start = time.perf_counter()
         done = pil_reencode_loop(source, scratch / "pil.tar", quality, count)
         records.append(BenchRecord(f"pil-loop-jpeg-q{quality}", done, time.perf_counter() - start))
-        echo(_line(records[-1]))
+        echo(records[-1].line())
         if dataset_tool is not None:
             folder = scratch / "extracted"
             with tarfile.open(source) as tar:
@@ -72,7 +90,7 @@ def bench_prepare(source: Path, *, quality: int = 90, workers: int | None = None
             subprocess.run([sys.executable, str(dataset_tool), f"--source={folder}", f"--dest={scratch / 'dt.zip'}",
                             *([f"--max-images={limit}"] if limit else [])], check=True, capture_output=True)
             records.append(BenchRecord("stylegan2-ada-dataset_tool", count, time.perf_counter() - start))
-            echo(_line(records[-1]))
+            echo(records[-1].line())
     return records
 
 
@@ -97,12 +115,8 @@ def pil_reencode_loop(source: Path, out: Path, quality: int, limit: int) -> int:
     return written
 
 
-def _line(record: BenchRecord) -> str:
-    return f"{record.method:32s} {record.images:8d} images {record.seconds:8.2f} s {record.images_per_s:10.0f} img/s"
-
-
 @dataclass(frozen=True)
-class LoaderRecord:
+class LoaderRecord(_Timed):
     """One timed loader: backend ('dali', 'torch', 'baseline'), decode device, images, seconds."""
 
     backend: str
@@ -111,13 +125,9 @@ class LoaderRecord:
     seconds: float
 
     @property
-    def images_per_s(self) -> float:
-        """Throughput."""
-        return self.images / self.seconds
-
-    def to_dict(self) -> dict[str, object]:
-        """The record as written by `--json`."""
-        return {**asdict(self), "seconds": round(self.seconds, 3), "images_per_s": round(self.images_per_s, 1)}
+    def label(self) -> str:
+        """Backend and decode device."""
+        return f"{self.backend} {self.device}"
 
 
 def bench_loader(shards: Path, *, batch_size: int = 256, batches: int = 100, warmup: int = 10,
@@ -160,8 +170,7 @@ def bench_loader(shards: Path, *, batch_size: int = 256, batches: int = 100, war
         if device == "cuda":
             torch.cuda.synchronize()
         records.append(LoaderRecord(backend, device, batches * batch_size, time.perf_counter() - start))
-        echo(f"{backend:10s} {device:5s} {records[-1].images:8d} images {records[-1].seconds:8.2f} s "
-             f"{records[-1].images_per_s:10.0f} img/s")
+        echo(records[-1].line())
         del batches_iter
     return records
 
