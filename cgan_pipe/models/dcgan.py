@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from torch.nn.utils import spectral_norm
 
-
-def _num_upsamplings(resolution: int) -> int:
-    steps = int(math.log2(resolution)) - 2  # from a 4x4 map
-    if steps < 1 or 4 * 2 ** steps != resolution:
-        raise ValueError(f"resolution must be a power of two >= 8, got {resolution}")
-    return steps
+from .sizes import doublings_from_4x4
 
 
 class Generator(nn.Module):
@@ -31,7 +24,7 @@ class Generator(nn.Module):
             nn.ReLU(inplace=True),
         )
         blocks, c = [], width
-        for _ in range(_num_upsamplings(resolution)):
+        for _ in range(doublings_from_4x4(resolution)):
             out = max(c // 2, 32)
             blocks += [nn.ConvTranspose2d(c, out, 4, 2, 1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
             c = out
@@ -52,7 +45,7 @@ class Discriminator(nn.Module):
 
     def __init__(self, num_classes: int, resolution: int, channels: int = 3, width: int = 256):
         super().__init__()
-        steps = _num_upsamplings(resolution)
+        steps = doublings_from_4x4(resolution)
         widths = [max(width // 2 ** (steps - i), 32) for i in range(steps + 1)]  # ends at `width`
         layers = [spectral_norm(nn.Conv2d(channels, widths[0], 3, 1, 1)), nn.LeakyReLU(0.2, inplace=True)]
         for c_in, c_out in zip(widths[:-1], widths[1:]):

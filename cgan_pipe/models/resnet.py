@@ -8,19 +8,12 @@ class embedding onto the features (Miyato & Koyama 2018). Written from the paper
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils import spectral_norm
 
-
-def _num_blocks(resolution: int) -> int:
-    blocks = int(math.log2(resolution)) - 2  # from a 4x4 map
-    if blocks < 1 or 4 * 2 ** blocks != resolution:
-        raise ValueError(f"resolution must be a power of two >= 8, got {resolution}")
-    return blocks
+from .sizes import doublings_from_4x4
 
 
 class ConditionalBatchNorm(nn.Module):
@@ -69,7 +62,7 @@ class Generator(nn.Module):
         self.embed = nn.Embedding(num_classes, embed_dim) if num_classes else None  # shared by every block
         embed_dim = embed_dim if num_classes else 0
         self.stem = nn.Linear(z_dim, 4 * 4 * width)
-        self.blocks = nn.ModuleList(GeneratorBlock(width, width, embed_dim) for _ in range(_num_blocks(resolution)))
+        self.blocks = nn.ModuleList(GeneratorBlock(width, width, embed_dim) for _ in range(doublings_from_4x4(resolution)))
         self.to_rgb = nn.Sequential(nn.BatchNorm2d(width), nn.ReLU(), nn.Conv2d(width, channels, 3, 1, 1), nn.Tanh())
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -111,7 +104,7 @@ class Discriminator(nn.Module):
     def __init__(self, num_classes: int, resolution: int, channels: int = 3, width: int = 256):
         super().__init__()
         blocks = [DiscriminatorBlock(channels, width, downsample=True, first=True)]
-        blocks += [DiscriminatorBlock(width, width, downsample=True) for _ in range(_num_blocks(resolution) - 1)]
+        blocks += [DiscriminatorBlock(width, width, downsample=True) for _ in range(doublings_from_4x4(resolution) - 1)]
         blocks += [DiscriminatorBlock(width, width, downsample=False)]
         self.blocks = nn.Sequential(*blocks)
         self.linear = spectral_norm(nn.Linear(width, 1))
