@@ -103,16 +103,12 @@ class ShardWriter:
             self._size, self._sha256 = 0, hashlib.sha256()
             self._count = 0
             self._index_lines = []
-        members = {sample.ext: sample.image, "json": json.dumps(sample.meta, sort_keys=True).encode()}
-        if sample.label is not None:
-            members["cls"] = str(sample.label).encode()
         entries, blobs, offset = [], [], self._size
-        for ext in sorted(members):  # the files of one sample stay adjacent
-            name, data = f"{sample.key}.{ext}", members[ext]
+        for name, data in sample_files(sample):
             # USTAR with fixed mtime and owner, as tarfile would write it: DALI has failed on
             # Python's default PAX headers (and webdataset 1.0.2's TarWriter writes those)
             blobs.append(tars.member_bytes(name, data))
-            entries.append(f"{ext} {offset + tars.BLOCK} {len(data)} {name}")
+            entries.append(f"{split_member_name(name)[1]} {offset + tars.BLOCK} {len(data)} {name}")
             offset += len(blobs[-1])
         self._write(b"".join(blobs))
         self._index_lines.append(" ".join(entries) + "\n")
@@ -154,6 +150,15 @@ class ShardWriter:
             tar=tar_path.name, index=index_path.name, samples=self._count,
             bytes=self._size, sha256=self._sha256.hexdigest(),
         ))
+
+
+def sample_files(sample: ShardSample) -> list[tuple[str, bytes]]:
+    """The files a sample is stored as, (member name, bytes), in the order written: the image,
+    `.cls` (when labelled) and `.json`, sorted by extension so a sample's files stay adjacent."""
+    files = {sample.ext: sample.image, "json": json.dumps(sample.meta, sort_keys=True).encode()}
+    if sample.label is not None:
+        files["cls"] = str(sample.label).encode()
+    return [(f"{sample.key}.{ext}", files[ext]) for ext in sorted(files)]
 
 
 def split_member_name(name: str) -> tuple[str, str]:
@@ -397,9 +402,8 @@ def _inputs_per_shard(listing: Listing, inputs: int, reader: ItemReader, class_n
         except (images.BadImage, DataError):
             continue
         for data, ext, meta in samples:
-            members = [data, json.dumps(meta, sort_keys=True).encode()]
-            members += [str(item.label).encode()] if item.label is not None else []
-            sizes.append(sum(tars.BLOCK + -(-len(m) // tars.BLOCK) * tars.BLOCK for m in members))
+            files = sample_files(ShardSample(f"{position:08d}", data, ext, item.label, meta))
+            sizes.append(sum(len(tars.member_bytes(name, content)) for name, content in files))
     if not sizes:
         return max(1, settings.shard_size // variants)
     return max(1, int(settings.shard_bytes / (sum(sizes) / len(sizes))) // variants)
