@@ -36,7 +36,7 @@ class SourceItem(NamedTuple):  # a tuple: cheap to build and to send to workers
 
 
 class Listing:
-    """The items of a source, on disk: `listing[i]` is the i-th item; `is_duplicate(i)` says
+    """The items of a source, on disk: `listing[i]` is the i-th item; `entry(i)` also says
     whether it repeats an earlier item's path. Picklable; files open lazily in each process."""
 
     def __init__(self, base: Path, count: int, group_labels: list[int | None]):

@@ -54,11 +54,6 @@ def decompress_to(path: Path, target: Path) -> None:
         raise DataError(f"{path}: cannot decompress ({exc})") from None
 
 
-def list_members(path: Path) -> list[TarEntry]:
-    """Every member of the uncompressed tar at `path`, in archive order (see iter_members)."""
-    return list(iter_members(path))
-
-
 def iter_members(path: Path) -> Iterator[TarEntry]:
     """The members of the uncompressed tar at `path`, in archive order, in constant memory.
 
