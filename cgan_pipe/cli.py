@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -24,6 +25,7 @@ EXAMPLES = {
     "bench prepare": "cgan-pipe bench prepare ../shared/data/cifar10/train.tar --dataset-tool dataset_tool.py",
     "bench loader": "cgan-pipe bench loader runs/cifar/shards --json loader.json",
     "generate": "cgan-pipe generate runs/cifar/checkpoints/ckpt-0005000.pt out/ --n 1000 --format webp",
+    "eval": "cgan-pipe eval runs/cifar/checkpoints/ckpt-0005000.pt --json",
 }
 
 
@@ -73,11 +75,12 @@ def main() -> None:
 @quiet_option
 @_reports_errors
 def run(pipeline: str, overrides: tuple[str, ...], dry_run: bool, quiet: bool) -> None:
-    """Run a whole PIPELINE (YAML): prepare shards, train, export images.
+    """Run a whole PIPELINE (YAML): prepare shards, train, evaluate, export images.
 
     Everything goes under the pipeline's run_dir (default runs/<name>/); a stage
     whose outputs are complete for the same settings is skipped, and training
-    resumes from its last checkpoint. Writes run_dir/summary.json.
+    resumes from its last checkpoint. Writes run_dir/summary.json. Under
+    torchrun, rank 0 prepares, evaluates and exports; every rank trains.
     """
     from .pipeline import run_pipeline
 
@@ -86,6 +89,8 @@ def run(pipeline: str, overrides: tuple[str, ...], dry_run: bool, quiet: bool) -
         click.echo(yaml.safe_dump(to_dict(cfg), sort_keys=False), nl=False)
         return
     summary = run_pipeline(cfg, progress=_progress(quiet), echo=click.echo)
+    if summary is None:  # a torchrun rank other than 0: it trained its part; rank 0 reports
+        return
     click.echo(f"done: {cfg.run_path / 'summary.json'} ({summary['images_per_s']} img/s training)")
 
 
@@ -203,7 +208,11 @@ def train(pipeline: str, overrides: tuple[str, ...], dry_run: bool, quiet: bool)
 
     Resumes from the newest checkpoint in run_dir/checkpoints. Make the shards
     first with `cgan-pipe run` or `cgan-pipe prepare SOURCE RUN_DIR/shards`.
+    Under `torchrun --nproc-per-node N -m cgan_pipe train ...` each rank trains on
+    its part of the shards (gradients averaged; gloo on CPU, NCCL on GPUs) and
+    rank 0 writes the files.
     """
+    from .distributed import process_group, started_by_torchrun, training_backend
     from .pipeline import write_resolved_config
     from .train.loop import train as train_gan
 
@@ -211,8 +220,17 @@ def train(pipeline: str, overrides: tuple[str, ...], dry_run: bool, quiet: bool)
     if dry_run:
         click.echo(yaml.safe_dump(to_dict(cfg), sort_keys=False), nl=False)
         return
-    write_resolved_config(cfg, cfg.run_path)
-    result = train_gan(cfg, cfg.loader.shards or cfg.run_path / "shards", cfg.run_path, progress=_progress(quiet))
+    shards = cfg.loader.shards or cfg.run_path / "shards"
+    if started_by_torchrun():  # one process per GPU (or CPU rank): each trains on its part of the shards
+        with process_group(training_backend(cfg.train.device)):
+            if int(os.environ["RANK"]) == 0:
+                write_resolved_config(cfg, cfg.run_path)
+            result = train_gan(cfg, shards, cfg.run_path, progress=_progress(quiet))
+        if int(os.environ["RANK"]) != 0:
+            return
+    else:
+        write_resolved_config(cfg, cfg.run_path)
+        result = train_gan(cfg, shards, cfg.run_path, progress=_progress(quiet))
     speed = f", {result.images_per_s:.0f} img/s" if result.images_per_s else " (already complete)"
     click.echo(f"step {result.steps}{speed}; checkpoint {result.checkpoint}")
 
@@ -254,6 +272,59 @@ def generate(checkpoint: str, out: str, n: int, fmt: str, quality: int, classes:
     else:
         click.echo(f"{result.n} images ({result.images_per_s:.0f} img/s) -> {result.out_dir}")
     click.echo(json.dumps({"export_dir": str(result.out_dir), "export_shards": str(result.shards)}))
+
+
+@main.command("eval", epilog=f"Example: {EXAMPLES['eval']}")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--shards", default=None, help="Real shard set to compare with (default: the run's shards beside "
+              "the checkpoint, else the checkpoint config's loader.shards).")
+@click.option("--metrics", "metric_names", default=None, metavar="M[,M..]",
+              help="classifier, fid, kid, is (default: the checkpoint config's eval.metrics).")
+@click.option("--n", "n_samples", type=click.IntRange(min=2), default=None, help="Generated images to score.")
+@click.option("--inception-weights", default=None, type=click.Path(dir_okay=False),
+              help="Local pt_inception-2015-12-05-6726825d.pth for fid/kid/is.")
+@click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
+              help="Where the classifier and reference features are cached.")
+@click.option("--classifier-steps", type=click.IntRange(min=1), default=None,
+              help="Training batches of the feature classifier (default: eval.classifier_steps).")
+@click.option("--raw", is_flag=True, help="Score the raw generator instead of its EMA.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
+@quiet_option
+@_reports_errors
+def evaluate(checkpoint: str, shards: str | None, metric_names: str | None, n_samples: int | None,
+             inception_weights: str | None, cache_dir: str | None, classifier_steps: int | None, raw: bool,
+             device: str, as_json: bool, quiet: bool) -> None:
+    """Score the generator in CHECKPOINT against real shards.
+
+    classifier: Frechet distance in the features of a small classifier trained on
+    the real shards (once, then cached), its Inception-style score, and the class
+    accuracy of conditional samples. fid/kid/is: the standard FID Inception-v3.
+    """
+    from .config import config_from_dict
+    from .devices import resolve_device
+    from .errors import ConfigError
+    from .metrics.evaluate import evaluate_checkpoint
+    from .train.checkpoint import load_checkpoint
+
+    cfg = config_from_dict(load_checkpoint(Path(checkpoint))["config"], origin=f"{checkpoint} config")
+    beside = Path(checkpoint).resolve().parent.parent / "shards"
+    shards = shards or (str(beside) if (beside / "manifest.json").is_file() else cfg.loader.shards)
+    if not shards:
+        raise ConfigError(f"{checkpoint}: no shard set beside it; give the real shards with --shards")
+    changes = {"n_samples": n_samples, "inception_weights": inception_weights, "cache_dir": cache_dir,
+               "classifier_steps": classifier_steps,
+               "metrics": [m.strip() for m in metric_names.split(",") if m.strip()] if metric_names else None}
+    eval_cfg = config_from_dict({**to_dict(cfg), "eval": {**to_dict(cfg.eval), **{k: v for k, v in changes.items()
+                                                                                 if v is not None}}},
+                                origin="eval options").eval
+    scores = evaluate_checkpoint(Path(checkpoint), shards, eval_cfg, cfg.loader, resolve_device(device, "--device"),
+                                 ema=not raw, progress=_progress(quiet))
+    if as_json:
+        click.echo(json.dumps(scores, indent=2))
+        return
+    for key, value in scores.items():
+        click.echo(f"{key:>18}  {value}")
 
 
 @main.command(epilog=f"Example: {EXAMPLES['verify']}")

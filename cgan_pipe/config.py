@@ -235,11 +235,72 @@ class TrainConfig:
     beta1: float = _opt(0.0, "Adam beta1 (0.5 made the DCGAN ignore z on CIFAR-10 here).", _unit_interval)
     beta2: float = _opt(0.999, "Adam beta2.", _unit_interval)
     n_dis: int = _opt(1, "Discriminator steps per generator step.", _positive)
+    r1_gamma: float = _opt(
+        0.0, "Weight of the R1 gradient penalty on real images (Mescheder et al. 2018); 0: off.", _non_negative
+    )
+    r1_every: int = _opt(16, "Apply R1 every this many steps, scaled up to match (lazy regularisation).", _positive)
     ema_decay: float = _opt(0.999, "Decay of the generator's exponential moving average.", _unit_interval)
+    ema_warmup: int = _opt(
+        10, "EMA warm-up: the decay used at step s is min(ema_decay, (1 + s) / (ema_warmup + s)); 0: none.",
+        _non_negative,
+    )
+    max_minutes: Optional[float] = _opt(
+        None, "Wall-clock budget of training, over all resumes (evaluations not counted): training stops "
+        "cleanly at it (final checkpoint; export and eval still run). null: no budget.", _positive
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = _opt(
+        "auto", "Autocast precision: 'auto' is bf16 on CUDA (where supported) and fp32 on CPU; fp16 (with "
+        "loss scaling) needs CUDA; bf16 also runs on CPU."
+    )
+    compile: bool = _opt(False, "torch.compile the generator and discriminator (first steps are slower).")
+    channels_last: bool = _opt(False, "Channels-last memory format for networks and batches (faster convs on "
+                               "recent GPUs).")
+    on_nonfinite: Literal["stop", "skip"] = _opt(
+        "stop", "When a loss is NaN/inf: 'stop' (the last checkpoint stays the last good one) or 'skip' the "
+        "update and count it (training stops after 50 in a row)."
+    )
     log_every: int = _opt(50, "Steps between metrics.jsonl rows.", _positive)
     sample_every: int = _opt(500, "Steps between sample grids.", _positive)
     checkpoint_every: int = _opt(500, "Steps between checkpoints.", _positive)
     device: Device = _opt("auto", "Training device: 'cuda', 'cpu' or 'auto'.")
+
+
+_METRICS = ("classifier", "fid", "kid", "is")
+
+
+def _metric_names(value: list[str]) -> str | None:
+    unknown = [m for m in value if m not in _METRICS]
+    return f"unknown metric {unknown[0]!r}; choose from {', '.join(_METRICS)}" if unknown else None
+
+
+@dataclass
+class EvalConfig:
+    """Sample-quality metrics, during training and in `cgan-pipe eval`."""
+
+    metrics: list[str] = _opt(
+        ["classifier"], "Any of 'classifier' (Frechet distance in the features of a small classifier cgan-pipe "
+        "trains on the real shards, its Inception-style score, the class accuracy of conditional samples; no "
+        "download), 'fid', 'kid', 'is' (need inception_weights).", _metric_names
+    )
+    every: Optional[int] = _opt(
+        None, "Steps between evaluations of the EMA generator during training (rows in eval.jsonl); null: "
+        "only after training.", _positive
+    )
+    n_samples: int = _opt(10000, "Generated images per evaluation.", _positive)
+    n_reference: int = _opt(10000, "Real images the reference statistics come from (at most all of them).", _positive)
+    classifier_steps: int = _opt(
+        800, "Batches of 128 the feature classifier trains for; trained once per shard set and cached.", _positive
+    )
+    inception_weights: Optional[str] = _opt(
+        None, "Local path of pt_inception-2015-12-05-6726825d.pth (pytorch-fid's FID Inception-v3 weights), for "
+        "fid/kid/is; never downloaded by cgan-pipe."
+    )
+    cache_dir: Optional[str] = _opt(
+        None, "Where classifiers and reference features are cached per shard set; null: $XDG_CACHE_HOME/cgan-pipe "
+        "or ~/.cache/cgan-pipe."
+    )
+    seed: int = _opt(0, "First latent seed of the evaluated samples (fixed, so evaluations compare).", _non_negative)
+    batch_size: int = _opt(250, "Images per generator call.", _positive)
 
 
 @dataclass
@@ -269,6 +330,7 @@ class PipelineConfig:
     loader: LoaderConfig = field(default_factory=LoaderConfig, metadata={"help": LoaderConfig.__doc__})
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": ModelConfig.__doc__})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": TrainConfig.__doc__})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": EvalConfig.__doc__})
     export: ExportConfig = field(default_factory=ExportConfig, metadata={"help": ExportConfig.__doc__})
 
     @property

@@ -7,7 +7,6 @@ import datetime
 import os
 from typing import Iterator
 
-from .errors import ConfigError
 
 # Ranks of one prepare may finish hours apart on unequal machines; a dead rank is torchrun's to
 # report (it stops the others), so the wait itself is long.
@@ -22,18 +21,30 @@ def started_by_torchrun() -> bool:
 
 
 @contextlib.contextmanager
-def process_group() -> Iterator[None]:
-    """Join the launcher's process group (gloo: CPU-only work, no GPU needed) for the block."""
+def process_group(backend: str = "gloo") -> Iterator[None]:
+    """Join the launcher's process group for the block: gloo (CPU work, no GPU needed) or nccl (CUDA
+    training; each rank then uses the GPU LOCAL_RANK)."""
+    import torch
     import torch.distributed as dist  # only processes started by torchrun pay for the import
 
     if dist.is_initialized():
         yield
         return
-    dist.init_process_group("gloo", timeout=WAIT_TIMEOUT)
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, timeout=WAIT_TIMEOUT)
     try:
         yield
     finally:
         dist.destroy_process_group()
+
+
+def training_backend(device_setting: str) -> str:
+    """The process-group backend for training on `device_setting` ('auto'/'cpu'/'cuda'): nccl for CUDA."""
+    import torch
+
+    cuda = device_setting == "cuda" or (device_setting == "auto" and torch.cuda.is_available())
+    return "nccl" if cuda else "gloo"
 
 
 def wait_for_all_ranks() -> None:
@@ -43,12 +54,40 @@ def wait_for_all_ranks() -> None:
     dist.barrier()
 
 
-def require_one_process(command: str) -> None:
-    """Refuse to run `command` as one of several torchrun processes: it would run once per rank
-    over the same files. (Training on many processes, with DDP, is not written yet.)"""
-    if started_by_torchrun():
-        raise ConfigError(
-            f"`cgan-pipe {command}` runs as one process; under torchrun each of the "
-            f"{os.environ['WORLD_SIZE']} ranks would repeat it over the same files. Run it without torchrun "
-            f"(`torchrun ... cgan-pipe prepare` does split the shard writing across ranks)"
-        )
+def average_gradients(module: "torch.nn.Module", world: int) -> None:
+    """Average the gradients of `module`'s parameters over all ranks (one flat all-reduce), so every
+    rank takes the same optimiser step. A no-op on one process."""
+    import torch
+    import torch.distributed as dist
+
+    if world == 1:
+        return
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.flatten() for g in grads]).div_(world)
+    dist.all_reduce(flat)
+    for grad, reduced in zip(grads, flat.split([g.numel() for g in grads])):
+        grad.copy_(reduced.view_as(grad))
+
+
+def broadcast_module(module: "torch.nn.Module", world: int) -> None:
+    """Copy rank 0's parameters and buffers into every rank's `module`."""
+    import torch.distributed as dist
+
+    if world == 1:
+        return
+    for tensor in [*module.parameters(), *module.buffers()]:
+        dist.broadcast(tensor.data, src=0)
+
+
+def any_rank(flag: bool, world: int, device: "torch.device") -> bool:
+    """Whether `flag` is true on at least one rank (every rank gets the same answer)."""
+    import torch
+    import torch.distributed as dist
+
+    if world == 1:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())

@@ -20,3 +20,9 @@ class DataError(UserError):
     """Input data that cannot be used as given: missing, unreadable or corrupt (exit code 1)."""
 
     exit_code = 1
+
+
+class TrainingError(UserError):
+    """Training cannot go on (e.g. the losses diverged); the message says what was kept (exit code 1)."""
+
+    exit_code = 1

@@ -1,4 +1,4 @@
-"""`cgan-pipe run`: prepare -> train -> export in order, each skipped when up to date; writes summary.json."""
+"""`cgan-pipe run`: prepare -> train -> eval -> export in order, each skipped when up to date; writes summary.json."""
 
 from __future__ import annotations
 
@@ -11,11 +11,16 @@ import yaml
 
 from .atomic import write_text_atomic
 from .config import PipelineConfig, parse_byte_size, to_dict
+from .data.loader import dataset_info, rank_and_world
+from .data.manifest import read_manifest
 from .data.shards import PrepareSettings, prepare
 from .export import ExportSettings, export
+from .metrics.evaluate import check_eval_settings, evaluate_checkpoint
 from .devices import resolve_device
-from .distributed import require_one_process
+from .distributed import process_group, started_by_torchrun, training_backend, wait_for_all_ranks
 from .train.loop import read_metrics, train
+
+EVAL_NAME = "eval.json"
 
 SUMMARY_NAME = "summary.json"
 
@@ -48,27 +53,55 @@ def write_resolved_config(cfg: PipelineConfig, run_dir: Path) -> Path:
     return path
 
 
-def run_pipeline(cfg: PipelineConfig, *, progress: bool, echo: Callable[[str], None]) -> dict[str, Any]:
-    """Run every stage of `cfg` under its run directory and return (and write) the summary."""
-    require_one_process("run")
+def run_pipeline(cfg: PipelineConfig, *, progress: bool, echo: Callable[[str], None]) -> dict[str, Any] | None:
+    """Run every stage of `cfg` under its run directory and return (and write) the summary.
+
+    Under torchrun, rank 0 prepares the shards while the others wait, every rank trains on its
+    part of them, and rank 0 alone evaluates, exports and writes the summary (the others return None).
+    """
+    if started_by_torchrun():
+        with process_group(training_backend(cfg.train.device)):
+            return _run_stages(cfg, progress=progress, echo=echo)
+    return _run_stages(cfg, progress=progress, echo=echo)
+
+
+def _run_stages(cfg: PipelineConfig, *, progress: bool, echo: Callable[[str], None]) -> dict[str, Any] | None:
+    rank, world = rank_and_world()
     run_dir = cfg.run_path
-    write_resolved_config(cfg, run_dir)
     shards_dir = run_dir / "shards"
     stages: dict[str, dict[str, Any]] = {}
 
     t0 = time.perf_counter()
-    manifest, up_to_date = prepare(cfg.data.source, shards_dir, prepare_settings(cfg), workers=cfg.data.workers,
-                                   download_dir=cfg.data.download_dir, progress=progress)
+    if rank == 0:
+        write_resolved_config(cfg, run_dir)
+        manifest, up_to_date = prepare(cfg.data.source, shards_dir, prepare_settings(cfg),
+                                       workers=cfg.data.workers, download_dir=cfg.data.download_dir,
+                                       progress=progress)
+    if world > 1:
+        wait_for_all_ranks()
+        if rank != 0:
+            manifest, up_to_date, progress = read_manifest(shards_dir), True, False
     stages["prepare"] = {"status": "up to date" if up_to_date else "ran", "seconds": _since(t0)}
-    echo(f"prepare: {manifest.num_samples} samples in {len(manifest.shards)} shards at {shards_dir}"
-         f" ({len(manifest.skipped)} skipped){' [up to date]' if up_to_date else ''}")
+    if rank == 0:
+        echo(f"prepare: {manifest.num_samples} samples in {len(manifest.shards)} shards at {shards_dir}"
+             f" ({len(manifest.skipped)} skipped){' [up to date]' if up_to_date else ''}")
 
+    check_eval_settings(cfg.eval, dataset_info(manifest))  # before hours of training, not after
     t0 = time.perf_counter()
     result = train(cfg, shards_dir, run_dir, progress=progress)
     ran = result.images_per_s is not None
     stages["train"] = {"status": "ran" if ran else "up to date", "seconds": _since(t0),
                        "resumed_from": result.resumed_from}
+    if rank != 0:
+        return None
     echo(f"train: step {result.steps}, checkpoint {result.checkpoint}{'' if ran else ' [up to date]'}")
+
+    t0 = time.perf_counter()
+    scores, fresh = _evaluate(cfg, result.checkpoint, shards_dir, run_dir / EVAL_NAME, progress)
+    stages["eval"] = {"status": "ran" if fresh else "up to date", "seconds": _since(t0)}
+    if scores:
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in scores.items() if k in _HEADLINE)
+        echo(f"eval: {shown}{'' if fresh else ' [up to date]'}")
 
     t0 = time.perf_counter()
     exported = export(result.checkpoint, run_dir / "export", export_settings(cfg),
@@ -94,6 +127,7 @@ def run_pipeline(cfg: PipelineConfig, *, progress: bool, echo: Callable[[str], N
         "loss_d": rows[-1]["loss_d"] if rows else None,
         "loss_g": rows[-1]["loss_g"] if rows else None,
         "metrics": str(result.metrics),
+        "eval": scores,
         "samples": str(result.samples),
         "sample_grid": str(grids[-1]) if grids else None,
         "export_dir": str(exported.out_dir),
@@ -105,6 +139,30 @@ def run_pipeline(cfg: PipelineConfig, *, progress: bool, echo: Callable[[str], N
     }
     write_text_atomic(run_dir / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+_HEADLINE = ("classifier_fd", "class_accuracy", "classifier_score", "fid", "kid", "inception_score")
+
+
+def _evaluate(cfg: PipelineConfig, checkpoint: Path, shards: Path, record: Path,
+              progress: bool) -> tuple[dict[str, Any], bool]:
+    """The eval stage: metrics of the final checkpoint, reused from `record` when it scored the same
+    checkpoint with the same settings. Returns (scores, whether they were computed now)."""
+    settings = to_dict(cfg.eval)
+    if not cfg.eval.metrics:
+        return {}, False
+    if record.exists():
+        try:
+            stored = json.loads(record.read_text())
+            if stored.get("checkpoint") == str(checkpoint) and stored.get("settings") == settings:
+                return stored["scores"], False
+        except (ValueError, KeyError):
+            pass  # unreadable: evaluate again
+    scores = evaluate_checkpoint(checkpoint, shards, cfg.eval, cfg.loader,
+                                 resolve_device(cfg.train.device, "train.device"), progress=progress)
+    write_text_atomic(record, json.dumps({"checkpoint": str(checkpoint), "settings": settings,
+                                          "scores": scores}, indent=2) + "\n")
+    return scores, True
 
 
 def _mean(values: Any) -> float | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
@@ -56,13 +57,24 @@ def test_missing_data_source_exits_1_with_advice(tmp_path):
     assert "does not exist" in result.output and "download:cifar10" in result.output
 
 
-@pytest.mark.parametrize("command", ["run", "train"])
-def test_run_and_train_refuse_to_repeat_themselves_on_every_torchrun_rank(command, tmp_path):
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "RANK": "0", "WORLD_SIZE": "2"}
-    result = CliRunner().invoke(main, [command, str(ROOT / "pipelines" / "cifar.yaml"), "-q",
-                                       "--set", f"run_dir={tmp_path}"], env=env)
-    assert result.exit_code == 2 and "under torchrun each of the 2 ranks would repeat it" in result.output
-    assert not (tmp_path / "shards").exists()
+def test_run_under_torchrun_prepares_once_trains_on_both_ranks_and_reports_once(tmp_path):
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", f"--master-port={port}",
+               "-m", "cgan_pipe", "run", str(ROOT / "pipelines" / "cifar.yaml"), "-q",
+               "--set", f"run_dir={run_dir}", "--set", "data.limit=400", "--set", "data.shard_size=100",
+               "--set", "model.g_width=32", "--set", "model.d_width=32", "--set", "train.batch_size=32",
+               "--set", "train.steps=2", "--set", "train.device=cpu", "--set", "loader.threads=1",
+               "--set", "eval.metrics=[]", "--set", "export.n=20"]
+    env = {**os.environ, "CGAN_PIPE_CIFAR10": str(CIFAR / "train.tar")}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("prepare: 400 samples") == 1 and result.stdout.count("done: ") == 1
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["export_images"] == 20
+    assert len(list((run_dir / "export").glob("*/*.jpg"))) == 20
 
 
 def test_train_without_shards_says_how_to_make_them(tmp_path):
@@ -94,7 +106,9 @@ def test_run_end_to_end_on_a_cifar_subset(tmp_path):
     args = [CLI, "run", str(ROOT / "pipelines" / "cifar.yaml"),
             "--set", f"run_dir={run_dir}", "--set", "data.limit=2000", "--set", "data.shard_size=800",
             "--set", "train.steps=20", "--set", "train.log_every=10", "--set", "train.sample_every=10",
-            "--set", "train.checkpoint_every=10", "--set", "export.n=120", "--set", "export.quality=90"]
+            "--set", "train.checkpoint_every=10", "--set", "export.n=120", "--set", "export.quality=90",
+            "--set", "eval.classifier_steps=20", "--set", "eval.n_samples=200", "--set", "eval.n_reference=500",
+            "--set", f"eval.cache_dir={tmp_path / 'cache'}"]
     env = {**os.environ, "CGAN_PIPE_CIFAR10": str(CIFAR / "train.tar")}
     proc = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr
@@ -115,6 +129,11 @@ def test_run_end_to_end_on_a_cifar_subset(tmp_path):
     grid = Image.open(summary["sample_grid"])
     assert grid.size == (10 * 33 + 1, 10 * 33 + 1)  # one row of 10 per class, 32px + 1px padding
 
+    # eval: the classifier metrics of the final checkpoint, recorded beside it
+    assert summary["eval"]["n_samples"] == 200 and 0 <= summary["eval"]["class_accuracy"] <= 1
+    assert summary["eval"]["classifier_fd"] > 0 and 1 <= summary["eval"]["classifier_score"] <= 10
+    assert json.loads((run_dir / "eval.json").read_text())["scores"] == summary["eval"]
+
     # export: 120 JPEGs at q90 in class folders, and the same images as loadable shards
     files = sorted(Path(summary["export_dir"]).glob("*/*.jpg"))
     assert len(files) == 120 and {f.parent.name for f in files} == set(CLASSES)
@@ -130,7 +149,7 @@ def test_run_end_to_end_on_a_cifar_subset(tmp_path):
     assert again.returncode == 0, again.stderr
     stages = json.loads((run_dir / "summary.json").read_text())["stages"]
     assert {name: s["status"] for name, s in stages.items()} == {
-        "prepare": "up to date", "train": "up to date", "export": "up to date"}
+        "prepare": "up to date", "train": "up to date", "eval": "up to date", "export": "up to date"}
 
 
 def test_verify_and_inspect_commands(small_shards, tmp_path):

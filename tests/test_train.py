@@ -5,15 +5,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from cgan_pipe.errors import ConfigError, DataError
+from cgan_pipe.errors import ConfigError, DataError, TrainingError
 from cgan_pipe.train.checkpoint import list_checkpoints, load_checkpoint
 from cgan_pipe.train.loop import train
 
-from conftest import small_config
+from conftest import ROOT, small_config
 
 
 def test_train_writes_metrics_samples_and_checkpoints(small_shards, tmp_path):
@@ -29,6 +32,13 @@ def test_train_writes_metrics_samples_and_checkpoints(small_shards, tmp_path):
     assert state["step"] == 4 and state["config"]["train"]["steps"] == 4
     assert {"G", "D", "G_ema", "opt_g", "opt_d", "rng", "dataset"} <= state.keys()
     assert state["dataset"]["class_names"][3] == "cat"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss_d")] == [2, 4]
+    assert [e.value for e in events.Scalars("train/loss_g")] == pytest.approx([r["loss_g"] for r in rows])
+    assert (tmp_path / "curves.png").exists()
 
 
 def test_training_with_diffaugment_runs_and_a_bad_policy_names_the_key(small_shards, tmp_path):
@@ -63,11 +73,11 @@ def test_resume_after_a_kill_drops_metrics_rows_past_the_checkpoint(small_shards
     assert steps == [2, 4]
 
 
-def test_resume_refuses_a_checkpoint_of_another_model(small_shards, tmp_path):
+def test_resume_refuses_a_checkpoint_of_another_model_naming_the_difference(small_shards, tmp_path):
     train(small_config(tmp_path), small_shards, tmp_path, progress=False)
     cfg = small_config(tmp_path, steps=6)
     cfg.model.g_width = 32
-    with pytest.raises(DataError, match="different model or dataset"):
+    with pytest.raises(DataError, match=r"different model or dataset \(model.g_width: 64 in the checkpoint, 32 now\)"):
         train(cfg, small_shards, tmp_path, progress=False)
 
 
@@ -98,3 +108,94 @@ def test_the_resnet_model_trains_and_records_its_architecture(small_shards, tmp_
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, arch="resnet", g_width=32, d_width=32))
     result = train(cfg, small_shards, tmp_path, progress=False)
     assert result.steps == 2 and load_checkpoint(result.checkpoint)["config"]["model"]["arch"] == "resnet"
+
+
+def test_a_corrupt_newest_checkpoint_is_named_and_resume_falls_back_to_the_one_before(small_shards, tmp_path):
+    train(small_config(tmp_path), small_shards, tmp_path, progress=False)
+    newest = tmp_path / "checkpoints" / "ckpt-0000004.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # cut short, as by a failing disk
+    warnings = []
+    result = train(small_config(tmp_path, steps=6), small_shards, tmp_path, progress=False, warn=warnings.append)
+    assert result.resumed_from == 2 and result.steps == 6
+    assert len(warnings) == 1 and "ckpt-0000004.pt: unreadable checkpoint" in warnings[0]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6]  # the rows past step 2 were dropped and logged again
+
+
+def test_max_minutes_stops_cleanly_and_a_rerun_finds_the_budget_spent(small_shards, tmp_path):
+    cfg = small_config(tmp_path, steps=10_000, max_minutes=0.02, log_every=1000, sample_every=1000,
+                       checkpoint_every=1000)
+    result = train(cfg, small_shards, tmp_path, progress=False)
+    assert 0 < result.steps < 10_000
+    state = load_checkpoint(result.checkpoint)  # the final checkpoint is written at the budget
+    assert state["step"] == result.steps and state["train_seconds"] >= 0.02 * 60
+    assert (tmp_path / "samples" / f"step-{result.steps:07d}.png").exists() and (tmp_path / "curves.png").exists()
+    again = train(cfg, small_shards, tmp_path, progress=False)
+    assert again.images_per_s is None and again.steps == result.steps  # nothing left to do
+
+
+def test_r1_bf16_autocast_and_channels_last_train_on_the_cpu(small_shards, tmp_path):
+    cfg = small_config(tmp_path, steps=2, r1_gamma=1.0, r1_every=1, precision="bf16", channels_last=True,
+                       loss="nonsaturating")
+    result = train(cfg, small_shards, tmp_path, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert result.steps == 2 and all(math.isfinite(r["loss_d"]) and math.isfinite(r["loss_g"]) for r in rows)
+    with pytest.raises(ConfigError, match="train.precision: fp16 needs a CUDA device"):
+        train(small_config(tmp_path / "fp16", precision="fp16"), small_shards, tmp_path / "fp16", progress=False)
+
+
+def _poison_generator(run_dir):
+    """Rewrite the newest checkpoint with NaN generator weights (as a diverged run would leave them)."""
+    path = list_checkpoints(run_dir / "checkpoints")[-1]
+    state = load_checkpoint(path)
+    for key in state["G"]:
+        if state["G"][key].is_floating_point():
+            state["G"][key].fill_(float("nan"))
+    torch.save(state, path)
+    return path
+
+
+def test_a_nan_loss_stops_training_and_names_the_last_good_checkpoint(small_shards, tmp_path):
+    train(small_config(tmp_path, steps=2), small_shards, tmp_path, progress=False)
+    poisoned = _poison_generator(tmp_path)
+    with pytest.raises(TrainingError, match=r"loss became nan at step 3; training stopped and the last good "
+                                            r"checkpoint is .*ckpt-0000002.pt"):
+        train(small_config(tmp_path, steps=6), small_shards, tmp_path, progress=False)
+    assert list_checkpoints(tmp_path / "checkpoints") == [poisoned]  # nothing half-written, nothing replaced
+
+
+def test_nan_losses_can_be_skipped_and_counted_until_too_many_in_a_row(small_shards, tmp_path):
+    train(small_config(tmp_path, steps=2), small_shards, tmp_path, progress=False)
+    _poison_generator(tmp_path)
+    with pytest.raises(TrainingError, match="50 steps in a row had non-finite losses"):
+        train(small_config(tmp_path, steps=100, on_nonfinite="skip", log_every=10), small_shards, tmp_path,
+              progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in rows if r["step"] > 2] == [8, 18, 28, 38, 48]
+
+
+def test_two_torchrun_ranks_train_on_disjoint_data_and_keep_identical_weights(small_shards, tmp_path):
+    pipeline = tmp_path / "ddp.yaml"
+    pipeline.write_text(f"""
+name: ddp
+run_dir: {tmp_path / "run"}
+data: {{source: unused}}
+loader: {{threads: 1, hflip: false}}
+model: {{z_dim: 32, g_width: 32, d_width: 32}}
+train: {{steps: 3, batch_size: 16, log_every: 1, sample_every: 3, checkpoint_every: 3, device: cpu}}
+""")
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", f"--master-port={port}",
+               str(ROOT / "tests" / "torchrun_train.py"), str(pipeline), str(small_shards), str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["world"] == 2 and ranks[0]["steps"] == ranks[1]["steps"] == 3
+    assert ranks[0]["weights"] == ranks[1]["weights"]  # gradients were averaged: one model on both ranks
+    seen = [set(r["seen"]) for r in ranks]
+    assert not seen[0] & seen[1] and len(seen[0]) + len(seen[1]) == 200  # disjoint halves of all 200 images
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]  # rank 0 alone writes
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["ckpt-0000003.pt"]

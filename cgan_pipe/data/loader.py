@@ -73,10 +73,11 @@ def shard_set_manifest(shards: Path | str) -> Manifest:
     return read_remote_manifest(str(shards)) if is_url(shards) else read_manifest(Path(shards))
 
 
-def open_loader(shards: Path | str, cfg: LoaderConfig, batch_size: int, seed: int,
-                device: torch.device) -> Loader:
+def open_loader(shards: Path | str, cfg: LoaderConfig, batch_size: int, seed: int, device: torch.device,
+                whole: bool = False) -> Loader:
     """Open the shard set at `shards` (a folder, or for the torch backend a URL) with the backend
-    `cfg.backend`, yielding Batches on `device`."""
+    `cfg.backend`, yielding Batches on `device`: this rank's part of the samples, or all of them
+    when `whole` (for work only one rank does, such as evaluation)."""
     if is_url(shards) and cfg.backend == "dali":
         raise ConfigError(f"{shards}: the DALI loader reads local or mounted files only; copy or mount the "
                           f"shards, or set loader.backend: torch to stream them from the URL")
@@ -93,13 +94,14 @@ def open_loader(shards: Path | str, cfg: LoaderConfig, batch_size: int, seed: in
         raise ConfigError(
             f"train.batch_size: {batch_size} is larger than the {manifest.num_samples} samples in {shards}"
         )
+    part = (0, 1) if whole else (None, None)
     if cfg.backend == "dali":
         from .dali_loader import DaliLoader  # DALI is imported only when asked for
 
-        return DaliLoader(shards, manifest, cfg, batch_size, seed, device)
+        return DaliLoader(shards, manifest, cfg, batch_size, seed, device, *part)
     from .torch_loader import TorchLoader
 
-    return TorchLoader(shards, manifest, cfg, batch_size, seed, device)
+    return TorchLoader(shards, manifest, cfg, batch_size, seed, device, *part)
 
 
 def parse_ascii_labels(raw: torch.Tensor) -> torch.Tensor:

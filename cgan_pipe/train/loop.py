@@ -1,30 +1,38 @@
-"""The training loop: one function that reads as an outline (data, networks, D phase, G phase, EMA, ticks)."""
+"""The training loop: one function that reads as an outline (data, networks, D phase, R1, G phase, EMA, ticks)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import hashlib
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
+from torch import nn
 from torchvision.utils import save_image
 from tqdm import tqdm
 
 from ..atomic import atomic_path, write_text_atomic
 from ..augment import diff_augment, parse_policy
 from ..config import PipelineConfig, to_dict
-from ..data.loader import DatasetInfo, dataset_info, open_loader, shard_set_manifest
+from ..data.loader import DatasetInfo, dataset_info, open_loader, rank_and_world, shard_set_manifest
 from ..devices import resolve_device
-from ..distributed import require_one_process
-from ..errors import DataError
+from ..distributed import any_rank, average_gradients, broadcast_module
+from ..errors import ConfigError, DataError, TrainingError
+from ..metrics.evaluate import Evaluator, check_eval_settings
 from ..models import build_networks
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import checkpoint_path, list_checkpoints, load_checkpoint, save_checkpoint
+from .curves import plot_curves
 from .ema import update_ema
 from .losses import discriminator_loss, generator_loss
 
 KEEP_CHECKPOINTS = 3
+MAX_SKIPPED_IN_A_ROW = 50
 
 
 @dataclass
@@ -38,39 +46,55 @@ class TrainResult:
     metrics: Path
     samples: Path
     resumed_from: int
+    weights_sha256: str | None = None  # of G, D and EMA-G's parameters: equal on every rank of a torchrun job
 
 
-def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool = True) -> TrainResult:
+def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool = True,
+          warn: Callable[[str], None] | None = None) -> TrainResult:
     """Train the configured GAN on the shard set in `shards` (a folder, or a URL for the torch
     loader), writing under `run_dir`.
 
-    Resumes from the newest checkpoint in `run_dir/checkpoints` when there is one;
-    returns at once when that checkpoint already reached `cfg.train.steps`.
+    Resumes from the newest readable checkpoint in `run_dir/checkpoints` (an unreadable one is
+    reported through `warn` and the one before it is used); returns at once when that checkpoint
+    already reached `cfg.train.steps` or spent `cfg.train.max_minutes`. Under torchrun every rank
+    calls this inside its process group: each reads its own part of the shards, gradients are
+    averaged over ranks, and only rank 0 writes files.
     """
-    require_one_process("train")
+    t_session = time.perf_counter()
+    warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr))
     tc = cfg.train
+    rank, world = rank_and_world()
+    lead = rank == 0
     device = resolve_device(tc.device, "train.device")
+    dtype = _autocast_dtype(tc.precision, device)
+    if tc.batch_size % world:
+        raise ConfigError(f"train.batch_size: {tc.batch_size} does not split evenly over {world} ranks")
     ckpt_dir, samples_dir = run_dir / "checkpoints", run_dir / "samples"
-    metrics_path = run_dir / "metrics.jsonl"
-    samples_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
+    metrics_path, eval_path = run_dir / "metrics.jsonl", run_dir / "eval.jsonl"
+    if lead:
+        samples_dir.mkdir(parents=True, exist_ok=True)
 
-    # The newest complete checkpoint, if any: a finished run returns before any set-up.
+    # The newest usable checkpoint, if any: a finished run returns before any set-up.
     info = dataset_info(shard_set_manifest(shards))
-    existing = list_checkpoints(ckpt_dir)
-    state = load_checkpoint(existing[-1], map_location=device) if existing else None
+    if cfg.eval.every:
+        check_eval_settings(cfg.eval, info)
+    path, state = _newest_checkpoint(ckpt_dir, device, warn)
     if state is not None:
-        _check_compatible(state, cfg, info, existing[-1])
+        _check_compatible(state, cfg, info, path)
     start = state["step"] if state is not None else 0
-    if start >= tc.steps:
-        return TrainResult(existing[-1], start, None, None, metrics_path, samples_dir, start)
+    spent = state.get("train_seconds", 0.0) if state is not None else 0.0
+    budget = tc.max_minutes * 60 if tc.max_minutes else None
+    if start >= tc.steps or (budget is not None and spent >= budget):
+        return TrainResult(path, start, None, None, metrics_path, samples_dir, start)
 
-    # Data: an endless stream of batches on the training device.
-    loader = open_loader(shards, cfg.loader, tc.batch_size, cfg.seed, device)
+    # Data: an endless stream of this rank's batches on the training device.
+    loader = open_loader(shards, cfg.loader, tc.batch_size // world, cfg.seed, device)
 
-    # Networks (built from the data's shape and classes), EMA generator, optimisers.
+    # Networks (built from the data's shape and classes, identical on every rank), EMA generator, optimisers.
+    torch.manual_seed(cfg.seed)
     G, D = build_networks(cfg.model, info)
-    G, D = G.to(device), D.to(device)
+    memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
+    G, D = G.to(device, memory_format=memory_format), D.to(device, memory_format=memory_format)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
     opt_g = torch.optim.Adam(G.parameters(), lr=tc.lr_g, betas=(tc.beta1, tc.beta2))
     opt_d = torch.optim.Adam(D.parameters(), lr=tc.lr_d, betas=(tc.beta1, tc.beta2))
@@ -78,13 +102,24 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
         for module, key in ((G, "G"), (D, "D"), (G_ema, "G_ema"), (opt_g, "opt_g"), (opt_d, "opt_d")):
             module.load_state_dict(state[key])
         torch.set_rng_state(state["rng"]["torch"])
+    for module in (G, D, G_ema):
+        broadcast_module(module, world)
+    if rank:  # other ranks draw other latents
+        torch.manual_seed(cfg.seed + 1_000_003 * rank + start)
+    G_train, D_train = (torch.compile(G), torch.compile(D)) if tc.compile else (G, D)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    def autocast() -> contextlib.AbstractContextManager:
+        return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
     # Rows logged after the checkpoint we resume from (by a killed run) would be repeated: drop them.
-    if metrics_path.exists():
-        kept = [json.dumps(row) + "\n" for row in read_metrics(metrics_path) if row["step"] <= start]
-        write_text_atomic(metrics_path, "".join(kept))
+    if lead:
+        for rows_path in (metrics_path, eval_path):
+            if rows_path.exists():
+                kept = [json.dumps(row) + "\n" for row in read_metrics(rows_path) if row["step"] <= start]
+                write_text_atomic(rows_path, "".join(kept))
 
-    def checkpoint_state() -> dict:
+    def checkpoint_state(seconds: float) -> dict:
         return {
             "G": G.state_dict(), "D": D.state_dict(), "G_ema": G_ema.state_dict(),
             "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
@@ -92,76 +127,146 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
             "dataset": {"resolution": info.resolution, "channels": info.channels,
                         "class_names": list(info.class_names)},
             "rng": {"torch": torch.get_rng_state()},
+            "train_seconds": seconds,
         }
 
+    def step_with(loss: torch.Tensor, module: nn.Module, optimizer: torch.optim.Optimizer, what: str) -> bool:
+        """Backward, average over ranks, optimiser step; False (no step) for a non-finite loss under 'skip'."""
+        if any_rank(not torch.isfinite(loss.detach()).item(), world, device):
+            if tc.on_nonfinite == "stop":
+                kept = f"the last good checkpoint is {path}" if path else "no checkpoint was written yet"
+                raise TrainingError(f"{what} became {loss.item()} at step {step}; training stopped and {kept}. "
+                                    f"Lower train.lr_d/lr_g, add train.r1_gamma, or set train.on_nonfinite: skip")
+            optimizer.zero_grad(set_to_none=True)
+            return False
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        average_gradients(module, world)
+        scaler.step(optimizer)
+        scaler.update()
+        return True
+
+    board = _tensorboard_writer(run_dir / "tensorboard") if lead else None
     fixed_z, fixed_labels = _grid_inputs(info, cfg.model.z_dim, cfg.seed, device)
     batches = iter(loader)
     n_classes = max(info.num_classes, 1)
+    local_batch = tc.batch_size // world
     window_start, window_wait, window_images = time.perf_counter(), 0.0, 0
     total_time, total_wait, total_images = 0.0, 0.0, 0
-    path = existing[-1] if existing else None
+    eval_seconds, skipped, skipped_in_a_row = 0.0, 0, 0
+    evaluator: Evaluator | None = None
     policy = parse_policy(tc.diffaugment)  # the same random transforms for every image D sees
 
     def augment(images: torch.Tensor) -> torch.Tensor:
         return diff_augment(images, policy)
 
     bar = tqdm(range(start + 1, tc.steps + 1), initial=start, total=tc.steps, desc="train",
-               unit="step", disable=not progress, dynamic_ncols=True)
+               unit="step", disable=not (progress and lead), dynamic_ncols=True)
+    step = start
     for step in bar:
-        # D phase: real batch vs. fakes of the same classes.
+        # D phase: real batch vs. fakes of the same classes, in one forward pass.
         for _ in range(tc.n_dis):
             t0 = time.perf_counter()
             batch = next(batches)
             window_wait += time.perf_counter() - t0
-            window_images += batch.images.shape[0]
-            with torch.no_grad():
-                fake = G(torch.randn(batch.images.shape[0], cfg.model.z_dim, device=device), batch.labels)
-            loss_d = discriminator_loss(tc.loss, D(augment(batch.images), batch.labels), D(augment(fake), batch.labels))
-            opt_d.zero_grad(set_to_none=True)
-            loss_d.backward()
-            opt_d.step()
+            window_images += batch.images.shape[0] * world
+            reals = batch.images.contiguous(memory_format=memory_format)
+            n = reals.shape[0]
+            with torch.no_grad(), autocast():
+                fake = G_train(torch.randn(n, cfg.model.z_dim, device=device), batch.labels)
+            with autocast():
+                logits = D_train(augment(torch.cat([reals, fake.to(reals.dtype)])), torch.cat([batch.labels] * 2))
+                loss_d = discriminator_loss(tc.loss, logits[:n], logits[n:])
+            stepped = step_with(loss_d, D, opt_d, "the discriminator loss")
 
-        # G phase: fresh latents, uniformly drawn classes.
-        labels = torch.randint(0, n_classes, (tc.batch_size,), device=device)
-        fake = G(torch.randn(tc.batch_size, cfg.model.z_dim, device=device), labels)
-        loss_g = generator_loss(tc.loss, D(augment(fake), labels))
-        opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        opt_g.step()
+        # R1 on reals, every r1_every steps with its weight scaled to match (lazy regularisation).
+        if tc.r1_gamma and step % tc.r1_every == 0:
+            seen = augment(reals).detach().requires_grad_(True)
+            with autocast():
+                real_logits = D_train(seen, batch.labels)
+            (grad,) = torch.autograd.grad(scaler.scale(real_logits.float().sum()), seen, create_graph=True)
+            grad = grad / scaler.get_scale() if scaler.is_enabled() else grad
+            penalty = grad.float().square().sum(dim=(1, 2, 3)).mean() * (tc.r1_gamma / 2) * tc.r1_every
+            step_with(penalty, D, opt_d, "the R1 penalty")
+
+        # G phase: fresh latents, uniformly drawn classes; D is frozen.
+        D.requires_grad_(False)
+        labels = torch.randint(0, n_classes, (local_batch,), device=device)
+        with autocast():
+            fake = G_train(torch.randn(local_batch, cfg.model.z_dim, device=device), labels)
+            loss_g = generator_loss(tc.loss, D_train(augment(fake), labels))
+        stepped = step_with(loss_g, G, opt_g, "the generator loss") and stepped
+        D.requires_grad_(True)
+        skipped_in_a_row = 0 if stepped else skipped_in_a_row + 1
+        skipped += not stepped
+        if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+            raise TrainingError(f"{skipped_in_a_row} steps in a row had non-finite losses (step {step}); "
+                                f"training stopped; the last good checkpoint is {path}")
 
         # EMA of G.
-        update_ema(G_ema, G, tc.ema_decay, step)
+        update_ema(G_ema, G, tc.ema_decay, step, tc.ema_warmup)
 
-        # Ticks: metrics row, sample grid, checkpoint.
-        last = step == tc.steps
+        # Ticks: metrics row, evaluation, sample grid and curves, checkpoint; all ranks agree on stopping at the budget.
+        seconds = spent + time.perf_counter() - t_session - eval_seconds
+        out_of_time = any_rank(budget is not None and seconds >= budget, world, device)
+        last = step == tc.steps or out_of_time
         if step % tc.log_every == 0 or last:
             elapsed = time.perf_counter() - window_start
             row = {
                 "step": step, "kimg": round(step * tc.n_dis * tc.batch_size / 1000, 3),
                 # epochs of this rank's share of the data (full batches counted; an epoch's last may be smaller)
-                "epoch": round(step * tc.n_dis * tc.batch_size / loader.samples_per_epoch, 3),
+                "epoch": round(step * tc.n_dis * local_batch / loader.samples_per_epoch, 3),
                 "loss_d": round(loss_d.item(), 5), "loss_g": round(loss_g.item(), 5),
                 "images_per_s": round(window_images / elapsed, 1),
-                "data_wait": round(window_wait / elapsed, 4), "time": round(time.time(), 3),
+                "data_wait": round(window_wait / elapsed, 4), "skipped": skipped,
+                "minutes": round(seconds / 60, 3), "time": round(time.time(), 3),
             }
-            with open(metrics_path, "a") as handle:
-                handle.write(json.dumps(row) + "\n")
+            if lead:
+                with open(metrics_path, "a") as handle:
+                    handle.write(json.dumps(row) + "\n")
+                _log_scalars(board, "train", row)
             bar.set_postfix(img_s=row["images_per_s"], wait=f"{row['data_wait']:.0%}",
                             loss_d=f"{row['loss_d']:.3f}", loss_g=f"{row['loss_g']:.3f}")
             total_time, total_wait, total_images = total_time + elapsed, total_wait + window_wait, \
                 total_images + window_images
             window_start, window_wait, window_images = time.perf_counter(), 0.0, 0
-        if step % tc.sample_every == 0 or last:
+        if cfg.eval.every and step % cfg.eval.every == 0:
+            t0 = time.perf_counter()
+            if lead:
+                evaluator = evaluator or Evaluator(shards, cfg.eval, cfg.loader, device)
+                row = {"step": step, "kimg": round(step * tc.n_dis * tc.batch_size / 1000, 3),
+                       **evaluator(G_ema, cfg.model.z_dim)}
+                with open(eval_path, "a") as handle:
+                    handle.write(json.dumps(row) + "\n")
+                _log_scalars(board, "eval", row)
+            any_rank(False, world, device)  # the other ranks wait here for rank 0's evaluation
+            window_start += time.perf_counter() - t0
+            eval_seconds += time.perf_counter() - t0
+        if lead and (step % tc.sample_every == 0 or last):
             _save_grid(G_ema, fixed_z, fixed_labels, samples_dir / f"step-{step:07d}.png")
-        if step % tc.checkpoint_every == 0 or last:
-            path = save_checkpoint(ckpt_dir, step, checkpoint_state(), keep=KEEP_CHECKPOINTS)
+            plot_curves(read_metrics(metrics_path), read_metrics(eval_path), run_dir / "curves.png")
+        if lead and (step % tc.checkpoint_every == 0 or last):
+            path = save_checkpoint(ckpt_dir, step, checkpoint_state(seconds), keep=KEEP_CHECKPOINTS)
+        if last:
+            break
     bar.close()
-    return TrainResult(path, tc.steps, total_images / total_time, total_wait / total_time,
-                       metrics_path, samples_dir, start)
+    if board is not None:
+        board.close()
+    path = path if lead else checkpoint_path(ckpt_dir, step)
+    return TrainResult(path, step, total_images / total_time, total_wait / total_time,
+                       metrics_path, samples_dir, start, _weights_sha256(G, D, G_ema))
+
+
+def _weights_sha256(*modules: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for module in modules:
+        for tensor in module.parameters():
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """The rows of a metrics.jsonl file; a last line cut short by a killed run is ignored."""
+    """The rows of a metrics.jsonl (or eval.jsonl) file; a last line cut short by a killed run is ignored."""
     rows = []
     for line in Path(path).read_text().splitlines() if Path(path).exists() else []:
         try:
@@ -171,14 +276,58 @@ def read_metrics(path: Path) -> list[dict]:
     return rows
 
 
+def _tensorboard_writer(directory: Path):
+    """A TensorBoard SummaryWriter into `directory` when the tensorboard package is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # optional: pip install tensorboard (or cgan-pipe[tensorboard])
+        return None
+    return SummaryWriter(str(directory))
+
+
+def _log_scalars(board, group: str, row: dict) -> None:
+    if board is None:
+        return
+    for key, value in row.items():
+        if key not in ("step", "time") and isinstance(value, (int, float)):
+            board.add_scalar(f"{group}/{key}", value, row["step"])
+    board.flush()
+
+
+def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for train.precision on `device` (None: full fp32, no autocast)."""
+    if precision == "auto":
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else None
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("train.precision: fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def _newest_checkpoint(directory: Path, device: torch.device,
+                       warn: Callable[[str], None]) -> tuple[Path | None, dict | None]:
+    """The newest checkpoint that loads; unreadable newer ones are reported and passed over."""
+    for path in reversed(list_checkpoints(directory)):
+        try:
+            return path, load_checkpoint(path, map_location=device)
+        except DataError as exc:
+            warn(f"{exc}; resuming from the checkpoint before it")
+    return None, None
+
+
 def _check_compatible(state: dict, cfg: PipelineConfig, info: DatasetInfo, path: Path) -> None:
-    stored = state["config"]
-    if stored.get("model") != to_dict(cfg.model) or state["dataset"]["class_names"] != list(info.class_names) \
-            or state["dataset"]["resolution"] != info.resolution:
-        raise DataError(
-            f"{path}: this checkpoint was made with a different model or dataset; "
-            f"to start afresh use a new run_dir (or delete {path.parent})"
-        )
+    """Refuse to resume from a checkpoint of another model or dataset, naming what differs."""
+    stored_model, ours = state["config"].get("model", {}), to_dict(cfg.model)
+    differences = [f"model.{key}: {stored_model.get(key)!r} in the checkpoint, {value!r} now"
+                   for key, value in ours.items() if stored_model.get(key) != value]
+    dataset = state["dataset"]
+    if dataset["class_names"] != list(info.class_names):
+        differences.append(f"classes: {len(dataset['class_names'])} in the checkpoint, {info.num_classes} now")
+    if dataset["resolution"] != info.resolution:
+        differences.append(f"resolution: {dataset['resolution']} in the checkpoint, {info.resolution} now")
+    if differences:
+        raise DataError(f"{path}: this checkpoint was made with a different model or dataset "
+                        f"({'; '.join(differences)}); to start afresh use a new run_dir (or delete {path.parent})")
 
 
 def _grid_inputs(info: DatasetInfo, z_dim: int, seed: int, device: torch.device,

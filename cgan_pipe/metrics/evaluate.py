@@ -1,0 +1,209 @@
+"""Score a generator against the real shards: classifier-feature metrics, and FID/KID/IS when asked."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..atomic import atomic_path
+from ..config import EvalConfig, LoaderConfig
+from ..data.loader import DatasetInfo, dataset_info, open_loader, shard_set_manifest
+from ..errors import ConfigError
+from .classifier import Classifier, train_classifier
+from .inception import load_fid_inception
+from .stats import feature_stats, frechet_distance, inception_score, kernel_inception_distance
+
+INCEPTION_METRICS = ("fid", "kid", "is")
+
+
+def check_eval_settings(cfg: EvalConfig, info: DatasetInfo) -> None:
+    """Reject metric choices this data or this config cannot give, before any training starts."""
+    if "classifier" in cfg.metrics and not info.num_classes:
+        raise ConfigError("eval.metrics: 'classifier' needs class labels and these shards have none; "
+                          "use fid/kid/is with eval.inception_weights, or metrics: []")
+    wanted = [m for m in cfg.metrics if m in INCEPTION_METRICS]
+    if wanted and not cfg.inception_weights:
+        raise ConfigError(f"eval.metrics: {', '.join(wanted)} need eval.inception_weights (a local copy of "
+                          f"pt_inception-2015-12-05-6726825d.pth)")
+    if wanted and not Path(cfg.inception_weights).expanduser().is_file():
+        load_fid_inception(cfg.inception_weights)  # raises the message saying where to get it
+
+
+class Evaluator:
+    """Feature extractors and cached reference features for one shard set; call it on a generator."""
+
+    def __init__(self, shards: Path | str, cfg: EvalConfig, loader_cfg: LoaderConfig, device: torch.device,
+                 progress: bool = False):
+        manifest = shard_set_manifest(shards)
+        self.info = dataset_info(manifest)
+        check_eval_settings(cfg, self.info)
+        self.cfg, self.device = cfg, device
+        cache = _cache_root(cfg) / _shard_set_id(manifest)
+        # Reals are read as they are: no augmentation.
+        plain = dataclasses.replace(loader_cfg, hflip=False, pad_crop=0, resized_crop_min_scale=None,
+                                    color_jitter=0.0)
+        self.n_reference = min(cfg.n_reference, manifest.num_samples)
+        self.classifier: Classifier | None = None
+        self.inception: nn.Module | None = None
+        self.reference: dict[str, np.ndarray] = {}
+        if "classifier" in cfg.metrics:
+            self.classifier = _cached_classifier(cache, shards, loader_cfg, self.info, cfg.classifier_steps, device,
+                                                 progress)
+            name = f"classifier-{cfg.classifier_steps}"
+            self.reference.update(_cached_reference(cache / f"reference-{name}-{self.n_reference}.npz", shards,
+                                                    plain, self.n_reference, self._classifier_outputs, device))
+        if any(m in INCEPTION_METRICS for m in cfg.metrics):
+            self.inception = load_fid_inception(cfg.inception_weights).to(device)
+            self.reference.update(_cached_reference(cache / f"reference-inception-{self.n_reference}.npz", shards,
+                                                    plain, self.n_reference, self._inception_outputs, device))
+
+    @torch.no_grad()
+    def __call__(self, generator: nn.Module, z_dim: int, progress: bool = False) -> dict[str, Any]:
+        """Metrics of `generator` (in eval mode) on `cfg.n_samples` images from seeds cfg.seed.., balanced
+        over the classes; images are rounded to 8 bits first, as they would be when saved."""
+        from ..export import generate  # export builds on this package's peers; import where used
+
+        t0 = time.perf_counter()
+        cfg, n_classes = self.cfg, self.info.num_classes
+        outputs: dict[str, list[np.ndarray]] = {}
+        labels_all = torch.arange(cfg.n_samples) % max(n_classes, 1)
+        starts = range(0, cfg.n_samples, cfg.batch_size)
+        for start in tqdm(starts, desc="eval", unit="batch", disable=not progress, leave=False):
+            seeds = list(range(cfg.seed + start, cfg.seed + min(start + cfg.batch_size, cfg.n_samples)))
+            labels = labels_all[start:start + len(seeds)]
+            pixels = generate(generator, z_dim, seeds, labels, self.device)
+            images = torch.from_numpy(pixels).to(self.device).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+            for key, value in self._outputs(images).items():
+                outputs.setdefault(key, []).append(value)
+        fake = {key: np.concatenate(parts) for key, parts in outputs.items()}
+
+        results: dict[str, Any] = {"n_samples": cfg.n_samples, "n_reference": self.n_reference}
+        if self.classifier is not None:
+            results["classifier_fd"] = frechet_distance(feature_stats(fake["classifier_features"]),
+                                                        feature_stats(self.reference["classifier_features"]))
+            probabilities = _softmax(fake["classifier_logits"])
+            results["classifier_score"] = inception_score(probabilities)
+            results["class_accuracy"] = float((probabilities.argmax(1) == labels_all.numpy()).mean())
+            results["real_accuracy"] = float(self.reference["classifier_accuracy"])
+        if self.inception is not None:
+            if "fid" in cfg.metrics:
+                results["fid"] = frechet_distance(feature_stats(fake["inception_features"]),
+                                                  feature_stats(self.reference["inception_features"]))
+            if "kid" in cfg.metrics:
+                results["kid"] = kernel_inception_distance(fake["inception_features"],
+                                                           self.reference["inception_features"])
+            if "is" in cfg.metrics:
+                results["inception_score"] = inception_score(_softmax(fake["inception_logits"]))
+        results["seconds"] = round(time.perf_counter() - t0, 2)
+        return {k: round(v, 6) if isinstance(v, float) else v for k, v in results.items()}
+
+    def _outputs(self, images: torch.Tensor) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        if self.classifier is not None:
+            out.update(self._classifier_outputs(images))
+        if self.inception is not None:
+            out.update(self._inception_outputs(images))
+        return out
+
+    def _classifier_outputs(self, images: torch.Tensor) -> dict[str, np.ndarray]:
+        features = self.classifier.features(images)
+        return {"classifier_features": features.cpu().numpy(),
+                "classifier_logits": self.classifier.head(features).cpu().numpy()}
+
+    def _inception_outputs(self, images: torch.Tensor) -> dict[str, np.ndarray]:
+        features, logits = self.inception(images)
+        return {"inception_features": features.cpu().numpy(), "inception_logits": logits.cpu().numpy()}
+
+
+def _cache_root(cfg: EvalConfig) -> Path:
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cgan-pipe"
+
+
+def _shard_set_id(manifest: Any) -> str:
+    """A name for the shard set's content: its shards' checksums and class names."""
+    text = "\n".join([s.sha256 for s in manifest.shards] + list(manifest.class_names))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _cached_classifier(cache: Path, shards: Path | str, loader_cfg: LoaderConfig, info: DatasetInfo, steps: int,
+                       device: torch.device, progress: bool) -> Classifier:
+    path = cache / f"classifier-{steps}.pt"
+    if path.is_file():
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            model = Classifier(info.num_classes)
+            model.load_state_dict(state["model"])
+            return model.to(device).eval().requires_grad_(False)
+        except (RuntimeError, OSError, EOFError, ValueError, KeyError, TypeError):
+            pass  # unreadable or from another version: train it again and replace it
+    model = train_classifier(shards, loader_cfg, info.num_classes, steps, device, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        torch.save({"model": model.state_dict()}, tmp)
+    return model.eval().requires_grad_(False)
+
+
+def _cached_reference(path: Path, shards: Path | str, loader_cfg: LoaderConfig, n: int, extract: Any,
+                      device: torch.device) -> dict[str, np.ndarray]:
+    """Features of the first `n` real images of the (seeded) stream, and the classifier's accuracy on them."""
+    if path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as stored:
+                return {key: stored[key] for key in stored.files}
+        except (OSError, ValueError, EOFError):
+            pass  # cut short or corrupt: compute it again
+    loader = open_loader(shards, loader_cfg, min(250, n), seed=0, device=device, whole=True)
+    features: dict[str, list[np.ndarray]] = {}
+    correct, seen = 0, 0
+    with torch.no_grad():
+        for batch in loader:
+            take = min(batch.images.shape[0], n - seen)
+            for key, value in extract(batch.images[:take]).items():
+                if key.endswith("_features"):
+                    features.setdefault(key, []).append(value)
+                elif key == "classifier_logits":
+                    correct += int((value.argmax(1) == batch.labels[:take].cpu().numpy()).sum())
+            seen += take
+            if seen >= n:
+                break
+    del loader
+    arrays = {key: np.concatenate(parts).astype(np.float32) for key, parts in features.items()}
+    if "classifier_features" in arrays:
+        arrays["classifier_accuracy"] = np.array(correct / seen)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as handle:
+            np.savez(handle, **arrays)
+    return arrays
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(shifted)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def evaluate_checkpoint(checkpoint: Path, shards: Path | str, cfg: EvalConfig, loader_cfg: LoaderConfig,
+                        device: torch.device, ema: bool = True, progress: bool = False) -> dict[str, Any]:
+    """Metrics of the (EMA) generator in `checkpoint` against the real shard set `shards`."""
+    from ..export import load_generator
+    from ..train.checkpoint import load_checkpoint
+
+    state = load_checkpoint(checkpoint, map_location=device)
+    generator, info, z_dim = load_generator(state, ema, device)
+    evaluator = Evaluator(shards, cfg, loader_cfg, device, progress=progress)
+    if evaluator.info.class_names != info.class_names:
+        raise ConfigError(f"{checkpoint}: trained on classes {list(info.class_names)[:4]}..., but {shards} "
+                          f"holds {list(evaluator.info.class_names)[:4]}...; give the shards it was trained on")
+    return {"checkpoint": str(checkpoint), "step": state["step"], **evaluator(generator, z_dim, progress=progress)}

@@ -1,0 +1,147 @@
+"""Metrics: the distances against independent numpy computations, the FID Inception loader, the evaluator."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from cgan_pipe.cli import main
+from cgan_pipe.config import EvalConfig, LoaderConfig
+from cgan_pipe.data.loader import DatasetInfo, open_loader
+from cgan_pipe.errors import ConfigError, DataError
+from cgan_pipe.metrics.evaluate import Evaluator, check_eval_settings
+from cgan_pipe.metrics.inception import FidInception, load_fid_inception
+from cgan_pipe.metrics.stats import feature_stats, frechet_distance, inception_score, kernel_inception_distance
+
+CPU = torch.device("cpu")
+
+
+def _features(seed: int, n: int = 2000, dims: int = 16, shift: float = 0.0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, dims)) @ rng.normal(size=(dims, dims)) + shift
+
+
+def test_frechet_distance_matches_the_closed_form_for_diagonal_gaussians():
+    a = feature_stats(np.zeros((2, 3)))  # replaced below: only the Gaussians' parameters matter
+    mean_a, mean_b = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
+    var_a, var_b = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 1.0])
+    a = type(a)(mean_a, np.diag(var_a), 100)
+    b = type(a)(mean_b, np.diag(var_b), 100)
+    expected = ((mean_a - mean_b) ** 2).sum() + ((np.sqrt(var_a) - np.sqrt(var_b)) ** 2).sum()
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-10)
+
+
+def test_frechet_distance_matches_an_independent_eigenvalue_computation():
+    a, b = feature_stats(_features(0)), feature_stats(_features(1, shift=0.5))
+    # tr((S_a S_b)^1/2) as the sum of square roots of the (real, non-negative) eigenvalues of S_a S_b
+    trace_sqrt = np.sqrt(np.linalg.eigvals(a.cov @ b.cov).real.clip(0)).sum()
+    expected = ((a.mean - b.mean) ** 2).sum() + np.trace(a.cov) + np.trace(b.cov) - 2 * trace_sqrt
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-8)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)  # identical sets score ~0
+
+
+def test_kid_matches_a_plain_loop_and_is_near_zero_for_samples_of_one_distribution():
+    x, y = _features(2, n=40, dims=4), _features(3, n=40, dims=4, shift=1.0)
+
+    def k(u, v):
+        return (u @ v / 4 + 1) ** 3
+
+    m = 40
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / (m * m)
+    assert kernel_inception_distance(x, y, subset_size=40, subsets=1) == pytest.approx(xx + yy - 2 * xy, rel=1e-10)
+    first, second = np.random.default_rng(4).normal(size=(2, 2000, 8))  # two samples of one distribution
+    same = kernel_inception_distance(first, second, subset_size=500)
+    other = kernel_inception_distance(first, second + 0.5, subset_size=500)
+    assert abs(same) < 0.05 * other and kernel_inception_distance(first, first) < 0.05 * other
+
+
+def test_inception_score_is_1_for_uniform_and_k_for_confident_balanced_predictions():
+    assert inception_score(np.full((100, 10), 0.1), splits=2) == pytest.approx(1.0)
+    confident = np.eye(10)[np.arange(1000) % 10]
+    assert inception_score(confident, splits=10) == pytest.approx(10.0, rel=1e-6)
+
+
+def test_fid_inception_loads_a_state_dict_and_refuses_what_is_not_one(tmp_path):
+    torch.manual_seed(0)
+    model = FidInception()
+    torch.save(model.net.state_dict(), tmp_path / "weights.pth")
+    loaded = load_fid_inception(tmp_path / "weights.pth")
+    with torch.no_grad():
+        features, logits = loaded(torch.rand(2, 3, 32, 32) * 2 - 1)
+    assert features.shape == (2, 2048) and logits.shape == (2, 1008) and torch.isfinite(features).all()
+    with pytest.raises(ConfigError, match="missing.pth not found; download https://github.com/mseitzer"):
+        load_fid_inception(tmp_path / "missing.pth")
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(DataError, match="other.pth: not the FID Inception-v3 weights"):
+        load_fid_inception(tmp_path / "other.pth")
+
+    class Payload:
+        def __reduce__(self):
+            return (exec, ("raise SystemExit('ran')",))
+
+    with open(tmp_path / "evil.pth", "wb") as handle:
+        pickle.dump(Payload(), handle)
+    with pytest.raises(DataError, match="evil.pth: unreadable as a weights file"):
+        load_fid_inception(tmp_path / "evil.pth")
+
+
+def test_eval_settings_are_checked_before_any_work():
+    labelled = DatasetInfo(32, 3, ("a", "b"), 10)
+    with pytest.raises(ConfigError, match="eval.metrics: fid, kid need eval.inception_weights"):
+        check_eval_settings(EvalConfig(metrics=["classifier", "fid", "kid"]), labelled)
+    with pytest.raises(ConfigError, match="'classifier' needs class labels"):
+        check_eval_settings(EvalConfig(metrics=["classifier"]), DatasetInfo(32, 3, (), 10))
+    with pytest.raises(ConfigError, match="eval.inception_weights: .*nope.pth not found"):
+        check_eval_settings(EvalConfig(metrics=["is"], inception_weights="/nope.pth"), labelled)
+
+
+class _RealImages(nn.Module):
+    """A 'generator' that returns real images of the requested classes (the best a generator can do)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        super().__init__()
+        self.by_class = {int(c): images[labels == c] for c in labels.unique()}
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        picks = (z[:, 0].abs() * 1000).long()
+        return torch.stack([self.by_class[int(c)][int(p) % len(self.by_class[int(c)])] for c, p in zip(labels, picks)])
+
+
+class _Noise(nn.Module):
+    def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(int(z[0, 0].abs() * 1e6))
+        return torch.rand(z.shape[0], 3, 32, 32, generator=generator) * 2 - 1
+
+
+def test_evaluator_ranks_real_images_far_above_noise_and_caches_its_classifier(small_shards, tmp_path):
+    cfg = EvalConfig(n_samples=200, n_reference=200, classifier_steps=60, cache_dir=str(tmp_path), batch_size=100)
+    loader_cfg = LoaderConfig(threads=1)
+    evaluator = Evaluator(small_shards, cfg, loader_cfg, CPU)
+    batch = next(iter(open_loader(small_shards, LoaderConfig(threads=1, hflip=False), 200, 1, CPU)))
+    real = evaluator(_RealImages(batch.images, batch.labels), z_dim=8)
+    noise = evaluator(_Noise(), z_dim=8)
+    assert real["classifier_fd"] < 0.25 * noise["classifier_fd"]
+    assert real["class_accuracy"] > 0.25 and real["class_accuracy"] > noise["class_accuracy"]
+    assert real["real_accuracy"] == pytest.approx(float(evaluator.reference["classifier_accuracy"]))
+    cached = sorted(p.name for p in next(tmp_path.iterdir()).iterdir())
+    assert cached == ["classifier-60.pt", "reference-classifier-60-200.npz"]
+    again = Evaluator(small_shards, cfg, loader_cfg, CPU)  # from the cache: same classifier, same reference
+    assert again(_Noise(), z_dim=8)["classifier_fd"] == noise["classifier_fd"]
+
+
+def test_eval_command_prints_json_scores(checkpoint, small_shards, tmp_path):
+    result = CliRunner().invoke(main, ["eval", str(checkpoint), "--shards", str(small_shards), "--n", "100",
+                                       "--cache-dir", str(tmp_path), "--classifier-steps", "20", "--json", "-q"])
+    assert result.exit_code == 0, result.output
+    scores = json.loads(result.output)
+    assert scores["step"] == 2 and scores["n_samples"] == 100 and 0 <= scores["class_accuracy"] <= 1
+    bad = CliRunner().invoke(main, ["eval", str(checkpoint), "--shards", str(small_shards), "--metrics", "fid"])
+    assert bad.exit_code == 2 and "eval.inception_weights" in bad.output
