@@ -199,3 +199,11 @@ train: {{steps: 3, batch_size: 16, log_every: 1, sample_every: 3, checkpoint_eve
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]  # rank 0 alone writes
     assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["ckpt-0000003.pt"]
+
+
+@pytest.mark.slow  # inductor compiles C++ for the CPU: about a minute
+def test_compiled_training_saves_plain_state_dicts(small_shards, tmp_path):
+    result = train(small_config(tmp_path, steps=2, compile=True), small_shards, tmp_path, progress=False)
+    state = load_checkpoint(result.checkpoint)
+    assert not any(key.startswith("_orig_mod.") for key in state["G"])  # loads into an uncompiled network
+    assert "stem.0.weight" in state["G"]
