@@ -87,8 +87,10 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
     if start >= tc.steps or (budget is not None and spent >= budget):
         return TrainResult(path, start, None, None, metrics_path, samples_dir, start)
 
-    # Data: an endless stream of this rank's batches on the training device.
-    loader = open_loader(shards, cfg.loader, tc.batch_size // world, cfg.seed, device)
+    # Data: an endless stream of this rank's batches on the training device. A resumed run draws a
+    # fresh order (seed + step) rather than replaying the first run's from its start, so frequent
+    # restarts do not favour the images early in the first order.
+    loader = open_loader(shards, cfg.loader, tc.batch_size // world, cfg.seed + start, device)
 
     # Networks (built from the data's shape and classes, identical on every rank), EMA generator, optimisers.
     torch.manual_seed(cfg.seed)
