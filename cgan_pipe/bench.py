@@ -195,3 +195,64 @@ def _baseline_batches(shards: Path, batch_size: int, workers: int) -> Iterator[o
     while True:
         for images, labels in loader:
             yield images, torch.as_tensor(labels)
+
+
+@dataclass(frozen=True)
+class TrainRecord(_Timed):
+    """Training throughput of one architecture/batch/precision/compile setting."""
+
+    arch: str
+    batch_size: int
+    precision: str
+    compile: bool
+    device: str
+    images: int
+    seconds: float
+    data_wait: float
+    peak_memory_mib: float | None  # CUDA memory allocated at most (None on the CPU)
+
+    @property
+    def label(self) -> str:
+        """The setting, for the printed table."""
+        return f"{self.arch} b{self.batch_size} {self.precision}{' compile' if self.compile else ''}"
+
+
+def bench_train(shards: Path, *, archs: tuple[str, ...] = ("dcgan", "resnet"), batch_sizes: tuple[int, ...] = (64, 256),
+                precisions: tuple[str, ...] = ("fp32", "bf16"), compiles: tuple[bool, ...] = (False, True),
+                steps: int = 50, width: int = 256, device: str = "auto", loader_backend: str = "dali",
+                echo: Callable[[str], None] = print) -> list[TrainRecord]:
+    """Train each combination for 2 x `steps` steps on `shards` and time the second half (the first
+    warms up: compilation, cuDNN autotuning, loader start); returns one record per combination."""
+    import torch
+
+    from .config import config_from_dict
+    from .devices import resolve_device
+    from .train.loop import read_metrics, train
+
+    resolved = resolve_device(device, "--device")
+    records = []
+    for arch in archs:
+        for batch_size in batch_sizes:
+            for precision in precisions:
+                for compiled in compiles:
+                    with tempfile.TemporaryDirectory() as run_dir:
+                        cfg = config_from_dict({
+                            "name": "bench", "run_dir": run_dir, "data": {"source": "unused"},
+                            "loader": {"backend": loader_backend, "device": device},
+                            "model": {"arch": arch, "g_width": width, "d_width": width},
+                            "eval": {"metrics": []},
+                            "train": {"steps": 2 * steps, "batch_size": batch_size, "precision": precision,
+                                      "compile": compiled, "log_every": steps, "sample_every": 10 * steps,
+                                      "checkpoint_every": 10 * steps, "device": device},
+                        }, origin="bench train")
+                        if resolved.type == "cuda":
+                            torch.cuda.reset_peak_memory_stats()
+                        train(cfg, shards, Path(run_dir), progress=False)
+                        timed = read_metrics(Path(run_dir) / "metrics.jsonl")[-1]
+                        memory = torch.cuda.max_memory_allocated() / 2**20 if resolved.type == "cuda" else None
+                    images = steps * batch_size
+                    record = TrainRecord(arch, batch_size, precision, compiled, resolved.type, images,
+                                         images / timed["images_per_s"], timed["data_wait"], memory)
+                    echo(f"{record.line()}  data wait {record.data_wait:.1%}")
+                    records.append(record)
+    return records

@@ -24,6 +24,7 @@ EXAMPLES = {
     "inspect": "cgan-pipe inspect runs/cifar/shards --json",
     "bench prepare": "cgan-pipe bench prepare ../shared/data/cifar10/train.tar --dataset-tool dataset_tool.py",
     "bench loader": "cgan-pipe bench loader runs/cifar/shards --json loader.json",
+    "bench train": "cgan-pipe bench train runs/cifar/shards --arch resnet --batch-size 64,256 --json train.json",
     "generate": "cgan-pipe generate runs/cifar/checkpoints/ckpt-0005000.pt out/ --n 1000 --format webp",
     "eval": "cgan-pipe eval runs/cifar/checkpoints/ckpt-0005000.pt --json",
 }
@@ -446,5 +447,43 @@ def bench_loader_command(shards: str, batch_size: int, batches: int, workers: in
     baseline = next(r for r in records if r.backend == "baseline").images_per_s
     for record in records:
         click.echo(f"{record.backend}/{record.device}: {record.images_per_s / baseline:.2f}x the baseline")
+    if json_path:
+        write_text_atomic(Path(json_path), json.dumps([r.to_dict() for r in records], indent=2) + "\n")
+
+
+@bench.command("train", epilog=f"Example: {EXAMPLES['bench train']}")
+@click.argument("shards", type=click.Path(exists=True, file_okay=False))
+@click.option("--arch", "archs", default="dcgan,resnet", show_default=True, help="Architectures, comma-separated.")
+@click.option("--batch-size", "batch_sizes", default="64,256", show_default=True, help="Batch sizes, comma-separated.")
+@click.option("--precision", "precisions", default="fp32,bf16", show_default=True,
+              help="fp32, bf16, fp16 (CUDA only), comma-separated.")
+@click.option("--compile", "compile_modes", type=click.Choice(["off", "on", "both"]), default="both",
+              show_default=True, help="torch.compile off, on, or each.")
+@click.option("--steps", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Steps timed per setting, after as many of warm-up.")
+@click.option("--width", type=click.IntRange(min=1), default=256, show_default=True, help="g_width = d_width.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--backend", type=click.Choice(["dali", "torch"]), default="dali", show_default=True,
+              help="Loader backend.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write the records [{arch, batch_size, precision, compile, device, images, seconds, "
+              "images_per_s, data_wait, peak_memory_mib}] to this file.")
+@_reports_errors
+def bench_train_command(shards: str, archs: str, batch_sizes: str, precisions: str, compile_modes: str, steps: int,
+                        width: int, device: str, backend: str, json_path: str | None) -> None:
+    """Time training on the shard set SHARDS for each architecture, batch size, precision and
+    compile setting: images/s (kimg/s x 1000), data-wait fraction, and peak CUDA memory."""
+    from .atomic import write_text_atomic
+    from .bench import bench_train
+    from .errors import ConfigError
+
+    try:
+        sizes = tuple(int(b) for b in batch_sizes.split(","))
+    except ValueError:
+        raise ConfigError(f"--batch-size {batch_sizes!r}: expected comma-separated numbers") from None
+    compiles = {"off": (False,), "on": (True,), "both": (False, True)}[compile_modes]
+    records = bench_train(Path(shards), archs=tuple(a.strip() for a in archs.split(",")), batch_sizes=sizes,
+                          precisions=tuple(p.strip() for p in precisions.split(",")), compiles=compiles,
+                          steps=steps, width=width, device=device, loader_backend=backend, echo=click.echo)
     if json_path:
         write_text_atomic(Path(json_path), json.dumps([r.to_dict() for r in records], indent=2) + "\n")

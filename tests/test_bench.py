@@ -1,4 +1,4 @@
-"""`cgan-pipe bench prepare` runs every method on the same images and reports consistent records."""
+"""`cgan-pipe bench prepare|loader|train` run every method on the same data and report consistent records."""
 
 from __future__ import annotations
 
@@ -38,3 +38,17 @@ def test_bench_loader_times_every_backend_on_the_same_shards(small_shards, tmp_p
     assert on_cpu == [("dali", "cpu"), ("torch", "cpu"), ("baseline", "cpu")]
     assert all(r["images"] == 48 and r["images_per_s"] > 0 for r in records)
     assert "dali/cpu:" in result.output and "x the baseline" in result.output
+
+
+def test_bench_train_times_each_setting_after_a_warm_up(small_shards, tmp_path):
+    result = CliRunner().invoke(main, ["bench", "train", str(small_shards), "--arch", "dcgan", "--batch-size", "8,16",
+                                       "--precision", "fp32,bf16", "--compile", "off", "--steps", "2", "--width", "16",
+                                       "--device", "cpu", "--json", str(tmp_path / "train.json")])
+    assert result.exit_code == 0, result.output
+    records = json.loads((tmp_path / "train.json").read_text())
+    assert [(r["batch_size"], r["precision"]) for r in records] == [(8, "fp32"), (8, "bf16"), (16, "fp32"),
+                                                                   (16, "bf16")]
+    assert all(r["images"] == 2 * r["batch_size"] and r["images_per_s"] > 0 and 0 <= r["data_wait"] < 1
+               and r["peak_memory_mib"] is None and r["device"] == "cpu" for r in records)
+    bad = CliRunner().invoke(main, ["bench", "train", str(small_shards), "--precision", "fp8", "--device", "cpu"])
+    assert bad.exit_code == 2 and "train.precision" in bad.output
