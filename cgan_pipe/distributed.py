@@ -5,7 +5,10 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
+
+if TYPE_CHECKING:  # torch is imported where used, so importing this module stays cheap
+    import torch
 
 
 # Ranks of one prepare may finish hours apart on unequal machines; a dead rank is torchrun's to
@@ -54,7 +57,7 @@ def wait_for_all_ranks() -> None:
     dist.barrier()
 
 
-def average_gradients(module: "torch.nn.Module", world: int) -> None:
+def average_gradients(module: torch.nn.Module, world: int) -> None:
     """Average the gradients of `module`'s parameters over all ranks (one flat all-reduce), so every
     rank takes the same optimiser step. A no-op on one process."""
     import torch
@@ -71,7 +74,7 @@ def average_gradients(module: "torch.nn.Module", world: int) -> None:
         grad.copy_(reduced.view_as(grad))
 
 
-def broadcast_module(module: "torch.nn.Module", world: int) -> None:
+def broadcast_module(module: torch.nn.Module, world: int) -> None:
     """Copy rank 0's parameters and buffers into every rank's `module`."""
     import torch.distributed as dist
 
@@ -81,7 +84,7 @@ def broadcast_module(module: "torch.nn.Module", world: int) -> None:
         dist.broadcast(tensor.data, src=0)
 
 
-def any_rank(flag: bool, world: int, device: "torch.device") -> bool:
+def any_rank(flag: bool, world: int, device: torch.device) -> bool:
     """Whether `flag` is true on at least one rank (every rank gets the same answer)."""
     import torch
     import torch.distributed as dist
