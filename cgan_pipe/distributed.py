@@ -1,4 +1,4 @@
-"""torch.distributed for processes started by torchrun: join their group, wait for each other."""
+"""torch.distributed for processes started by torchrun: join their group, wait for each other, average gradients."""
 
 from __future__ import annotations
 

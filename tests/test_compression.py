@@ -1,4 +1,4 @@
-"""JPEG quality estimation from quantisation tables."""
+"""JPEG quality estimation from quantisation tables; the differentiable JPEG against libjpeg."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cgan_pipe.compression import STD_LUMINANCE_TABLE, estimate_jpeg_quality, scaled_table
+import torch
+
+from cgan_pipe.compression import STD_LUMINANCE_TABLE, estimate_jpeg_quality, scaled_table, simulate_jpeg
 
 from conftest import cifar_members
 
@@ -29,3 +31,47 @@ def test_no_table_no_estimate():
     assert estimate_jpeg_quality(None) is None
     assert estimate_jpeg_quality({}) is None
     assert estimate_jpeg_quality({0: [1, 2, 3]}) is None
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB between two batches of images in [-1, 1], both rounded to 8 bits, from the mean MSE."""
+    a, b = ((t.add(1).mul(127.5).round()) / 255 for t in (a, b))
+    return float(10 * torch.log10(1 / (a - b).square().mean()))
+
+
+@pytest.fixture(scope="module")
+def cifar_batch() -> torch.Tensor:
+    """200 real CIFAR-10 test images as NCHW in [-1, 1]."""
+    pixels = [np.array(Image.open(io.BytesIO(b)).convert("RGB")) for b in cifar_members("test", 20).values()]
+    return torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+
+
+def _libjpeg(images: torch.Tensor, quality: int) -> torch.Tensor:
+    out = []
+    for image in images.add(1).mul(127.5).round().byte().permute(0, 2, 3, 1).numpy():
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, "JPEG", quality=quality)
+        out.append(np.array(Image.open(buffer).convert("RGB")))
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+
+
+@pytest.mark.parametrize("quality, floor", [(10, 32.0), (30, 37.0), (50, 32.0), (75, 44.0), (95, 46.0)])
+def test_simulated_jpeg_is_close_to_libjpeg(cifar_batch, quality, floor):
+    real = _libjpeg(cifar_batch, quality)
+    simulated = simulate_jpeg(cifar_batch, quality)
+    assert _psnr(simulated, real) >= floor  # measured on these 200 images: see docs/benchmarks.md
+    if quality <= 50:  # where JPEG visibly changes these (already q75) images, the simulation tracks it
+        assert _psnr(simulated, real) > _psnr(cifar_batch, real) + 4
+
+
+def test_simulated_jpeg_takes_a_quality_per_image_and_passes_gradients(cifar_batch):
+    images = cifar_batch[:4].clone().requires_grad_(True)
+    out = simulate_jpeg(images, torch.tensor([10.0, 30.0, 75.0, 95.0]))
+    for index, quality in enumerate((10, 30, 75, 95)):
+        assert torch.allclose(out[index], simulate_jpeg(cifar_batch[index:index + 1], quality)[0], atol=1e-5)
+    out.square().sum().backward()
+    assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="between 1 and 100"):
+        simulate_jpeg(cifar_batch[:2], 0)
+    with pytest.raises(ValueError, match="3 qualities for 2 images"):
+        simulate_jpeg(cifar_batch[:2], torch.tensor([10.0, 20.0, 30.0]))
