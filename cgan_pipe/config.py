@@ -262,6 +262,7 @@ class TrainConfig:
     log_every: int = _opt(50, "Steps between metrics.jsonl rows.", _positive)
     sample_every: int = _opt(500, "Steps between sample grids.", _positive)
     checkpoint_every: int = _opt(500, "Steps between checkpoints.", _positive)
+    keep_checkpoints: int = _opt(3, "How many of the newest checkpoints are kept; older ones are deleted.", _positive)
     device: Device = _opt("auto", "Training device: 'cuda', 'cpu' or 'auto'.")
 
 

@@ -50,6 +50,13 @@ def test_training_with_diffaugment_runs_and_a_bad_policy_names_the_key(small_sha
         small_config(tmp_path, diffaugment="rotate")
 
 
+def test_only_the_newest_keep_checkpoints_are_kept(small_shards, tmp_path):
+    train(small_config(tmp_path, steps=8, checkpoint_every=1, keep_checkpoints=2), small_shards, tmp_path,
+          progress=False)
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["ckpt-0000007.pt", "ckpt-0000008.pt"]
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if ".tmp-" in p.name]
+
+
 def test_rerun_resumes_and_continues_the_step_count(small_shards, tmp_path):
     train(small_config(tmp_path), small_shards, tmp_path, progress=False)
     first = load_checkpoint(list_checkpoints(tmp_path / "checkpoints")[-1])

@@ -31,7 +31,6 @@ from .curves import plot_curves
 from .ema import update_ema
 from .losses import discriminator_loss, generator_loss
 
-KEEP_CHECKPOINTS = 3
 MAX_SKIPPED_IN_A_ROW = 50
 
 
@@ -248,7 +247,7 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
             _save_grid(G_ema, fixed_z, fixed_labels, samples_dir / f"step-{step:07d}.png")
             plot_curves(read_metrics(metrics_path), read_metrics(eval_path), run_dir / "curves.png")
         if lead and (step % tc.checkpoint_every == 0 or last):
-            path = save_checkpoint(ckpt_dir, step, checkpoint_state(seconds), keep=KEEP_CHECKPOINTS)
+            path = save_checkpoint(ckpt_dir, step, checkpoint_state(seconds), keep=tc.keep_checkpoints)
         if last:
             break
     bar.close()
