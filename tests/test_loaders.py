@@ -254,3 +254,34 @@ def test_batched_decode_keeps_order_across_jpeg_and_png(one_per_class):
     encoded = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in [jpegs[0], png.getvalue(), *jpegs[1:]]]
     decoded = _decode_batch(encoded, torch.device("cpu"))
     assert [torch.equal(d, decode_image(e)) for d, e in zip(decoded, encoded)] == [True] * 4
+
+
+@pytest.fixture(scope="module")
+def quality_shards(tmp_path_factory, small_tar):
+    """The 200 test images re-encoded at JPEG q10, q50 and q90: 600 samples, 200 per quality."""
+    out = tmp_path_factory.mktemp("quality")
+    prepare(str(small_tar), out, PrepareSettings(qualities=(10, 50, 90), reencode=True, shard_size=150),
+            progress=False)
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batches_carry_each_samples_jpeg_quality_when_asked(quality_shards, small_shards, backend):
+    config = LoaderConfig(backend=backend, threads=1)
+    loader = open_loader(quality_shards, config, 50, 0, torch.device("cpu"), with_quality=True)
+    batches, qualities = iter(loader), []
+    while len(qualities) < loader.samples_per_epoch:  # one epoch: every sample once
+        batch = next(batches)
+        assert batch.quality.dtype == torch.float32 and batch.quality.shape == batch.labels.shape
+        qualities += batch.quality.tolist()
+    assert sorted(set(qualities)) == pytest.approx([0.1, 0.5, 0.9])
+    assert [qualities.count(q) for q in sorted(set(qualities))] == [200, 200, 200]
+    assert next(iter(open_loader(quality_shards, config, 50, 0, torch.device("cpu")))).quality is None
+
+
+def test_a_set_without_quality_metadata_is_refused_with_how_to_make_one(tmp_path):
+    out = tmp_path / "png"
+    source = write_tar(tmp_path / "src.tar", cifar_members("test", 1))
+    prepare(str(source), out, PrepareSettings(format="png"), progress=False)
+    with pytest.raises(ConfigError, match=r"10 samples have no JPEG quality .* --quality 10,30,50,75,95"):
+        open_loader(out, LoaderConfig(threads=1), 5, 0, torch.device("cpu"), with_quality=True)

@@ -13,7 +13,7 @@ from ..config import LoaderConfig
 from ..images import ANY_IMAGE_EXTENSION
 from ..devices import resolve_device
 from ..errors import DataError
-from .loader import Batch, DatasetInfo, dataset_info, parse_ascii_labels, rank_and_world
+from .loader import Batch, DatasetInfo, dataset_info, parse_ascii_labels, parse_quality, rank_and_world
 from .manifest import Manifest
 
 READER_NAME = "shards"
@@ -22,9 +22,10 @@ LABEL_BYTES = 8  # `.cls` bytes are padded to at least this width so a batch is 
 
 @pipeline_def
 def _shard_pipeline(paths: list[str], index_paths: list[str], labelled: bool, augment: LoaderConfig,
-                    resolution: int, shuffle_buffer: int, decode_device: str, shard_id: int, num_shards: int):
-    encoded, cls = fn.readers.webdataset(
-        paths=paths, index_paths=index_paths, ext=[ANY_IMAGE_EXTENSION, "cls"],
+                    resolution: int, shuffle_buffer: int, decode_device: str, shard_id: int, num_shards: int,
+                    with_meta: bool = False):
+    encoded, cls, *meta = fn.readers.webdataset(
+        paths=paths, index_paths=index_paths, ext=[ANY_IMAGE_EXTENSION, "cls"] + (["json"] if with_meta else []),
         # a labelled set with a sample lacking `.cls` is corrupt; unlabelled sets have none
         missing_component_behavior="error" if labelled else "empty",
         random_shuffle=True, initial_fill=shuffle_buffer,
@@ -52,6 +53,8 @@ def _shard_pipeline(paths: list[str], index_paths: list[str], labelled: bool, au
         mean=[127.5] * 3, std=[127.5] * 3, mirror=mirror,
     )
     labels = fn.pad(cls, fill_value=0, shape=(LABEL_BYTES,))
+    if with_meta:  # the `.json` bytes, zero-padded to the longest in the batch; parsed on the torch side
+        return images, labels, fn.pad(meta[0], fill_value=0)
     return images, labels
 
 
@@ -66,11 +69,13 @@ class DaliLoader:
     """
 
     def __init__(self, shards: Path, manifest: Manifest, cfg: LoaderConfig, batch_size: int,
-                 seed: int, device: torch.device, rank: int | None = None, world_size: int | None = None):
+                 seed: int, device: torch.device, rank: int | None = None, world_size: int | None = None,
+                 with_quality: bool = False):
         self.info: DatasetInfo = dataset_info(manifest)
         self.device = device
         self.shards = shards
         self.labelled = manifest.labelled
+        self.with_quality = with_quality
         rank, world = (rank, world_size) if rank is not None and world_size is not None else rank_and_world()
         gpu = torch.cuda.current_device() if resolve_device(cfg.device, "loader.device").type == "cuda" else None
         self.pipeline = _shard_pipeline(
@@ -79,11 +84,11 @@ class DaliLoader:
             labelled=manifest.labelled, augment=cfg, resolution=manifest.resolution, shuffle_buffer=cfg.shuffle_buffer,
             decode_device="mixed" if gpu is not None else "cpu", shard_id=rank, num_shards=world,
             batch_size=batch_size, num_threads=cfg.threads, device_id=gpu, seed=seed + rank,
-            prefetch_queue_depth=2,
+            prefetch_queue_depth=2, with_meta=with_quality,
         )
         self.pipeline.build()
         self._iterator = DALIGenericIterator(
-            self.pipeline, ["images", "labels"], reader_name=READER_NAME,
+            self.pipeline, ["images", "labels"] + (["meta"] if with_quality else []), reader_name=READER_NAME,
             last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True,
         )
         self.samples_per_epoch: int = self._iterator.size  # this rank's share
@@ -95,7 +100,16 @@ class DaliLoader:
                 images = out["images"].to(self.device, non_blocking=True)
                 labels = parse_ascii_labels(out["labels"]).to(self.device) if self.labelled else \
                     torch.zeros(images.shape[0], dtype=torch.int64, device=self.device)
-                yield Batch(images=images, labels=labels)
+                quality = _qualities(out["meta"], self.shards).to(self.device) if self.with_quality else None
+                yield Batch(images=images, labels=labels, quality=quality)
+
+
+def _qualities(meta: torch.Tensor, shards: Path) -> torch.Tensor:
+    """JPEG qualities in [0, 1] from a batch of zero-padded `.json` byte rows."""
+    values = torch.tensor([parse_quality(bytes(row[row != 0].tolist())) for row in meta.cpu()])
+    if values.isnan().any():
+        raise DataError(f"{shards}: a sample's .json records no JPEG quality; run `cgan-pipe verify {shards}`")
+    return values
 
 
 def _naming_failures(iterator: Iterator[list[dict[str, torch.Tensor]]], shards: Path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Protocol
@@ -74,10 +75,11 @@ def shard_set_manifest(shards: Path | str) -> Manifest:
 
 
 def open_loader(shards: Path | str, cfg: LoaderConfig, batch_size: int, seed: int, device: torch.device,
-                whole: bool = False) -> Loader:
+                whole: bool = False, with_quality: bool = False) -> Loader:
     """Open the shard set at `shards` (a folder, or for the torch backend a URL) with the backend
     `cfg.backend`, yielding Batches on `device`: this rank's part of the samples, or all of them
-    when `whole` (for work only one rank does, such as evaluation)."""
+    when `whole` (for work only one rank does, such as evaluation). With `with_quality`, each
+    Batch carries the JPEG quality of its samples (from their `.json`) in [0, 1]."""
     if is_url(shards) and cfg.backend == "dali":
         raise ConfigError(f"{shards}: the DALI loader reads local or mounted files only; copy or mount the "
                           f"shards, or set loader.backend: torch to stream them from the URL")
@@ -90,6 +92,8 @@ def open_loader(shards: Path | str, cfg: LoaderConfig, batch_size: int, seed: in
                 raise DataError(f"{shards / shard.tar}: {size} bytes where the manifest says {shard.bytes} "
                                 f"(truncated or replaced); run `cgan-pipe verify {shards}`, and prepare the "
                                 f"shards again if it fails")
+    if with_quality:
+        check_quality_metadata(manifest, shards)
     if batch_size > manifest.num_samples:
         raise ConfigError(
             f"train.batch_size: {batch_size} is larger than the {manifest.num_samples} samples in {shards}"
@@ -98,10 +102,30 @@ def open_loader(shards: Path | str, cfg: LoaderConfig, batch_size: int, seed: in
     if cfg.backend == "dali":
         from .dali_loader import DaliLoader  # DALI is imported only when asked for
 
-        return DaliLoader(shards, manifest, cfg, batch_size, seed, device, *part)
+        return DaliLoader(shards, manifest, cfg, batch_size, seed, device, *part, with_quality=with_quality)
     from .torch_loader import TorchLoader
 
-    return TorchLoader(shards, manifest, cfg, batch_size, seed, device, *part)
+    return TorchLoader(shards, manifest, cfg, batch_size, seed, device, *part, with_quality=with_quality)
+
+
+def check_quality_metadata(manifest: Manifest, shards: Path | str) -> None:
+    """Raise ConfigError unless every sample of the set records a JPEG quality (per its manifest)."""
+    unknown = [q for q in manifest.quality_histogram if not q.isdigit()]
+    if unknown or not manifest.quality_histogram:
+        raise ConfigError(
+            f"{shards}: {sum(manifest.quality_histogram.get(q, 0) for q in unknown)} samples have no JPEG quality "
+            f"(PNG/WebP or unknown); make a quality-labelled set with `cgan-pipe prepare SOURCE OUT --format jpeg "
+            f"--reencode --quality 10,30,50,75,95` (one sample per quality, or --quality-mode random)"
+        )
+
+
+def parse_quality(meta: bytes | None) -> float:
+    """A sample's JPEG quality in [0, 1] from its `.json` bytes; NaN when it records none."""
+    try:
+        quality = json.loads(meta)["quality"] if meta else None
+    except (ValueError, KeyError, TypeError):
+        return float("nan")
+    return quality / 100 if isinstance(quality, (int, float)) else float("nan")
 
 
 def parse_ascii_labels(raw: torch.Tensor) -> torch.Tensor:

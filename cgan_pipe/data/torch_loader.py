@@ -16,7 +16,7 @@ from ..config import LoaderConfig
 from ..errors import ConfigError, DataError
 from ..images import ANY_IMAGE_EXTENSION
 from ..devices import resolve_device
-from .loader import Batch, DatasetInfo, dataset_info, is_url, rank_and_world
+from .loader import Batch, DatasetInfo, dataset_info, is_url, parse_quality, rank_and_world
 from .manifest import Manifest
 
 
@@ -36,25 +36,28 @@ def _augmentations(cfg: LoaderConfig, resolution: int) -> v2.Transform:
 
 
 class _DecodeSample:
-    """Picklable per-sample transform in the DataLoader workers: (image bytes, cls bytes) ->
-    (augmented uint8 CHW, label)."""
+    """Picklable per-sample transform in the DataLoader workers: (image bytes, cls bytes[, json bytes])
+    -> (augmented uint8 CHW, label, JPEG quality in [0, 1] or NaN)."""
 
     def __init__(self, cfg: LoaderConfig, resolution: int):
         self.augment = _augmentations(cfg, resolution)
 
-    def __call__(self, sample: tuple[bytes, bytes | None]) -> tuple[torch.Tensor, int]:
-        data, cls = sample
-        return self.augment(_decode_on_cpu(data)), int(cls) if cls else 0
+    def __call__(self, sample: tuple[bytes, ...]) -> tuple[torch.Tensor, int, float]:
+        data, cls, *meta = sample
+        return self.augment(_decode_on_cpu(data)), int(cls) if cls else 0, parse_quality(meta[0] if meta else None)
 
 
-def _keep_encoded(sample: tuple[bytes, bytes | None]) -> tuple[torch.Tensor, int]:
+def _keep_encoded(sample: tuple[bytes, ...]) -> tuple[torch.Tensor, int, float]:
     """Per-sample transform when decoding happens later, batched on the GPU: bytes as a uint8 tensor."""
-    data, cls = sample
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8), int(cls) if cls else 0
+    data, cls, *meta = sample
+    return (torch.frombuffer(bytearray(data), dtype=torch.uint8), int(cls) if cls else 0,
+            parse_quality(meta[0] if meta else None))
 
 
-def _collate_encoded(samples: list[tuple[torch.Tensor, int]]) -> tuple[list[torch.Tensor], torch.Tensor]:
-    return [data for data, _ in samples], torch.tensor([label for _, label in samples], dtype=torch.int64)
+def _collate_encoded(samples: list[tuple[torch.Tensor, int, float]]
+                     ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    return ([data for data, _, _ in samples], torch.tensor([label for _, label, _ in samples], dtype=torch.int64),
+            torch.tensor([quality for _, _, quality in samples], dtype=torch.float64))
 
 
 def _decode_on_cpu(data: bytes | torch.Tensor) -> torch.Tensor:
@@ -84,10 +87,12 @@ class TorchLoader:
     """
 
     def __init__(self, shards: Path | str, manifest: Manifest, cfg: LoaderConfig, batch_size: int,
-                 seed: int, device: torch.device, rank: int | None = None, world_size: int | None = None):
+                 seed: int, device: torch.device, rank: int | None = None, world_size: int | None = None,
+                 with_quality: bool = False):
         self.info: DatasetInfo = dataset_info(manifest)
         self.device = device
         self.shards = shards
+        self.with_quality = with_quality
         # with a GPU, workers only read bytes and the batch is decoded at once with nvJPEG
         self.gpu_decode = resolve_device(cfg.device, "loader.device").type == "cuda"
         self.augment = _augmentations(cfg, manifest.resolution)
@@ -106,7 +111,8 @@ class TorchLoader:
             )
             .shuffle(cfg.shuffle_buffer)
             # unlabelled sets have no `.cls`; a labelled sample without one is an error
-            .to_tuple(ANY_IMAGE_EXTENSION, "cls", missing_is_error=manifest.labelled)
+            .to_tuple(ANY_IMAGE_EXTENSION, "cls", *(["json"] if with_quality else []),
+                      missing_is_error=manifest.labelled)
             .map(_keep_encoded if self.gpu_decode else _DecodeSample(cfg, manifest.resolution))
         )
         generator = torch.Generator().manual_seed(seed)
@@ -118,12 +124,16 @@ class TorchLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         while True:  # one pass of the DataLoader is one epoch
-            for images, labels in _naming_failures(self.loader, self.shards):
+            for images, labels, quality in _naming_failures(self.loader, self.shards):
                 if self.gpu_decode:
                     decoded = _decode_batch(images, self.device)
                     images = torch.stack([self.augment(image) for image in decoded])
                 images = images.to(self.device, non_blocking=True).float().div_(127.5).sub_(1.0)
-                yield Batch(images=images, labels=labels.to(self.device, dtype=torch.int64))
+                if self.with_quality and quality.isnan().any():
+                    raise DataError(f"{self.shards}: a sample's .json records no JPEG quality; "
+                                    f"run `cgan-pipe verify {self.shards}`")
+                yield Batch(images=images, labels=labels.to(self.device, dtype=torch.int64),
+                            quality=quality.to(self.device, torch.float32) if self.with_quality else None)
 
 
 def _shard_location(shards: Path | str, name: str) -> str:
@@ -137,7 +147,7 @@ def _this_rank_already(urls: Iterator[str]) -> Iterator[str]:
     return urls
 
 
-def _naming_failures(loader: DataLoader, shards: Path) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _naming_failures(loader: DataLoader, shards: Path) -> Iterator[tuple[torch.Tensor, ...]]:
     """`loader`'s batches, with a worker's failure on a sample (undecodable image, a `.cls` that is
     not a number) turned into a DataError naming the shard set."""
     try:
