@@ -145,3 +145,18 @@ def test_eval_command_prints_json_scores(checkpoint, small_shards, tmp_path):
     assert scores["step"] == 2 and scores["n_samples"] == 100 and 0 <= scores["class_accuracy"] <= 1
     bad = CliRunner().invoke(main, ["eval", str(checkpoint), "--shards", str(small_shards), "--metrics", "fid"])
     assert bad.exit_code == 2 and "eval.inception_weights" in bad.output
+
+
+def test_fid_kid_and_is_run_end_to_end_with_a_weights_file(small_shards, tmp_path):
+    """With (random) Inception weights the whole FID/KID/IS path runs and caches its reference features."""
+    torch.manual_seed(0)
+    model = FidInception()
+    for weight in model.parameters():  # default-initialised layers give (nearly) constant features
+        if weight.dim() > 1:
+            torch.nn.init.normal_(weight, 0.0, 0.05)
+    torch.save(model.net.state_dict(), tmp_path / "weights.pth")
+    cfg = EvalConfig(metrics=["fid", "kid", "is"], inception_weights=str(tmp_path / "weights.pth"), n_samples=20,
+                     n_reference=20, cache_dir=str(tmp_path / "cache"), batch_size=10)
+    scores = Evaluator(small_shards, cfg, LoaderConfig(threads=1), CPU)(_Noise(), z_dim=8)
+    assert scores["fid"] > 0 and np.isfinite(scores["kid"]) and scores["inception_score"] >= 1
+    assert len(list((tmp_path / "cache").glob("*/reference-inception-*-20.npz"))) == 1

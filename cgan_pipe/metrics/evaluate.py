@@ -18,6 +18,8 @@ from ..atomic import atomic_path
 from ..config import EvalConfig, LoaderConfig
 from ..data.loader import DatasetInfo, dataset_info, open_loader, shard_set_manifest
 from ..errors import ConfigError
+from ..export import generate, load_generator
+from ..train.checkpoint import load_checkpoint
 from .classifier import Classifier, train_classifier
 from .inception import load_fid_inception
 from .stats import feature_stats, frechet_distance, inception_score, kernel_inception_distance
@@ -63,15 +65,15 @@ class Evaluator:
                                                     plain, self.n_reference, self._classifier_outputs, device))
         if any(m in INCEPTION_METRICS for m in cfg.metrics):
             self.inception = load_fid_inception(cfg.inception_weights).to(device)
-            self.reference.update(_cached_reference(cache / f"reference-inception-{self.n_reference}.npz", shards,
-                                                    plain, self.n_reference, self._inception_outputs, device))
+            weights = Path(cfg.inception_weights).expanduser()  # other weights, other reference features
+            tag = hashlib.sha256(f"{weights.name}:{weights.stat().st_size}".encode()).hexdigest()[:8]
+            self.reference.update(_cached_reference(cache / f"reference-inception-{tag}-{self.n_reference}.npz",
+                                                    shards, plain, self.n_reference, self._inception_outputs, device))
 
     @torch.no_grad()
     def __call__(self, generator: nn.Module, z_dim: int, progress: bool = False) -> dict[str, Any]:
         """Metrics of `generator` (in eval mode) on `cfg.n_samples` images from seeds cfg.seed.., balanced
         over the classes; images are rounded to 8 bits first, as they would be when saved."""
-        from ..export import generate  # export builds on this package's peers; import where used
-
         t0 = time.perf_counter()
         cfg, n_classes = self.cfg, self.info.num_classes
         outputs: dict[str, list[np.ndarray]] = {}
@@ -197,8 +199,6 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 def evaluate_checkpoint(checkpoint: Path, shards: Path | str, cfg: EvalConfig, loader_cfg: LoaderConfig,
                         device: torch.device, ema: bool = True, progress: bool = False) -> dict[str, Any]:
     """Metrics of the (EMA) generator in `checkpoint` against the real shard set `shards`."""
-    from ..export import load_generator
-    from ..train.checkpoint import load_checkpoint
 
     state = load_checkpoint(checkpoint, map_location=device)
     generator, info, z_dim = load_generator(state, ema, device)
