@@ -13,7 +13,8 @@ from ..config import LoaderConfig
 from ..images import ANY_IMAGE_EXTENSION
 from ..devices import resolve_device
 from ..errors import DataError
-from .loader import Batch, DatasetInfo, dataset_info, parse_ascii_labels, parse_quality, rank_and_world
+from .loader import (Batch, DatasetInfo, dataset_info, known_qualities, parse_ascii_labels, parse_quality,
+                     rank_and_world)
 from .manifest import Manifest
 
 READER_NAME = "shards"
@@ -106,10 +107,8 @@ class DaliLoader:
 
 def _qualities(meta: torch.Tensor, shards: Path) -> torch.Tensor:
     """JPEG qualities in [0, 1] from a batch of zero-padded `.json` byte rows."""
-    values = torch.tensor([parse_quality(bytes(row[row != 0].tolist())) for row in meta.cpu()])
-    if values.isnan().any():
-        raise DataError(f"{shards}: a sample's .json records no JPEG quality; run `cgan-pipe verify {shards}`")
-    return values
+    return known_qualities(torch.tensor([parse_quality(bytes(row[row != 0].tolist())) for row in meta.cpu()]),
+                           shards)
 
 
 def _naming_failures(iterator: Iterator[list[dict[str, torch.Tensor]]], shards: Path

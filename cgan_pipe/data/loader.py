@@ -128,6 +128,14 @@ def parse_quality(meta: bytes | None) -> float:
     return quality / 100 if isinstance(quality, (int, float)) else float("nan")
 
 
+def known_qualities(quality: torch.Tensor, shards: Path | str) -> torch.Tensor:
+    """`quality` (a batch's values from parse_quality) as float32; DataError naming the shard set when a
+    sample recorded none (NaN)."""
+    if quality.isnan().any():
+        raise DataError(f"{shards}: a sample's .json records no JPEG quality; run `cgan-pipe verify {shards}`")
+    return quality.to(torch.float32)
+
+
 def parse_ascii_labels(raw: torch.Tensor) -> torch.Tensor:
     """Decimal class ids from `.cls` bytes, one zero-padded row of ASCII per sample -> int64.
 

@@ -16,7 +16,7 @@ from ..config import LoaderConfig
 from ..errors import ConfigError, DataError
 from ..images import ANY_IMAGE_EXTENSION
 from ..devices import resolve_device
-from .loader import Batch, DatasetInfo, dataset_info, is_url, parse_quality, rank_and_world
+from .loader import Batch, DatasetInfo, dataset_info, is_url, known_qualities, parse_quality, rank_and_world
 from .manifest import Manifest
 
 
@@ -129,11 +129,9 @@ class TorchLoader:
                     decoded = _decode_batch(images, self.device)
                     images = torch.stack([self.augment(image) for image in decoded])
                 images = images.to(self.device, non_blocking=True).float().div_(127.5).sub_(1.0)
-                if self.with_quality and quality.isnan().any():
-                    raise DataError(f"{self.shards}: a sample's .json records no JPEG quality; "
-                                    f"run `cgan-pipe verify {self.shards}`")
                 yield Batch(images=images, labels=labels.to(self.device, dtype=torch.int64),
-                            quality=quality.to(self.device, torch.float32) if self.with_quality else None)
+                            quality=known_qualities(quality, self.shards).to(self.device) if self.with_quality
+                            else None)
 
 
 def _shard_location(shards: Path | str, name: str) -> str:

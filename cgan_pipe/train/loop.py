@@ -211,10 +211,11 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
         seconds = spent + time.perf_counter() - t_session - eval_seconds
         out_of_time = any_rank(budget is not None and seconds >= budget, world, device)
         last = step == tc.steps or out_of_time
+        kimg = round(step * tc.n_dis * tc.batch_size / 1000, 3)
         if step % tc.log_every == 0 or last:
             elapsed = time.perf_counter() - window_start
             row = {
-                "step": step, "kimg": round(step * tc.n_dis * tc.batch_size / 1000, 3),
+                "step": step, "kimg": kimg,
                 # epochs of this rank's share of the data (full batches counted; an epoch's last may be smaller)
                 "epoch": round(step * tc.n_dis * local_batch / loader.samples_per_epoch, 3),
                 "loss_d": round(loss_d.item(), 5), "loss_g": round(loss_g.item(), 5),
@@ -235,8 +236,7 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
             t0 = time.perf_counter()
             if lead:
                 evaluator = evaluator or Evaluator(shards, cfg.eval, cfg.loader, device)
-                row = {"step": step, "kimg": round(step * tc.n_dis * tc.batch_size / 1000, 3),
-                       **evaluator(G_ema, cfg.model.z_dim)}
+                row = {"step": step, "kimg": kimg, **evaluator(G_ema, cfg.model.z_dim)}
                 with open(eval_path, "a") as handle:
                     handle.write(json.dumps(row) + "\n")
                 _log_scalars(board, "eval", row)
