@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from .config import LoaderConfig
+    from .data.manifest import Manifest
 
 # ITU-T T.81 Annex K, table K.1 (luminance), in natural (row-major) order.
 STD_LUMINANCE_TABLE = np.array([
@@ -83,5 +88,15 @@ def simulate_jpeg(images: torch.Tensor, quality: torch.Tensor | float) -> torch.
         raise ValueError(f"{quality.numel()} qualities for {images.shape[0]} images")
     if bool(((quality < 1) | (quality > 100)).any()):
         raise ValueError(f"JPEG quality must be between 1 and 100, got {quality.min().item():g}..{quality.max().item():g}")
-    coded = jpeg_codec_differentiable(images.add(1).div(2).clamp(0, 1), quality.expand(images.shape[0]))
+    with torch.autocast(images.device.type, enabled=False):  # in fp32 whatever the training precision
+        unit = images.float().add(1).div(2).clamp(0, 1)
+        coded = jpeg_codec_differentiable(unit, quality.expand(images.shape[0]))
     return coded.mul(2).sub(1)
+
+
+def trained_qualities(manifest: Manifest, loader: LoaderConfig) -> list[int]:
+    """The JPEG qualities real samples carry in training: every one in loader.jpeg_distort's range,
+    else those the shard set's manifest records."""
+    if loader.jpeg_distort:
+        return list(range(loader.jpeg_distort[0], loader.jpeg_distort[1] + 1))
+    return sorted(int(q) for q in manifest.quality_histogram if q.isdigit())

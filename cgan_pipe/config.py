@@ -46,6 +46,18 @@ def _quality(value: int) -> str | None:
     return None if 1 <= value <= 100 else "must be between 1 and 100"
 
 
+def _quality_range(value: list[int]) -> str | None:
+    if len(value) != 2 or not all(1 <= q <= 100 for q in value) or value[0] > value[1]:
+        return "must be [lo, hi] with 1 <= lo <= hi <= 100"
+    return None
+
+
+def _qualities(value: list[int]) -> str | None:
+    if not value:
+        return "must not be empty"
+    return None if all(1 <= q <= 100 for q in value) else "every quality must be between 1 and 100"
+
+
 def _png_level(value: int) -> str | None:
     return None if 0 <= value <= 9 else "must be between 0 and 9"
 
@@ -202,6 +214,12 @@ class LoaderConfig:
     color_jitter: float = _opt(
         0.0, "Random brightness, contrast and saturation factors in [1 - s, 1 + s]. 0: off.", _unit_interval
     )
+    jpeg_distort: Optional[list[int]] = _opt(
+        None, "[lo, hi]: JPEG-compress every image on the fly, after the crops and colour jitter (before the flip, "
+        "which keeps the 8x8 block grid in place), at a quality drawn uniformly from lo..hi (DALI's jpeg_compression_distortion; the torch backend encodes with libjpeg); that "
+        "quality is the sample's quality for compression.mode. null: off (samples keep their recorded quality).",
+        _quality_range,
+    )
 
 
 @dataclass
@@ -266,7 +284,25 @@ class TrainConfig:
     device: Device = _opt("auto", "Training device: 'cuda', 'cpu' or 'auto'.")
 
 
-_METRICS = ("classifier", "fid", "kid", "is")
+@dataclass
+class CompressionConfig:
+    """JPEG compression as a signal: condition the GAN on quality, or learn clean images from compressed ones."""
+
+    mode: Literal["none", "condition", "ambient"] = _opt(
+        "none", "'none': plain GAN. 'condition': G and D are conditioned on each real sample's JPEG quality (from "
+        "its .json, or loader.jpeg_distort), so `generate --quality-cond Q` asks for a quality. 'ambient': G makes "
+        "clean images; each fake is JPEG-compressed (differentiably) at a real sample's quality before D sees it, "
+        "so a clean generator is learned from compressed data only."
+    )
+    condition_output: Literal["jpeg", "learned"] = _opt(
+        "jpeg", "condition mode: 'jpeg' ends G with the differentiable JPEG codec at the requested quality, so "
+        "G(z, class, q) = JPEG_q(net(z, class, q)): the artefacts are JPEG's own and G learns the content; "
+        "'learned' leaves the artefacts for G to learn from D's conditioning alone (it had not after 3,000 CPU "
+        "steps: docs/compression.md)."
+    )
+
+
+_METRICS = ("classifier", "fid", "kid", "is", "quality")
 
 
 def _metric_names(value: list[str]) -> str | None:
@@ -281,7 +317,9 @@ class EvalConfig:
     metrics: list[str] = _opt(
         ["classifier"], "Any of 'classifier' (Frechet distance in the features of a small classifier cgan-pipe "
         "trains on the real shards, its Inception-style score, the class accuracy of conditional samples; no "
-        "download), 'fid', 'kid', 'is' (need inception_weights).", _metric_names
+        "download), 'fid', 'kid', 'is' (need inception_weights), 'quality' (JPEG quality estimated from the pixels "
+        "of the samples by a regressor trained on the real shards; for a quality-conditioned model, also how well "
+        "it matches the requested quality).", _metric_names
     )
     every: Optional[int] = _opt(
         None, "Steps between evaluations of the EMA generator during training (rows in eval.jsonl); null: "
@@ -299,6 +337,13 @@ class EvalConfig:
     cache_dir: Optional[str] = _opt(
         None, "Where classifiers and reference features are cached per shard set; null: $XDG_CACHE_HOME/cgan-pipe "
         "or ~/.cache/cgan-pipe."
+    )
+    quality_levels: list[int] = _opt(
+        [10, 30, 50, 75, 95], "Qualities a quality-conditioned model is asked for by the 'quality' metric "
+        "(n_samples split evenly over them).", _qualities
+    )
+    quality_steps: int = _opt(
+        1000, "Batches of 128 the quality regressor trains for; trained once per shard set and cached.", _positive
     )
     seed: int = _opt(0, "First latent seed of the evaluated samples (fixed, so evaluations compare).", _non_negative)
     batch_size: int = _opt(250, "Images per generator call.", _positive)
@@ -318,6 +363,10 @@ class ExportConfig:
     batch_size: int = _opt(250, "Images per generator call.", _positive)
     shard_size: int = _opt(5000, "Samples per exported shard.", _positive)
     ema: bool = _opt(True, "Use the EMA generator (else the raw one).")
+    quality_cond: Optional[int] = _opt(
+        None, "For a quality-conditioned model: the JPEG quality (1-100) the images are asked to look like (100: "
+        "clean); null: the highest quality it was trained on.", _quality
+    )
 
 
 @dataclass
@@ -331,6 +380,8 @@ class PipelineConfig:
     loader: LoaderConfig = field(default_factory=LoaderConfig, metadata={"help": LoaderConfig.__doc__})
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": ModelConfig.__doc__})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": TrainConfig.__doc__})
+    compression: CompressionConfig = field(default_factory=CompressionConfig,
+                                           metadata={"help": CompressionConfig.__doc__})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": EvalConfig.__doc__})
     export: ExportConfig = field(default_factory=ExportConfig, metadata={"help": ExportConfig.__doc__})
 
@@ -370,12 +421,13 @@ def load_pipeline(path: str | Path, overrides: list[str] = ()) -> PipelineConfig
         raise ConfigError(f"{path}: a pipeline must be a mapping of keys, got {type(raw).__name__}")
     for item in overrides:
         _apply_override(raw, item, locate)
-    return _build(PipelineConfig, raw, "", locate)
+    return _check_together(_build(PipelineConfig, raw, "", locate), locate)
 
 
 def config_from_dict(raw: dict, origin: str = "config") -> PipelineConfig:
     """Validate a plain dict (e.g. the config stored in a checkpoint) into a PipelineConfig."""
-    return _build(PipelineConfig, raw, "", _Locator(origin, {}))
+    locate = _Locator(origin, {})
+    return _check_together(_build(PipelineConfig, raw, "", locate), locate)
 
 
 def to_dict(cfg: Any) -> dict:
@@ -493,6 +545,14 @@ def _apply_override(raw: dict, item: str, locate: _Locator) -> None:
         value = text  # not YAML: take it as a plain string
     target[parts[-1]] = value
     locate.overridden.add(key)
+
+
+def _check_together(cfg: PipelineConfig, locate: _Locator) -> PipelineConfig:
+    """Checks that involve more than one key."""
+    if cfg.export.quality_cond is not None and cfg.compression.mode != "condition":
+        raise ConfigError(f"{locate('export.quality_cond')}: asks for a JPEG quality, which only a model trained "
+                          f"with compression.mode: condition can give (it is {cfg.compression.mode!r}); set it to null")
+    return cfg
 
 
 def _suggest(name: str, choices: list[str]) -> str:

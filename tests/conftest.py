@@ -57,16 +57,28 @@ def small_shards(tmp_path_factory, small_tar) -> Path:
     return out
 
 
-def small_config(run_dir: Path, **train):
-    """A pipeline config with a small, fast DCGAN training on CPU in `run_dir`."""
+@pytest.fixture(scope="session")
+def quality_shards(tmp_path_factory, small_tar):
+    """The 200 test images re-encoded at JPEG q10, q50 and q90: 600 samples, 200 per quality."""
+    out = tmp_path_factory.mktemp("quality")
+    prepare(str(small_tar), out, PrepareSettings(qualities=(10, 50, 90), reencode=True, shard_size=150),
+            progress=False)
+    return out
+
+
+def small_config(run_dir: Path, sections: dict | None = None, **train):
+    """A pipeline config with a small, fast DCGAN training on CPU in `run_dir` (plus any other `sections`)."""
     from cgan_pipe.config import config_from_dict
 
-    return config_from_dict({
+    raw = {
         "name": "t", "run_dir": str(run_dir), "data": {"source": "unused"}, "loader": {"threads": 1},
         "model": {"z_dim": 32, "g_width": 64, "d_width": 64},
         "train": {"steps": 4, "batch_size": 16, "log_every": 2, "sample_every": 2, "checkpoint_every": 2,
                   "device": "cpu", **train},
-    })
+    }
+    for section, values in (sections or {}).items():
+        raw[section] = {**raw.get(section, {}), **values}
+    return config_from_dict(raw)
 
 
 @pytest.fixture(scope="session")
@@ -76,3 +88,14 @@ def checkpoint(tmp_path_factory, small_shards) -> Path:
 
     run_dir = tmp_path_factory.mktemp("run")
     return train(small_config(run_dir, steps=2), small_shards, run_dir, progress=False).checkpoint
+
+
+@pytest.fixture(scope="session")
+def quality_checkpoint(tmp_path_factory, quality_shards) -> Path:
+    """A small DCGAN conditioned on class and JPEG quality (compression.mode: condition), 2 steps on
+    `quality_shards` (q10/q50/q90)."""
+    from cgan_pipe.train.loop import train
+
+    run_dir = tmp_path_factory.mktemp("quality-run")
+    cfg = small_config(run_dir, {"compression": {"mode": "condition"}}, steps=2)
+    return train(cfg, quality_shards, run_dir, progress=False).checkpoint

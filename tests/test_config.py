@@ -27,6 +27,32 @@ def test_cifar_pipeline_loads_with_its_documented_values():
     assert cfg.run_path == Path("runs/cifar")
 
 
+def test_the_compression_pipelines_load_with_their_modes():
+    quality = load_pipeline(ROOT / "pipelines" / "cifar-quality.yaml")
+    assert quality.compression.mode == "condition" and quality.data.qualities == [10, 30, 50, 75, 95]
+    assert "quality" in quality.eval.metrics
+    ambient = load_pipeline(ROOT / "pipelines" / "cifar-ambient.yaml")
+    assert ambient.compression.mode == "ambient" and ambient.loader.jpeg_distort == [10, 40]
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("loader.jpeg_distort", "[0, 40]", r"loader.jpeg_distort: must be \[lo, hi\] with 1 <= lo <= hi <= 100"),
+    ("loader.jpeg_distort", "[50, 40]", r"loader.jpeg_distort: must be \[lo, hi\]"),
+    ("compression.mode", "clean", r"compression.mode: must be one of none, condition, ambient"),
+    ("export.quality_cond", "101", r"export.quality_cond: must be between 1 and 100"),
+    ("eval.quality_levels", "[10, 200]", r"eval.quality_levels: every quality must be between 1 and 100"),
+])
+def test_bad_compression_settings_name_the_key(key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        load_pipeline(ROOT / "pipelines" / "cifar-quality.yaml", [f"{key}={value}"])
+
+
+def test_asking_for_a_quality_without_quality_conditioning_is_refused_before_any_work():
+    with pytest.raises(ConfigError, match=r"--set export.quality_cond: asks for a JPEG quality, which only a model "
+                                          r"trained with compression.mode: condition can give \(it is 'none'\)"):
+        load_pipeline(ROOT / "pipelines" / "cifar.yaml", ["export.quality_cond=10"])
+
+
 def test_set_overrides_are_typed_and_win(tmp_path):
     path = write(tmp_path, "name: x\ndata: {source: a.tar}\n")
     cfg = load_pipeline(path, ["train.steps=300", "loader.backend=torch", "train.lr_g=1e-3", "export.classes=[cat, dog]"])

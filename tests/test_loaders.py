@@ -256,15 +256,6 @@ def test_batched_decode_keeps_order_across_jpeg_and_png(one_per_class):
     assert [torch.equal(d, decode_image(e)) for d, e in zip(decoded, encoded)] == [True] * 4
 
 
-@pytest.fixture(scope="module")
-def quality_shards(tmp_path_factory, small_tar):
-    """The 200 test images re-encoded at JPEG q10, q50 and q90: 600 samples, 200 per quality."""
-    out = tmp_path_factory.mktemp("quality")
-    prepare(str(small_tar), out, PrepareSettings(qualities=(10, 50, 90), reencode=True, shard_size=150),
-            progress=False)
-    return out
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_batches_carry_each_samples_jpeg_quality_when_asked(quality_shards, small_shards, backend):
     config = LoaderConfig(backend=backend, threads=1)
@@ -285,3 +276,24 @@ def test_a_set_without_quality_metadata_is_refused_with_how_to_make_one(tmp_path
     prepare(str(source), out, PrepareSettings(format="png"), progress=False)
     with pytest.raises(ConfigError, match=r"10 samples have no JPEG quality .* --quality 10,30,50,75,95"):
         open_loader(out, LoaderConfig(threads=1), 5, 0, torch.device("cpu"), with_quality=True)
+
+
+def _block_edge_ratio(images: torch.Tensor) -> float:
+    """Mean absolute step between columns 7|8, 15|16, ... (JPEG block edges) over that inside blocks."""
+    steps = (images[..., 1:] - images[..., :-1]).abs().mean(dim=(0, 1, 2))
+    edges = torch.arange(1, steps.shape[0] + 1) % 8 == 0
+    return float(steps[edges].mean() / steps[~edges].mean())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_on_the_fly_jpeg_distortion_draws_a_quality_per_sample_and_shows_block_artefacts(small_shards, backend):
+    plain = LoaderConfig(backend=backend, threads=1, hflip=False)
+    distorted = LoaderConfig(backend=backend, threads=1, hflip=False, jpeg_distort=[10, 12])
+    clean_batch = next(iter(open_loader(small_shards, plain, 200, 0, torch.device("cpu"))))
+    # small_shards records no per-sample quality range: the drawn one is the sample's quality
+    batch = next(iter(open_loader(small_shards, distorted, 200, 0, torch.device("cpu"), with_quality=True)))
+    assert sorted(set(batch.quality.mul(100).round().int().tolist())) == [10, 11, 12]
+    assert _block_edge_ratio(batch.images) > 1.3 * _block_edge_ratio(clean_batch.images)
+    lowest = LoaderConfig(backend=backend, threads=1, hflip=False, jpeg_distort=[1, 1])
+    assert next(iter(open_loader(small_shards, lowest, 200, 0, torch.device("cpu"),
+                                 with_quality=True))).quality.unique().tolist() == pytest.approx([0.01])

@@ -25,8 +25,11 @@ LABEL_BYTES = 8  # `.cls` bytes are padded to at least this width so a batch is 
 def _shard_pipeline(paths: list[str], index_paths: list[str], labelled: bool, augment: LoaderConfig,
                     resolution: int, shuffle_buffer: int, decode_device: str, shard_id: int, num_shards: int,
                     with_meta: bool = False):
+    """Shards -> (images, label bytes[, quality]): the quality output is the drawn distortion quality
+    with augment.jpeg_distort, else the `.json` bytes, when `with_meta`."""
+    read_meta = with_meta and not augment.jpeg_distort  # a drawn quality replaces the recorded one
     encoded, cls, *meta = fn.readers.webdataset(
-        paths=paths, index_paths=index_paths, ext=[ANY_IMAGE_EXTENSION, "cls"] + (["json"] if with_meta else []),
+        paths=paths, index_paths=index_paths, ext=[ANY_IMAGE_EXTENSION, "cls"] + (["json"] if read_meta else []),
         # a labelled set with a sample lacking `.cls` is corrupt; unlabelled sets have none
         missing_component_behavior="error" if labelled else "empty",
         random_shuffle=True, initial_fill=shuffle_buffer,
@@ -48,15 +51,20 @@ def _shard_pipeline(paths: list[str], index_paths: list[str], labelled: bool, au
         jitter = (1.0 - augment.color_jitter, 1.0 + augment.color_jitter)
         decoded = fn.color_twist(decoded, brightness=fn.random.uniform(range=jitter),
                                  contrast=fn.random.uniform(range=jitter), saturation=fn.random.uniform(range=jitter))
+    distort_quality = None
+    if augment.jpeg_distort:  # last, so the 8x8 block grid D sees is the one JPEG used
+        low, high = augment.jpeg_distort
+        distort_quality = fn.random.uniform(values=list(range(low, high + 1)), dtype=types.INT32)
+        decoded = fn.jpeg_compression_distortion(decoded, quality=distort_quality)
     mirror = fn.random.coin_flip(probability=0.5) if augment.hflip else 0
     images = fn.crop_mirror_normalize(
         decoded, dtype=types.FLOAT, output_layout="CHW",
         mean=[127.5] * 3, std=[127.5] * 3, mirror=mirror,
     )
-    labels = fn.pad(cls, fill_value=0, shape=(LABEL_BYTES,))
-    if with_meta:  # the `.json` bytes, zero-padded to the longest in the batch; parsed on the torch side
-        return images, labels, fn.pad(meta[0], fill_value=0)
-    return images, labels
+    outputs = [images, fn.pad(cls, fill_value=0, shape=(LABEL_BYTES,))]
+    if with_meta:  # the sample's quality: the one drawn above, else its `.json` bytes (zero-padded, parsed in torch)
+        outputs.append(distort_quality if distort_quality is not None else fn.pad(meta[0], fill_value=0))
+    return tuple(outputs)
 
 
 class DaliLoader:
@@ -77,6 +85,7 @@ class DaliLoader:
         self.shards = shards
         self.labelled = manifest.labelled
         self.with_quality = with_quality
+        self.distorted = bool(cfg.jpeg_distort)
         rank, world = (rank, world_size) if rank is not None and world_size is not None else rank_and_world()
         gpu = torch.cuda.current_device() if resolve_device(cfg.device, "loader.device").type == "cuda" else None
         self.pipeline = _shard_pipeline(
@@ -89,7 +98,7 @@ class DaliLoader:
         )
         self.pipeline.build()
         self._iterator = DALIGenericIterator(
-            self.pipeline, ["images", "labels"] + (["meta"] if with_quality else []), reader_name=READER_NAME,
+            self.pipeline, ["images", "labels"] + (["quality"] if with_quality else []), reader_name=READER_NAME,
             last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True,
         )
         self.samples_per_epoch: int = self._iterator.size  # this rank's share
@@ -101,7 +110,11 @@ class DaliLoader:
                 images = out["images"].to(self.device, non_blocking=True)
                 labels = parse_ascii_labels(out["labels"]).to(self.device) if self.labelled else \
                     torch.zeros(images.shape[0], dtype=torch.int64, device=self.device)
-                quality = _qualities(out["meta"], self.shards).to(self.device) if self.with_quality else None
+                quality = None
+                if self.with_quality:
+                    quality = out["quality"].reshape(-1).float().div(100) if self.distorted else \
+                        _qualities(out["quality"], self.shards)
+                    quality = quality.to(self.device)
                 yield Batch(images=images, labels=labels, quality=quality)
 
 

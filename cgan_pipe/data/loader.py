@@ -79,7 +79,8 @@ def open_loader(shards: Path | str, cfg: LoaderConfig, batch_size: int, seed: in
     """Open the shard set at `shards` (a folder, or for the torch backend a URL) with the backend
     `cfg.backend`, yielding Batches on `device`: this rank's part of the samples, or all of them
     when `whole` (for work only one rank does, such as evaluation). With `with_quality`, each
-    Batch carries the JPEG quality of its samples (from their `.json`) in [0, 1]."""
+    Batch carries the JPEG quality of its samples in [0, 1]: the one drawn by `cfg.jpeg_distort`,
+    else the one in their `.json`."""
     if is_url(shards) and cfg.backend == "dali":
         raise ConfigError(f"{shards}: the DALI loader reads local or mounted files only; copy or mount the "
                           f"shards, or set loader.backend: torch to stream them from the URL")
@@ -92,7 +93,7 @@ def open_loader(shards: Path | str, cfg: LoaderConfig, batch_size: int, seed: in
                 raise DataError(f"{shards / shard.tar}: {size} bytes where the manifest says {shard.bytes} "
                                 f"(truncated or replaced); run `cgan-pipe verify {shards}`, and prepare the "
                                 f"shards again if it fails")
-    if with_quality:
+    if with_quality and not cfg.jpeg_distort:  # a distorted sample's quality is the one drawn for it
         check_quality_metadata(manifest, shards)
     if batch_size > manifest.num_samples:
         raise ConfigError(

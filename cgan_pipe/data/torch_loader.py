@@ -9,7 +9,7 @@ from typing import Iterator
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
-from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg, encode_jpeg
 from torchvision.transforms import v2
 
 from ..config import LoaderConfig
@@ -35,16 +35,27 @@ def _augmentations(cfg: LoaderConfig, resolution: int) -> v2.Transform:
     return v2.Compose(steps) if steps else v2.Identity()
 
 
+def jpeg_distort(image: torch.Tensor, quality: int) -> torch.Tensor:
+    """A uint8 CHW image (on any device) JPEG-encoded at `quality` with libjpeg and decoded again."""
+    return decode_jpeg(encode_jpeg(image.cpu(), quality=quality), mode=ImageReadMode.RGB).to(image.device)
+
+
 class _DecodeSample:
     """Picklable per-sample transform in the DataLoader workers: (image bytes, cls bytes[, json bytes])
-    -> (augmented uint8 CHW, label, JPEG quality in [0, 1] or NaN)."""
+    -> (augmented uint8 CHW, label, JPEG quality in [0, 1] or NaN). With loader.jpeg_distort the
+    image is then JPEG-compressed at a quality drawn from the range, which becomes its quality."""
 
     def __init__(self, cfg: LoaderConfig, resolution: int):
         self.augment = _augmentations(cfg, resolution)
+        self.distort = cfg.jpeg_distort
 
     def __call__(self, sample: tuple[bytes, ...]) -> tuple[torch.Tensor, int, float]:
         data, cls, *meta = sample
-        return self.augment(_decode_on_cpu(data)), int(cls) if cls else 0, parse_quality(meta[0] if meta else None)
+        image, label = self.augment(_decode_on_cpu(data)), int(cls) if cls else 0
+        if self.distort:  # the worker's torch RNG is seeded by the DataLoader
+            quality = int(torch.randint(self.distort[0], self.distort[1] + 1, ()))
+            return jpeg_distort(image, quality), label, quality / 100
+        return image, label, parse_quality(meta[0] if meta else None)
 
 
 def _keep_encoded(sample: tuple[bytes, ...]) -> tuple[torch.Tensor, int, float]:
@@ -93,6 +104,8 @@ class TorchLoader:
         self.device = device
         self.shards = shards
         self.with_quality = with_quality
+        self.distort = cfg.jpeg_distort
+        self.distort_rng = torch.Generator().manual_seed(seed)  # draws the qualities of GPU-decoded batches
         # with a GPU, workers only read bytes and the batch is decoded at once with nvJPEG
         self.gpu_decode = resolve_device(cfg.device, "loader.device").type == "cuda"
         self.augment = _augmentations(cfg, manifest.resolution)
@@ -111,7 +124,7 @@ class TorchLoader:
             )
             .shuffle(cfg.shuffle_buffer)
             # unlabelled sets have no `.cls`; a labelled sample without one is an error
-            .to_tuple(ANY_IMAGE_EXTENSION, "cls", *(["json"] if with_quality else []),
+            .to_tuple(ANY_IMAGE_EXTENSION, "cls", *(["json"] if with_quality and not self.distort else []),
                       missing_is_error=manifest.labelled)
             .map(_keep_encoded if self.gpu_decode else _DecodeSample(cfg, manifest.resolution))
         )
@@ -128,6 +141,11 @@ class TorchLoader:
                 if self.gpu_decode:
                     decoded = _decode_batch(images, self.device)
                     images = torch.stack([self.augment(image) for image in decoded])
+                    if self.distort:
+                        drawn = torch.randint(self.distort[0], self.distort[1] + 1, (len(images),),
+                                              generator=self.distort_rng)
+                        images = torch.stack([jpeg_distort(image, int(q)) for image, q in zip(images, drawn)])
+                        quality = drawn.double() / 100
                 images = images.to(self.device, non_blocking=True).float().div_(127.5).sub_(1.0)
                 yield Batch(images=images, labels=labels.to(self.device, dtype=torch.int64),
                             quality=known_qualities(quality, self.shards).to(self.device) if self.with_quality
