@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cgan_pipe.config import ModelConfig
+from cgan_pipe.config import CompressionConfig, ModelConfig
 from cgan_pipe.data.loader import DatasetInfo
 from cgan_pipe.models import build_networks
 from cgan_pipe.models.resnet import ConditionalBatchNorm
@@ -49,3 +49,43 @@ def test_the_resnet_discriminator_is_spectrally_normalised_everywhere():
     _, D = build_networks(ModelConfig(arch="resnet", d_width=32), DatasetInfo(32, 3, tuple("ab"), 10))
     weighted = [m for m in D.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear, torch.nn.Embedding))]
     assert weighted and all(hasattr(m, "weight_orig") for m in weighted)
+
+
+@pytest.mark.parametrize("arch", ["dcgan", "resnet"])
+@pytest.mark.parametrize("classes", [0, 10])
+def test_quality_conditioned_networks_use_the_quality_and_insist_on_getting_one(arch, classes):
+    info = DatasetInfo(32, 3, tuple(f"c{i}" for i in range(classes)), 100)
+    torch.manual_seed(0)
+    learned = CompressionConfig(mode="condition", condition_output="learned")
+    G, D = build_networks(ModelConfig(arch=arch, z_dim=16, g_width=32, d_width=32), info, learned)
+    G.eval()  # BatchNorm on running statistics: each image depends on its own inputs only
+    z, labels = torch.randn(1, 16).repeat(2, 1), torch.zeros(2, dtype=torch.int64)
+    if arch == "resnet":  # its CBN gains start at zero: give them weights, as training would
+        for module in G.modules():
+            if isinstance(module, ConditionalBatchNorm) and module.affine is not None:
+                torch.nn.init.normal_(module.affine.weight, std=0.5)
+    images = G(z, labels, torch.tensor([0.1, 0.9]))
+    assert not torch.allclose(images[0], images[1])  # same latent and class, another quality
+    logits = D(images[:1].repeat(2, 1, 1, 1), labels, torch.tensor([0.1, 0.9]))
+    assert logits[0] != logits[1]
+    with pytest.raises(ValueError, match="conditioned on JPEG quality"):
+        G(z, labels)
+    plain, _ = build_networks(ModelConfig(arch=arch, z_dim=16, g_width=32, d_width=32), info)
+    with pytest.raises(ValueError, match="built without quality conditioning"):
+        plain(z, labels, torch.tensor([0.1, 0.9]))
+
+
+@pytest.mark.parametrize("arch", ["dcgan", "resnet"])
+def test_a_jpeg_output_generator_is_its_network_followed_by_the_differentiable_codec(arch):
+    from cgan_pipe.compression import simulate_jpeg
+
+    info = DatasetInfo(32, 3, tuple("abc"), 100)
+    G, _ = build_networks(ModelConfig(arch=arch, z_dim=16, g_width=32, d_width=32), info,
+                          CompressionConfig(mode="condition"))  # condition_output: jpeg, the default
+    G.eval()
+    z, labels, quality = torch.randn(2, 16), torch.tensor([0, 2]), torch.tensor([0.1, 0.8])
+    coded = G(z, labels, quality)
+    G.jpeg = False
+    assert torch.allclose(coded, simulate_jpeg(G(z, labels, quality), quality * 100), atol=1e-5)
+    coded.sum().backward()  # the codec passes gradients back to the network
+    assert G.to_rgb[0].weight.grad is not None if arch == "dcgan" else G.to_rgb[2].weight.grad is not None

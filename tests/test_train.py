@@ -214,3 +214,51 @@ def test_compiled_training_saves_plain_state_dicts(small_shards, tmp_path):
     state = load_checkpoint(result.checkpoint)
     assert not any(key.startswith("_orig_mod.") for key in state["G"])  # loads into an uncompiled network
     assert "stem.0.weight" in state["G"]
+
+
+@pytest.mark.parametrize("arch", ["dcgan", "resnet"])
+def test_condition_mode_trains_g_and_d_on_each_samples_recorded_quality(quality_shards, tmp_path, arch):
+    cfg = small_config(tmp_path, {"compression": {"mode": "condition"}, "model": {"arch": arch}}, steps=2)
+    result = train(cfg, quality_shards, tmp_path, progress=False)
+    state = load_checkpoint(result.checkpoint)
+    assert state["dataset"]["qualities"] == [10, 50, 90]
+    assert any(key.startswith("embed_quality.") for key in state["G"]) and \
+        any(key.startswith("embed_quality.") for key in state["D"])
+    from cgan_pipe.export import generate, load_generator
+
+    G, _, z_dim = load_generator(state, ema=True, device=torch.device("cpu"))
+    labels = torch.zeros(4, dtype=torch.int64)
+    low, high = generate(G, z_dim, [0, 1, 2, 3], labels, torch.device("cpu"), 10), \
+        generate(G, z_dim, [0, 1, 2, 3], labels, torch.device("cpu"), 90)
+    assert (low != high).any()  # the requested quality reaches the pixels
+
+
+def test_condition_mode_on_shards_without_qualities_says_how_to_make_them(small_tar, tmp_path):
+    from cgan_pipe.data.shards import PrepareSettings, prepare
+
+    png = tmp_path / "png"
+    prepare(str(small_tar), png, PrepareSettings(format="png", shard_size=120), progress=False)
+    cfg = small_config(tmp_path / "run", {"compression": {"mode": "condition"}}, steps=2)
+    with pytest.raises(ConfigError, match=r"no JPEG quality .*cgan-pipe prepare SOURCE OUT --format jpeg"):
+        train(cfg, png, tmp_path / "run", progress=False)
+
+
+def test_ambient_mode_compresses_fakes_at_the_drawn_quality_before_d_sees_them(small_shards, tmp_path, monkeypatch):
+    import cgan_pipe.train.loop as loop
+
+    seen, simulate = [], loop.simulate_jpeg
+
+    def recording(images, quality):
+        seen.append(quality.detach().round())
+        return simulate(images, quality)
+
+    monkeypatch.setattr(loop, "simulate_jpeg", recording)
+    cfg = small_config(tmp_path, {"compression": {"mode": "ambient"}, "loader": {"jpeg_distort": [20, 30]}}, steps=2)
+    result = train(cfg, small_shards, tmp_path, progress=False)
+    state = load_checkpoint(result.checkpoint)
+    assert not any(key.startswith("embed_quality.") for key in state["G"])  # G itself is clean, unconditioned
+    assert len(seen) == 4  # each step: the D phase's fakes and the G phase's
+    assert all(((q >= 20) & (q <= 30)).all() and q.numel() == 16 for q in seen)
+    resumed = small_config(tmp_path, {"loader": {"jpeg_distort": [20, 30]}}, steps=3)
+    with pytest.raises(DataError, match=r"compression.mode: 'ambient' in the checkpoint, 'none' now"):
+        train(resumed, small_shards, tmp_path, progress=False)

@@ -6,17 +6,22 @@ import torch
 from torch import nn
 from torch.nn.utils import spectral_norm
 
+from .quality import QualityEmbedding, check_quality_input, jpeg_output
 from .sizes import doublings_from_4x4
 
 
 class Generator(nn.Module):
-    """G(z, y): latent + class embedding -> 4x4 map -> transposed-conv upsampling -> tanh image."""
+    """G(z, y[, q]): latent + class embedding [+ quality embedding] -> 4x4 map -> transposed-conv
+    upsampling -> tanh image [-> differentiable JPEG at q, with `jpeg`]."""
 
-    def __init__(self, z_dim: int, num_classes: int, resolution: int, channels: int = 3, width: int = 256):
+    def __init__(self, z_dim: int, num_classes: int, resolution: int, channels: int = 3, width: int = 256,
+                 quality: bool = False, jpeg: bool = False):
         super().__init__()
-        self.z_dim, self.num_classes = z_dim, num_classes
+        self.z_dim, self.num_classes, self.quality_conditioned = z_dim, num_classes, quality
+        self.jpeg = jpeg and quality
         self.embed = nn.Embedding(num_classes, z_dim) if num_classes else None
-        in_dim = z_dim * (2 if num_classes else 1)
+        self.embed_quality = QualityEmbedding(z_dim) if quality else None
+        in_dim = z_dim * (1 + bool(num_classes) + quality)
         self.stem = nn.Sequential(
             nn.Linear(in_dim, 4 * 4 * width, bias=False),
             nn.Unflatten(1, (width, 4, 4)),
@@ -31,20 +36,27 @@ class Generator(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.to_rgb = nn.Sequential(nn.Conv2d(c, channels, 3, 1, 1), nn.Tanh())
 
-    def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1], NCHW, for latents `z` (N, z_dim) and class ids `labels` (N,)."""
-        h = torch.cat([z, self.embed(labels)], dim=1) if self.embed is not None else z
-        return self.to_rgb(self.blocks(self.stem(h)))
+    def forward(self, z: torch.Tensor, labels: torch.Tensor, quality: torch.Tensor | None = None) -> torch.Tensor:
+        """Images in [-1, 1], NCHW, for latents `z` (N, z_dim), class ids `labels` (N,) and, when
+        quality-conditioned, JPEG qualities in [0, 1] (N,)."""
+        check_quality_input(self, quality)
+        parts = [z] + ([self.embed(labels)] if self.embed is not None else [])
+        parts += [self.embed_quality(quality)] if self.embed_quality is not None else []
+        images = self.to_rgb(self.blocks(self.stem(torch.cat(parts, dim=1))))
+        return jpeg_output(images, quality) if self.jpeg else images
 
 
 class Discriminator(nn.Module):
-    """D(x, y): spectral-normalised strided convs -> features; logit = linear(f) + <embed(y), f>.
+    """D(x, y[, q]): spectral-normalised strided convs -> features; logit = linear(f) + <embed(y), f>
+    [+ <embed_quality(q), f>].
 
-    The class enters by projection (Miyato & Koyama, 2018): https://arxiv.org/abs/1802.05637
+    The class (and the quality) enter by projection (Miyato & Koyama, 2018): https://arxiv.org/abs/1802.05637
     """
 
-    def __init__(self, num_classes: int, resolution: int, channels: int = 3, width: int = 256):
+    def __init__(self, num_classes: int, resolution: int, channels: int = 3, width: int = 256,
+                 quality: bool = False):
         super().__init__()
+        self.quality_conditioned = quality
         steps = doublings_from_4x4(resolution)
         widths = [max(width // 2 ** (steps - i), 32) for i in range(steps + 1)]  # ends at `width`
         layers = [spectral_norm(nn.Conv2d(channels, widths[0], 3, 1, 1)), nn.LeakyReLU(0.2, inplace=True)]
@@ -54,11 +66,15 @@ class Discriminator(nn.Module):
         feature_dim = widths[-1] * 4 * 4
         self.linear = spectral_norm(nn.Linear(feature_dim, 1))
         self.embed = spectral_norm(nn.Embedding(num_classes, feature_dim)) if num_classes else None
+        self.embed_quality = QualityEmbedding(feature_dim, spectral=True) if quality else None
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, quality: torch.Tensor | None = None) -> torch.Tensor:
         """One realness logit per image, shape (N,)."""
+        check_quality_input(self, quality)
         f = self.features(images)
         logit = self.linear(f).squeeze(1)
         if self.embed is not None:
             logit = logit + (self.embed(labels) * f).sum(dim=1)
+        if self.embed_quality is not None:
+            logit = logit + (self.embed_quality(quality) * f).sum(dim=1)
         return logit

@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils import spectral_norm
 
+from .quality import QualityEmbedding, check_quality_input, jpeg_output
 from .sizes import doublings_from_4x4
 
 
@@ -53,25 +54,36 @@ class GeneratorBlock(nn.Module):
 
 
 class Generator(nn.Module):
-    """G(z, y): linear to a 4x4 map, residual up-blocks to the resolution, BN-ReLU-conv-tanh."""
+    """G(z, y[, q]): linear to a 4x4 map, residual up-blocks to the resolution, BN-ReLU-conv-tanh [->
+    differentiable JPEG at q, with `jpeg`]. The class embedding (plus the quality embedding, when
+    quality-conditioned) drives every block's CBN."""
 
     def __init__(self, z_dim: int, num_classes: int, resolution: int, channels: int = 3, width: int = 256,
-                 embed_dim: int = 128):
+                 embed_dim: int = 128, quality: bool = False, jpeg: bool = False):
         super().__init__()
-        self.z_dim, self.width = z_dim, width
+        self.z_dim, self.width, self.quality_conditioned = z_dim, width, quality
+        self.jpeg = jpeg and quality
         self.embed = nn.Embedding(num_classes, embed_dim) if num_classes else None  # shared by every block
-        embed_dim = embed_dim if num_classes else 0
+        self.embed_quality = QualityEmbedding(embed_dim) if quality else None
+        embed_dim = embed_dim if num_classes or quality else 0
         self.stem = nn.Linear(z_dim, 4 * 4 * width)
         self.blocks = nn.ModuleList(GeneratorBlock(width, width, embed_dim) for _ in range(doublings_from_4x4(resolution)))
         self.to_rgb = nn.Sequential(nn.BatchNorm2d(width), nn.ReLU(), nn.Conv2d(width, channels, 3, 1, 1), nn.Tanh())
 
-    def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1], NCHW, for latents `z` (N, z_dim) and class ids `labels` (N,)."""
+    def forward(self, z: torch.Tensor, labels: torch.Tensor,
+                quality: torch.Tensor | None = None) -> torch.Tensor:
+        """Images in [-1, 1], NCHW, for latents `z` (N, z_dim), class ids `labels` (N,) and, when
+        quality-conditioned, JPEG qualities in [0, 1] (N,)."""
+        check_quality_input(self, quality)
         embedding = self.embed(labels) if self.embed is not None else None
+        if self.embed_quality is not None:
+            q = self.embed_quality(quality)
+            embedding = q if embedding is None else embedding + q
         h = self.stem(z).view(z.shape[0], self.width, 4, 4)
         for block in self.blocks:
             h = block(h, embedding)
-        return self.to_rgb(h)
+        images = self.to_rgb(h)
+        return jpeg_output(images, quality) if self.jpeg else images
 
 
 class DiscriminatorBlock(nn.Module):
@@ -98,22 +110,28 @@ class DiscriminatorBlock(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """D(x, y): residual down-blocks to 4x4, one more block, ReLU, sum over space; logit =
-    linear(f) + <embed(y), f> (projection)."""
+    """D(x, y[, q]): residual down-blocks to 4x4, one more block, ReLU, sum over space; logit =
+    linear(f) + <embed(y), f> [+ <embed_quality(q), f>] (projection)."""
 
-    def __init__(self, num_classes: int, resolution: int, channels: int = 3, width: int = 256):
+    def __init__(self, num_classes: int, resolution: int, channels: int = 3, width: int = 256,
+                 quality: bool = False):
         super().__init__()
+        self.quality_conditioned = quality
         blocks = [DiscriminatorBlock(channels, width, downsample=True, first=True)]
         blocks += [DiscriminatorBlock(width, width, downsample=True) for _ in range(doublings_from_4x4(resolution) - 1)]
         blocks += [DiscriminatorBlock(width, width, downsample=False)]
         self.blocks = nn.Sequential(*blocks)
         self.linear = spectral_norm(nn.Linear(width, 1))
         self.embed = spectral_norm(nn.Embedding(num_classes, width)) if num_classes else None
+        self.embed_quality = QualityEmbedding(width, spectral=True) if quality else None
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, quality: torch.Tensor | None = None) -> torch.Tensor:
         """One realness logit per image, shape (N,)."""
+        check_quality_input(self, quality)
         f = F.relu(self.blocks(images)).sum(dim=(2, 3))
         logit = self.linear(f).squeeze(1)
         if self.embed is not None:
             logit = logit + (self.embed(labels) * f).sum(dim=1)
+        if self.embed_quality is not None:
+            logit = logit + (self.embed_quality(quality) * f).sum(dim=1)
         return logit

@@ -18,7 +18,8 @@ def plot_curves(rows: list[dict], eval_rows: list[dict], path: Path) -> Path | N
     write them to `path` as one PNG. Returns None (writes nothing) before the first row."""
     panels = [("loss", rows, ["loss_d", "loss_g"]), ("images/s", rows, ["images_per_s"]),
               ("data wait (fraction of step time)", rows, ["data_wait"])]
-    for key in ("classifier_fd", "class_accuracy", "classifier_score", "fid", "kid", "inception_score"):
+    for key in ("classifier_fd", "class_accuracy", "classifier_score", "fid", "kid", "inception_score",
+                "estimated_quality", "quality_spearman"):
         if any(key in row for row in eval_rows):
             panels.append((key, eval_rows, [key]))
     if not rows:

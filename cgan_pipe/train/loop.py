@@ -19,7 +19,8 @@ from tqdm import tqdm
 
 from ..atomic import atomic_path, write_text_atomic
 from ..augment import diff_augment, parse_policy
-from ..config import PipelineConfig, to_dict
+from ..compression import simulate_jpeg, trained_qualities
+from ..config import CompressionConfig, ModelConfig, PipelineConfig, to_dict
 from ..data.loader import DatasetInfo, dataset_info, open_loader, rank_and_world, shard_set_manifest
 from ..devices import resolve_device
 from ..distributed import any_rank, average_gradients, broadcast_module
@@ -32,6 +33,8 @@ from .ema import update_ema
 from .losses import discriminator_loss, generator_loss
 
 MAX_SKIPPED_IN_A_ROW = 50
+# what a key older checkpoints lack meant: its default
+_DEFAULTS = {"model": to_dict(ModelConfig()), "compression": to_dict(CompressionConfig())}
 
 
 @dataclass
@@ -89,11 +92,13 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
     # Data: an endless stream of this rank's batches on the training device. A resumed run draws a
     # fresh order (seed + step) rather than replaying the first run's from its start, so frequent
     # restarts do not favour the images early in the first order.
-    loader = open_loader(shards, cfg.loader, tc.batch_size // world, cfg.seed + start, device)
+    mode = cfg.compression.mode  # condition / ambient: every real batch carries its JPEG qualities
+    loader = open_loader(shards, cfg.loader, tc.batch_size // world, cfg.seed + start, device,
+                         with_quality=mode != "none")
 
     # Networks (built from the data's shape and classes, identical on every rank), EMA generator, optimisers.
     torch.manual_seed(cfg.seed)
-    G, D = build_networks(cfg.model, info)
+    G, D = build_networks(cfg.model, info, cfg.compression)
     memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
     G, D = G.to(device, memory_format=memory_format), D.to(device, memory_format=memory_format)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
@@ -126,7 +131,7 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
             "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
             "config": to_dict(cfg),
             "dataset": {"resolution": info.resolution, "channels": info.channels,
-                        "class_names": list(info.class_names)},
+                        "class_names": list(info.class_names), "qualities": qualities},
             "rng": {"torch": torch.get_rng_state()},
             "train_seconds": seconds,
         }
@@ -148,7 +153,9 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
         return True
 
     board = _tensorboard_writer(run_dir / "tensorboard") if lead else None
-    fixed_z, fixed_labels = _grid_inputs(info, cfg.model.z_dim, cfg.seed, device)
+    qualities = trained_qualities(shard_set_manifest(shards), cfg.loader) if mode != "none" else None
+    fixed_z, fixed_labels, fixed_quality = _grid_inputs(info, cfg.model.z_dim, cfg.seed, device,
+                                                        qualities if mode == "condition" else None)
     batches = iter(loader)
     n_classes = max(info.num_classes, 1)
     local_batch = tc.batch_size // world
@@ -161,22 +168,32 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
     def augment(images: torch.Tensor) -> torch.Tensor:
         return diff_augment(images, policy)
 
+    def conditioned(quality: torch.Tensor | None) -> torch.Tensor | None:
+        """The quality input of G and D: the qualities in condition mode, else none."""
+        return quality if mode == "condition" else None
+
+    def measured(fake: torch.Tensor, quality: torch.Tensor | None) -> torch.Tensor:
+        """What D sees of a fake: in ambient mode, the fake JPEG-compressed (differentiably) at `quality`."""
+        return simulate_jpeg(fake, quality * 100) if mode == "ambient" else fake
+
     bar = tqdm(range(start + 1, tc.steps + 1), initial=start, total=tc.steps, desc="train",
                unit="step", disable=not (progress and lead), dynamic_ncols=True)
     step = start
     for step in bar:
-        # D phase: real batch vs. fakes of the same classes, in one forward pass.
+        # D phase: real batch vs. fakes of the same classes (and qualities), in one forward pass.
         for _ in range(tc.n_dis):
             t0 = time.perf_counter()
             batch = next(batches)
             window_wait += time.perf_counter() - t0
             window_images += batch.images.shape[0] * world
             reals = batch.images.contiguous(memory_format=memory_format)
-            n = reals.shape[0]
+            n, q = reals.shape[0], batch.quality
             with torch.no_grad(), autocast():
-                fake = G_train(torch.randn(n, cfg.model.z_dim, device=device), batch.labels)
+                fake = G_train(torch.randn(n, cfg.model.z_dim, device=device), batch.labels, conditioned(q))
+                fake = measured(fake, q)
             with autocast():
-                logits = D_train(augment(torch.cat([reals, fake.to(reals.dtype)])), torch.cat([batch.labels] * 2))
+                logits = D_train(augment(torch.cat([reals, fake.to(reals.dtype)])), torch.cat([batch.labels] * 2),
+                                 conditioned(torch.cat([q] * 2) if q is not None else None))
                 loss_d = discriminator_loss(tc.loss, logits[:n], logits[n:])
             stepped = step_with(loss_d, D, opt_d, "the discriminator loss")
 
@@ -184,18 +201,19 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
         if tc.r1_gamma and step % tc.r1_every == 0:
             seen = augment(reals).detach().requires_grad_(True)
             with autocast():
-                real_logits = D_train(seen, batch.labels)
+                real_logits = D_train(seen, batch.labels, conditioned(q))
             (grad,) = torch.autograd.grad(scaler.scale(real_logits.float().sum()), seen, create_graph=True)
             grad = grad / scaler.get_scale() if scaler.is_enabled() else grad
             penalty = grad.float().square().sum(dim=(1, 2, 3)).mean() * (tc.r1_gamma / 2) * tc.r1_every
             step_with(penalty, D, opt_d, "the R1 penalty")
 
-        # G phase: fresh latents, uniformly drawn classes; D is frozen.
+        # G phase: fresh latents, uniformly drawn classes, qualities drawn from the last real batch's; D is frozen.
         D.requires_grad_(False)
         labels = torch.randint(0, n_classes, (local_batch,), device=device)
+        q = q[torch.randint(0, n, (local_batch,), device=device)] if q is not None else None
         with autocast():
-            fake = G_train(torch.randn(local_batch, cfg.model.z_dim, device=device), labels)
-            loss_g = generator_loss(tc.loss, D_train(augment(fake), labels))
+            fake = G_train(torch.randn(local_batch, cfg.model.z_dim, device=device), labels, conditioned(q))
+            loss_g = generator_loss(tc.loss, D_train(augment(measured(fake, q)), labels, conditioned(q)))
         stepped = step_with(loss_g, G, opt_g, "the generator loss") and stepped
         D.requires_grad_(True)
         skipped_in_a_row = 0 if stepped else skipped_in_a_row + 1
@@ -236,7 +254,7 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
             t0 = time.perf_counter()
             if lead:
                 evaluator = evaluator or Evaluator(shards, cfg.eval, cfg.loader, device)
-                row = {"step": step, "kimg": kimg, **evaluator(G_ema, cfg.model.z_dim)}
+                row = {"step": step, "kimg": kimg, **evaluator(G_ema, cfg.model.z_dim, qualities=qualities)}
                 with open(eval_path, "a") as handle:
                     handle.write(json.dumps(row) + "\n")
                 _log_scalars(board, "eval", row)
@@ -244,7 +262,7 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
             window_start += time.perf_counter() - t0
             eval_seconds += time.perf_counter() - t0
         if lead and (step % tc.sample_every == 0 or last):
-            _save_grid(G_ema, fixed_z, fixed_labels, samples_dir / f"step-{step:07d}.png")
+            _save_grid(G_ema, fixed_z, fixed_labels, fixed_quality, samples_dir / f"step-{step:07d}.png")
             plot_curves(read_metrics(metrics_path), read_metrics(eval_path), run_dir / "curves.png")
         if lead and (step % tc.checkpoint_every == 0 or last):
             path = save_checkpoint(ckpt_dir, step, checkpoint_state(seconds), keep=tc.keep_checkpoints)
@@ -318,9 +336,11 @@ def _newest_checkpoint(directory: Path, device: torch.device,
 
 def _check_compatible(state: dict, cfg: PipelineConfig, info: DatasetInfo, path: Path) -> None:
     """Refuse to resume from a checkpoint of another model or dataset, naming what differs."""
-    stored_model, ours = state["config"].get("model", {}), to_dict(cfg.model)
-    differences = [f"model.{key}: {stored_model.get(key)!r} in the checkpoint, {value!r} now"
-                   for key, value in ours.items() if stored_model.get(key) != value]
+    differences = []
+    for section, keys in (("model", list(_DEFAULTS["model"])), ("compression", ["mode", "condition_output"])):
+        stored, ours = state["config"].get(section, {}), to_dict(getattr(cfg, section))
+        differences += [f"{section}.{key}: {stored.get(key, '(unset)')!r} in the checkpoint, {ours[key]!r} now"
+                        for key in keys if stored.get(key, _DEFAULTS[section][key]) != ours[key]]
     dataset = state["dataset"]
     if dataset["class_names"] != list(info.class_names):
         differences.append(f"classes: {len(dataset['class_names'])} in the checkpoint, {info.num_classes} now")
@@ -331,18 +351,24 @@ def _check_compatible(state: dict, cfg: PipelineConfig, info: DatasetInfo, path:
                         f"({'; '.join(differences)}); to start afresh use a new run_dir (or delete {path.parent})")
 
 
-def _grid_inputs(info: DatasetInfo, z_dim: int, seed: int, device: torch.device,
-                 per_class: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fixed latents for sample grids: one row per class (8 rows when unlabelled)."""
+def _grid_inputs(info: DatasetInfo, z_dim: int, seed: int, device: torch.device, qualities: list[int] | None,
+                 per_class: int = 10) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Fixed inputs for sample grids: one row per class (8 rows when unlabelled). For a quality-conditioned
+    G, a row is one latent at 10 qualities from the lowest to the highest trained, left to right."""
     rows = info.num_classes or 8
     generator = torch.Generator().manual_seed(seed)
     z = torch.randn(rows * per_class, z_dim, generator=generator)
     labels = torch.arange(rows).repeat_interleave(per_class) if info.num_classes else torch.zeros(rows * per_class)
-    return z.to(device), labels.to(device, torch.int64)
+    quality = None
+    if qualities is not None:
+        z = z[::per_class].repeat_interleave(per_class, dim=0)
+        quality = torch.linspace(min(qualities), max(qualities), per_class).round().div(100).repeat(rows).to(device)
+    return z.to(device), labels.to(device, torch.int64), quality
 
 
 @torch.no_grad()
-def _save_grid(G: torch.nn.Module, z: torch.Tensor, labels: torch.Tensor, path: Path) -> None:
-    images = G(z, labels).float().add(1).div(2).clamp(0, 1)
+def _save_grid(G: torch.nn.Module, z: torch.Tensor, labels: torch.Tensor, quality: torch.Tensor | None,
+               path: Path) -> None:
+    images = G(z, labels, quality).float().add(1).div(2).clamp(0, 1)
     with atomic_path(path) as tmp:
         save_image(images, tmp, nrow=10, padding=1, format="png")
