@@ -42,7 +42,8 @@ def export_settings(cfg: PipelineConfig) -> ExportSettings:
     e = cfg.export
     return ExportSettings(n=e.n, format=e.format, quality=e.quality,
                           classes=tuple(e.classes) if e.classes is not None else None,
-                          seed=e.seed, batch_size=e.batch_size, shard_size=e.shard_size, ema=e.ema)
+                          seed=e.seed, batch_size=e.batch_size, shard_size=e.shard_size, ema=e.ema,
+                          quality_cond=e.quality_cond)
 
 
 def write_resolved_config(cfg: PipelineConfig, run_dir: Path) -> Path:
@@ -141,7 +142,8 @@ def _run_stages(cfg: PipelineConfig, *, progress: bool, echo: Callable[[str], No
     return summary
 
 
-_HEADLINE = ("classifier_fd", "class_accuracy", "classifier_score", "fid", "kid", "inception_score")
+_HEADLINE = ("classifier_fd", "class_accuracy", "classifier_score", "fid", "kid", "inception_score",
+             "estimated_quality", "quality_spearman", "quality_mae")
 
 
 def _evaluate(cfg: PipelineConfig, checkpoint: Path, shards: Path, record: Path,

@@ -17,6 +17,7 @@ from cgan_pipe.data.loader import DatasetInfo, open_loader
 from cgan_pipe.errors import ConfigError, DataError
 from cgan_pipe.metrics.evaluate import Evaluator, check_eval_settings
 from cgan_pipe.metrics.inception import FidInception, load_fid_inception
+from cgan_pipe.metrics.quality import file_quality, recompress, spearman
 from cgan_pipe.metrics.stats import feature_stats, frechet_distance, inception_score, kernel_inception_distance
 
 CPU = torch.device("cpu")
@@ -106,17 +107,21 @@ def test_eval_settings_are_checked_before_any_work():
 class _RealImages(nn.Module):
     """A 'generator' that returns real images of the requested classes (the best a generator can do)."""
 
+    quality_conditioned = False
+
     def __init__(self, images: torch.Tensor, labels: torch.Tensor):
         super().__init__()
         self.by_class = {int(c): images[labels == c] for c in labels.unique()}
 
-    def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, labels: torch.Tensor, quality: None = None) -> torch.Tensor:
         picks = (z[:, 0].abs() * 1000).long()
         return torch.stack([self.by_class[int(c)][int(p) % len(self.by_class[int(c)])] for c, p in zip(labels, picks)])
 
 
 class _Noise(nn.Module):
-    def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    quality_conditioned = False
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor, quality: None = None) -> torch.Tensor:
         generator = torch.Generator().manual_seed(int(z[0, 0].abs() * 1e6))
         return torch.rand(z.shape[0], 3, 32, 32, generator=generator) * 2 - 1
 
@@ -160,3 +165,62 @@ def test_fid_kid_and_is_run_end_to_end_with_a_weights_file(small_shards, tmp_pat
     scores = Evaluator(small_shards, cfg, LoaderConfig(threads=1), CPU)(_Noise(), z_dim=8)
     assert scores["fid"] > 0 and np.isfinite(scores["kid"]) and scores["inception_score"] >= 1
     assert len(list((tmp_path / "cache").glob("*/reference-inception-*-20.npz"))) == 1
+
+
+def test_spearman_matches_the_rank_difference_formula_and_averages_tied_ranks():
+    rng = np.random.default_rng(0)
+    x, y = rng.permutation(50).astype(float), rng.permutation(50).astype(float)
+    d = x - y  # permutations of 0..49 are their own ranks minus one
+    assert spearman(x, y) == pytest.approx(1 - 6 * (d * d).sum() / (50 * (50 ** 2 - 1)))
+    assert spearman([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
+    assert spearman([1, 1, 2, 2], [5, 6, 7, 8]) == pytest.approx(np.corrcoef([1.5, 1.5, 3.5, 3.5], [1, 2, 3, 4])[0, 1])
+
+
+def test_file_quality_reads_the_quality_a_jpeg_was_written_at():
+    import io
+
+    from PIL import Image
+
+    from conftest import cifar_members
+
+    original = next(iter(cifar_members("test", 1).values()))
+    assert file_quality(original) == 75  # the shared CIFAR-10 JPEGs are libjpeg q75
+    for quality in (10, 30, 95):
+        out = io.BytesIO()
+        Image.open(io.BytesIO(original)).save(out, format="JPEG", quality=quality)
+        assert file_quality(out.getvalue()) == quality
+    png = io.BytesIO()
+    Image.open(io.BytesIO(original)).save(png, format="PNG")
+    assert file_quality(png.getvalue()) is None and file_quality(b"not an image") is None
+
+
+class _CompressedReals(_RealImages):
+    """A perfect quality-conditioned 'generator': real images JPEG-compressed at the requested quality."""
+
+    quality_conditioned = True
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
+        return recompress(super().forward(z, labels), quality.mul(100).round())
+
+
+class _QualityBlindNoise(_Noise):
+    quality_conditioned = True
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
+        return super().forward(z, labels)
+
+
+def test_the_quality_metric_tells_a_generator_that_follows_the_quality_from_one_that_ignores_it(small_shards,
+                                                                                                tmp_path):
+    cfg = EvalConfig(metrics=["quality"], n_samples=200, quality_levels=[10, 90], quality_steps=100,
+                     cache_dir=str(tmp_path), batch_size=100)
+    evaluator = Evaluator(small_shards, cfg, LoaderConfig(threads=1), CPU)
+    batch = next(iter(open_loader(small_shards, LoaderConfig(threads=1, hflip=False), 200, 1, CPU)))
+    follows = evaluator(_CompressedReals(batch.images, batch.labels), z_dim=8, qualities=[10, 90])
+    ignores = evaluator(_QualityBlindNoise(), z_dim=8, qualities=[10, 90])
+    assert follows["quality_spearman"] > 0.6 and abs(ignores["quality_spearman"]) < 0.3
+    assert follows["quality_by_level"]["10"] + 20 < follows["quality_by_level"]["90"]
+    assert follows["quality_mae"] < ignores["quality_mae"]
+    assert "quality-regressor-100.pt" in [p.name for p in next(tmp_path.iterdir()).iterdir()]
+    plain = evaluator(_RealImages(batch.images, batch.labels), z_dim=8)  # not conditioned: the mean estimate only
+    assert "quality_spearman" not in plain and 1 <= plain["estimated_quality"] <= 100

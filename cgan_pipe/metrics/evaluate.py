@@ -1,4 +1,4 @@
-"""Score a generator against the real shards: classifier-feature metrics, and FID/KID/IS when asked."""
+"""Score a generator against the real shards: classifier-feature metrics, FID/KID/IS and JPEG quality when asked."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from ..export import generate, load_generator
 from ..train.checkpoint import load_checkpoint
 from .classifier import Classifier, train_classifier
 from .inception import load_fid_inception
+from .quality import QualityRegressor, estimate_pixel_quality, spearman, train_quality_regressor
 from .stats import feature_stats, frechet_distance, inception_score, kernel_inception_distance
 
 INCEPTION_METRICS = ("fid", "kid", "is")
@@ -50,15 +51,16 @@ class Evaluator:
         check_eval_settings(cfg, self.info)
         self.cfg, self.device = cfg, device
         cache = _cache_root(cfg) / _shard_set_id(manifest)
-        # Reals are read as they are: no augmentation.
+        # Reals are read as they are: no augmentation, no JPEG distortion.
         plain = dataclasses.replace(loader_cfg, hflip=False, pad_crop=0, resized_crop_min_scale=None,
-                                    color_jitter=0.0)
+                                    color_jitter=0.0, jpeg_distort=None)
         self.n_reference = min(cfg.n_reference, manifest.num_samples)
         self.classifier: Classifier | None = None
         self.inception: nn.Module | None = None
+        self.quality_regressor: QualityRegressor | None = None
         self.reference: dict[str, np.ndarray] = {}
         if "classifier" in cfg.metrics:
-            self.classifier = _cached_classifier(cache, shards, loader_cfg, self.info, cfg.classifier_steps, device,
+            self.classifier = _cached_classifier(cache, shards, plain, self.info, cfg.classifier_steps, device,
                                                  progress)
             name = f"classifier-{cfg.classifier_steps}"
             self.reference.update(_cached_reference(cache / f"reference-{name}-{self.n_reference}.npz", shards,
@@ -69,24 +71,22 @@ class Evaluator:
             tag = hashlib.sha256(f"{weights.name}:{weights.stat().st_size}".encode()).hexdigest()[:8]
             self.reference.update(_cached_reference(cache / f"reference-inception-{tag}-{self.n_reference}.npz",
                                                     shards, plain, self.n_reference, self._inception_outputs, device))
+        if "quality" in cfg.metrics:
+            self.quality_regressor = _cached_quality_regressor(cache / f"quality-regressor-{cfg.quality_steps}.pt",
+                                                               shards, plain, cfg.quality_steps, device, progress)
 
     @torch.no_grad()
-    def __call__(self, generator: nn.Module, z_dim: int, progress: bool = False) -> dict[str, Any]:
+    def __call__(self, generator: nn.Module, z_dim: int, progress: bool = False,
+                 qualities: list[int] | None = None) -> dict[str, Any]:
         """Metrics of `generator` (in eval mode) on `cfg.n_samples` images from seeds cfg.seed.., balanced
-        over the classes; images are rounded to 8 bits first, as they would be when saved."""
+        over the classes; images are rounded to 8 bits first, as they would be when saved. A quality-
+        conditioned generator (trained on `qualities`) is scored at the highest of them, and the
+        'quality' metric also asks it for each of cfg.quality_levels."""
         t0 = time.perf_counter()
-        cfg, n_classes = self.cfg, self.info.num_classes
-        outputs: dict[str, list[np.ndarray]] = {}
-        labels_all = torch.arange(cfg.n_samples) % max(n_classes, 1)
-        starts = range(0, cfg.n_samples, cfg.batch_size)
-        for start in tqdm(starts, desc="eval", unit="batch", disable=not progress, leave=False):
-            seeds = list(range(cfg.seed + start, cfg.seed + min(start + cfg.batch_size, cfg.n_samples)))
-            labels = labels_all[start:start + len(seeds)]
-            pixels = generate(generator, z_dim, seeds, labels, self.device)
-            images = torch.from_numpy(pixels).to(self.device).permute(0, 3, 1, 2).float().div(127.5).sub(1)
-            for key, value in self._outputs(images).items():
-                outputs.setdefault(key, []).append(value)
-        fake = {key: np.concatenate(parts) for key, parts in outputs.items()}
+        cfg = self.cfg
+        top = max(qualities) if generator.quality_conditioned else None
+        fake = self._generated_outputs(generator, z_dim, cfg.n_samples, top, progress)
+        labels_all = self._labels(cfg.n_samples)
 
         results: dict[str, Any] = {"n_samples": cfg.n_samples, "n_reference": self.n_reference}
         if self.classifier is not None:
@@ -105,11 +105,47 @@ class Evaluator:
                                                            self.reference["inception_features"])
             if "is" in cfg.metrics:
                 results["inception_score"] = inception_score(_softmax(fake["inception_logits"]))
+        if self.quality_regressor is not None:
+            results["estimated_quality"] = float(fake["quality_estimates"].mean())
+            if generator.quality_conditioned:
+                results.update(self._quality_agreement(generator, z_dim, progress))
         results["seconds"] = round(time.perf_counter() - t0, 2)
         return {k: round(v, 6) if isinstance(v, float) else v for k, v in results.items()}
 
+    def _labels(self, n: int) -> torch.Tensor:
+        return torch.arange(n) % max(self.info.num_classes, 1)
+
+    def _generated_outputs(self, generator: nn.Module, z_dim: int, n: int, quality: int | None,
+                           progress: bool) -> dict[str, np.ndarray]:
+        """The feature outputs of `n` images from seeds cfg.seed.., classes balanced, at `quality`."""
+        outputs: dict[str, list[np.ndarray]] = {}
+        labels_all = self._labels(n)
+        for start in tqdm(range(0, n, self.cfg.batch_size), desc="eval", unit="batch", disable=not progress,
+                          leave=False):
+            seeds = list(range(self.cfg.seed + start, self.cfg.seed + min(start + self.cfg.batch_size, n)))
+            pixels = generate(generator, z_dim, seeds, labels_all[start:start + len(seeds)], self.device, quality)
+            images = torch.from_numpy(pixels).to(self.device).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+            for key, value in self._outputs(images).items():
+                outputs.setdefault(key, []).append(value)
+        return {key: np.concatenate(parts) for key, parts in outputs.items()}
+
+    def _quality_agreement(self, generator: nn.Module, z_dim: int, progress: bool) -> dict[str, Any]:
+        """Requested vs estimated quality over cfg.quality_levels (the same seeds at every level): Spearman
+        correlation over all images, mean absolute error, and the mean estimate per level."""
+        levels = self.cfg.quality_levels
+        per_level = max(self.cfg.n_samples // len(levels), 2)
+        estimates = {q: self._generated_outputs(generator, z_dim, per_level, q, progress)["quality_estimates"]
+                     for q in levels}
+        requested = np.concatenate([np.full(per_level, q, dtype=np.float64) for q in levels])
+        estimated = np.concatenate([estimates[q] for q in levels]).astype(np.float64)
+        return {"quality_spearman": spearman(requested, estimated),
+                "quality_mae": float(np.abs(requested - estimated).mean()),
+                "quality_by_level": {str(q): round(float(estimates[q].mean()), 2) for q in levels}}
+
     def _outputs(self, images: torch.Tensor) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
+        if self.quality_regressor is not None:
+            out["quality_estimates"] = estimate_pixel_quality(self.quality_regressor, images)
         if self.classifier is not None:
             out.update(self._classifier_outputs(images))
         if self.inception is not None:
@@ -150,6 +186,23 @@ def _cached_classifier(cache: Path, shards: Path | str, loader_cfg: LoaderConfig
         except (RuntimeError, OSError, EOFError, ValueError, KeyError, TypeError):
             pass  # unreadable or from another version: train it again and replace it
     model = train_classifier(shards, loader_cfg, info.num_classes, steps, device, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        torch.save({"model": model.state_dict()}, tmp)
+    return model.eval().requires_grad_(False)
+
+
+def _cached_quality_regressor(path: Path, shards: Path | str, loader_cfg: LoaderConfig, steps: int,
+                              device: torch.device, progress: bool) -> QualityRegressor:
+    if path.is_file():
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            model = QualityRegressor()
+            model.load_state_dict(state["model"])
+            return model.to(device).eval().requires_grad_(False)
+        except (RuntimeError, OSError, EOFError, ValueError, KeyError, TypeError):
+            pass  # unreadable or from another version: train it again and replace it
+    model = train_quality_regressor(shards, loader_cfg, steps, device, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         torch.save({"model": model.state_dict()}, tmp)
@@ -206,4 +259,5 @@ def evaluate_checkpoint(checkpoint: Path, shards: Path | str, cfg: EvalConfig, l
     if evaluator.info.class_names != info.class_names:
         raise ConfigError(f"{checkpoint}: trained on classes {list(info.class_names)[:4]}..., but {shards} "
                           f"holds {list(evaluator.info.class_names)[:4]}...; give the shards it was trained on")
-    return {"checkpoint": str(checkpoint), "step": state["step"], **evaluator(generator, z_dim, progress=progress)}
+    scores = evaluator(generator, z_dim, progress=progress, qualities=state["dataset"].get("qualities"))
+    return {"checkpoint": str(checkpoint), "step": state["step"], **scores}
