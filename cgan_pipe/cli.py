@@ -23,7 +23,7 @@ EXAMPLES = {
     "verify": "cgan-pipe verify runs/cifar/shards",
     "inspect": "cgan-pipe inspect runs/cifar/shards --json",
     "bench prepare": "cgan-pipe bench prepare ../shared/data/cifar10/train.tar --dataset-tool dataset_tool.py",
-    "bench loader": "cgan-pipe bench loader runs/cifar/shards --json loader.json",
+    "bench loader": "cgan-pipe bench loader runs/cifar/shards --jpeg-distort 10,40 --json loader.json",
     "bench train": "cgan-pipe bench train runs/cifar/shards --arch resnet --batch-size 64,256 --json train.json",
     "generate": "cgan-pipe generate runs/cifar/checkpoints/ckpt-0005000.pt out/ --n 1000 --format webp",
     "eval": "cgan-pipe eval runs/cifar/checkpoints/ckpt-0005000.pt --json",
@@ -242,6 +242,9 @@ def train(pipeline: str, overrides: tuple[str, ...], dry_run: bool, quiet: bool)
 @click.option("--n", type=int, required=True, help="Number of images.")
 @click.option("--format", "fmt", default="jpeg", show_default=True, help="jpeg, png or webp.")
 @click.option("--quality", type=int, default=95, show_default=True, help="JPEG/WebP quality (1-100).")
+@click.option("--quality-cond", type=int, default=None, metavar="Q",
+              help="For a model trained with compression.mode: condition, the JPEG quality (1-100) the images "
+              "should look like; 100 asks for clean images (default: the highest quality it was trained on).")
 @click.option("--classes", default=None, help="Comma-separated class names (default: all, balanced).")
 @click.option("--seed", type=int, default=0, show_default=True, help="First seed; image i uses seed+i.")
 @click.option("--batch-size", type=int, default=250, show_default=True, help="Images per generator call.")
@@ -252,20 +255,23 @@ def train(pipeline: str, overrides: tuple[str, ...], dry_run: bool, quiet: bool)
 @click.option("--overwrite", is_flag=True, help="Replace OUT even when it holds other files.")
 @quiet_option
 @_reports_errors
-def generate(checkpoint: str, out: str, n: int, fmt: str, quality: int, classes: str | None, seed: int,
-             batch_size: int, shard_size: int, raw: bool, device: str, overwrite: bool, quiet: bool) -> None:
+def generate(checkpoint: str, out: str, n: int, fmt: str, quality: int, quality_cond: int | None,
+             classes: str | None, seed: int, batch_size: int, shard_size: int, raw: bool, device: str,
+             overwrite: bool, quiet: bool) -> None:
     """Generate images from CHECKPOINT into OUT as files and webdataset shards.
 
-    Files are OUT/<class>/seed<seed>-c<class id>-q<quality>.<ext>; OUT/shards holds
-    the same images with .cls and .json (seed, class, quality) plus a manifest,
-    readable by the loader.
+    Files are OUT/<class>/seed<seed>-c<class id>-q<quality>[-qc<quality cond>].<ext>;
+    OUT/shards holds the same images with .cls and .json (seed, class, quality,
+    quality_cond) plus a manifest, readable by the loader. A model trained with
+    compression.mode: condition is asked for a look, e.g. q10 artefacts:
+    `cgan-pipe generate runs/cifar-quality/checkpoints/ckpt-0003000.pt out/ --n 100 --quality-cond 10`.
     """
     from .export import ExportSettings, export
     from .devices import resolve_device
 
     wanted = tuple(c.strip() for c in classes.split(",") if c.strip()) if classes else None
     settings = ExportSettings(n=n, format=fmt.lower(), quality=quality, classes=wanted, seed=seed,
-                              batch_size=batch_size, shard_size=shard_size, ema=not raw)
+                              batch_size=batch_size, shard_size=shard_size, ema=not raw, quality_cond=quality_cond)
     result = export(Path(checkpoint), Path(out), settings, device=resolve_device(device, "--device"),
                     overwrite=overwrite, progress=_progress(quiet))
     if result.up_to_date:
@@ -280,7 +286,7 @@ def generate(checkpoint: str, out: str, n: int, fmt: str, quality: int, classes:
 @click.option("--shards", default=None, help="Real shard set to compare with (default: the run's shards beside "
               "the checkpoint, else the checkpoint config's loader.shards).")
 @click.option("--metrics", "metric_names", default=None, metavar="M[,M..]",
-              help="classifier, fid, kid, is (default: the checkpoint config's eval.metrics).")
+              help="classifier, fid, kid, is, quality (default: the checkpoint config's eval.metrics).")
 @click.option("--n", "n_samples", type=click.IntRange(min=2), default=None, help="Generated images to score.")
 @click.option("--inception-weights", default=None, type=click.Path(dir_okay=False),
               help="Local pt_inception-2015-12-05-6726825d.pth for fid/kid/is.")
@@ -301,6 +307,8 @@ def evaluate(checkpoint: str, shards: str | None, metric_names: str | None, n_sa
     classifier: Frechet distance in the features of a small classifier trained on
     the real shards (once, then cached), its Inception-style score, and the class
     accuracy of conditional samples. fid/kid/is: the standard FID Inception-v3.
+    quality: the JPEG quality of the samples estimated from their pixels and, for a
+    quality-conditioned model, its agreement with the requested quality.
     """
     from .config import config_from_dict
     from .devices import resolve_device
@@ -325,7 +333,7 @@ def evaluate(checkpoint: str, shards: str | None, metric_names: str | None, n_sa
         click.echo(json.dumps(scores, indent=2))
         return
     for key, value in scores.items():
-        click.echo(f"{key:>18}  {value}")
+        click.echo(f"{key:>18}  {json.dumps(value) if isinstance(value, dict) else value}")
 
 
 @main.command(epilog=f"Example: {EXAMPLES['verify']}")
@@ -432,21 +440,38 @@ def bench_prepare_command(source: str, quality: int, workers: int | None, limit:
               help="Batches timed per loader, after 10 of warm-up.")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Threads (DALI) or processes (DataLoader) per loader [default: one per core].")
+@click.option("--jpeg-distort", "distort_text", default=None, metavar="LO,HI",
+              help="Also time each DALI loader with on-the-fly JPEG distortion at a quality drawn from LO..HI "
+              "(loader.jpeg_distort), and print its cost.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the records [{backend, device, images, seconds, images_per_s}] to this file.")
 @_reports_errors
-def bench_loader_command(shards: str, batch_size: int, batches: int, workers: int | None,
+def bench_loader_command(shards: str, batch_size: int, batches: int, workers: int | None, distort_text: str | None,
                          json_path: str | None) -> None:
     """Time the loaders on the shard set SHARDS with flip + normalise: DALI (CPU, and GPU when
     present), the torch backend, and a baseline (webdataset + Pillow + torchvision transforms in
     a DataLoader with a worker per core); prints images/s and each one's ratio to the baseline."""
     from .atomic import write_text_atomic
     from .bench import bench_loader
+    from .errors import ConfigError
 
-    records = bench_loader(Path(shards), batch_size=batch_size, batches=batches, workers=workers, echo=click.echo)
+    distort = None
+    if distort_text is not None:
+        try:
+            distort = tuple(int(q) for q in distort_text.split(","))
+        except ValueError:
+            distort = ()
+        if len(distort) != 2 or not 1 <= distort[0] <= distort[1] <= 100:
+            raise ConfigError(f"--jpeg-distort {distort_text!r}: expected LO,HI with 1 <= LO <= HI <= 100")
+    records = bench_loader(Path(shards), batch_size=batch_size, batches=batches, workers=workers,
+                           jpeg_distort=distort, echo=click.echo)
     baseline = next(r for r in records if r.backend == "baseline").images_per_s
     for record in records:
         click.echo(f"{record.backend}/{record.device}: {record.images_per_s / baseline:.2f}x the baseline")
+    for record in (r for r in records if r.backend == "dali+jpeg_distort"):
+        plain = next(r for r in records if r.backend == "dali" and r.device == record.device)
+        click.echo(f"jpeg_distort on dali/{record.device} costs {1 - record.images_per_s / plain.images_per_s:.1%} "
+                   f"of its throughput")
     if json_path:
         write_text_atomic(Path(json_path), json.dumps([r.to_dict() for r in records], indent=2) + "\n")
 

@@ -40,6 +40,7 @@ class ExportSettings:
     batch_size: int = 250
     shard_size: int = 5000
     ema: bool = True
+    quality_cond: int | None = None  # quality-conditioned models: the requested quality (None: highest trained)
 
 
 @dataclass
@@ -58,9 +59,25 @@ def load_generator(state: dict, ema: bool, device: torch.device) -> tuple[nn.Mod
     cfg = config_from_dict(state["config"], origin="checkpoint config")
     ds = state["dataset"]
     info = DatasetInfo(ds["resolution"], ds["channels"], tuple(ds["class_names"]), 0)
-    generator, _ = build_networks(cfg.model, info)
+    generator, _ = build_networks(cfg.model, info, cfg.compression)
     generator.load_state_dict(state["G_ema" if ema else "G"])
     return generator.to(device).eval().requires_grad_(False), info, cfg.model.z_dim
+
+
+def requested_quality(state: dict, quality_cond: int | None, checkpoint: Path) -> int | None:
+    """The quality to condition the checkpoint's generator on: `quality_cond`, or the highest it was
+    trained on when that is None; None for a model without quality conditioning (ConfigError when one
+    was asked of it)."""
+    mode = state["config"].get("compression", {}).get("mode", "none")
+    if mode != "condition":
+        if quality_cond is not None:
+            raise ConfigError(f"{checkpoint}: this model was trained without quality conditioning (compression.mode: "
+                              f"{mode}), so it cannot be asked for a quality; leave out --quality-cond "
+                              f"(export.quality_cond)")
+        return None
+    if quality_cond is None:
+        return max(state["dataset"].get("qualities") or [100])
+    return quality_cond
 
 
 def check_settings(settings: ExportSettings) -> None:
@@ -69,6 +86,8 @@ def check_settings(settings: ExportSettings) -> None:
         raise ConfigError(f"export format {settings.format!r} is not one of {', '.join(images.EXTENSIONS)}")
     if not 1 <= settings.quality <= 100:
         raise ConfigError(f"export quality {settings.quality} must be between 1 and 100")
+    if settings.quality_cond is not None and not 1 <= settings.quality_cond <= 100:
+        raise ConfigError(f"quality condition {settings.quality_cond} must be between 1 and 100 (100: clean images)")
     for name in ("n", "batch_size", "shard_size"):
         if getattr(settings, name) <= 0:
             raise ConfigError(f"export {name} must be > 0 (got {getattr(settings, name)})")
@@ -90,7 +109,9 @@ def export(checkpoint: Path, out_dir: Path, settings: ExportSettings, *, device:
     state = load_checkpoint(checkpoint, map_location=device)
     G, info, z_dim = load_generator(state, settings.ema, device)
     labels = _labels_for(settings, info)
-    record = {"checkpoint": str(checkpoint), "checkpoint_sha256": file_sha256(checkpoint), **asdict(settings)}
+    quality_cond = requested_quality(state, settings.quality_cond, checkpoint)
+    record = {"checkpoint": str(checkpoint), "checkpoint_sha256": file_sha256(checkpoint), **asdict(settings),
+              "quality_cond": quality_cond}
     if settings.classes is not None:
         record["classes"] = list(settings.classes)
     if _up_to_date(out_dir, record):
@@ -111,16 +132,19 @@ def export(checkpoint: Path, out_dir: Path, settings: ExportSettings, *, device:
         for first in range(0, settings.n, settings.batch_size):
             seeds = list(range(settings.seed + first, settings.seed + min(first + settings.batch_size, settings.n)))
             batch_labels = labels[first:first + len(seeds)]
-            pixels = generate(G, z_dim, seeds, batch_labels, device)
+            pixels = generate(G, z_dim, seeds, batch_labels, device, quality_cond)
             encoded = pool.map(lambda p: images.encode(p, settings.format, settings.quality), pixels)
             for seed, label, data in zip(seeds, batch_labels.tolist(), encoded):
                 name = names[label]
-                file = work / name / f"seed{seed:07d}-c{label}-q{quality or 0}.{ext}"
+                asked = f"-qc{quality_cond}" if quality_cond is not None else ""
+                file = work / name / f"seed{seed:07d}-c{label}-q{quality or 0}{asked}.{ext}"
                 file.parent.mkdir(exist_ok=True)
                 file.write_bytes(data)
                 meta = {"source": f"{checkpoint.name}:seed{seed}", "seed": seed, "class": name,
                         "quality": quality, "format": settings.format,
                         "checkpoint_sha256": record["checkpoint_sha256"]}
+                if quality_cond is not None:
+                    meta["quality_cond"] = quality_cond
                 writer.add(ShardSample(f"{seed:08d}", data, ext, label if info.class_names else None, meta))
                 histogram[name] += 1
             bar.update(len(seeds))
@@ -140,15 +164,18 @@ def export(checkpoint: Path, out_dir: Path, settings: ExportSettings, *, device:
 
 
 @torch.no_grad()
-def generate(G: nn.Module, z_dim: int, seeds: list[int], labels: torch.Tensor,
-             device: torch.device) -> np.ndarray:
-    """Images for the given seeds and class ids as an (N, H, W, 3) uint8 array.
+def generate(G: nn.Module, z_dim: int, seeds: list[int], labels: torch.Tensor, device: torch.device,
+             quality: int | torch.Tensor | None = None) -> np.ndarray:
+    """Images for the given seeds and class ids as an (N, H, W, 3) uint8 array; a quality-conditioned
+    G is asked for JPEG `quality` (1-100: one for all, or one per image).
 
     Each image's latent comes from its own seed, so an image does not depend on
     the batch it was generated in.
     """
     z = torch.stack([torch.randn(z_dim, generator=torch.Generator().manual_seed(s)) for s in seeds])
-    out = G(z.to(device), labels.to(device)).float()
+    if quality is not None:
+        quality = torch.as_tensor(quality, dtype=torch.float32).expand(len(seeds)).div(100).to(device)
+    out = G(z.to(device), labels.to(device), quality).float()
     return out.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 

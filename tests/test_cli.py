@@ -101,6 +101,17 @@ def test_generate_from_the_cli(checkpoint, tmp_path):
     assert bad.exit_code == 2 and "format 'gif'" in bad.output
 
 
+def test_generate_asks_a_quality_conditioned_model_for_a_quality(checkpoint, quality_checkpoint, tmp_path):
+    result = CliRunner().invoke(main, ["generate", str(quality_checkpoint), str(tmp_path / "g"), "--n", "2",
+                                       "--quality-cond", "50", "--classes", "dog", "-q"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "g" / "dog").iterdir()) == [
+        f"seed000000{i}-c5-q95-qc50.jpg" for i in range(2)]
+    refused = CliRunner().invoke(main, ["generate", str(checkpoint), str(tmp_path / "h"), "--n", "2",
+                                        "--quality-cond", "50"])
+    assert refused.exit_code == 2 and f"{checkpoint}: this model was trained without quality" in refused.output
+
+
 def test_run_end_to_end_on_a_cifar_subset(tmp_path):
     run_dir = tmp_path / "run"
     args = [CLI, "run", str(ROOT / "pipelines" / "cifar.yaml"),

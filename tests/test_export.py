@@ -92,3 +92,28 @@ def test_bad_requests_fail_before_any_work(checkpoint, tmp_path):
     with pytest.raises(ConfigError, match="holds other files"):
         export(checkpoint, tmp_path / "busy", ExportSettings(n=2), device=CPU, progress=False)
     assert (tmp_path / "busy" / "mine.txt").read_text() == "keep me"
+
+
+def test_a_quality_conditioned_model_exports_the_requested_quality_and_records_it(quality_checkpoint, tmp_path):
+    asked = export(quality_checkpoint, tmp_path / "q10", ExportSettings(n=4, quality_cond=10), device=CPU,
+                   progress=False)
+    assert (asked.out_dir / "airplane" / "seed0000000-c0-q95-qc10.jpg").exists()
+    with tarfile.open(asked.shards / "shard-000000.tar") as tar:
+        assert json.loads(tar.extractfile("00000001.json").read())["quality_cond"] == 10
+    default = export(quality_checkpoint, tmp_path / "top", ExportSettings(n=4), device=CPU, progress=False)
+    assert (default.out_dir / "airplane" / "seed0000000-c0-q95-qc90.jpg").exists()  # the highest trained quality
+    low = Image.open(asked.out_dir / "airplane" / "seed0000000-c0-q95-qc10.jpg")
+    top = Image.open(default.out_dir / "airplane" / "seed0000000-c0-q95-qc90.jpg")
+    assert np.asarray(low).tobytes() != np.asarray(top).tobytes()
+
+
+def test_asking_for_a_quality_the_model_cannot_give_is_refused_before_any_work(checkpoint, quality_checkpoint,
+                                                                              tmp_path):
+    with pytest.raises(ConfigError, match=r"trained without quality conditioning \(compression.mode: none\).*"
+                                          r"leave out --quality-cond"):
+        export(checkpoint, tmp_path / "a", ExportSettings(n=2, quality_cond=10), device=CPU, progress=False)
+    for bad in (0, 101):
+        with pytest.raises(ConfigError, match=f"quality condition {bad} must be between 1 and 100"):
+            export(quality_checkpoint, tmp_path / "a", ExportSettings(n=2, quality_cond=bad), device=CPU,
+                   progress=False)
+    assert not (tmp_path / "a").exists()
