@@ -117,7 +117,8 @@ def pil_reencode_loop(source: Path, out: Path, quality: int, limit: int) -> int:
 
 @dataclass(frozen=True)
 class LoaderRecord(_Timed):
-    """One timed loader: backend ('dali', 'torch', 'baseline'), decode device, images, seconds."""
+    """One timed loader: backend ('dali', 'dali+jpeg_distort', 'torch', 'baseline'), decode device, images,
+    seconds."""
 
     backend: str
     device: str
@@ -131,12 +132,14 @@ class LoaderRecord(_Timed):
 
 
 def bench_loader(shards: Path, *, batch_size: int = 256, batches: int = 100, warmup: int = 10,
-                 workers: int | None = None, echo: Callable[[str], None] = print) -> list[LoaderRecord]:
+                 workers: int | None = None, jpeg_distort: tuple[int, int] | None = None,
+                 echo: Callable[[str], None] = print) -> list[LoaderRecord]:
     """Time `batches` batches (after `warmup`) of each loader on the shard set `shards`, all with a
     random horizontal flip and normalisation to [-1, 1], batches on the CPU: DALI decoding on the
     CPU (and on the GPU, `mixed`, when there is one), the torch backend, and the baseline
     (webdataset + Pillow + torchvision transforms in a DataLoader), each with `workers`
-    threads/processes (default: one per core)."""
+    threads/processes (default: one per core). With `jpeg_distort` (lo, hi), each DALI loader is
+    timed again with on-the-fly JPEG distortion at a quality drawn from lo..hi ('dali+jpeg_distort')."""
     import torch
 
     from .config import LoaderConfig
@@ -144,14 +147,16 @@ def bench_loader(shards: Path, *, batch_size: int = 256, batches: int = 100, war
 
     workers = workers or os.cpu_count() or 1
     cpu = torch.device("cpu")
-    runs: list[tuple[str, str, Callable[[], Iterator[object]]]] = [
-        ("dali", "cpu", lambda: iter(open_loader(shards, LoaderConfig(backend="dali", device="cpu", threads=workers),
-                                                 batch_size, 0, cpu))),
-    ]
-    if torch.cuda.is_available():
-        runs.append(("dali", "cuda", lambda: iter(open_loader(
-            shards, LoaderConfig(backend="dali", device="cuda", threads=workers), batch_size, 0,
-            torch.device("cuda")))))
+    def dali(device: str, distort: list[int] | None) -> Callable[[], Iterator[object]]:
+        cfg = LoaderConfig(backend="dali", device=device, threads=workers, jpeg_distort=distort)
+        return lambda: iter(open_loader(shards, cfg, batch_size, 0, torch.device(device), with_quality=bool(distort)))
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    runs: list[tuple[str, str, Callable[[], Iterator[object]]]] = []
+    for device in devices:
+        runs.append(("dali", device, dali(device, None)))
+        if jpeg_distort:
+            runs.append(("dali+jpeg_distort", device, dali(device, list(jpeg_distort))))
     runs += [
         ("torch", "cpu", lambda: iter(open_loader(shards, LoaderConfig(backend="torch", threads=workers),
                                                   batch_size, 0, cpu))),

@@ -40,6 +40,17 @@ def test_bench_loader_times_every_backend_on_the_same_shards(small_shards, tmp_p
     assert "dali/cpu:" in result.output and "x the baseline" in result.output
 
 
+def test_bench_loader_times_the_on_the_fly_jpeg_distortion_and_reports_its_cost(small_shards, tmp_path):
+    result = CliRunner().invoke(main, ["bench", "loader", str(small_shards), "--batch-size", "16", "--batches", "3",
+                                       "--workers", "1", "--jpeg-distort", "10,40", "--json", str(tmp_path / "l.json")])
+    assert result.exit_code == 0, result.output
+    records = json.loads((tmp_path / "l.json").read_text())
+    assert [r["backend"] for r in records if r["device"] == "cpu"][:2] == ["dali", "dali+jpeg_distort"]
+    assert "jpeg_distort on dali/cpu costs" in result.output
+    bad = CliRunner().invoke(main, ["bench", "loader", str(small_shards), "--jpeg-distort", "40,10"])
+    assert bad.exit_code == 2 and "--jpeg-distort '40,10'" in bad.output
+
+
 def test_bench_train_times_each_setting_after_a_warm_up(small_shards, tmp_path):
     result = CliRunner().invoke(main, ["bench", "train", str(small_shards), "--arch", "dcgan", "--batch-size", "8,16",
                                        "--precision", "fp32,bf16", "--compile", "off", "--steps", "2", "--width", "16",
