@@ -294,6 +294,13 @@ class CompressionConfig:
         "clean images; each fake is JPEG-compressed (differentiably) at a real sample's quality before D sees it, "
         "so a clean generator is learned from compressed data only."
     )
+    ambient_null_weight: float = _opt(
+        1.0, "ambient mode: weight of a penalty on the part of each fake that its JPEG measurement discards "
+        "(mean squared difference between the fake and its compressed self, in [-1, 1] units). D never sees that "
+        "part (fine chroma under 4:2:0, high frequencies under coarse quantisation), so without the penalty G "
+        "fills it with noise: the smallest-energy image among those that compress alike is chosen. 0: off.",
+        _non_negative,
+    )
     condition_output: Literal["jpeg", "learned"] = _opt(
         "jpeg", "condition mode: 'jpeg' ends G with the differentiable JPEG codec at the requested quality, so "
         "G(z, class, q) = JPEG_q(net(z, class, q)): the artefacts are JPEG's own and G learns the content; "

@@ -262,3 +262,14 @@ def test_ambient_mode_compresses_fakes_at_the_drawn_quality_before_d_sees_them(s
     resumed = small_config(tmp_path, {"loader": {"jpeg_distort": [20, 30]}}, steps=3)
     with pytest.raises(DataError, match=r"compression.mode: 'ambient' in the checkpoint, 'none' now"):
         train(resumed, small_shards, tmp_path, progress=False)
+
+
+def test_the_ambient_null_space_penalty_is_part_of_the_generator_update(small_shards, tmp_path):
+    def trained_g(weight: float, run_dir) -> dict:
+        cfg = small_config(run_dir, {"compression": {"mode": "ambient", "ambient_null_weight": weight},
+                                     "loader": {"jpeg_distort": [10, 10]}}, steps=1)
+        return load_checkpoint(train(cfg, small_shards, run_dir, progress=False).checkpoint)["G"]
+
+    with_penalty, without = trained_g(1.0, tmp_path / "a"), trained_g(0.0, tmp_path / "b")
+    assert any(not torch.equal(with_penalty[k], without[k]) for k in with_penalty)  # same seed, same data otherwise
+    assert all(torch.equal(trained_g(0.0, tmp_path / "c")[k], without[k]) for k in without)  # and it is deterministic

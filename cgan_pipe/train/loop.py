@@ -168,6 +168,8 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
     def augment(images: torch.Tensor) -> torch.Tensor:
         return diff_augment(images, policy)
 
+    null_weight = cfg.compression.ambient_null_weight
+
     def conditioned(quality: torch.Tensor | None) -> torch.Tensor | None:
         """The quality input of G and D: the qualities in condition mode, else none."""
         return quality if mode == "condition" else None
@@ -213,7 +215,10 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
         q = q[torch.randint(0, n, (local_batch,), device=device)] if q is not None else None
         with autocast():
             fake = G_train(torch.randn(local_batch, cfg.model.z_dim, device=device), labels, conditioned(q))
-            loss_g = generator_loss(tc.loss, D_train(augment(measured(fake, q)), labels, conditioned(q)))
+            fake_seen = measured(fake, q)
+            loss_g = generator_loss(tc.loss, D_train(augment(fake_seen), labels, conditioned(q)))
+            if mode == "ambient" and null_weight:  # what the measurement discards, D cannot judge: keep it small
+                loss_g = loss_g + null_weight * (fake.float() - fake_seen.float()).square().mean()
         stepped = step_with(loss_g, G, opt_g, "the generator loss") and stepped
         D.requires_grad_(True)
         skipped_in_a_row = 0 if stepped else skipped_in_a_row + 1
