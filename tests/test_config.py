@@ -48,8 +48,8 @@ def test_bad_compression_settings_name_the_key(key, value, message):
 
 
 def test_asking_for_a_quality_without_quality_conditioning_is_refused_before_any_work():
-    with pytest.raises(ConfigError, match=r"--set export.quality_cond: asks for a JPEG quality, which only a model "
-                                          r"trained with compression.mode: condition can give \(it is 'none'\)"):
+    with pytest.raises(ConfigError, match=r"--set export.quality_cond: asks for a JPEG quality, which only a "
+                                          r"model trained with compression.mode: condition can give \(it is 'none'\)"):
         load_pipeline(ROOT / "pipelines" / "cifar.yaml", ["export.quality_cond=10"])
 
 
