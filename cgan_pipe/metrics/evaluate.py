@@ -7,7 +7,7 @@ import hashlib
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -60,8 +60,10 @@ class Evaluator:
         self.quality_regressor: QualityRegressor | None = None
         self.reference: dict[str, np.ndarray] = {}
         if "classifier" in cfg.metrics:
-            self.classifier = _cached_classifier(cache, shards, plain, self.info, cfg.classifier_steps, device,
-                                                 progress)
+            self.classifier = _cached_model(
+                cache / f"classifier-{cfg.classifier_steps}.pt", lambda: Classifier(self.info.num_classes),
+                lambda: train_classifier(shards, plain, self.info.num_classes, cfg.classifier_steps, device,
+                                         progress=progress), device)
             name = f"classifier-{cfg.classifier_steps}"
             self.reference.update(_cached_reference(cache / f"reference-{name}-{self.n_reference}.npz", shards,
                                                     plain, self.n_reference, self._classifier_outputs, device))
@@ -72,8 +74,9 @@ class Evaluator:
             self.reference.update(_cached_reference(cache / f"reference-inception-{tag}-{self.n_reference}.npz",
                                                     shards, plain, self.n_reference, self._inception_outputs, device))
         if "quality" in cfg.metrics:
-            self.quality_regressor = _cached_quality_regressor(cache / f"quality-regressor-{cfg.quality_steps}.pt",
-                                                               shards, plain, cfg.quality_steps, device, progress)
+            self.quality_regressor = _cached_model(
+                cache / f"quality-regressor-{cfg.quality_steps}.pt", QualityRegressor,
+                lambda: train_quality_regressor(shards, plain, cfg.quality_steps, device, progress=progress), device)
 
     @torch.no_grad()
     def __call__(self, generator: nn.Module, z_dim: int, progress: bool = False,
@@ -174,35 +177,18 @@ def _shard_set_id(manifest: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _cached_classifier(cache: Path, shards: Path | str, loader_cfg: LoaderConfig, info: DatasetInfo, steps: int,
-                       device: torch.device, progress: bool) -> Classifier:
-    path = cache / f"classifier-{steps}.pt"
+def _cached_model(path: Path, empty: Callable[[], nn.Module], train: Callable[[], nn.Module],
+                  device: torch.device) -> Any:
+    """The frozen model cached at `path` (weights loaded into `empty()`), or `train()`'s, then cached there."""
     if path.is_file():
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-            model = Classifier(info.num_classes)
+            model = empty()
             model.load_state_dict(state["model"])
             return model.to(device).eval().requires_grad_(False)
         except (RuntimeError, OSError, EOFError, ValueError, KeyError, TypeError):
             pass  # unreadable or from another version: train it again and replace it
-    model = train_classifier(shards, loader_cfg, info.num_classes, steps, device, progress=progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        torch.save({"model": model.state_dict()}, tmp)
-    return model.eval().requires_grad_(False)
-
-
-def _cached_quality_regressor(path: Path, shards: Path | str, loader_cfg: LoaderConfig, steps: int,
-                              device: torch.device, progress: bool) -> QualityRegressor:
-    if path.is_file():
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            model = QualityRegressor()
-            model.load_state_dict(state["model"])
-            return model.to(device).eval().requires_grad_(False)
-        except (RuntimeError, OSError, EOFError, ValueError, KeyError, TypeError):
-            pass  # unreadable or from another version: train it again and replace it
-    model = train_quality_regressor(shards, loader_cfg, steps, device, progress=progress)
+    model = train()
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         torch.save({"model": model.state_dict()}, tmp)

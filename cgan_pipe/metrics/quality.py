@@ -15,7 +15,7 @@ from torch import nn
 from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 from tqdm import tqdm
 
-from ..compression import estimate_jpeg_quality
+from ..compression import estimate_jpeg_quality, trained_qualities
 from ..config import LoaderConfig
 from ..data.loader import open_loader, shard_set_manifest
 
@@ -75,11 +75,11 @@ def train_quality_regressor(shards: Path | str, loader_cfg: LoaderConfig, steps:
     seeded, and without touching the caller's random state. Shards that record several qualities
     contribute only their samples at the highest one (the cleanest)."""
     manifest = shard_set_manifest(shards)
-    recorded = sorted(int(q) for q in manifest.quality_histogram if q.isdigit())
-    several = len(recorded) > 1 and len(recorded) == len(manifest.quality_histogram)
     # flips keep the 8x8 grid where JPEG put it; shifts and crops would move it
     plain = dataclasses.replace(loader_cfg, hflip=True, pad_crop=0, resized_crop_min_scale=None, color_jitter=0.0,
                                 jpeg_distort=None)
+    recorded = trained_qualities(manifest, plain)
+    several = len(recorded) > 1 and len(recorded) == len(manifest.quality_histogram)
     loader = open_loader(shards, plain, batch_size, seed=1, device=device, whole=True, with_quality=several)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)

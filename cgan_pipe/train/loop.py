@@ -77,7 +77,8 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
         samples_dir.mkdir(parents=True, exist_ok=True)
 
     # The newest usable checkpoint, if any: a finished run returns before any set-up.
-    info = dataset_info(shard_set_manifest(shards))
+    manifest = shard_set_manifest(shards)
+    info = dataset_info(manifest)
     if cfg.eval.every:
         check_eval_settings(cfg.eval, info)
     path, state = _newest_checkpoint(ckpt_dir, device, warn)
@@ -153,7 +154,7 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
         return True
 
     board = _tensorboard_writer(run_dir / "tensorboard") if lead else None
-    qualities = trained_qualities(shard_set_manifest(shards), cfg.loader) if mode != "none" else None
+    qualities = trained_qualities(manifest, cfg.loader) if mode != "none" else None
     fixed_z, fixed_labels, fixed_quality = _grid_inputs(info, cfg.model.z_dim, cfg.seed, device,
                                                         qualities if mode == "condition" else None)
     batches = iter(loader)
