@@ -37,7 +37,7 @@ def main() -> None:
         n = args.n or 500
         G, info, z_dim = load_generator(load_checkpoint(checkpoint, map_location=CPU), ema=True, device=CPU)
         pixels = generate(G, z_dim, list(range(n)), torch.arange(n) % max(info.num_classes, 1), CPU)
-        print(f"{checkpoint}: {block_edge_ratio(torch.from_numpy(pixels).permute(0, 3, 1, 2).float()):.2f}")
+        print(f"{checkpoint}: {block_edge_ratio(pixels.float()):.2f}")
     if args.shards:
         distort = [int(q) for q in args.jpeg_distort.split(",")] if args.jpeg_distort else None
         cfg = LoaderConfig(backend="dali", device="cpu", hflip=False, jpeg_distort=distort)

@@ -25,9 +25,9 @@ QUALITIES = (10, 30, 50, 75, 95)
 SCALE = 3
 
 
-def _pixels(images_uint8) -> torch.Tensor:
-    """(N, H, W, 3) uint8 array -> (N, 3, H, W) float in [0, 1]."""
-    return torch.from_numpy(images_uint8).permute(0, 3, 1, 2).float().div(255)
+def _pixels(images_uint8: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) uint8 -> float in [0, 1]."""
+    return images_uint8.float().div(255)
 
 
 def _save(rows: list[torch.Tensor], out: Path) -> None:

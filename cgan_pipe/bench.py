@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 
 from PIL import Image
 
+from . import images
 from .data.shards import PrepareSettings, prepare
 from .data.sources import open_source
 from .errors import DataError
@@ -198,8 +199,8 @@ def _baseline_batches(shards: Path, batch_size: int, workers: int) -> Iterator[o
                .shuffle(4096).decode("pil").to_tuple("jpg;png;webp", "cls").map_tuple(transform, int))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, drop_last=True, persistent_workers=True)
     while True:
-        for images, labels in loader:
-            yield images, torch.as_tensor(labels)
+        for batch_images, labels in loader:
+            yield batch_images, torch.as_tensor(labels)
 
 
 @dataclass(frozen=True)
@@ -260,4 +261,70 @@ def bench_train(shards: Path, *, archs: tuple[str, ...] = ("dcgan", "resnet"), b
                                          images / timed["images_per_s"], timed["data_wait"], memory)
                     echo(f"{record.line()}  data wait {record.data_wait:.1%}")
                     records.append(record)
+    return records
+
+
+def bench_export(checkpoint: Path, *, n: int = 10_000, batch_size: int = 250, quality: int = 95,
+                 device: str = "auto", scratch: Path | None = None,
+                 echo: Callable[[str], None] = print) -> list[BenchRecord]:
+    """Time JPEG export of `n` images from `checkpoint`, with the same seeds and batches throughout:
+    `plain`, the generator as trained followed by Pillow's `Image.save` per image into files;
+    `generate`, the export's generator alone (nothing encoded or written); `export`, the project's
+    export writing files; `export-shards`, writing shards only. Imports and first calls are
+    warmed up beforehand (importing torchvision takes ~1.5 s once per process, docs/benchmarks.md).
+    Output goes to fresh folders
+    under `scratch` (default: a temp folder; pick one on the disk you care about), removed at
+    the end."""
+    import shutil
+
+    import torch
+
+    from .devices import resolve_device
+    from .export import ExportSettings, export, generate, image_classes, load_generator, requested_quality
+    from .train.checkpoint import load_checkpoint
+
+    resolved = resolve_device(device, "--device")
+    state = load_checkpoint(checkpoint, map_location=resolved)
+    records = []
+
+    def timed(method: str, run: Callable[[], None]) -> None:
+        if resolved.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        run()
+        if resolved.type == "cuda":
+            torch.cuda.synchronize()
+        records.append(BenchRecord(method, n, time.perf_counter() - start))
+        echo(records[-1].line())
+
+    with tempfile.TemporaryDirectory(prefix="cgan-pipe-bench-", dir=scratch) as tmp:
+        out = Path(tmp)
+        fast, info, z_dim = load_generator(state, ema=True, device=resolved)
+        plain, _, _ = load_generator(state, ema=True, device=resolved, fast=False)
+        labels = image_classes(ExportSettings(n=n), info)
+        quality_cond = requested_quality(state, None, checkpoint)
+        batches = [list(range(start, min(start + batch_size, n))) for start in range(0, n, batch_size)]
+        # warm-up: each method's first batch, and the imports and first calls of both encoders
+        warm = generate(fast, z_dim, batches[0], labels[:len(batches[0])], resolved, quality_cond)
+        images.encode_batch(warm, "jpeg", quality)
+        warm = generate(plain, z_dim, batches[0], labels[:len(batches[0])], resolved, quality_cond)
+        Image.fromarray(warm[0].permute(1, 2, 0).cpu().numpy()).save(io.BytesIO(), "JPEG", quality=quality)
+
+        def plain_loop() -> None:
+            (out / "plain").mkdir()
+            for seeds in batches:
+                pixels = generate(plain, z_dim, seeds, labels[seeds[0]:seeds[-1] + 1], resolved, quality_cond)
+                for seed, image in zip(seeds, pixels.permute(0, 2, 3, 1).cpu().numpy()):
+                    Image.fromarray(image).save(out / "plain" / f"seed{seed:07d}.jpg", quality=quality)
+
+        def generate_only() -> None:
+            for seeds in batches:
+                generate(fast, z_dim, seeds, labels[seeds[0]:seeds[-1] + 1], resolved, quality_cond).cpu()
+
+        timed("plain", plain_loop)
+        timed("generate", generate_only)
+        for method, output in (("export", "files"), ("export-shards", "shards")):
+            settings = ExportSettings(n=n, quality=quality, batch_size=batch_size, output=output)
+            timed(method, lambda: export(checkpoint, out / method, settings, device=resolved, progress=False))
+        shutil.rmtree(out, ignore_errors=True)
     return records

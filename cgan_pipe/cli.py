@@ -14,7 +14,7 @@ import yaml
 
 from . import __version__
 from .config import load_pipeline, to_dict
-from .errors import UserError
+from .errors import ConfigError, UserError
 
 EXAMPLES = {
     "run": "cgan-pipe run pipelines/cifar.yaml --set train.steps=300",
@@ -25,7 +25,8 @@ EXAMPLES = {
     "bench prepare": "cgan-pipe bench prepare ../shared/data/cifar10/train.tar --dataset-tool dataset_tool.py",
     "bench loader": "cgan-pipe bench loader runs/cifar/shards --jpeg-distort 10,40 --json loader.json",
     "bench train": "cgan-pipe bench train runs/cifar/shards --arch resnet --batch-size 64,256 --json train.json",
-    "generate": "cgan-pipe generate runs/cifar/checkpoints/ckpt-0005000.pt out/ --n 1000 --format webp",
+    "bench export": "cgan-pipe bench export runs/cifar/checkpoints/ckpt-0005000.pt --n 10000 --json export.json",
+    "generate": "cgan-pipe generate runs/cifar/checkpoints/ckpt-0005000.pt out/ --seeds 0-99 --classes cat=60,dog=40",
     "eval": "cgan-pipe eval runs/cifar/checkpoints/ckpt-0005000.pt --json",
 }
 
@@ -150,7 +151,6 @@ def prepare(source: str, out: str, fmt: str, quality_text: str, quality_mode: st
     from .config import parse_byte_size
     from .data.shards import PrepareSettings, merge_shards, prepare as prepare_shards
     from .distributed import process_group, started_by_torchrun, wait_for_all_ranks
-    from .errors import ConfigError
 
     if merge:
         manifest = merge_shards(Path(out))
@@ -239,46 +239,112 @@ def train(pipeline: str, overrides: tuple[str, ...], dry_run: bool, quiet: bool)
 @main.command(epilog=f"Example: {EXAMPLES['generate']}")
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--n", type=int, required=True, help="Number of images.")
+@click.option("--n", type=click.IntRange(min=1), default=None,
+              help="Number of images [default: 1000, or the sum of the --classes counts, or the --seeds range].")
+@click.option("--seeds", "seed_range", default=None, metavar="A-B",
+              help="Seeds A to B inclusive, one image each (the same seeds give the same images).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="First seed; image i uses seed+i.")
+@click.option("--classes", default=None, metavar="NAMES|NAME=COUNT,..",
+              help="cat,dog: those classes, round robin; cat=100,dog=50: that many of each [default: all, balanced].")
 @click.option("--format", "fmt", default="jpeg", show_default=True, help="jpeg, png or webp.")
 @click.option("--quality", type=int, default=95, show_default=True, help="JPEG/WebP quality (1-100).")
+@click.option("--subsampling", type=click.Choice(["4:2:0", "4:4:4"]), default="4:2:0", show_default=True,
+              help="JPEG chroma subsampling.")
+@click.option("--png-level", type=int, default=6, show_default=True, help="PNG zlib compress level (0-9).")
+@click.option("--lossless", is_flag=True, help="Lossless WebP (--quality is then ignored).")
+@click.option("--output", type=click.Choice(["files", "shards", "both"]), default="both", show_default=True,
+              help="A folder per class, webdataset shards (+ manifest, DALI index), or both.")
 @click.option("--quality-cond", type=int, default=None, metavar="Q",
               help="For a model trained with compression.mode: condition, the JPEG quality (1-100) the images "
               "should look like; 100 asks for clean images (default: the highest quality it was trained on).")
-@click.option("--classes", default=None, help="Comma-separated class names (default: all, balanced).")
-@click.option("--seed", type=int, default=0, show_default=True, help="First seed; image i uses seed+i.")
+@click.option("--truncation", type=float, default=None, metavar="T",
+              help="Redraw latent components beyond +-T (>= 0.05): more typical, less varied images.")
 @click.option("--batch-size", type=int, default=250, show_default=True, help="Images per generator call.")
-@click.option("--shard-size", type=int, default=5000, show_default=True, help="Samples per output shard.")
+@click.option("--shard-size", type=int, default=5000, show_default=True,
+              help="Images per output shard, and per unit of work a rerun resumes from.")
 @click.option("--raw", is_flag=True, help="Use the raw generator instead of its EMA.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-              help="Where the generator runs.")
+              help="Where the generator runs (and, for JPEG, the encoder: nvJPEG on cuda).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT even when it holds other files.")
 @quiet_option
 @_reports_errors
-def generate(checkpoint: str, out: str, n: int, fmt: str, quality: int, quality_cond: int | None,
-             classes: str | None, seed: int, batch_size: int, shard_size: int, raw: bool, device: str,
-             overwrite: bool, quiet: bool) -> None:
-    """Generate images from CHECKPOINT into OUT as files and webdataset shards.
+def generate(checkpoint: str, out: str, n: int | None, seed_range: str | None, seed: int, classes: str | None,
+             fmt: str, quality: int, subsampling: str, png_level: int, lossless: bool, output: str,
+             quality_cond: int | None, truncation: float | None, batch_size: int, shard_size: int, raw: bool,
+             device: str, overwrite: bool, quiet: bool) -> None:
+    """Generate images from CHECKPOINT into OUT as files and/or webdataset shards.
 
-    Files are OUT/<class>/seed<seed>-c<class id>-q<quality>[-qc<quality cond>].<ext>;
+    Files are OUT/files/<class>/seed<seed>-c<class id>-q<quality>[-qc<quality cond>].<ext>;
     OUT/shards holds the same images with .cls and .json (seed, class, quality,
-    quality_cond) plus a manifest, readable by the loader. A model trained with
+    checkpoint hash) plus a manifest and DALI index, readable by the loader; both
+    are valid prepare sources. OUT/contact-sheet.png shows the first 64. A killed run, rerun, keeps
+    its finished shards. Under `torchrun --nproc-per-node N -m cgan_pipe generate ...`
+    the ranks share the seeds and rank 0 writes the manifest. A model trained with
     compression.mode: condition is asked for a look, e.g. q10 artefacts:
     `cgan-pipe generate runs/cifar-quality/checkpoints/ckpt-0003000.pt out/ --n 100 --quality-cond 10`.
     """
-    from .export import ExportSettings, export
     from .devices import resolve_device
+    from .distributed import process_group, started_by_torchrun
+    from .export import ExportSettings, export
 
-    wanted = tuple(c.strip() for c in classes.split(",") if c.strip()) if classes else None
-    settings = ExportSettings(n=n, format=fmt.lower(), quality=quality, classes=wanted, seed=seed,
-                              batch_size=batch_size, shard_size=shard_size, ema=not raw, quality_cond=quality_cond)
-    result = export(Path(checkpoint), Path(out), settings, device=resolve_device(device, "--device"),
-                    overwrite=overwrite, progress=_progress(quiet))
+    if seed_range is not None:
+        seed, count = _seed_range(seed_range)
+        if n is not None and n != count:
+            raise ConfigError(f"--n {n} and --seeds {seed_range} ({count} seeds) disagree; give one of them")
+        n = count
+    settings = ExportSettings(n=n, format=fmt.lower(), quality=quality, subsampling=subsampling,
+                              png_compress_level=png_level, webp_lossless=lossless, classes=_class_request(classes),
+                              seed=seed, truncation=truncation, batch_size=batch_size, shard_size=shard_size,
+                              output=output, ema=not raw, quality_cond=quality_cond)
+    target = resolve_device(device, "--device")
+    if started_by_torchrun():  # the ranks share the parts; rank 0 finishes the folder
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        if target.type == "cuda":
+            import torch
+
+            target = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        with process_group():
+            result = export(Path(checkpoint), Path(out), settings, device=target, overwrite=overwrite,
+                            progress=_progress(quiet) and rank == 0, rank=rank, world_size=world)
+        if rank != 0:
+            return
+    else:
+        result = export(Path(checkpoint), Path(out), settings, device=target, overwrite=overwrite,
+                        progress=_progress(quiet))
     if result.up_to_date:
         click.echo(f"{out}: already complete for these settings; nothing to do")
     else:
-        click.echo(f"{result.n} images ({result.images_per_s:.0f} img/s) -> {result.out_dir}")
-    click.echo(json.dumps({"export_dir": str(result.out_dir), "export_shards": str(result.shards)}))
+        speed = f" ({result.images_per_s:.0f} img/s)" if result.images_per_s else ""
+        click.echo(f"{result.n} images{speed} -> {result.out_dir}")
+    click.echo(json.dumps({"export_dir": str(result.out_dir),
+                           "export_files": str(result.files) if result.files else None,
+                           "export_shards": str(result.shards) if result.shards else None}))
+
+
+def _seed_range(text: str) -> tuple[int, int]:
+    """'A-B' -> (A, number of seeds); ConfigError otherwise."""
+    first, sep, last = text.partition("-")
+    if not (sep and first.strip().isdigit() and last.strip().isdigit()) or int(last) < int(first):
+        raise ConfigError(f"--seeds {text!r}: expected A-B with 0 <= A <= B, e.g. --seeds 0-999")
+    return int(first), int(last) - int(first) + 1
+
+
+def _class_request(text: str | None) -> tuple[str, ...] | dict[str, int] | None:
+    """'cat,dog' -> ('cat', 'dog'); 'cat=10,dog=5' -> {'cat': 10, 'dog': 5}; ConfigError for a mix or a bad count."""
+    if not text:
+        return None
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not any("=" in item for item in items):
+        return tuple(items)
+    counts = {}
+    for item in items:
+        name, _, count = item.partition("=")
+        if not count.strip().isdigit() or int(count) < 1:
+            raise ConfigError(f"--classes {text!r}: {item!r} is not NAME=COUNT with a count >= 1 "
+                              f"(give all classes as names, or all as NAME=COUNT)")
+        counts[name.strip()] = int(count)
+    return counts
 
 
 @main.command("eval", epilog=f"Example: {EXAMPLES['eval']}")
@@ -312,7 +378,6 @@ def evaluate(checkpoint: str, shards: str | None, metric_names: str | None, n_sa
     """
     from .config import config_from_dict
     from .devices import resolve_device
-    from .errors import ConfigError
     from .metrics.evaluate import evaluate_checkpoint
     from .train.checkpoint import load_checkpoint
 
@@ -453,7 +518,6 @@ def bench_loader_command(shards: str, batch_size: int, batches: int, workers: in
     a DataLoader with a worker per core); prints images/s and each one's ratio to the baseline."""
     from .atomic import write_text_atomic
     from .bench import bench_loader
-    from .errors import ConfigError
 
     distort = None
     if distort_text is not None:
@@ -500,7 +564,6 @@ def bench_train_command(shards: str, archs: str, batch_sizes: str, precisions: s
     compile setting: images/s (kimg/s x 1000), data-wait fraction, and peak CUDA memory."""
     from .atomic import write_text_atomic
     from .bench import bench_train
-    from .errors import ConfigError
 
     try:
         sizes = tuple(int(b) for b in batch_sizes.split(","))
@@ -510,5 +573,36 @@ def bench_train_command(shards: str, archs: str, batch_sizes: str, precisions: s
     records = bench_train(Path(shards), archs=tuple(a.strip() for a in archs.split(",")), batch_sizes=sizes,
                           precisions=tuple(p.strip() for p in precisions.split(",")), compiles=compiles,
                           steps=steps, width=width, device=device, loader_backend=backend, echo=click.echo)
+    if json_path:
+        write_text_atomic(Path(json_path), json.dumps([r.to_dict() for r in records], indent=2) + "\n")
+
+
+@bench.command("export", epilog=f"Example: {EXAMPLES['bench export']}")
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@click.option("--n", type=click.IntRange(min=1), default=10_000, show_default=True, help="Images per method.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=250, show_default=True)
+@click.option("--quality", type=click.IntRange(1, 100), default=95, show_default=True, help="JPEG quality.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--scratch", type=click.Path(file_okay=False), default=None,
+              help="Folder to write into (on the disk to measure) [default: the system's temp folder].")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write the records [{method, images, seconds, images_per_s}] to this file.")
+@_reports_errors
+def bench_export_command(checkpoint: str, n: int, batch_size: int, quality: int, device: str, scratch: str | None,
+                         json_path: str | None) -> None:
+    """Time JPEG export of N images from CHECKPOINT beside a plain loop (the generator as trained,
+    then Pillow's Image.save per image), on the same seeds and batches; also the generator alone
+    and a shards-only export. Prints the speed-up and the encode-and-write share of the time."""
+    from .atomic import write_text_atomic
+    from .bench import bench_export
+
+    records = bench_export(Path(checkpoint), n=n, batch_size=batch_size, quality=quality, device=device,
+                           scratch=Path(scratch) if scratch else None, echo=click.echo)
+    rate = {r.method: r.images_per_s for r in records}
+    seconds = {r.method: r.seconds for r in records}
+    click.echo(f"export / plain = {rate['export'] / rate['plain']:.2f}x; "
+               f"export-shards / plain = {rate['export-shards'] / rate['plain']:.2f}x")
+    click.echo(f"encoding and writing add {seconds['export'] / seconds['generate'] - 1:.0%} (files) and "
+               f"{seconds['export-shards'] / seconds['generate'] - 1:.0%} (shards) to generation")
     if json_path:
         write_text_atomic(Path(json_path), json.dumps([r.to_dict() for r in records], indent=2) + "\n")

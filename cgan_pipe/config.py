@@ -26,7 +26,7 @@ ShardFormat = Literal["jpeg", "png", "webp", "keep"]
 
 def _opt(default: Any, help: str, check: Callable[[Any], str | None] | None = None) -> Any:
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: list(default), metadata={"help": help, "check": check})
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, "check": check})
     return field(default=default, metadata={"help": help, "check": check})
 
 
@@ -64,6 +64,18 @@ def _png_level(value: int) -> str | None:
 
 def _unit_interval(value: float) -> str | None:
     return None if 0.0 <= value < 1.0 else "must be in [0, 1)"
+
+
+def _export_classes(value: list[str] | dict[str, int]) -> str | None:
+    if not value:
+        return "must not be empty (null: all classes)"
+    if isinstance(value, dict) and not all(count > 0 for count in value.values()):
+        return "every count must be > 0"
+    return None
+
+
+def _truncation(value: float) -> str | None:
+    return None if value >= 0.05 else "must be at least 0.05 (smaller thresholds redraw almost every component)"
 
 
 def _diffaugment_policy(value: str) -> str | None:
@@ -361,15 +373,28 @@ class EvalConfig:
 class ExportConfig:
     """Generated images written back out as compressed files and shards."""
 
-    n: int = _opt(1000, "Images to generate.", _positive)
+    n: Optional[int] = _opt(
+        None, "Images to generate; null: 1000, or the sum of the counts when classes is a mapping.", _positive
+    )
     format: ImageFormat = _opt("jpeg", "Output format.")
     quality: int = _opt(95, "JPEG/WebP quality (1-100).", _quality)
-    classes: Optional[list[str]] = _opt(
-        None, "Class names to generate, round robin; null for all classes, balanced."
+    jpeg_subsampling: Literal["4:2:0", "4:4:4"] = _opt("4:2:0", "Chroma subsampling of JPEG output.")
+    png_compress_level: int = _opt(6, "zlib level (0-9) of PNG output.", _png_level)
+    webp_lossless: bool = _opt(False, "Write lossless WebP (quality is then ignored).")
+    classes: Optional[Union[list[str], dict[str, int]]] = _opt(
+        None, "Which classes: null for all, balanced; a list of names, round robin; or a mapping "
+        "name: count (that many images of each, in that order).", _export_classes
     )
     seed: int = _opt(0, "First seed; image i uses seed + i, so a seed range is reproducible.", _non_negative)
+    truncation: Optional[float] = _opt(
+        None, "Truncation trick: latent components beyond +-truncation are redrawn, for more typical but "
+        "less varied images (at least 0.05); null: off.", _truncation
+    )
     batch_size: int = _opt(250, "Images per generator call.", _positive)
-    shard_size: int = _opt(5000, "Samples per exported shard.", _positive)
+    shard_size: int = _opt(5000, "Images per exported shard (and per unit of work a rerun resumes from).", _positive)
+    output: Literal["files", "shards", "both"] = _opt(
+        "both", "files: a folder per class; shards: webdataset shards + manifest + DALI index; both."
+    )
     ema: bool = _opt(True, "Use the EMA generator (else the raw one).")
     quality_cond: Optional[int] = _opt(
         None, "For a quality-conditioned model: the JPEG quality (1-100) the images are asked to look like (100: "
@@ -560,6 +585,10 @@ def _check_together(cfg: PipelineConfig, locate: _Locator) -> PipelineConfig:
     if cfg.export.quality_cond is not None and cfg.compression.mode != "condition":
         raise ConfigError(f"{locate('export.quality_cond')}: asks for a JPEG quality, which only a model trained "
                           f"with compression.mode: condition can give (it is {cfg.compression.mode!r}); set it to null")
+    counts = cfg.export.classes if isinstance(cfg.export.classes, dict) else None
+    if counts and cfg.export.n is not None and cfg.export.n != sum(counts.values()):
+        raise ConfigError(f"{locate('export.n')}: {cfg.export.n} images, but the counts in export.classes add up to "
+                          f"{sum(counts.values())}; set n to null (or to that sum)")
     return cfg
 
 
@@ -618,6 +647,11 @@ def _coerce(tp: Any, value: Any, key: str, locate: _Locator) -> Any:
         args = [a for a in get_args(tp) if a is not type(None)]
         if value is None:
             return None
+        if len(args) > 1:  # e.g. a list or a mapping: the one whose shape the value has
+            shape = dict if isinstance(value, dict) else list if isinstance(value, list) else None
+            args = [a for a in args if get_origin(a) is shape]
+            if not args:
+                raise ConfigError(f"{locate(key)}: expected {_type_name(tp)}, got {_kind(value)} {value!r}")
         return _coerce(args[0], value, key, locate)
     if origin is Literal:
         choices = get_args(tp)
@@ -629,6 +663,12 @@ def _coerce(tp: Any, value: Any, key: str, locate: _Locator) -> Any:
             raise ConfigError(f"{locate(key)}: expected a list, got {_kind(value)}")
         (item_type,) = get_args(tp)
         return [_coerce(item_type, v, f"{key}[{i}]", locate) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{locate(key)}: expected a mapping, got {_kind(value)}")
+        key_type, value_type = get_args(tp)
+        return {_coerce(key_type, k, f"{key}.{k}", locate): _coerce(value_type, v, f"{key}.{k}", locate)
+                for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -661,6 +701,8 @@ def _type_name(tp: Any) -> str:
         return " | ".join(repr(a) for a in get_args(tp))
     if origin is list:
         return f"list[{_type_name(get_args(tp)[0])}]"
+    if origin is dict:
+        return f"mapping[{', '.join(_type_name(a) for a in get_args(tp))}]"
     return "null" if tp is type(None) else tp.__name__
 
 

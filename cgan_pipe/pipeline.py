@@ -40,10 +40,11 @@ def prepare_settings(cfg: PipelineConfig) -> PrepareSettings:
 def export_settings(cfg: PipelineConfig) -> ExportSettings:
     """The export stage's settings, taken from the pipeline config."""
     e = cfg.export
-    return ExportSettings(n=e.n, format=e.format, quality=e.quality,
-                          classes=tuple(e.classes) if e.classes is not None else None,
-                          seed=e.seed, batch_size=e.batch_size, shard_size=e.shard_size, ema=e.ema,
-                          quality_cond=e.quality_cond)
+    classes = tuple(e.classes) if isinstance(e.classes, list) else e.classes
+    return ExportSettings(n=e.n, format=e.format, quality=e.quality, subsampling=e.jpeg_subsampling,
+                          png_compress_level=e.png_compress_level, webp_lossless=e.webp_lossless, classes=classes,
+                          seed=e.seed, truncation=e.truncation, batch_size=e.batch_size, shard_size=e.shard_size,
+                          output=e.output, ema=e.ema, quality_cond=e.quality_cond)
 
 
 def write_resolved_config(cfg: PipelineConfig, run_dir: Path) -> Path:
@@ -132,7 +133,8 @@ def _run_stages(cfg: PipelineConfig, *, progress: bool, echo: Callable[[str], No
         "samples": str(result.samples),
         "sample_grid": str(grids[-1]) if grids else None,
         "export_dir": str(exported.out_dir),
-        "export_shards": str(exported.shards),
+        "export_files": str(exported.files) if exported.files else None,
+        "export_shards": str(exported.shards) if exported.shards else None,
         "export_images": exported.n,
         "export_format": cfg.export.format,
         "export_quality": cfg.export.quality,

@@ -1,4 +1,4 @@
-"""`cgan-pipe bench prepare|loader|train` run every method on the same data and report consistent records."""
+"""`cgan-pipe bench prepare|loader|train|export` run every method on the same data and report consistent records."""
 
 from __future__ import annotations
 
@@ -63,3 +63,15 @@ def test_bench_train_times_each_setting_after_a_warm_up(small_shards, tmp_path):
                and r["peak_memory_mib"] is None and r["device"] == "cpu" for r in records)
     bad = CliRunner().invoke(main, ["bench", "train", str(small_shards), "--precision", "fp8", "--device", "cpu"])
     assert bad.exit_code == 2 and "train.precision" in bad.output
+
+
+def test_bench_export_times_the_export_beside_a_plain_pillow_loop(checkpoint, tmp_path):
+    result = CliRunner().invoke(main, ["bench", "export", str(checkpoint), "--n", "60", "--batch-size", "16",
+                                       "--device", "cpu", "--scratch", str(tmp_path), "--json",
+                                       str(tmp_path / "export.json")])
+    assert result.exit_code == 0, result.output
+    records = json.loads((tmp_path / "export.json").read_text())
+    assert [r["method"] for r in records] == ["plain", "generate", "export", "export-shards"]
+    assert all(r["images"] == 60 and r["seconds"] > 0 and r["images_per_s"] > 0 for r in records)
+    assert "export / plain = " in result.output and "encoding and writing add" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export.json"]  # its scratch folders are gone

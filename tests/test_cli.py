@@ -74,7 +74,7 @@ def test_run_under_torchrun_prepares_once_trains_on_both_ranks_and_reports_once(
     assert result.stdout.count("prepare: 400 samples") == 1 and result.stdout.count("done: ") == 1
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["export_images"] == 20
-    assert len(list((run_dir / "export").glob("*/*.jpg"))) == 20
+    assert len(list((run_dir / "export" / "files").glob("*/*.jpg"))) == 20
 
 
 def test_train_without_shards_says_how_to_make_them(tmp_path):
@@ -95,17 +95,34 @@ def test_generate_from_the_cli(checkpoint, tmp_path):
     result = CliRunner().invoke(main, ["generate", str(checkpoint), str(tmp_path / "g"), "--n", "4",
                                        "--format", "png", "--classes", "cat", "-q"])
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in (tmp_path / "g" / "cat").iterdir()) == [
+    assert sorted(p.name for p in (tmp_path / "g" / "files" / "cat").iterdir()) == [
         f"seed000000{i}-c3-q0.png" for i in range(4)]
+    assert json.loads(result.output.splitlines()[-1])["export_files"] == str(tmp_path / "g" / "files")
     bad = CliRunner().invoke(main, ["generate", str(checkpoint), str(tmp_path / "h"), "--n", "4", "--format", "gif"])
     assert bad.exit_code == 2 and "format 'gif'" in bad.output
+
+
+def test_generate_takes_a_seed_range_and_per_class_counts(checkpoint, tmp_path):
+    result = CliRunner().invoke(main, ["generate", str(checkpoint), str(tmp_path / "g"), "--seeds", "10-14",
+                                       "--classes", "dog=2,ship=3", "--output", "files", "-q"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.relative_to(tmp_path / "g" / "files").as_posix() for p in (tmp_path / "g").rglob("*.jpg")) == [
+        "dog/seed0000010-c5-q95.jpg", "dog/seed0000011-c5-q95.jpg", "ship/seed0000012-c8-q95.jpg",
+        "ship/seed0000013-c8-q95.jpg", "ship/seed0000014-c8-q95.jpg"]
+    for args, message in ([["--seeds", "9-3"], "--seeds '9-3': expected A-B"],
+                          [["--seeds", "0-9", "--n", "5"], "--n 5 and --seeds 0-9 (10 seeds) disagree"],
+                          [["--classes", "dog=2,ship"], "'ship' is not NAME=COUNT"],
+                          [["--classes", "dog=2", "--n", "3"], "--n 3 differs from the per-class counts"]):
+        bad = CliRunner().invoke(main, ["generate", str(checkpoint), str(tmp_path / "h"), *args])
+        assert bad.exit_code == 2 and message in bad.output, bad.output
+    assert not (tmp_path / "h").exists()
 
 
 def test_generate_asks_a_quality_conditioned_model_for_a_quality(checkpoint, quality_checkpoint, tmp_path):
     result = CliRunner().invoke(main, ["generate", str(quality_checkpoint), str(tmp_path / "g"), "--n", "2",
                                        "--quality-cond", "50", "--classes", "dog", "-q"])
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in (tmp_path / "g" / "dog").iterdir()) == [
+    assert sorted(p.name for p in (tmp_path / "g" / "files" / "dog").iterdir()) == [
         f"seed000000{i}-c5-q95-qc50.jpg" for i in range(2)]
     refused = CliRunner().invoke(main, ["generate", str(checkpoint), str(tmp_path / "h"), "--n", "2",
                                         "--quality-cond", "50"])
@@ -146,7 +163,7 @@ def test_run_end_to_end_on_a_cifar_subset(tmp_path):
     assert json.loads((run_dir / "eval.json").read_text())["scores"] == summary["eval"]
 
     # export: 120 JPEGs at q90 in class folders, and the same images as loadable shards
-    files = sorted(Path(summary["export_dir"]).glob("*/*.jpg"))
+    files = sorted(Path(summary["export_files"]).glob("*/*.jpg"))
     assert len(files) == 120 and {f.parent.name for f in files} == set(CLASSES)
     assert all(Image.open(f).size == (32, 32) for f in files)
     exported = read_manifest(Path(summary["export_shards"]))

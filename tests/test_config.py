@@ -157,3 +157,25 @@ def test_byte_sizes_parse(text, size):
 def test_bad_byte_sizes_are_refused(text):
     with pytest.raises(ValueError, match="size"):
         parse_byte_size(text)
+
+
+def test_export_classes_take_names_or_counts_and_counts_must_agree_with_n(tmp_path):
+    path = write(tmp_path, "name: x\ndata: {source: a.tar}\nexport:\n  classes: {cat: 3, dog: 2}\n")
+    assert load_pipeline(path).export.classes == {"cat": 3, "dog": 2}
+    assert load_pipeline(path, ["export.classes=[cat, dog]"]).export.classes == ["cat", "dog"]
+    assert load_pipeline(path, ["export.n=5"]).export.n == 5
+    with pytest.raises(ConfigError, match=r"--set export.n: 4 images, but the counts in export.classes add up to 5"):
+        load_pipeline(path, ["export.n=4"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ndata: {source: a.tar}\nexport:\n  classes: {cat: many}\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:4: export.classes.cat: expected int, got str 'many'"):
+        load_pipeline(bad)
+    with pytest.raises(ConfigError, match=r"--set export.classes: expected list\[str\] \| mapping\[str, int\] \| "
+                                          r"null, got str 'cat'"):
+        load_pipeline(path, ["export.classes=cat"])
+    with pytest.raises(ConfigError, match="export.classes: every count must be > 0"):
+        load_pipeline(path, ["export.classes={cat: 0}"])
+    with pytest.raises(ConfigError, match="export.truncation: must be at least 0.05"):
+        load_pipeline(path, ["export.truncation=0.01"])
+    with pytest.raises(ConfigError, match="export.output: must be one of files, shards, both"):
+        load_pipeline(path, ["export.output=cloud"])

@@ -1,39 +1,63 @@
-"""Export: files and shards per format, reproducible seeds, round trip through the loader."""
+"""Export: files and shards per format, reproducible seeds, classes, resume, ranks, round trips."""
 
 from __future__ import annotations
 
+import errno
 import io
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import tarfile
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, JpegImagePlugin
 
+import cgan_pipe.export as export_module
 from cgan_pipe import images
+from cgan_pipe.atomic import TEMP_MARK
 from cgan_pipe.config import LoaderConfig
 from cgan_pipe.data.loader import open_loader
 from cgan_pipe.data.manifest import read_manifest
+from cgan_pipe.data.shards import PrepareSettings, prepare
 from cgan_pipe.errors import ConfigError, DataError
-from cgan_pipe.export import ExportSettings, export, generate, load_generator
+from cgan_pipe.export import ExportSettings, export, generate, latents, load_generator
 from cgan_pipe.train.checkpoint import load_checkpoint
 
 CPU = torch.device("cpu")
 
 
+def _export(checkpoint: Path, out: Path, **settings) -> export_module.ExportResult:
+    return export(checkpoint, out, ExportSettings(**settings), device=CPU, progress=False)
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    """Every file under `root` (relative path -> bytes), hidden ones included."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _without_records(tree: dict[str, bytes]) -> dict[str, bytes]:
+    """A tree less the files that name the run (export.json, the manifest's settings)."""
+    return {k: v for k, v in tree.items() if k not in ("export.json", "shards/manifest.json")}
+
+
 @pytest.mark.parametrize("fmt", ["jpeg", "png", "webp"])
-def test_export_writes_files_and_loadable_shards(checkpoint, tmp_path, fmt):
+def test_export_writes_files_shards_and_a_contact_sheet_that_the_loader_reads(checkpoint, tmp_path, fmt):
     out = tmp_path / "out"
-    result = export(checkpoint, out, ExportSettings(n=25, format=fmt, quality=90, batch_size=8, shard_size=10),
-                    device=CPU, progress=False)
+    result = _export(checkpoint, out, n=25, format=fmt, quality=90, batch_size=8, shard_size=10)
     assert result.n == 25 and not result.up_to_date
     ext = images.EXTENSIONS[fmt]
-    files = sorted(out.glob(f"*/*.{ext}"))
+    files = sorted(out.glob(f"files/*/*.{ext}"))
     assert len(files) == 25
     q = 0 if fmt == "png" else 90
-    assert out / "airplane" / f"seed0000000-c0-q{q}.{ext}" in files
-    assert out / "cat" / f"seed0000013-c3-q{q}.{ext}" in files  # class round robin: seed 13 -> class 3
+    assert out / "files" / "airplane" / f"seed0000000-c0-q{q}.{ext}" in files
+    assert out / "files" / "cat" / f"seed0000013-c3-q{q}.{ext}" in files  # class round robin: seed 13 -> class 3
     for path in files:
         assert Image.open(path).size == (32, 32)
     manifest = read_manifest(out / "shards")
@@ -42,68 +66,238 @@ def test_export_writes_files_and_loadable_shards(checkpoint, tmp_path, fmt):
     with tarfile.open(out / "shards" / "shard-000000.tar") as tar:
         meta = json.loads(tar.extractfile("00000003.json").read())
         assert int(tar.extractfile("00000003.cls").read()) == 3
+        assert tar.extractfile("00000003." + ext).read() == (out / "files" / "cat" / f"seed0000003-c3-q{q}.{ext}"
+                                                              ).read_bytes()
     assert meta["seed"] == 3 and meta["class"] == "cat" and meta["quality"] == (None if fmt == "png" else 90)
+    assert len(meta["checkpoint_sha256"]) == 64
+    sheet = Image.open(out / "contact-sheet.png")
+    assert sheet.size == (5 * 34 + 2, 5 * 34 + 2)  # 25 images, 5 per row, 2-pixel gaps
+    leftovers = [p for p in out.rglob("*") if TEMP_MARK in p.name or p.name.startswith(".")]
+    assert leftovers == [] and not list(tmp_path.glob(f".*{TEMP_MARK}*"))
     batch = next(iter(open_loader(out / "shards", LoaderConfig(threads=1, hflip=False), 25, 0, CPU)))
     assert batch.images.shape == (25, 3, 32, 32)
     assert sorted(batch.labels.tolist()) == sorted([i % 10 for i in range(25)])
 
 
-def test_seeds_reproduce_the_same_images_whatever_the_batch(checkpoint):
+def test_both_exported_folders_are_valid_prepare_sources(checkpoint, tmp_path):
+    out = _export(checkpoint, tmp_path / "out", n=30, shard_size=16).out_dir
+    from_shards, _ = prepare(str(out / "shards"), tmp_path / "again-shards", PrepareSettings(), progress=False)
+    from_files, _ = prepare(str(out / "files"), tmp_path / "again-files", PrepareSettings(), progress=False)
+    for manifest in (from_shards, from_files):
+        assert manifest.num_samples == 30 and not manifest.skipped
+        assert manifest.class_histogram == {name: 3 for name in manifest.class_names}
+    with tarfile.open(tmp_path / "again-shards" / "shard-000000.tar") as tar:
+        passed = {m.name: tar.extractfile(m).read() for m in tar if m.name.endswith(".jpg")}
+    exported = {p.read_bytes() for p in (out / "files").rglob("*.jpg")}
+    assert set(passed.values()) <= exported  # 32x32 JPEGs pass through prepare byte for byte
+
+
+def test_seeds_reproduce_the_same_images_whatever_the_batch_or_range(checkpoint, tmp_path):
     G, info, z_dim = load_generator(load_checkpoint(checkpoint), ema=True, device=CPU)
     labels = torch.arange(6) % 10
     whole = generate(G, z_dim, list(range(100, 106)), labels, CPU)
-    split = np.concatenate([generate(G, z_dim, [100, 101], labels[:2], CPU),
-                            generate(G, z_dim, [102, 103, 104, 105], labels[2:], CPU)])
-    assert np.array_equal(whole, split)
-    assert whole.dtype == np.uint8 and whole.shape == (6, 32, 32, 3)
+    split = torch.cat([generate(G, z_dim, [100, 101], labels[:2], CPU),
+                       generate(G, z_dim, [102, 103, 104, 105], labels[2:], CPU)])
+    assert torch.equal(whole, split)
+    assert whole.dtype == torch.uint8 and whole.shape == (6, 3, 32, 32)
+    wide = _tree(_export(checkpoint, tmp_path / "wide", n=30, batch_size=7).files)
+    part = _tree(_export(checkpoint, tmp_path / "part", n=10, seed=10, batch_size=4).files)
+    assert len(part) == 10 and all(wide[name] == data for name, data in part.items())
+
+
+def test_the_fast_generator_matches_the_network_as_trained(checkpoint):
+    state = load_checkpoint(checkpoint)
+    fast, _, z_dim = load_generator(state, ema=True, device=CPU)
+    plain, _, _ = load_generator(state, ema=True, device=CPU, fast=False)
+    def norms(module):
+        return sum(isinstance(m, torch.nn.BatchNorm2d) for m in module.modules())
+
+    assert norms(fast) == norms(plain) - 3  # the three after transposed convolutions are folded into them
+    z, labels = latents(list(range(50)), z_dim), torch.arange(50) % 10
+    with torch.no_grad():
+        assert torch.allclose(fast(z, labels), plain(z, labels), atol=1e-5)
 
 
 def test_exported_jpeg_is_faithful_to_a_pil_encode(checkpoint, tmp_path):
-    export(checkpoint, tmp_path / "o", ExportSettings(n=4, quality=95), device=CPU, progress=False)
+    out = _export(checkpoint, tmp_path / "o", n=20, quality=95).out_dir
+    G, _, z_dim = load_generator(load_checkpoint(checkpoint), ema=True, device=CPU, fast=False)
+    pixels = generate(G, z_dim, list(range(20)), torch.arange(20) % 10, CPU).permute(0, 2, 3, 1).numpy()
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    errors = []
+    for seed, array in enumerate(pixels):
+        reference = io.BytesIO()
+        Image.fromarray(array).save(reference, "JPEG", quality=95)
+        ours = np.asarray(Image.open(out / "files" / names[seed % 10] / f"seed{seed:07d}-c{seed % 10}-q95.jpg"))
+        errors.append(np.abs(ours.astype(np.float32) - np.asarray(Image.open(reference), dtype=np.float32)).mean())
+    assert max(errors) <= 1.0  # within 1/255 of Pillow's own encode of the plain generator's pixels
+
+
+def test_jpeg_subsampling_png_level_and_lossless_webp_are_honoured(checkpoint, tmp_path):
+    fine = _export(checkpoint, tmp_path / "444", n=2, subsampling="4:4:4").files
+    coarse = _export(checkpoint, tmp_path / "420", n=2).files
+    assert JpegImagePlugin.get_sampling(Image.open(next(fine.rglob("*.jpg")))) == 0  # 4:4:4
+    assert JpegImagePlugin.get_sampling(Image.open(next(coarse.rglob("*.jpg")))) == 2  # 4:2:0
+    stored = _export(checkpoint, tmp_path / "png0", n=2, format="png", png_compress_level=0).files
+    packed = _export(checkpoint, tmp_path / "png9", n=2, format="png", png_compress_level=9).files
+    assert sum(map(len, _tree(stored).values())) > sum(map(len, _tree(packed).values()))
+    lossless = _export(checkpoint, tmp_path / "webp", n=3, format="webp", webp_lossless=True)
+    assert next(lossless.files.rglob("*.webp")).name.endswith("-q0.webp")  # no quality: lossless
     G, _, z_dim = load_generator(load_checkpoint(checkpoint), ema=True, device=CPU)
-    pixels = generate(G, z_dim, [2], torch.tensor([2]), CPU)[0]
-    reference = io.BytesIO()
-    Image.fromarray(pixels).save(reference, "JPEG", quality=95)
-    ours = np.asarray(Image.open(tmp_path / "o" / "bird" / "seed0000002-c2-q95.jpg"), dtype=np.float32)
-    theirs = np.asarray(Image.open(reference), dtype=np.float32)
-    assert np.abs(ours - theirs).mean() <= 1.0
+    pixels = generate(G, z_dim, [0], torch.tensor([0]), CPU)[0].permute(1, 2, 0).numpy()
+    decoded = np.asarray(Image.open(lossless.files / "airplane" / "seed0000000-c0-q0.webp").convert("RGB"))
+    assert np.array_equal(decoded, pixels)
 
 
-def test_rerun_is_a_no_op_and_classes_are_honoured(checkpoint, tmp_path):
-    settings = ExportSettings(n=6, classes=("cat", "ship"))
-    export(checkpoint, tmp_path / "o", settings, device=CPU, progress=False)
-    assert sorted(p.parent.name for p in (tmp_path / "o").glob("*/*.jpg")) == ["cat"] * 3 + ["ship"] * 3
-    again = export(checkpoint, tmp_path / "o", settings, device=CPU, progress=False)
+def test_classes_as_names_or_per_class_counts(checkpoint, tmp_path):
+    listed = _export(checkpoint, tmp_path / "o", n=6, classes=("cat", "ship"))
+    assert sorted(p.parent.name for p in listed.files.glob("*/*.jpg")) == ["cat"] * 3 + ["ship"] * 3
+    again = _export(checkpoint, tmp_path / "o", n=6, classes=("cat", "ship"))
     assert again.up_to_date
+    counted = _export(checkpoint, tmp_path / "counts", classes={"dog": 4, "frog": 1})
+    assert counted.n == 5
+    assert sorted(p.name for p in counted.files.glob("*/*.jpg")) == [
+        "seed0000000-c5-q95.jpg", "seed0000001-c5-q95.jpg", "seed0000002-c5-q95.jpg", "seed0000003-c5-q95.jpg",
+        "seed0000004-c6-q95.jpg"]
+    assert read_manifest(counted.shards).class_histogram["dog"] == 4
+    with pytest.raises(ConfigError, match="differs from the per-class counts, which add up to 5"):
+        _export(checkpoint, tmp_path / "bad", n=7, classes={"dog": 4, "frog": 1})
+
+
+def test_truncation_keeps_latents_in_bounds_and_is_recorded(checkpoint, tmp_path):
+    z = latents(list(range(20)), 64, truncation=0.5)
+    assert z.abs().max() <= 0.5 and torch.equal(z, latents(list(range(20)), 64, truncation=0.5))
+    free = latents(list(range(20)), 64)
+    inside = free.abs() <= 0.5
+    assert torch.equal(z[inside], free[inside])  # only the components beyond the bound are redrawn
+    out = _export(checkpoint, tmp_path / "t", n=3, truncation=0.5)
+    with tarfile.open(out.shards / "shard-000000.tar") as tar:
+        assert json.loads(tar.extractfile("00000000.json").read())["truncation"] == 0.5
+    assert json.loads((out.out_dir / "export.json").read_text())["truncation"] == 0.5
+
+
+def test_files_only_and_shards_only(checkpoint, tmp_path):
+    files = _export(checkpoint, tmp_path / "f", n=4, output="files")
+    assert files.shards is None and not (files.out_dir / "shards").exists()
+    assert len(list(files.files.rglob("*.jpg"))) == 4
+    shards = _export(checkpoint, tmp_path / "s", n=4, output="shards")
+    assert shards.files is None and not (shards.out_dir / "files").exists()
+    assert read_manifest(shards.shards).num_samples == 4
+    assert sorted(p.name for p in shards.out_dir.iterdir()) == ["contact-sheet.png", "export.json", "shards"]
+
+
+def test_an_export_that_fails_midway_resumes_from_its_finished_parts(checkpoint, tmp_path, monkeypatch):
+    clean = _export(checkpoint, tmp_path / "clean", n=40, batch_size=5, shard_size=10).out_dir
+    real_add = export_module._Part.add
+
+    def fail_at_seed_25(self, seeds, labels, pixels):
+        if 25 in seeds:
+            raise OSError(errno.EIO, "simulated I/O error")
+        return real_add(self, seeds, labels, pixels)
+
+    monkeypatch.setattr(export_module._Part, "add", fail_at_seed_25)
+    with pytest.raises(OSError, match="simulated"):
+        _export(checkpoint, tmp_path / "out", n=40, batch_size=5, shard_size=10)
+    work = tmp_path / f".out{TEMP_MARK}export"
+    assert not (tmp_path / "out").exists()  # nothing that looks complete
+    assert sorted(p.name for p in (work / "shards").iterdir()) == [
+        "shard-000000.idx", "shard-000000.tar", "shard-000001.idx", "shard-000001.tar"]  # the open shard is gone
+    kept = (work / "shards" / "shard-000000.tar").stat().st_ino
+    monkeypatch.setattr(export_module._Part, "add", real_add)
+    _export(checkpoint, tmp_path / "out", n=40, batch_size=5, shard_size=10)
+    assert (tmp_path / "out" / "shards" / "shard-000000.tar").stat().st_ino == kept  # not written again
+    assert _without_records(_tree(tmp_path / "out")) == _without_records(_tree(clean))
+    assert not work.exists()
+
+
+def test_a_full_disk_is_explained_and_a_rerun_completes(checkpoint, tmp_path, monkeypatch):
+    real_write = export_module._write_file
+
+    def disk_full(path, data):
+        if "seed0000012" in path.name:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real_write(path, data)
+
+    monkeypatch.setattr(export_module, "_write_file", disk_full)
+    with pytest.raises(DataError, match=r"seed0000012.*no space left on the device.*rerun the same command"):
+        _export(checkpoint, tmp_path / "out", n=20, shard_size=10)
+    work = tmp_path / f".out{TEMP_MARK}export"
+    assert sorted(p.name for p in (work / "shards").iterdir()) == ["shard-000000.idx", "shard-000000.tar"]
+    monkeypatch.setattr(export_module, "_write_file", real_write)
+    result = _export(checkpoint, tmp_path / "out", n=20, shard_size=10)
+    assert read_manifest(result.shards).num_samples == 20 and len(list(result.files.rglob("*.jpg"))) == 20
+
+
+def _generate_command(checkpoint: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "cgan_pipe", "generate", str(checkpoint), str(out), "--seeds", "0-299",
+            "--batch-size", "10", "--shard-size", "30", "--device", "cpu", "-q", *extra]
+
+
+def test_an_export_killed_with_sigkill_reruns_to_the_same_result(checkpoint, tmp_path):
+    out = tmp_path / "out"
+    work = tmp_path / f".out{TEMP_MARK}export"
+    process = subprocess.Popen(_generate_command(checkpoint, out), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(work.glob(".part-*.done.json")) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not out.exists() or (out / "export.json").exists()  # killed midway: nothing looks complete
+    rerun = subprocess.run(_generate_command(checkpoint, out), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    clean = _export(checkpoint, tmp_path / "clean", n=300, batch_size=10, shard_size=30).out_dir
+    assert _without_records(_tree(out)) == _without_records(_tree(clean))  # no seed missing, none twice
+    assert not work.exists()
+
+
+def test_torchrun_ranks_share_the_parts_and_rank_0_writes_one_manifest(checkpoint, tmp_path):
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", f"--master-port={port}",
+               *_generate_command(checkpoint, tmp_path / "out")[1:]]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("300 images") == 1  # rank 0 reports, once
+    clean = _export(checkpoint, tmp_path / "clean", n=300, batch_size=10, shard_size=30).out_dir
+    assert _without_records(_tree(tmp_path / "out")) == _without_records(_tree(clean))
+    assert [s.sha256 for s in read_manifest(tmp_path / "out" / "shards").shards] == \
+        [s.sha256 for s in read_manifest(clean / "shards").shards]
 
 
 def test_bad_requests_fail_before_any_work(checkpoint, tmp_path):
-    with pytest.raises(ConfigError, match="format 'gif'"):
-        export(checkpoint, tmp_path / "a", ExportSettings(format="gif"), device=CPU, progress=False)
-    with pytest.raises(ConfigError, match="quality 0"):
-        export(checkpoint, tmp_path / "a", ExportSettings(quality=0), device=CPU, progress=False)
-    with pytest.raises(ConfigError, match="unknown 'unicorn'"):
-        export(checkpoint, tmp_path / "a", ExportSettings(classes=("unicorn",)), device=CPU, progress=False)
+    bad = [(dict(format="gif"), "format 'gif'"), (dict(quality=0), "quality 0"),
+           (dict(output="cloud"), "output 'cloud'"), (dict(subsampling="4:1:1"), "subsampling '4:1:1'"),
+           (dict(png_compress_level=10), "compress level 10"), (dict(truncation=0.01), "truncation 0.01"),
+           (dict(classes=("unicorn",)), "unknown 'unicorn'"), (dict(n=0), "n must be > 0")]
+    for settings, message in bad:
+        with pytest.raises(ConfigError, match=message):
+            _export(checkpoint, tmp_path / "a", **settings)
     with pytest.raises(DataError, match="checkpoint not found"):
-        export(tmp_path / "none.pt", tmp_path / "a", ExportSettings(), device=CPU, progress=False)
-    assert not (tmp_path / "a").exists()
+        _export(tmp_path / "none.pt", tmp_path / "a")
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    with pytest.raises(DataError, match="notes.pt: not a checkpoint"):
+        _export(tmp_path / "notes.pt", tmp_path / "a")
+    assert not (tmp_path / "a").exists() and not list(tmp_path.glob(".a*"))
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "mine.txt").write_text("keep me")
     with pytest.raises(ConfigError, match="holds other files"):
-        export(checkpoint, tmp_path / "busy", ExportSettings(n=2), device=CPU, progress=False)
+        _export(checkpoint, tmp_path / "busy", n=2)
     assert (tmp_path / "busy" / "mine.txt").read_text() == "keep me"
+    replaced = export(checkpoint, tmp_path / "busy", ExportSettings(n=2), device=CPU, progress=False, overwrite=True)
+    assert not (replaced.out_dir / "mine.txt").exists() and len(list(replaced.files.rglob("*.jpg"))) == 2
 
 
 def test_a_quality_conditioned_model_exports_the_requested_quality_and_records_it(quality_checkpoint, tmp_path):
-    asked = export(quality_checkpoint, tmp_path / "q10", ExportSettings(n=4, quality_cond=10), device=CPU,
-                   progress=False)
-    assert (asked.out_dir / "airplane" / "seed0000000-c0-q95-qc10.jpg").exists()
+    asked = _export(quality_checkpoint, tmp_path / "q10", n=4, quality_cond=10)
+    assert (asked.files / "airplane" / "seed0000000-c0-q95-qc10.jpg").exists()
     with tarfile.open(asked.shards / "shard-000000.tar") as tar:
         assert json.loads(tar.extractfile("00000001.json").read())["quality_cond"] == 10
-    default = export(quality_checkpoint, tmp_path / "top", ExportSettings(n=4), device=CPU, progress=False)
-    assert (default.out_dir / "airplane" / "seed0000000-c0-q95-qc90.jpg").exists()  # the highest trained quality
-    low = Image.open(asked.out_dir / "airplane" / "seed0000000-c0-q95-qc10.jpg")
-    top = Image.open(default.out_dir / "airplane" / "seed0000000-c0-q95-qc90.jpg")
+    default = _export(quality_checkpoint, tmp_path / "top", n=4)
+    assert (default.files / "airplane" / "seed0000000-c0-q95-qc90.jpg").exists()  # the highest trained quality
+    low = Image.open(asked.files / "airplane" / "seed0000000-c0-q95-qc10.jpg")
+    top = Image.open(default.files / "airplane" / "seed0000000-c0-q95-qc90.jpg")
     assert np.asarray(low).tobytes() != np.asarray(top).tobytes()
 
 
@@ -111,9 +305,21 @@ def test_asking_for_a_quality_the_model_cannot_give_is_refused_before_any_work(c
                                                                               tmp_path):
     with pytest.raises(ConfigError, match=r"trained without quality conditioning \(compression.mode: none\).*"
                                           r"leave out --quality-cond"):
-        export(checkpoint, tmp_path / "a", ExportSettings(n=2, quality_cond=10), device=CPU, progress=False)
+        _export(checkpoint, tmp_path / "a", n=2, quality_cond=10)
     for bad in (0, 101):
         with pytest.raises(ConfigError, match=f"quality condition {bad} must be between 1 and 100"):
-            export(quality_checkpoint, tmp_path / "a", ExportSettings(n=2, quality_cond=bad), device=CPU,
-                   progress=False)
+            _export(quality_checkpoint, tmp_path / "a", n=2, quality_cond=bad)
     assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (nvJPEG encode)")
+def test_gpu_export_encodes_with_nvjpeg_faithfully(checkpoint, tmp_path):
+    cuda = torch.device("cuda")
+    out = export(checkpoint, tmp_path / "gpu", ExportSettings(n=20), device=cuda, progress=False)
+    G, _, z_dim = load_generator(load_checkpoint(checkpoint), ema=True, device=cuda)
+    pixels = generate(G, z_dim, list(range(20)), torch.arange(20) % 10, cuda).permute(0, 2, 3, 1).cpu().numpy()
+    for seed, array in enumerate(pixels):
+        reference = Image.open(io.BytesIO(images.encode(array, "jpeg", 95)))
+        ours = Image.open(next(out.files.glob(f"*/seed{seed:07d}-*.jpg")))
+        assert np.abs(np.asarray(ours, dtype=np.float32) - np.asarray(reference, dtype=np.float32)).mean() <= 1.0

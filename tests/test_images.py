@@ -6,6 +6,7 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from cgan_pipe import images
@@ -62,3 +63,18 @@ def test_a_truncated_or_damaged_plain_jpeg_fails_its_decode(jpegs):
         assert images.plain_jpeg_header(broken) == header  # the header is intact...
         with pytest.raises(images.BadImage, match="cannot decode"):
             images.decode_plain_jpeg(broken, header)  # ...the image data is not
+
+
+@pytest.mark.parametrize("fmt, options", [("jpeg", {}), ("jpeg", {"subsampling": "4:4:4"}), ("png", {}),
+                                          ("webp", {}), ("webp", {"lossless": True})])
+def test_batch_encoding_gives_what_encoding_one_by_one_gives(jpegs, fmt, options):
+    arrays = np.stack([np.asarray(Image.open(io.BytesIO(data))) for data in jpegs[:8]])
+    pixels = torch.from_numpy(arrays).permute(0, 3, 1, 2)  # NCHW view of NHWC memory, as export makes them
+    batch = images.encode_batch(pixels, fmt, 90, **options)
+    one_by_one = [images.encode(array, fmt, 90, **options) for array in arrays]
+    for ours, theirs in zip(batch, one_by_one):
+        a = np.asarray(Image.open(io.BytesIO(ours)).convert("RGB"), dtype=np.float32)
+        b = np.asarray(Image.open(io.BytesIO(theirs)).convert("RGB"), dtype=np.float32)
+        assert np.abs(a - b).mean() <= 1.0  # torchvision's libjpeg-turbo vs Pillow's: within 1/255
+    if fmt != "jpeg" or options:
+        assert batch == one_by_one  # the same Pillow call

@@ -126,8 +126,8 @@ class Evaluator:
         for start in tqdm(range(0, n, self.cfg.batch_size), desc="eval", unit="batch", disable=not progress,
                           leave=False):
             seeds = list(range(self.cfg.seed + start, self.cfg.seed + min(start + self.cfg.batch_size, n)))
-            pixels = generate(generator, z_dim, seeds, labels_all[start:start + len(seeds)], self.device, quality)
-            images = torch.from_numpy(pixels).to(self.device).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+            images = generate(generator, z_dim, seeds, labels_all[start:start + len(seeds)], self.device,
+                              quality).float().div(127.5).sub(1)
             for key, value in self._outputs(images).items():
                 outputs.setdefault(key, []).append(value)
         return {key: np.concatenate(parts) for key, parts in outputs.items()}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ..config import CompressionConfig, ModelConfig
 from ..data.loader import DatasetInfo
@@ -24,3 +26,23 @@ def build_networks(cfg: ModelConfig, info: DatasetInfo,
                                              quality=quality)
         return generator, discriminator
     raise ValueError(f"unknown architecture {cfg.arch!r}")  # config validation admits only known ones
+
+
+def for_inference(generator: nn.Module) -> nn.Module:
+    """`generator`, in place, made ready to generate and nothing else: eval mode, no gradients, every
+    BatchNorm that directly follows a (transposed) convolution folded into its weights, and channels-last
+    memory. Images agree with the unfolded network to float rounding; the DCGAN runs ~2.6x faster on a
+    CPU (docs/benchmarks.md)."""
+    generator.eval().requires_grad_(False)
+    for module in list(generator.modules()):
+        if isinstance(module, nn.Sequential):
+            _fold_batchnorm(module)
+    return generator.to(memory_format=torch.channels_last)
+
+
+def _fold_batchnorm(sequence: nn.Sequential) -> None:
+    layers = list(sequence)
+    for i, (layer, after) in enumerate(zip(layers, layers[1:])):
+        if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)) and isinstance(after, nn.BatchNorm2d):
+            sequence[i] = fuse_conv_bn_eval(layer, after, transpose=isinstance(layer, nn.ConvTranspose2d))
+            sequence[i + 1] = nn.Identity()

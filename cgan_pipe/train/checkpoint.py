@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import zipfile
 import re
 from pathlib import Path
 from typing import Any
@@ -52,8 +53,11 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         raise DataError(f"{path}: checkpoint not found")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise DataError(f"{path}: refused to load: not a plain-data checkpoint ({str(exc).splitlines()[0]})") from None
+    except pickle.UnpicklingError:
+        if not zipfile.is_zipfile(path):  # what torch.save writes
+            raise DataError(f"{path}: not a checkpoint (not a file written by torch.save)") from None
+        raise DataError(f"{path}: refused to load: it holds objects other than tensors and plain data, which could "
+                        f"run code; cgan-pipe checkpoints never do") from None
     except (RuntimeError, OSError, EOFError, ValueError) as exc:
         raise DataError(f"{path}: unreadable checkpoint ({str(exc).splitlines()[0]})") from None
     if not isinstance(state, dict) or state.get("kind") != KIND:
