@@ -269,7 +269,8 @@ def bench_export(checkpoint: Path, *, n: int = 10_000, batch_size: int = 250, qu
                  echo: Callable[[str], None] = print) -> list[BenchRecord]:
     """Time JPEG export of `n` images from `checkpoint`, with the same seeds and batches throughout:
     `plain`, the generator as trained followed by Pillow's `Image.save` per image into files;
-    `generate`, the export's generator alone (nothing encoded or written); `export`, the project's
+    `generate-plain` and `generate`, the generator as trained and the export's generator
+    (`models.for_inference`) alone, nothing encoded or written; `export`, the project's
     export writing files; `export-shards`, writing shards only. Imports and first calls are
     warmed up beforehand (importing torchvision takes ~1.5 s once per process, docs/benchmarks.md).
     Output goes to fresh folders
@@ -317,14 +318,33 @@ def bench_export(checkpoint: Path, *, n: int = 10_000, batch_size: int = 250, qu
                 for seed, image in zip(seeds, pixels.permute(0, 2, 3, 1).cpu().numpy()):
                     Image.fromarray(image).save(out / "plain" / f"seed{seed:07d}.jpg", quality=quality)
 
-        def generate_only() -> None:
+        def generate_only(generator: torch.nn.Module) -> None:
             for seeds in batches:
-                generate(fast, z_dim, seeds, labels[seeds[0]:seeds[-1] + 1], resolved, quality_cond).cpu()
+                generate(generator, z_dim, seeds, labels[seeds[0]:seeds[-1] + 1], resolved, quality_cond).cpu()
 
         timed("plain", plain_loop)
-        timed("generate", generate_only)
+        timed("generate-plain", lambda: generate_only(plain))
+        timed("generate", lambda: generate_only(fast))
         for method, output in (("export", "files"), ("export-shards", "shards")):
             settings = ExportSettings(n=n, quality=quality, batch_size=batch_size, output=output)
             timed(method, lambda: export(checkpoint, out / method, settings, device=resolved, progress=False))
+        difference = _decoded_difference(sorted((out / "plain").iterdir()),
+                                         sorted((out / "export" / "files").rglob("*.jpg")))
+        echo(f"export vs plain, decoded: mean absolute difference {difference * 255:.3f}/255 per pixel value")
         shutil.rmtree(out, ignore_errors=True)
     return records
+
+
+def _decoded_difference(first: list[Path], second: list[Path]) -> float:
+    """Mean absolute difference, in [0, 1], between the decoded images of two equally long lists of
+    files, paired by the seed in their names."""
+    import numpy as np
+
+    def by_seed(paths: list[Path]) -> list[Path]:
+        return sorted(paths, key=lambda path: int(path.name[4:11]))  # seed0000123...
+
+    def pixels(path: Path) -> np.ndarray:
+        return np.asarray(Image.open(path), dtype=np.float32)
+
+    total = sum(np.abs(pixels(a) - pixels(b)).mean() for a, b in zip(by_seed(first), by_seed(second), strict=True))
+    return float(total) / len(first) / 255

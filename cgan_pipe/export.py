@@ -160,10 +160,15 @@ def export(checkpoint: Path, out_dir: Path, settings: ExportSettings, *, device:
     }))
     files_dir = out_dir / "files" if settings.output != "shards" else None
     shards_dir = out_dir / "shards" if settings.output != "files" else None
-    if _up_to_date(out_dir, record):
+    previous = _previous_record(out_dir)
+    if previous == record:
         return ExportResult(out_dir, files_dir, shards_dir, len(labels), None, True)
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / RECORD_NAME).exists() and not overwrite:
-        raise ConfigError(f"{out_dir} exists and holds other files; choose a new folder or pass --overwrite")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        if previous is None:
+            raise ConfigError(f"{out_dir} exists and holds other files; choose a new folder or pass --overwrite")
+        changed = sorted(key for key in record.keys() | previous.keys() if record.get(key) != previous.get(key))
+        raise ConfigError(f"{out_dir} holds an export made with other settings ({', '.join(changed)} differ); "
+                          f"choose a new folder, or pass --overwrite to replace it")
 
     work = out_dir.with_name(f".{out_dir.name}{TEMP_MARK}export")
     parts = math.ceil(len(labels) / settings.shard_size)
@@ -447,10 +452,11 @@ def _disk_errors_explained(out_dir: Path) -> Iterator[None]:
                         f"finished parts are kept: free some space and rerun the same command to resume") from None
 
 
-def _up_to_date(out_dir: Path, record: dict) -> bool:
+def _previous_record(out_dir: Path) -> dict | None:
+    """The record of the finished export in `out_dir`, if there is one."""
     try:
         done = json.loads((out_dir / RECORD_NAME).read_text())
     except (OSError, ValueError):
-        return False
+        return None
     done.pop("images", None)
-    return done == record
+    return done

@@ -106,7 +106,7 @@ def _run_stages(cfg: PipelineConfig, *, progress: bool, echo: Callable[[str], No
         echo(f"eval: {shown}{'' if fresh else ' [up to date]'}")
 
     t0 = time.perf_counter()
-    exported = export(result.checkpoint, run_dir / "export", export_settings(cfg),
+    exported = export(result.checkpoint, run_dir / "export", export_settings(cfg), overwrite=True,  # its own stage
                       device=resolve_device(cfg.train.device, "train.device"), progress=progress)
     stages["export"] = {"status": "up to date" if exported.up_to_date else "ran", "seconds": _since(t0)}
     echo(f"export: {exported.n} {cfg.export.format} images in {exported.out_dir}"

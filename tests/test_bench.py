@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import tarfile
 
 from click.testing import CliRunner
@@ -71,7 +72,9 @@ def test_bench_export_times_the_export_beside_a_plain_pillow_loop(checkpoint, tm
                                        str(tmp_path / "export.json")])
     assert result.exit_code == 0, result.output
     records = json.loads((tmp_path / "export.json").read_text())
-    assert [r["method"] for r in records] == ["plain", "generate", "export", "export-shards"]
+    assert [r["method"] for r in records] == ["plain", "generate-plain", "generate", "export", "export-shards"]
     assert all(r["images"] == 60 and r["seconds"] > 0 and r["images_per_s"] > 0 for r in records)
     assert "export / plain = " in result.output and "encoding and writing add" in result.output
+    difference = re.search(r"mean absolute difference ([0-9.]+)/255", result.output)
+    assert difference and float(difference.group(1)) <= 1.0  # faithful to Pillow's encode of the same images
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export.json"]  # its scratch folders are gone

@@ -287,6 +287,10 @@ def test_bad_requests_fail_before_any_work(checkpoint, tmp_path):
     assert (tmp_path / "busy" / "mine.txt").read_text() == "keep me"
     replaced = export(checkpoint, tmp_path / "busy", ExportSettings(n=2), device=CPU, progress=False, overwrite=True)
     assert not (replaced.out_dir / "mine.txt").exists() and len(list(replaced.files.rglob("*.jpg"))) == 2
+    with pytest.raises(ConfigError, match=r"holds an export made with other settings \(n, quality differ\).*"
+                                          r"--overwrite to replace it"):
+        _export(checkpoint, tmp_path / "busy", n=3, quality=80)
+    assert len(list(replaced.files.rglob("*.jpg"))) == 2  # the earlier export is untouched
 
 
 def test_a_quality_conditioned_model_exports_the_requested_quality_and_records_it(quality_checkpoint, tmp_path):
