@@ -120,6 +120,10 @@ def check_settings(settings: ExportSettings) -> None:
     for name in ("batch_size", "shard_size"):
         if getattr(settings, name) <= 0:
             raise ConfigError(f"export {name} must be > 0 (got {getattr(settings, name)})")
+    if settings.classes is not None and not settings.classes:
+        raise ConfigError("export classes: give at least one class (or none for all)")
+    if isinstance(settings.classes, dict) and not all(count >= 1 for count in settings.classes.values()):
+        raise ConfigError(f"export classes: every per-class count must be >= 1 (got {settings.classes})")
     if settings.n is not None and settings.n <= 0:
         raise ConfigError(f"export n must be > 0 (got {settings.n})")
     if settings.seed < 0:
@@ -143,10 +147,11 @@ def export(checkpoint: Path, out_dir: Path, settings: ExportSettings, *, device:
     thread overlaps encoding and writing on another. The folder is built under a
     temp name, one part of `shard_size` images at a time, and renamed when
     complete: a killed export rerun with the same settings keeps its finished
-    parts and writes the rest. A finished export with
-    the same inputs is kept as is. With `world_size` > 1 (torchrun, a process group
-    already joined) part i is written by rank i % world_size and rank 0 finishes
-    the folder; every rank must call this with the same arguments.
+    parts and writes the rest. A finished export with the same inputs is kept as
+    is; one with other settings is replaced only with `overwrite`. With
+    `world_size` > 1 (torchrun, a process group already joined) part i is written
+    by rank i % world_size and rank 0 finishes the folder; every rank must call
+    this with the same arguments.
     """
     check_settings(settings)
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)

@@ -270,7 +270,8 @@ def test_bad_requests_fail_before_any_work(checkpoint, tmp_path):
     bad = [(dict(format="gif"), "format 'gif'"), (dict(quality=0), "quality 0"),
            (dict(output="cloud"), "output 'cloud'"), (dict(subsampling="4:1:1"), "subsampling '4:1:1'"),
            (dict(png_compress_level=10), "compress level 10"), (dict(truncation=0.01), "truncation 0.01"),
-           (dict(classes=("unicorn",)), "unknown 'unicorn'"), (dict(n=0), "n must be > 0")]
+           (dict(classes=("unicorn",)), "unknown 'unicorn'"), (dict(n=0), "n must be > 0"),
+           (dict(classes={"cat": 0}), "every per-class count must be >= 1"), (dict(classes=()), "at least one class")]
     for settings, message in bad:
         with pytest.raises(ConfigError, match=message):
             _export(checkpoint, tmp_path / "a", **settings)
