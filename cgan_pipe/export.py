@@ -159,6 +159,8 @@ def export(checkpoint: Path, out_dir: Path, settings: ExportSettings, *, device:
     G, info, z_dim = load_generator(state, settings.ema, device)
     labels = image_classes(settings, info)
     quality_cond = requested_quality(state, settings.quality_cond, checkpoint)
+    if settings.output != "shards":
+        _check_folder_names(info.class_names, checkpoint)
     record = json.loads(json.dumps({  # as JSON gives it back (tuples become lists), so reruns compare equal
         "checkpoint": str(checkpoint), "checkpoint_sha256": file_sha256(checkpoint), **asdict(settings),
         "n": len(labels), "quality_cond": quality_cond,
@@ -354,6 +356,14 @@ class _Part:
         """Delete the part's unfinished shard, so that no temp file is left."""
         if self.shard is not None:
             self.shard.__exit__(RuntimeError, None, None)
+
+
+def _check_folder_names(class_names: tuple[str, ...], checkpoint: Path) -> None:
+    """Refuse class names that would not stay one folder below files/ (a checkpoint is user input)."""
+    for name in class_names:
+        if name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+            raise DataError(f"{checkpoint}: class name {name!r} cannot be a folder name, so files cannot be "
+                            f"written for it; export shards only (--output shards)")
 
 
 def _write_file(path: Path, data: bytes) -> None:

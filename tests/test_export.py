@@ -294,6 +294,18 @@ def test_bad_requests_fail_before_any_work(checkpoint, tmp_path):
     assert len(list(replaced.files.rglob("*.jpg"))) == 2  # the earlier export is untouched
 
 
+def test_class_names_from_a_tampered_checkpoint_cannot_write_outside_the_export(checkpoint, tmp_path):
+    state = load_checkpoint(checkpoint)
+    state["dataset"]["class_names"][3] = "../../escaped"
+    tampered = tmp_path / "tampered.pt"
+    torch.save(state, tampered)
+    with pytest.raises(DataError, match=r"tampered.pt: class name '../../escaped' cannot be a folder name"):
+        _export(tampered, tmp_path / "out" / "export", n=10)
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "out").exists()
+    shards = _export(tampered, tmp_path / "out" / "export", n=10, output="shards")  # names stay in the metadata
+    assert read_manifest(shards.shards).class_histogram["../../escaped"] == 1
+
+
 def test_a_quality_conditioned_model_exports_the_requested_quality_and_records_it(quality_checkpoint, tmp_path):
     asked = _export(quality_checkpoint, tmp_path / "q10", n=4, quality_cond=10)
     assert (asked.files / "airplane" / "seed0000000-c0-q95-qc10.jpg").exists()
