@@ -1,4 +1,4 @@
-"""Atomic file writes: write to a temp name beside the target, rename when complete."""
+"""Atomic file writes: write to a temp name beside the target, rename when complete; clear killed writers' temps."""
 
 from __future__ import annotations
 
@@ -29,3 +29,26 @@ def write_text_atomic(path: Path, text: str) -> None:
     """Write `text` to `path` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Delete the temp files that writers killed mid-write left in `folder` (those whose process is
+    gone; the folder must not be written from other machines); returns what was deleted."""
+    removed = []
+    for path in Path(folder).glob(f".*{TEMP_MARK}*"):
+        pid = path.name.rpartition(TEMP_MARK)[2]
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's
+        return True
+    return True

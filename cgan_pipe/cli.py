@@ -233,7 +233,8 @@ def train(pipeline: str, overrides: tuple[str, ...], dry_run: bool, quiet: bool)
         write_resolved_config(cfg, cfg.run_path)
         result = train_gan(cfg, shards, cfg.run_path, progress=_progress(quiet))
     speed = f", {result.images_per_s:.0f} img/s" if result.images_per_s else " (already complete)"
-    click.echo(f"step {result.steps}{speed}; checkpoint {result.checkpoint}")
+    resumed = f" (resumed from step {result.resumed_from})" if result.resumed_from and result.images_per_s else ""
+    click.echo(f"step {result.steps}{resumed}{speed}; checkpoint {result.checkpoint}")
 
 
 @main.command(epilog=f"Example: {EXAMPLES['generate']}")

@@ -17,6 +17,7 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
+from ..atomic import process_alive
 from ..errors import DataError
 
 _RECORD = struct.Struct("<qqiBH")  # span offset, span size (-1: none), group, flags, path length; then the path
@@ -184,19 +185,10 @@ def listing_base(folder: Path) -> Path:
     host = socket.gethostname()
     for stale in Path(folder).glob(f"{_LISTING_PREFIX}{host}-*"):
         pid = stale.name[len(_LISTING_PREFIX) + len(host) + 1:].split(".", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
             stale.unlink(missing_ok=True)
     return Path(folder) / f"{_LISTING_PREFIX}{host}-{os.getpid()}"
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def shuffled_positions(start: int, count: int, n: int, seed: int) -> np.ndarray:

@@ -17,7 +17,7 @@ from torch import nn
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from ..atomic import atomic_path, write_text_atomic
+from ..atomic import atomic_path, remove_stale_temps, write_text_atomic
 from ..augment import diff_augment, parse_policy
 from ..compression import simulate_jpeg, trained_qualities
 from ..config import CompressionConfig, ModelConfig, PipelineConfig, to_dict
@@ -75,6 +75,9 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
     metrics_path, eval_path = run_dir / "metrics.jsonl", run_dir / "eval.jsonl"
     if lead:
         samples_dir.mkdir(parents=True, exist_ok=True)
+        for folder in (run_dir, ckpt_dir, samples_dir):  # a killed run's half-written checkpoint, grid, ...
+            if folder.is_dir():
+                remove_stale_temps(folder)
 
     # The newest usable checkpoint, if any: a finished run returns before any set-up.
     manifest = shard_set_manifest(shards)
