@@ -110,19 +110,48 @@ def parse_manifest(text: str, where: str) -> Manifest:
         data = json.loads(text)
     except ValueError as exc:
         raise DataError(f"{where}: unreadable manifest ({exc})") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{where}: malformed manifest (expected a JSON object)")
+    if data.get("format_version") != FORMAT_VERSION:
+        raise DataError(f"{where}: manifest format {data.get('format_version')!r} is not {FORMAT_VERSION}")
+    data.pop("num_samples", None)
+    _check_fields(data, _MANIFEST_FIELDS, where, "manifest")
+    for shard in data["shards"]:
+        _check_fields(shard, _SHARD_FIELDS, where, "shard entry")
     try:
-        if data.get("format_version") != FORMAT_VERSION:
-            raise DataError(f"{where}: manifest format {data.get('format_version')!r} is not {FORMAT_VERSION}")
-        data.pop("num_samples", None)
         data["shards"] = [ShardInfo(**s) for s in data["shards"]]
         manifest = Manifest(**data)
-    except (TypeError, KeyError, AttributeError) as exc:
+    except TypeError as exc:  # a missing or unknown field
         raise DataError(f"{where}: malformed manifest ({exc})") from None
     for shard in manifest.shards:
         for name in (shard.tar, shard.index):
             if "/" in name or name.startswith("."):
                 raise DataError(f"{where}: lists {name!r}, which is not a file name in the shard folder")
     return manifest
+
+
+# The JSON type of each field (bool is not taken for int), and what every item of a list or dict holds.
+_MANIFEST_FIELDS = {"created_by": (str, None), "source": (str, None), "settings": (dict, None),
+                    "resolution": (int, None), "image_format": (str, None), "class_names": (list, str),
+                    "shards": (list, dict), "class_histogram": (dict, int), "quality_histogram": (dict, int),
+                    "skipped": (list, dict), "format_version": (int, None)}
+_SHARD_FIELDS = {"tar": (str, None), "index": (str, None), "samples": (int, None), "bytes": (int, None),
+                 "sha256": (str, None)}
+
+
+def _check_fields(data: Any, fields: dict[str, tuple[type, type | None]], where: str, what: str) -> None:
+    """DataError naming `where` unless `data` is a JSON object whose known fields have their types."""
+    if not isinstance(data, dict):
+        raise DataError(f"{where}: malformed manifest ({what} is not a JSON object)")
+    for name, (kind, item) in fields.items():
+        if name not in data:
+            continue  # missing required fields are reported when the object is built
+        value = data[name]
+        items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        wrong = not isinstance(value, kind) or (kind is int and (isinstance(value, bool) or value < 0))
+        if wrong or (item is not None and any(not isinstance(v, item) or isinstance(v, bool) for v in items)):
+            raise DataError(f"{where}: malformed manifest ({what} field {name!r} is not a valid "
+                            f"{kind.__name__}{f' of {item.__name__}' if item else ''}: {value!r:.80})")
 
 
 @dataclass(frozen=True)
@@ -136,10 +165,17 @@ class IndexEntry:
 
 
 def parse_dali_index(path: Path) -> list[list[IndexEntry]]:
-    """The samples of a DALI v1.2 index file, each as the list of its files."""
+    """The samples of a DALI v1.2 index file, each as the list of its files; DataError naming the
+    line that is not one."""
     samples = []
-    for line in Path(path).read_text().splitlines()[1:]:
+    for number, line in enumerate(Path(path).read_text().splitlines()[1:], start=2):
         fields = line.split()
-        samples.append([IndexEntry(fields[i], int(fields[i + 1]), int(fields[i + 2]), fields[i + 3])
-                        for i in range(0, len(fields) - 3, 4)])
+        try:
+            files = [IndexEntry(fields[i], int(fields[i + 1]), int(fields[i + 2]), fields[i + 3])
+                     for i in range(0, len(fields) - 3, 4)]
+        except ValueError:
+            files = None
+        if files is None or len(fields) % 4 or any(f.offset < 0 or f.size < 0 for f in files):
+            raise DataError(f"{path}:{number}: not a DALI index line (ext offset size name, per file): {line!r:.80}")
+        samples.append(files)
     return samples

@@ -227,8 +227,8 @@ def inspect_shards(directory: Path) -> dict:
         "classes": manifest.class_names,
         "class_histogram": manifest.class_histogram,
         "quality_histogram": manifest.quality_histogram,
-        "bytes_per_image": round(image_bytes / n, 1),
-        "bytes_per_sample_in_tar": round(sum(s.bytes for s in manifest.shards) / n, 1),
+        "bytes_per_image": round(image_bytes / n, 1) if n else None,
+        "bytes_per_sample_in_tar": round(sum(s.bytes for s in manifest.shards) / n, 1) if n else None,
         "total_bytes": sum(s.bytes for s in manifest.shards),
         "skipped": len(manifest.skipped),
     }
