@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from pathlib import Path
 from typing import Iterator
+
+from .errors import DataError
 
 TEMP_MARK = ".tmp-"
 
@@ -52,3 +55,16 @@ def process_alive(pid: int) -> bool:
     except PermissionError:  # someone else's
         return True
     return True
+
+
+@contextlib.contextmanager
+def disk_full_explained(where: Path, kept: str) -> Iterator[None]:
+    """Turn a full disk (or quota) met in the block into a DataError naming the file, saying what was
+    `kept` and how to go on."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise DataError(f"{exc.filename or where}: no space left on the device; {kept}: free some space and "
+                        f"rerun the same command to resume") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -44,6 +45,12 @@ def _reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             click.echo("interrupted; rerun the same command to resume", err=True)
             sys.exit(130)
+        except OSError as exc:  # a full disk met where no stage words it itself
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            click.secho(f"error: {exc.filename or 'writing'}: no space left on the device; finished work is kept: "
+                        f"free some space and rerun the same command to resume", fg="red", err=True)
+            sys.exit(1)
 
     return wrapper
 

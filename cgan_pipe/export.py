@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import math
 import os
@@ -13,14 +12,14 @@ from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from . import images
-from .atomic import TEMP_MARK, atomic_path, write_text_atomic
+from .atomic import TEMP_MARK, atomic_path, disk_full_explained, write_text_atomic
 from .config import config_from_dict
 from .data.loader import DatasetInfo
 from .data.manifest import Manifest, ShardInfo, write_manifest
@@ -189,14 +188,14 @@ def export(checkpoint: Path, out_dir: Path, settings: ExportSettings, *, device:
     todo = [i for i in range(parts) if i % world_size == rank and i not in done]
     images_done = sum(done[i]["images"] for i in done if i % world_size == rank)
     start = time.perf_counter()
-    with _disk_errors_explained(out_dir):
+    with disk_full_explained(out_dir, "finished parts of the export are kept"):
         written = _write_parts(G, z_dim, todo, labels, quality_cond, work, settings, record, info, device,
                                progress, images_done)
     seconds = time.perf_counter() - start
     if world_size > 1:
         wait_for_all_ranks()
     if rank == 0:
-        with _disk_errors_explained(out_dir):
+        with disk_full_explained(out_dir, "finished parts of the export are kept"):
             first = list(range(min(CONTACT_SHEET_IMAGES, len(labels))))
             sheet = generate(G, z_dim, [settings.seed + i for i in first], labels[first], device, quality_cond,
                              settings.truncation)
@@ -453,18 +452,6 @@ def _finish(work: Path, out_dir: Path, record: dict, settings: ExportSettings, i
     if out_dir.exists():
         shutil.rmtree(out_dir)
     work.rename(out_dir)
-
-
-@contextlib.contextmanager
-def _disk_errors_explained(out_dir: Path) -> Iterator[None]:
-    """A full disk (or quota) becomes a DataError that says what was kept and how to go on."""
-    try:
-        yield
-    except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        raise DataError(f"{exc.filename or out_dir}: no space left on the device while exporting to {out_dir}; "
-                        f"finished parts are kept: free some space and rerun the same command to resume") from None
 
 
 def _previous_record(out_dir: Path) -> dict | None:

@@ -22,7 +22,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from .. import images
-from ..atomic import TEMP_MARK, write_text_atomic
+from ..atomic import TEMP_MARK, disk_full_explained, write_text_atomic
 from ..compression import estimate_jpeg_quality, estimate_jpeg_quality_zigzag
 from ..errors import ConfigError, DataError
 from .manifest import MANIFEST_NAME, Manifest, ShardInfo, read_manifest, write_manifest
@@ -126,10 +126,13 @@ class ShardWriter:
         return self
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
-        if exc_type is not None and self._file is not None:
-            self._file.close()
+        if exc_type is not None and self._tmp is not None:  # a shard not renamed into place
+            if self._file is not None:
+                with contextlib.suppress(OSError):  # its flush may fail again (a full disk)
+                    self._file.close()
+                self._file = None
             self._tmp.unlink(missing_ok=True)
-            self._file = None
+            self._tmp = None
 
     def _write(self, data: bytes) -> None:
         self._file.write(data)
@@ -142,10 +145,9 @@ class ShardWriter:
         self._file = None
         base = SHARD_NAME.format(self.first_index + len(self.shards))
         tar_path, index_path = self.out_dir / f"{base}.tar", self.out_dir / f"{base}.idx"
-        index_tmp = self.out_dir / f".{base}.idx{TEMP_MARK}{os.getpid()}"
-        index_tmp.write_text(f"{DALI_INDEX_VERSION} {self._count}\n" + "".join(self._index_lines))
-        os.replace(index_tmp, index_path)
+        write_text_atomic(index_path, f"{DALI_INDEX_VERSION} {self._count}\n" + "".join(self._index_lines))
         os.replace(self._tmp, tar_path)
+        self._tmp = None
         self.shards.append(ShardInfo(
             tar=tar_path.name, index=index_path.name, samples=self._count,
             bytes=self._size, sha256=self._sha256.hexdigest(),
@@ -279,9 +281,10 @@ def prepare(source: str, out_dir: Path, settings: PrepareSettings, *, workers: i
         counter.value = sum(jobs[i].count for i in done)
         stack.enter_context(_progress_bar(counter, sum(jobs[i].count for i in mine), progress))
         try:
-            results = pool.map(_write_job, todo) if pool else map(_write_job, todo)
-            for job, result in zip(todo, results):
-                done[job.index] = result
+            with disk_full_explained(out_dir, "finished shards are kept"):
+                results = pool.map(_write_job, todo) if pool else map(_write_job, todo)
+                for job, result in zip(todo, results):
+                    done[job.index] = result
         except BrokenProcessPool:
             raise DataError(f"a prepare worker died (out of memory?) while writing {out_dir}; finished shards "
                             f"are kept: rerun the same command to resume, with fewer --workers if memory is short"
@@ -289,7 +292,8 @@ def prepare(source: str, out_dir: Path, settings: PrepareSettings, *, workers: i
 
     if world_size > 1:
         return None, False
-    return merge_shards(out_dir), False
+    with disk_full_explained(out_dir, "the shards are all written, only the manifest is missing"):
+        return merge_shards(out_dir), False
 
 
 def merge_shards(out_dir: Path) -> Manifest:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pickle
-import zipfile
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,12 @@ def save_checkpoint(directory: Path, step: int, state: dict[str, Any], keep: int
     directory.mkdir(parents=True, exist_ok=True)
     path = checkpoint_path(directory, step)
     with atomic_path(path) as tmp:
-        torch.save({"kind": KIND, "version": VERSION, "step": step, **state}, tmp)
+        try:
+            torch.save({"kind": KIND, "version": VERSION, "step": step, **state}, tmp)
+        except RuntimeError as exc:  # torch's zip writer words a failed write (a full disk) this way
+            raise DataError(f"{path}: could not write the checkpoint ({str(exc).splitlines()[0]}); is the disk "
+                            f"full? The checkpoints before it are kept: free some space and rerun the same "
+                            f"command to resume") from None
     for old in list_checkpoints(directory)[:-keep]:
         old.unlink()
     return path
