@@ -391,16 +391,16 @@ def evaluate(checkpoint: str, shards: str | None, metric_names: str | None, n_sa
     from .train.checkpoint import load_checkpoint
 
     cfg = config_from_dict(load_checkpoint(Path(checkpoint))["config"], origin=f"{checkpoint} config")
-    beside = Path(checkpoint).resolve().parent.parent / "shards"
-    shards = shards or (str(beside) if (beside / "manifest.json").is_file() else cfg.loader.shards)
-    if not shards:
-        raise ConfigError(f"{checkpoint}: no shard set beside it; give the real shards with --shards")
     changes = {"n_samples": n_samples, "inception_weights": inception_weights, "cache_dir": cache_dir,
                "classifier_steps": classifier_steps,
                "metrics": [m.strip() for m in metric_names.split(",") if m.strip()] if metric_names else None}
     eval_cfg = config_from_dict({**to_dict(cfg), "eval": {**to_dict(cfg.eval), **{k: v for k, v in changes.items()
                                                                                  if v is not None}}},
                                 origin="eval options").eval
+    beside = Path(checkpoint).resolve().parent.parent / "shards"
+    shards = shards or (str(beside) if (beside / "manifest.json").is_file() else cfg.loader.shards)
+    if not shards:
+        raise ConfigError(f"{checkpoint}: no shard set beside it; give the real shards with --shards")
     scores = evaluate_checkpoint(Path(checkpoint), shards, eval_cfg, cfg.loader, resolve_device(device, "--device"),
                                  ema=not raw, progress=_progress(quiet))
     if as_json:
