@@ -479,7 +479,8 @@ def bench() -> None:
 @click.argument("source", type=click.Path(exists=True, dir_okay=False))
 @click.option("--quality", type=click.IntRange(1, 100), default=90, show_default=True,
               help="JPEG quality of the re-encode runs.")
-@click.option("--workers", type=click.IntRange(min=1), default=None, help="prepare's processes [default: one per core].")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="prepare's processes [default: one per core].")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use the first N images only.")
 @click.option("--dataset-tool", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Path of StyleGAN2-ADA's dataset_tool.py, to time it on the same images (extracted first).")
