@@ -24,6 +24,12 @@ ShardFormat = Literal["jpeg", "png", "webp", "keep"]
 # Field helpers: every field carries a help text (shown in docs) and an optional check.
 
 
+def default_cache_dir() -> Path:
+    """Where cgan-pipe caches what it computed once (trained classifiers, checked shards):
+    $XDG_CACHE_HOME/cgan-pipe, or ~/.cache/cgan-pipe."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cgan-pipe"
+
+
 def _opt(default: Any, help: str, check: Callable[[Any], str | None] | None = None) -> Any:
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help, "check": check})

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import io
+import os
 import tarfile
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
 
 from cgan_pipe.data.shards import PrepareSettings, prepare
+
+# What cgan-pipe caches (checked shards, trained classifiers) goes to a folder of this test run, not ~/.cache.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="cgan-pipe-test-cache-")
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR = ROOT.parent / "shared" / "data" / "cifar10"

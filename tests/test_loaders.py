@@ -144,17 +144,59 @@ def test_augmentations_change_pixels_but_not_the_contract(one_per_class, backend
     assert sum(changed) >= 5, "most images should differ from their plain decode"
 
 
-def _damaged_copy(small_shards, tmp_path, damage):
+def _damaged_copy(small_shards, tmp_path, damage, checksummed_after=False):
+    """A copy of the shards with shard 1 damaged in place; with `checksummed_after` its manifest
+    records the damaged bytes' checksum (as for a shard written badly), so only the loaders' own
+    per-sample checks can catch it."""
+    import json
     import shutil
 
     from cgan_pipe.data.manifest import parse_dali_index
+    from cgan_pipe.data.shards import file_sha256
 
     copy = tmp_path / "shards"
     shutil.copytree(small_shards, copy)
     samples = list(parse_dali_index(copy / "shard-000001.idx"))
     with open(copy / "shard-000001.tar", "r+b") as handle:
         damage(handle, samples)
+    if checksummed_after:
+        manifest = json.loads((copy / "manifest.json").read_text())
+        manifest["shards"][1]["sha256"] = file_sha256(copy / "shard-000001.tar")
+        (copy / "manifest.json").write_text(json.dumps(manifest))
     return copy
+
+
+def _spoil_images(handle, samples):
+    for files in samples:
+        image = next(f for f in files if f.ext == "jpg")
+        handle.seek(image.offset + 20)
+        handle.write(bytes(image.size - 20))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_shard_whose_bytes_changed_is_named_before_any_decoder_sees_it(small_shards, tmp_path, backend):
+    copy = _damaged_copy(small_shards, tmp_path, _spoil_images)  # DALI's CPU decoder has segfaulted on these
+    with pytest.raises(DataError, match=r"shard-000001.tar: its bytes changed since it was written .*verify"):
+        open_loader(copy, LoaderConfig(backend=backend, threads=1), 16, 0, torch.device("cpu"))
+
+
+def test_checksums_are_checked_once_per_shard_file(small_shards, tmp_path, monkeypatch):
+    import os
+
+    import cgan_pipe.data.verify as verify
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    hashed = []
+    real = verify.file_sha256
+    monkeypatch.setattr(verify, "file_sha256", lambda path: hashed.append(path.name) or real(path))
+    cfg = LoaderConfig(backend="torch", threads=1)
+    open_loader(small_shards, cfg, 16, 0, torch.device("cpu"))
+    open_loader(small_shards, cfg, 16, 0, torch.device("cpu"))
+    assert sorted(hashed) == ["shard-000000.tar", "shard-000001.tar"]  # the second open trusted the record
+    stat = (small_shards / "shard-000001.tar").stat()
+    os.utime(small_shards / "shard-000001.tar", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    open_loader(small_shards, cfg, 16, 0, torch.device("cpu"))
+    assert sorted(hashed) == ["shard-000000.tar", "shard-000001.tar", "shard-000001.tar"]  # touched: checked again
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -172,7 +214,7 @@ def test_a_class_file_that_is_not_a_number_is_an_error_not_a_label(small_shards,
             handle.seek(cls.offset)
             handle.write(b"x" * cls.size)
 
-    copy = _damaged_copy(small_shards, tmp_path, spoil_labels)
+    copy = _damaged_copy(small_shards, tmp_path, spoil_labels, checksummed_after=True)
     batches = iter(open_loader(copy, LoaderConfig(backend=backend, threads=1), 16, 0, torch.device("cpu")))
     with pytest.raises(DataError, match="verify"):
         for _ in range(20):  # 320 samples: both shards are read
@@ -180,14 +222,9 @@ def test_a_class_file_that_is_not_a_number_is_an_error_not_a_label(small_shards,
 
 
 def test_an_undecodable_image_names_the_shard_set(small_shards, tmp_path):
-    # (torch backend only: DALI has segfaulted this process on garbage JPEG bytes; verify covers it)
-    def spoil_images(handle, samples):
-        for files in samples:
-            image = next(f for f in files if f.ext == "jpg")
-            handle.seek(image.offset + 20)
-            handle.write(bytes(image.size - 20))
-
-    copy = _damaged_copy(small_shards, tmp_path, spoil_images)
+    # (torch backend only: DALI has segfaulted this process on garbage JPEG bytes; the checksums keep
+    # such bytes from it, test above, and verify decodes in a subprocess)
+    copy = _damaged_copy(small_shards, tmp_path, _spoil_images, checksummed_after=True)
     batches = iter(open_loader(copy, LoaderConfig(backend="torch", threads=1), 16, 0, torch.device("cpu")))
     with pytest.raises(DataError, match=f"{copy}: the torch loader failed on a sample"):
         for _ in range(20):

@@ -9,9 +9,12 @@ from typing import Iterator, Protocol
 
 import torch
 
-from ..config import LoaderConfig
+from ..config import LoaderConfig, default_cache_dir
 from ..errors import ConfigError, DataError
 from .manifest import Manifest, read_manifest, read_remote_manifest
+from .verify import check_checksums
+
+CHECKED_SHARDS = "checked-shards.json"  # in the cache folder: shards whose checksum matched, by size and mtime
 
 
 @dataclass
@@ -93,6 +96,7 @@ def open_loader(shards: Path | str, cfg: LoaderConfig, batch_size: int, seed: in
                 raise DataError(f"{shards / shard.tar}: {size} bytes where the manifest says {shard.bytes} "
                                 f"(truncated or replaced); run `cgan-pipe verify {shards}`, and prepare the "
                                 f"shards again if it fails")
+        check_checksums(shards, manifest, default_cache_dir() / CHECKED_SHARDS)
     if with_quality and not cfg.jpeg_distort:  # a distorted sample's quality is the one drawn for it
         check_quality_metadata(manifest, shards)
     if batch_size > manifest.num_samples:

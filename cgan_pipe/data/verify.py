@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import tarfile
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,8 +15,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, write_text_atomic
 from ..images import decode, shard_extensions
+from ..errors import DataError
 from .manifest import Manifest, ShardInfo, parse_dali_index, read_manifest
 from .shards import dali_index, file_sha256, member_extension, sample_members
 
@@ -267,3 +269,35 @@ def contact_sheet(directory: Path, out: Path, per_class: int = 8) -> Path:
     with atomic_path(Path(out)) as tmp:
         sheet.save(tmp, format="PNG")
     return Path(out)
+
+
+def check_checksums(directory: Path, manifest: Manifest, record: Path) -> None:
+    """Compare each shard's sha256 with its manifest's, once per shard file: a shard whose size and
+    modification time are those of an earlier successful check (kept in the JSON file `record`) is
+    trusted. Raises DataError naming the first shard whose bytes changed since it was written,
+    before any decoder meets them (DALI's CPU decoder can crash the process on a damaged JPEG)."""
+    try:
+        known = json.loads(Path(record).read_text())
+    except (OSError, ValueError):
+        known = {}
+    todo = []
+    for shard in manifest.shards:
+        path = (Path(directory) / shard.tar).resolve()
+        stat = path.stat()
+        if known.get(str(path)) != [stat.st_size, stat.st_mtime_ns, shard.sha256]:
+            todo.append((shard, path, [stat.st_size, stat.st_mtime_ns, shard.sha256]))
+    if not todo:
+        return
+    with ThreadPoolExecutor(max_workers=min(4, len(todo))) as pool:  # hashlib hashes without the GIL
+        digests = list(pool.map(lambda job: file_sha256(job[1]), todo))
+    for (shard, path, seen), digest in zip(todo, digests):
+        if digest != shard.sha256:
+            raise DataError(f"{path}: its bytes changed since it was written (sha256 {digest[:12]}..., the manifest "
+                            f"says {shard.sha256[:12]}...); run `cgan-pipe verify {directory}` to find the damaged "
+                            f"samples, and prepare the shards again")
+        known[str(path)] = seen
+    try:
+        Path(record).parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(Path(record), json.dumps(known))
+    except OSError:
+        pass  # a read-only cache: check again next time

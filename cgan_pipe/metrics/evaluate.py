@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -15,7 +14,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..atomic import atomic_path
-from ..config import EvalConfig, LoaderConfig
+from ..config import EvalConfig, LoaderConfig, default_cache_dir
 from ..data.loader import DatasetInfo, dataset_info, open_loader, shard_set_manifest
 from ..errors import ConfigError
 from ..export import generate, load_generator
@@ -166,9 +165,7 @@ class Evaluator:
 
 
 def _cache_root(cfg: EvalConfig) -> Path:
-    if cfg.cache_dir:
-        return Path(cfg.cache_dir).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cgan-pipe"
+    return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
 
 
 def _shard_set_id(manifest: Any) -> str:
