@@ -16,8 +16,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..atomic import atomic_path, write_text_atomic
-from ..images import decode, shard_extensions
 from ..errors import DataError
+from ..images import decode, shard_extensions
 from .manifest import Manifest, ShardInfo, parse_dali_index, read_manifest
 from .shards import dali_index, file_sha256, member_extension, sample_members
 
