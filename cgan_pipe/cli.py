@@ -19,6 +19,7 @@ from .errors import ConfigError, UserError
 
 EXAMPLES = {
     "run": "cgan-pipe run pipelines/cifar.yaml --set train.steps=300",
+    "init": "cgan-pipe init ~/photos/pets --out pipelines/pets.yaml",
     "prepare": "cgan-pipe prepare ../shared/data/cifar10/train.tar shards/cifar-webp --format webp --quality 90",
     "train": "cgan-pipe train pipelines/cifar.yaml --set train.batch_size=128",
     "verify": "cgan-pipe verify runs/cifar/shards",
@@ -75,6 +76,40 @@ def main() -> None:
     Raw images -> webdataset shards -> DALI loader -> GAN -> JPEG/PNG/WebP.
     Exit codes: 0 success, 1 runtime failure, 2 usage or config error.
     """
+
+
+@main.command(epilog=f"Example: {EXAMPLES['init']}")
+@click.argument("source")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Pipeline file to write [default: <source name>.yaml here].")
+@click.option("--name", default=None, help="Pipeline name (and runs/<name>) [default: from the source].")
+@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
+@_reports_errors
+def init(source: str, out: str | None, name: str | None, force: bool) -> None:
+    """Write a starter pipeline for SOURCE (an image folder, a tar of one, a list file or the CIFAR-10
+    archive): lists it, opens a sample of its images, and sets the resolution, format, model width,
+    batch size and time budget for this data and this machine. Every key is written with its
+    meaning as a comment; edit, then `cgan-pipe run` the file."""
+    import torch
+
+    from .atomic import write_text_atomic
+    from .starter import pipeline_name, starter_yaml, suggest, survey_source
+
+    name = name or pipeline_name(source)
+    path = Path(out) if out else Path(f"{name}.yaml")
+    if path.exists() and not force:
+        raise ConfigError(f"{path} exists; choose another --out, or pass --force to overwrite it")
+    if not source.startswith("download:"):  # the file may be run from another folder
+        source = str(Path(source).expanduser().resolve())
+    survey = survey_source(source)
+    values, why = suggest(survey, cuda=torch.cuda.is_available())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, starter_yaml(name, survey, values, why))
+    load_pipeline(path)  # what we wrote must load
+    classes = len(survey.class_counts)
+    click.echo(f"{survey.images} images, {classes or 'no'} classes; resolution {values['data.resolution']}, "
+               f"batch {values['train.batch_size']}, {values['train.max_minutes']} minutes")
+    click.echo(f"wrote {path}; next: cgan-pipe run {path}")
 
 
 @main.command(epilog=f"Example: {EXAMPLES['run']}")

@@ -1,0 +1,57 @@
+"""`cgan-pipe init`: a starter pipeline from a user's own images, every key commented, that loads and runs."""
+
+from __future__ import annotations
+
+from click.testing import CliRunner
+from PIL import Image
+
+from cgan_pipe.cli import main
+from cgan_pipe.config import describe_keys, load_pipeline
+from cgan_pipe.starter import pipeline_name, suggest, survey_source
+
+
+def test_init_on_a_tar_of_class_folders_writes_a_commented_pipeline_that_loads(small_tar, tmp_path):
+    out = tmp_path / "pipelines" / "mine.yaml"
+    result = CliRunner().invoke(main, ["init", str(small_tar), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "200 images, 10 classes; resolution 32" in result.output and f"cgan-pipe run {out}" in result.output
+    cfg = load_pipeline(out)
+    assert cfg.name == "cifar-small" and cfg.data.source == str(small_tar.resolve())
+    assert cfg.data.resolution == 32 and cfg.data.format == "jpeg" and cfg.train.max_minutes == 15
+    lines = out.read_text().splitlines()
+    assert "# Found 200 images, 10 classes (airplane: 20," in "\n".join(lines)
+    for doc in describe_keys():  # every key, each under a comment saying what it means
+        leaf = doc.key.rpartition(".")[2]
+        indent = "  " if "." in doc.key else ""
+        at = next(i for i, line in enumerate(lines) if line.startswith(f"{indent}{leaf}: "))
+        assert lines[at - 1].startswith(f"{indent}# "), doc.key
+    again = CliRunner().invoke(main, ["init", str(small_tar), "--out", str(out)])
+    assert again.exit_code == 2 and "exists; choose another --out, or pass --force" in again.output
+    missing = CliRunner().invoke(main, ["init", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.yaml")])
+    assert missing.exit_code == 1 and "does not exist" in missing.output
+
+
+def test_sizes_formats_and_the_machine_set_the_suggestions(tmp_path):
+    for i in range(12):
+        folder = tmp_path / "photos" / ("cats" if i % 2 else "dogs")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (150 + i, 100 + i), (i * 20, 0, 0)).save(folder / f"{i}.png")
+    (tmp_path / "photos" / "dogs" / "broken.png").write_bytes(b"not a png")
+    survey = survey_source(str(tmp_path / "photos"))
+    assert survey.images == 13 and survey.class_counts == {"cats": 6, "dogs": 7} and survey.unreadable == 1
+    assert survey.formats == {"PNG": 12}
+    on_gpu, why = suggest(survey, cuda=True)
+    assert on_gpu["data.resolution"] == 64 and on_gpu["data.format"] == "png" and on_gpu["model.g_width"] == 256
+    assert "short side is 10" in why["data.resolution"]
+    big = survey_source(str(tmp_path / "photos"))
+    big.sizes = [(600, 400)] * 10
+    assert suggest(big, cuda=True)[0]["data.resolution"] == 256
+    on_cpu, why = suggest(big, cuda=False)
+    assert on_cpu["data.resolution"] == 64 and "64 at most on a CPU" in why["data.resolution"]
+    assert on_cpu["train.batch_size"] == 32
+
+
+def test_pipeline_names_come_from_the_source():
+    assert pipeline_name("/data/My Photos/") == "My-Photos"
+    assert pipeline_name("pets.tar.gz") == "pets" and pipeline_name("list.txt") == "list"
+    assert pipeline_name("ünïcode.tar") == "n-code" and pipeline_name("...") == "my-images"
