@@ -23,6 +23,7 @@ EXAMPLES = {
     "prepare": "cgan-pipe prepare ../shared/data/cifar10/train.tar shards/cifar-webp --format webp --quality 90",
     "train": "cgan-pipe train pipelines/cifar.yaml --set train.batch_size=128",
     "verify": "cgan-pipe verify runs/cifar/shards",
+    "report": "cgan-pipe report runs/cifar",
     "inspect": "cgan-pipe inspect runs/cifar/shards --json",
     "bench prepare": "cgan-pipe bench prepare ../shared/data/cifar10/train.tar --dataset-tool dataset_tool.py",
     "bench loader": "cgan-pipe bench loader runs/cifar/shards --jpeg-distort 10,40 --json loader.json",
@@ -443,6 +444,18 @@ def evaluate(checkpoint: str, shards: str | None, metric_names: str | None, n_sa
         return
     for key, value in scores.items():
         click.echo(f"{key:>18}  {json.dumps(value) if isinstance(value, dict) else value}")
+
+
+@main.command(epilog=f"Example: {EXAMPLES['report']}")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@_reports_errors
+def report(run_dir: str) -> None:
+    """Write RUN_DIR/report.html again from what the run left there: results, curves, sample grids
+    over training, exported images, data summary and configuration, with every image embedded
+    (`cgan-pipe run` writes it at the end of each run)."""
+    from .report import write_report
+
+    click.echo(f"wrote {write_report(Path(run_dir))}")
 
 
 @main.command(epilog=f"Example: {EXAMPLES['verify']}")

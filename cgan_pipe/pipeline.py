@@ -15,6 +15,7 @@ from .data.loader import dataset_info, rank_and_world
 from .data.manifest import read_manifest
 from .data.shards import PrepareSettings, prepare
 from .export import ExportSettings, export
+from .report import REPORT_NAME, write_report
 from .metrics.evaluate import check_eval_settings, evaluate_checkpoint
 from .devices import resolve_device
 from .distributed import process_group, started_by_torchrun, training_backend, wait_for_all_ranks
@@ -139,8 +140,11 @@ def _run_stages(cfg: PipelineConfig, *, progress: bool, echo: Callable[[str], No
         "export_format": cfg.export.format,
         "export_quality": cfg.export.quality,
         "stages": stages,
+        "report": str(run_dir / REPORT_NAME),
     }
     write_text_atomic(run_dir / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
+    write_report(run_dir)
+    echo(f"report: {run_dir / REPORT_NAME}")
     return summary
 
 

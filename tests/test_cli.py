@@ -172,6 +172,10 @@ def test_run_end_to_end_on_a_cifar_subset(tmp_path):
                                   torch.device("cpu"))))
     assert batch.images.shape == (120, 3, 32, 32)
 
+    # the report: one page, every image embedded
+    report = Path(summary["report"]).read_text()
+    assert report.count('src="data:image/png;base64,') >= 3 and "<h2>Samples over training</h2>" in report
+
     # a rerun finds every stage up to date
     again = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert again.returncode == 0, again.stderr
