@@ -18,7 +18,7 @@ from .config import load_pipeline, to_dict
 from .errors import ConfigError, UserError
 
 EXAMPLES = {
-    "run": "cgan-pipe run pipelines/cifar.yaml --set train.steps=300",
+    "run": "cgan-pipe run pipelines/cifar.yaml --set train.steps=300 --from eval",
     "init": "cgan-pipe init ~/photos/pets --out pipelines/pets.yaml",
     "prepare": "cgan-pipe prepare ../shared/data/cifar10/train.tar shards/cifar-webp --format webp --quality 90",
     "train": "cgan-pipe train pipelines/cifar.yaml --set train.batch_size=128",
@@ -116,25 +116,35 @@ def init(source: str, out: str | None, name: str | None, force: bool) -> None:
 @main.command(epilog=f"Example: {EXAMPLES['run']}")
 @click.argument("pipeline", type=click.Path(dir_okay=False))
 @set_option
-@dry_run_option
+@click.option("--only", "only", default=None, metavar="STAGE[,STAGE..]",
+              help="Run only these stages (prepare, train, eval, export); the others' earlier outputs are used.")
+@click.option("--from", "start", default=None, metavar="STAGE", help="Run this stage and the ones after it.")
+@click.option("--dry-run", is_flag=True, help="Print the resolved config and the plan (what would run, what is up "
+              "to date and why), and stop.")
 @quiet_option
 @_reports_errors
-def run(pipeline: str, overrides: tuple[str, ...], dry_run: bool, quiet: bool) -> None:
+def run(pipeline: str, overrides: tuple[str, ...], only: str | None, start: str | None, dry_run: bool,
+        quiet: bool) -> None:
     """Run a whole PIPELINE (YAML): prepare shards, train, evaluate, export images.
 
     Everything goes under the pipeline's run_dir (default runs/<name>/); a stage
     whose outputs are complete for the same settings is skipped, and training
-    resumes from its last checkpoint. Writes run_dir/summary.json. Under
-    torchrun, rank 0 prepares, evaluates and exports; every rank trains.
+    resumes from its last checkpoint. Writes run_dir/summary.json and
+    run_dir/report.html. Under torchrun, rank 0 prepares, evaluates and exports;
+    every rank trains.
     """
-    from .pipeline import run_pipeline
+    from .pipeline import plan_pipeline, run_pipeline, select_stages
 
     cfg = load_pipeline(pipeline, list(overrides))
+    stages = select_stages(tuple(s.strip() for s in only.split(",") if s.strip()) if only else (), start)
     if dry_run:
         click.echo(yaml.safe_dump(to_dict(cfg), sort_keys=False), nl=False)
+        click.echo("\nplan:")
+        for stage, action, why in plan_pipeline(cfg, stages):
+            click.echo(f"  {stage:8s} {action:12s} {why}")
         return
-    summary = run_pipeline(cfg, progress=_progress(quiet), echo=click.echo)
-    if summary is None:  # a torchrun rank other than 0: it trained its part; rank 0 reports
+    summary = run_pipeline(cfg, progress=_progress(quiet), echo=click.echo, stages=stages)
+    if summary is None or "name" not in summary:  # another torchrun rank (rank 0 reports), or prepare alone
         return
     click.echo(f"done: {cfg.run_path / 'summary.json'} ({summary['images_per_s']} img/s training)")
 

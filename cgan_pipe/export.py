@@ -160,10 +160,7 @@ def export(checkpoint: Path, out_dir: Path, settings: ExportSettings, *, device:
     quality_cond = requested_quality(state, settings.quality_cond, checkpoint)
     if settings.output != "shards":
         _check_folder_names(info.class_names, checkpoint)
-    record = json.loads(json.dumps({  # as JSON gives it back (tuples become lists), so reruns compare equal
-        "checkpoint": str(checkpoint), "checkpoint_sha256": file_sha256(checkpoint), **asdict(settings),
-        "n": len(labels), "quality_cond": quality_cond,
-    }))
+    record = _record(checkpoint, settings, len(labels), quality_cond)
     files_dir = out_dir / "files" if settings.output != "shards" else None
     shards_dir = out_dir / "shards" if settings.output != "files" else None
     previous = _previous_record(out_dir)
@@ -202,6 +199,37 @@ def export(checkpoint: Path, out_dir: Path, settings: ExportSettings, *, device:
             _write_contact_sheet(work / CONTACT_SHEET, sheet.cpu())
             _finish(work, out_dir, record, settings, info, parts, checkpoint)
     return ExportResult(out_dir, files_dir, shards_dir, len(labels), written / seconds if written else None, False)
+
+
+def export_status(checkpoint: Path, out_dir: Path, settings: ExportSettings) -> tuple[str, str]:
+    """What `export` would do, without doing it: ('up to date' | 'resume' | 'run', why)."""
+    check_settings(settings)
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    state = load_checkpoint(checkpoint)
+    ds = state["dataset"]
+    info = DatasetInfo(ds["resolution"], ds["channels"], tuple(ds["class_names"]), 0)
+    record = _record(checkpoint, settings, len(image_classes(settings, info)),
+                     requested_quality(state, settings.quality_cond, checkpoint))
+    previous = _previous_record(out_dir)
+    if previous == record:
+        return "up to date", f"{out_dir / RECORD_NAME} records these settings and this checkpoint"
+    work = out_dir.with_name(f".{out_dir.name}{TEMP_MARK}export")
+    try:
+        unfinished = json.loads((work / _PLAN_NAME).read_text()) == record
+    except (OSError, ValueError):
+        unfinished = False
+    if unfinished:
+        return "resume", f"{len(_done_parts(work))} parts of this export are already written in {work}"
+    if previous is not None:
+        changed = sorted(key for key in record.keys() | previous.keys() if record.get(key) != previous.get(key))
+        return "run", f"the export in {out_dir} was made with other settings ({', '.join(changed)})"
+    return "run", f"nothing exported in {out_dir} yet"
+
+
+def _record(checkpoint: Path, settings: ExportSettings, n: int, quality_cond: int | None) -> dict[str, Any]:
+    """What export.json records, as JSON gives it back (tuples become lists), so reruns compare equal."""
+    return json.loads(json.dumps({"checkpoint": str(checkpoint), "checkpoint_sha256": file_sha256(checkpoint),
+                                  **asdict(settings), "n": n, "quality_cond": quality_cond}))
 
 
 def image_classes(settings: ExportSettings, info: DatasetInfo) -> torch.Tensor:

@@ -13,15 +13,17 @@ from .atomic import write_text_atomic
 from .config import PipelineConfig, parse_byte_size, to_dict
 from .data.loader import dataset_info, rank_and_world
 from .data.manifest import read_manifest
-from .data.shards import PrepareSettings, prepare
-from .export import ExportSettings, export
+from .data.shards import PrepareSettings, prepare, prepare_status
+from .errors import ConfigError
+from .export import ExportSettings, export, export_status
 from .report import REPORT_NAME, write_report
 from .metrics.evaluate import check_eval_settings, evaluate_checkpoint
 from .devices import resolve_device
 from .distributed import process_group, started_by_torchrun, training_backend, wait_for_all_ranks
-from .train.loop import read_metrics, train
+from .train.loop import read_metrics, train, train_status, trained_so_far
 
 EVAL_NAME = "eval.json"
+STAGES = ("prepare", "train", "eval", "export")
 
 SUMMARY_NAME = "summary.json"
 
@@ -56,62 +58,119 @@ def write_resolved_config(cfg: PipelineConfig, run_dir: Path) -> Path:
     return path
 
 
-def run_pipeline(cfg: PipelineConfig, *, progress: bool, echo: Callable[[str], None]) -> dict[str, Any] | None:
-    """Run every stage of `cfg` under its run directory and return (and write) the summary.
+def select_stages(only: tuple[str, ...] = (), start: str | None = None) -> tuple[str, ...]:
+    """The stages to run, in order: all of them, `only` those named, or those from `start` on."""
+    for name in (*only, *([start] if start else [])):
+        if name not in STAGES:
+            raise ConfigError(f"unknown stage {name!r}; the stages are {', '.join(STAGES)}")
+    if only and start:
+        raise ConfigError("give --only or --from, not both")
+    if only:
+        return tuple(stage for stage in STAGES if stage in only)
+    return STAGES[STAGES.index(start):] if start else STAGES
+
+
+def plan_pipeline(cfg: PipelineConfig, selected: tuple[str, ...] = STAGES) -> list[tuple[str, str, str]]:
+    """What `run_pipeline` would do, stage by stage, without doing it: (stage, action, why), the action
+    being 'run', 'resume', 'up to date' or 'not selected'."""
+    run_dir = cfg.run_path
+    rows = [("prepare", *prepare_status(cfg.data.source, run_dir / "shards", prepare_settings(cfg))),
+            ("train", *train_status(cfg, run_dir))]
+    if rows[1][1] != "up to date":
+        rows += [("eval", "run", "after training") if cfg.eval.metrics else ("eval", "up to date", "no eval.metrics"),
+                 ("export", "run", "after training")]
+    else:
+        checkpoint = trained_so_far(run_dir).checkpoint
+        if not cfg.eval.metrics:
+            rows.append(("eval", "up to date", "no eval.metrics"))
+        elif _stored_scores(cfg, checkpoint, run_dir / EVAL_NAME) is not None:
+            rows.append(("eval", "up to date", f"{run_dir / EVAL_NAME} scored {checkpoint.name} with these settings"))
+        else:
+            rows.append(("eval", "run", f"{checkpoint.name} is not scored with these eval settings yet"))
+        rows.append(("export", *export_status(checkpoint, run_dir / "export", export_settings(cfg))))
+    return [(stage, action if stage in selected else "not selected", why) for stage, action, why in rows]
+
+
+def run_pipeline(cfg: PipelineConfig, *, progress: bool, echo: Callable[[str], None],
+                 stages: tuple[str, ...] = STAGES) -> dict[str, Any] | None:
+    """Run the `stages` of `cfg` (all by default) under its run directory and return (and write) the
+    summary and report. A stage left out reads what an earlier run of it left (DataError if nothing);
+    prepare alone returns only {"stages": ...} and writes neither.
 
     Under torchrun, rank 0 prepares the shards while the others wait, every rank trains on its
     part of them, and rank 0 alone evaluates, exports and writes the summary (the others return None).
     """
     if started_by_torchrun():
         with process_group(training_backend(cfg.train.device)):
-            return _run_stages(cfg, progress=progress, echo=echo)
-    return _run_stages(cfg, progress=progress, echo=echo)
+            return _run_stages(cfg, stages, progress=progress, echo=echo)
+    return _run_stages(cfg, stages, progress=progress, echo=echo)
 
 
-def _run_stages(cfg: PipelineConfig, *, progress: bool, echo: Callable[[str], None]) -> dict[str, Any] | None:
+def _run_stages(cfg: PipelineConfig, selected: tuple[str, ...], *, progress: bool,
+                echo: Callable[[str], None]) -> dict[str, Any] | None:
     rank, world = rank_and_world()
     run_dir = cfg.run_path
     shards_dir = run_dir / "shards"
     stages: dict[str, dict[str, Any]] = {}
 
+    def skipped(stage: str) -> None:
+        stages[stage] = {"status": "not selected", "seconds": 0.0}
+
     t0 = time.perf_counter()
     if rank == 0:
         write_resolved_config(cfg, run_dir)
+    if rank == 0 and "prepare" in selected:
         manifest, up_to_date = prepare(cfg.data.source, shards_dir, prepare_settings(cfg),
                                        workers=cfg.data.workers, download_dir=cfg.data.download_dir,
                                        progress=progress)
+        stages["prepare"] = {"status": "up to date" if up_to_date else "ran", "seconds": _since(t0)}
+        echo(f"prepare: {manifest.num_samples} samples in {len(manifest.shards)} shards at {shards_dir}"
+             f" ({len(manifest.skipped)} skipped){' [up to date]' if up_to_date else ''}")
     if world > 1:
         wait_for_all_ranks()
         if rank != 0:
-            manifest, up_to_date, progress = read_manifest(shards_dir), True, False
-    stages["prepare"] = {"status": "up to date" if up_to_date else "ran", "seconds": _since(t0)}
-    if rank == 0:
-        echo(f"prepare: {manifest.num_samples} samples in {len(manifest.shards)} shards at {shards_dir}"
-             f" ({len(manifest.skipped)} skipped){' [up to date]' if up_to_date else ''}")
+            progress = False
+    if "prepare" not in selected or rank != 0:
+        manifest = read_manifest(shards_dir)
+        skipped("prepare")
 
+    if selected == ("prepare",):  # nothing downstream to read, report or summarise
+        return {"stages": stages} if rank == 0 else None
     check_eval_settings(cfg.eval, dataset_info(manifest))  # before hours of training, not after
     t0 = time.perf_counter()
-    result = train(cfg, shards_dir, run_dir, progress=progress)
-    ran = result.images_per_s is not None
-    stages["train"] = {"status": "ran" if ran else "up to date", "seconds": _since(t0),
-                       "resumed_from": result.resumed_from}
+    if "train" in selected:
+        result = train(cfg, shards_dir, run_dir, progress=progress)
+        ran = result.images_per_s is not None
+        stages["train"] = {"status": "ran" if ran else "up to date", "seconds": _since(t0),
+                           "resumed_from": result.resumed_from}
+    else:
+        result, ran = trained_so_far(run_dir), False
+        skipped("train")
     if rank != 0:
         return None
     echo(f"train: step {result.steps}, checkpoint {result.checkpoint}{'' if ran else ' [up to date]'}")
 
     t0 = time.perf_counter()
-    scores, fresh = _evaluate(cfg, result.checkpoint, shards_dir, run_dir / EVAL_NAME, progress)
-    stages["eval"] = {"status": "ran" if fresh else "up to date", "seconds": _since(t0)}
+    if "eval" in selected:
+        scores, fresh = _evaluate(cfg, result.checkpoint, shards_dir, run_dir / EVAL_NAME, progress)
+        stages["eval"] = {"status": "ran" if fresh else "up to date", "seconds": _since(t0)}
+    else:
+        scores, fresh = _stored_scores(cfg, result.checkpoint, run_dir / EVAL_NAME) or {}, False
+        skipped("eval")
     if scores:
         shown = ", ".join(f"{k} {v:.4g}" for k, v in scores.items() if k in _HEADLINE)
         echo(f"eval: {shown}{'' if fresh else ' [up to date]'}")
 
     t0 = time.perf_counter()
-    exported = export(result.checkpoint, run_dir / "export", export_settings(cfg), overwrite=True,  # its own stage
-                      device=resolve_device(cfg.train.device, "train.device"), progress=progress)
-    stages["export"] = {"status": "up to date" if exported.up_to_date else "ran", "seconds": _since(t0)}
-    echo(f"export: {exported.n} {cfg.export.format} images in {exported.out_dir}"
-         f"{' [up to date]' if exported.up_to_date else ''}")
+    exported = None
+    if "export" in selected:
+        exported = export(result.checkpoint, run_dir / "export", export_settings(cfg), overwrite=True,  # its own
+                          device=resolve_device(cfg.train.device, "train.device"), progress=progress)
+        stages["export"] = {"status": "up to date" if exported.up_to_date else "ran", "seconds": _since(t0)}
+        echo(f"export: {exported.n} {cfg.export.format} images in {exported.out_dir}"
+             f"{' [up to date]' if exported.up_to_date else ''}")
+    else:
+        skipped("export")
 
     rows = read_metrics(result.metrics)
     grids = sorted(result.samples.glob("step-*.png"))
@@ -133,10 +192,10 @@ def _run_stages(cfg: PipelineConfig, *, progress: bool, echo: Callable[[str], No
         "eval": scores,
         "samples": str(result.samples),
         "sample_grid": str(grids[-1]) if grids else None,
-        "export_dir": str(exported.out_dir),
-        "export_files": str(exported.files) if exported.files else None,
-        "export_shards": str(exported.shards) if exported.shards else None,
-        "export_images": exported.n,
+        "export_dir": str(exported.out_dir) if exported else None,
+        "export_files": str(exported.files) if exported and exported.files else None,
+        "export_shards": str(exported.shards) if exported and exported.shards else None,
+        "export_images": exported.n if exported else None,
         "export_format": cfg.export.format,
         "export_quality": cfg.export.quality,
         "stages": stages,
@@ -156,21 +215,28 @@ def _evaluate(cfg: PipelineConfig, checkpoint: Path, shards: Path, record: Path,
               progress: bool) -> tuple[dict[str, Any], bool]:
     """The eval stage: metrics of the final checkpoint, reused from `record` when it scored the same
     checkpoint with the same settings. Returns (scores, whether they were computed now)."""
-    settings = to_dict(cfg.eval)
     if not cfg.eval.metrics:
         return {}, False
-    if record.exists():
-        try:
-            stored = json.loads(record.read_text())
-            if stored.get("checkpoint") == str(checkpoint) and stored.get("settings") == settings:
-                return stored["scores"], False
-        except (ValueError, KeyError):
-            pass  # unreadable: evaluate again
+    stored = _stored_scores(cfg, checkpoint, record)
+    if stored is not None:
+        return stored, False
+    settings = to_dict(cfg.eval)
     scores = evaluate_checkpoint(checkpoint, shards, cfg.eval, cfg.loader,
                                  resolve_device(cfg.train.device, "train.device"), progress=progress)
     write_text_atomic(record, json.dumps({"checkpoint": str(checkpoint), "settings": settings,
                                           "scores": scores}, indent=2) + "\n")
     return scores, True
+
+
+def _stored_scores(cfg: PipelineConfig, checkpoint: Path, record: Path) -> dict[str, Any] | None:
+    """The scores in `record` if it scored `checkpoint` with the current eval settings, else None."""
+    try:
+        stored = json.loads(record.read_text())
+        if stored.get("checkpoint") == str(checkpoint) and stored.get("settings") == to_dict(cfg.eval):
+            return stored["scores"]
+    except (OSError, ValueError, KeyError, AttributeError):
+        pass  # missing or unreadable: not scored
+    return None
 
 
 def _mean(values: Any) -> float | None:

@@ -245,8 +245,7 @@ def prepare(source: str, out_dir: Path, settings: PrepareSettings, *, workers: i
         raise ConfigError(f"several qualities need a lossy format (jpeg or lossy webp), not {settings.format!r}")
     if settings.qualities and not all(1 <= q <= 100 for q in settings.qualities):
         raise ConfigError(f"qualities must be between 1 and 100, got {list(settings.qualities)}")
-    # the settings as JSON gives them back (tuples become lists), so a rerun compares equal
-    recorded = json.loads(json.dumps({"source": source, **asdict(settings)}))
+    recorded = recorded_settings(source, settings)
     if (out_dir / MANIFEST_NAME).exists():
         try:
             existing = read_manifest(out_dir)
@@ -294,6 +293,31 @@ def prepare(source: str, out_dir: Path, settings: PrepareSettings, *, workers: i
         return None, False
     with disk_full_explained(out_dir, "the shards are all written, only the manifest is missing"):
         return merge_shards(out_dir), False
+
+
+def recorded_settings(source: str, settings: PrepareSettings) -> dict[str, Any]:
+    """The settings as a manifest records them: as JSON gives them back (tuples become lists), so
+    that a rerun compares equal."""
+    return json.loads(json.dumps({"source": source, **asdict(settings)}))
+
+
+def prepare_status(source: str, out_dir: Path, settings: PrepareSettings) -> tuple[str, str]:
+    """What `prepare` would do in `out_dir`, without doing it: ('up to date' | 'resume' | 'run', why)."""
+    out_dir = Path(out_dir)
+    try:
+        manifest = read_manifest(out_dir)
+    except DataError:
+        manifest = None
+    recorded = recorded_settings(source, settings)
+    if manifest is not None and manifest.settings == recorded:
+        return "up to date", f"{out_dir / MANIFEST_NAME} was made from this source with these settings"
+    if manifest is not None:
+        changed = sorted(k for k in recorded.keys() | manifest.settings.keys()
+                         if recorded.get(k) != manifest.settings.get(k))
+        return "run", f"the shards were made with other data settings ({', '.join(changed)})"
+    if (out_dir / _PLAN_NAME).exists():
+        return "resume", f"a prepare stopped midway in {out_dir}; its finished shards are kept if its settings match"
+    return "run", f"no shard set in {out_dir} yet"
 
 
 def merge_shards(out_dir: Path) -> Manifest:

@@ -322,6 +322,29 @@ def _log_scalars(board, group: str, row: dict) -> None:
     board.flush()
 
 
+def train_status(cfg: PipelineConfig, run_dir: Path) -> tuple[str, str]:
+    """What `train` would do in `run_dir`, without doing it: ('up to date' | 'resume' | 'run', why)."""
+    path, state = _newest_checkpoint(run_dir / "checkpoints", torch.device("cpu"), lambda message: None)
+    if state is None:
+        budget = f" or {cfg.train.max_minutes} minutes" if cfg.train.max_minutes else ""
+        return "run", f"no checkpoint yet: {cfg.train.steps} steps{budget} from scratch"
+    step, spent = state["step"], state.get("train_seconds", 0.0)
+    if step >= cfg.train.steps:
+        return "up to date", f"{path.name} is at step {step} of {cfg.train.steps}"
+    if cfg.train.max_minutes and spent >= cfg.train.max_minutes * 60:
+        return "up to date", f"{path.name} spent the {cfg.train.max_minutes}-minute budget (step {step})"
+    return "resume", f"from {path.name} (step {step} of {cfg.train.steps})"
+
+
+def trained_so_far(run_dir: Path) -> TrainResult:
+    """What an earlier training left in `run_dir`: its newest checkpoint (DataError when there is none)."""
+    path, state = _newest_checkpoint(Path(run_dir) / "checkpoints", torch.device("cpu"), lambda message: None)
+    if state is None:
+        raise DataError(f"{Path(run_dir) / 'checkpoints'}: no checkpoint; run the train stage first")
+    return TrainResult(path, state["step"], None, None, Path(run_dir) / "metrics.jsonl", Path(run_dir) / "samples",
+                       state["step"])
+
+
 def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for train.precision on `device` (None: full fp32, no autocast)."""
     if precision == "auto":
