@@ -148,7 +148,8 @@ def _run_stages(cfg: PipelineConfig, selected: tuple[str, ...], *, progress: boo
         skipped("train")
     if rank != 0:
         return None
-    echo(f"train: step {result.steps}, checkpoint {result.checkpoint}{'' if ran else ' [up to date]'}")
+    note = "" if ran else " [up to date]" if "train" in selected else " [not selected]"
+    echo(f"train: step {result.steps}, checkpoint {result.checkpoint}{note}")
 
     t0 = time.perf_counter()
     if "eval" in selected:
