@@ -27,8 +27,8 @@ from conftest import CIFAR, CLASSES, ROOT
 CLI = str(Path(sys.executable).with_name("cgan-pipe"))
 
 
-@pytest.mark.parametrize("command", ["init", "run", "prepare", "train", "generate", "eval", "verify", "inspect",
-                                     "bench prepare", "bench loader", "bench train", "bench export"])
+@pytest.mark.parametrize("command", ["init", "run", "report", "prepare", "train", "generate", "eval", "verify",
+                                     "inspect", "bench prepare", "bench loader", "bench train", "bench export"])
 def test_every_command_has_useful_help(command):
     result = CliRunner().invoke(main, [*command.split(), "--help"])
     assert result.exit_code == 0
