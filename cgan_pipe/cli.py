@@ -93,20 +93,11 @@ def init(source: str, out: str | None, name: str | None, force: bool) -> None:
     meaning as a comment; edit, then `cgan-pipe run` the file."""
     import torch
 
-    from .atomic import write_text_atomic
-    from .starter import pipeline_name, starter_yaml, suggest, survey_source
+    from .starter import pipeline_name, write_starter
 
     name = name or pipeline_name(source)
     path = Path(out) if out else Path(f"{name}.yaml")
-    if path.exists() and not force:
-        raise ConfigError(f"{path} exists; choose another --out, or pass --force to overwrite it")
-    if not source.startswith("download:"):  # the file may be run from another folder
-        source = str(Path(source).expanduser().resolve())
-    survey = survey_source(source)
-    values, why = suggest(survey, cuda=torch.cuda.is_available())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, starter_yaml(name, survey, values, why))
-    load_pipeline(path)  # what we wrote must load
+    survey, values = write_starter(source, path, name, cuda=torch.cuda.is_available(), force=force)
     classes = len(survey.class_counts)
     click.echo(f"{survey.images} images, {classes or 'no'} classes; resolution {values['data.resolution']}, "
                f"batch {values['train.batch_size']}, {values['train.max_minutes']} minutes")

@@ -14,8 +14,10 @@ from typing import Any
 
 from PIL import Image
 
-from .config import describe_keys
+from .atomic import write_text_atomic
+from .config import describe_keys, load_pipeline
 from .data.sources import open_source
+from .errors import ConfigError
 
 SAMPLED = 256  # images opened to learn sizes and formats
 
@@ -118,3 +120,18 @@ def pipeline_name(spec: str) -> str:
     for suffix in (".gz", ".tgz", ".tar", ".zip", ".txt", ".lst", ".list"):
         stem = stem.removesuffix(suffix)
     return re.sub(r"[^A-Za-z0-9_-]+", "-", stem).strip("-") or "my-images"
+
+
+def write_starter(source: str, path: Path, name: str, *, cuda: bool, force: bool = False) -> tuple[Survey, dict]:
+    """Survey `source` and write the starter pipeline `name` to `path` (refused when it exists, unless
+    `force`), checked to load; returns the survey and the settings chosen."""
+    if path.exists() and not force:
+        raise ConfigError(f"{path} exists; choose another --out, or pass --force to overwrite it")
+    if not source.startswith("download:"):  # the file may be run from another folder
+        source = str(Path(source).expanduser().resolve())
+    survey = survey_source(source)
+    values, why = suggest(survey, cuda)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, starter_yaml(name, survey, values, why))
+    load_pipeline(path)  # what was written must load
+    return survey, values
