@@ -350,7 +350,8 @@ def generate(checkpoint: str, out: str, n: int | None, seed_range: str | None, s
             import torch
 
             target = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        with process_group():
+            torch.cuda.set_device(target)  # nvJPEG and any default-device work follow this rank's GPU
+        with process_group():  # gloo: the ranks only wait for each other
             result = export(Path(checkpoint), Path(out), settings, device=target, overwrite=overwrite,
                             progress=_progress(quiet) and rank == 0, rank=rank, world_size=world)
         if rank != 0:
