@@ -273,11 +273,8 @@ def bench_export(checkpoint: Path, *, n: int = 10_000, batch_size: int = 250, qu
     (`models.for_inference`) alone, nothing encoded or written; `export`, the project's
     export writing files; `export-shards`, writing shards only. Imports and first calls are
     warmed up beforehand (importing torchvision takes ~1.5 s once per process, docs/benchmarks.md).
-    Output goes to fresh folders
-    under `scratch` (default: a temp folder; pick one on the disk you care about), removed at
-    the end."""
-    import shutil
-
+    Output goes to fresh folders under `scratch` (default: a temp folder; pick one on the disk
+    you care about), removed at the end."""
     import torch
 
     from .devices import resolve_device
@@ -331,7 +328,6 @@ def bench_export(checkpoint: Path, *, n: int = 10_000, batch_size: int = 250, qu
         difference = _decoded_difference(sorted((out / "plain").iterdir()),
                                          sorted((out / "export" / "files").rglob("*.jpg")))
         echo(f"export vs plain, decoded: mean absolute difference {difference * 255:.3f}/255 per pixel value")
-        shutil.rmtree(out, ignore_errors=True)
     return records
 
 
