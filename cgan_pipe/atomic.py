@@ -11,6 +11,7 @@ from typing import Iterator
 from .errors import DataError
 
 TEMP_MARK = ".tmp-"
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # the errnos of a full disk or an exhausted quota
 
 
 @contextlib.contextmanager
@@ -64,7 +65,7 @@ def disk_full_explained(where: Path, kept: str) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if exc.errno not in DISK_FULL:
             raise
         raise DataError(f"{exc.filename or where}: no space left on the device; {kept}: free some space and "
                         f"rerun the same command to resume") from None

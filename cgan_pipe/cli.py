@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import functools
 import json
 import os
@@ -14,6 +13,7 @@ import click
 import yaml
 
 from . import __version__
+from .atomic import DISK_FULL
 from .config import load_pipeline, to_dict
 from .errors import ConfigError, UserError
 
@@ -48,7 +48,7 @@ def _reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             click.echo("interrupted; rerun the same command to resume", err=True)
             sys.exit(130)
         except OSError as exc:  # a full disk met where no stage words it itself
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            if exc.errno not in DISK_FULL:
                 raise
             click.secho(f"error: {exc.filename or 'writing'}: no space left on the device; finished work is kept: "
                         f"free some space and rerun the same command to resume", fg="red", err=True)

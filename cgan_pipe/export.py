@@ -76,12 +76,17 @@ def load_generator(state: dict, ema: bool, device: torch.device,
     False (the network exactly as trained, for comparisons), made ready for inference by
     `models.for_inference`; returns (G, dataset info, z_dim)."""
     cfg = config_from_dict(state["config"], origin="checkpoint config")
-    ds = state["dataset"]
-    info = DatasetInfo(ds["resolution"], ds["channels"], tuple(ds["class_names"]), 0)
+    info = _dataset_info(state)
     generator, _ = build_networks(cfg.model, info, cfg.compression)
     generator.load_state_dict(state["G_ema" if ema else "G"])
     generator = generator.to(device).eval().requires_grad_(False)
     return for_inference(generator) if fast else generator, info, cfg.model.z_dim
+
+
+def _dataset_info(state: dict) -> DatasetInfo:
+    """The shape and classes of the data a checkpoint was trained on."""
+    ds = state["dataset"]
+    return DatasetInfo(ds["resolution"], ds["channels"], tuple(ds["class_names"]), 0)
 
 
 def requested_quality(state: dict, quality_cond: int | None, checkpoint: Path) -> int | None:
@@ -206,9 +211,7 @@ def export_status(checkpoint: Path, out_dir: Path, settings: ExportSettings) -> 
     check_settings(settings)
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     state = load_checkpoint(checkpoint)
-    ds = state["dataset"]
-    info = DatasetInfo(ds["resolution"], ds["channels"], tuple(ds["class_names"]), 0)
-    record = _record(checkpoint, settings, len(image_classes(settings, info)),
+    record = _record(checkpoint, settings, len(image_classes(settings, _dataset_info(state))),
                      requested_quality(state, settings.quality_cond, checkpoint))
     previous = _previous_record(out_dir)
     if previous == record:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from ..atomic import atomic_path, remove_stale_temps, write_text_atomic
 from ..augment import diff_augment, parse_policy
 from ..compression import simulate_jpeg, trained_qualities
-from ..config import CompressionConfig, ModelConfig, PipelineConfig, to_dict
+from ..config import CompressionConfig, ModelConfig, PipelineConfig, TrainConfig, to_dict
 from ..data.loader import DatasetInfo, dataset_info, open_loader, rank_and_world, shard_set_manifest
 from ..devices import resolve_device
 from ..distributed import any_rank, average_gradients, broadcast_module
@@ -90,7 +90,7 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
     start = state["step"] if state is not None else 0
     spent = state.get("train_seconds", 0.0) if state is not None else 0.0
     budget = tc.max_minutes * 60 if tc.max_minutes else None
-    if start >= tc.steps or (budget is not None and spent >= budget):
+    if state is not None and _finished(state, tc):
         return TrainResult(path, start, None, None, metrics_path, samples_dir, start)
 
     # Data: an endless stream of this rank's batches on the training device. A resumed run draws a
@@ -328,12 +328,19 @@ def train_status(cfg: PipelineConfig, run_dir: Path) -> tuple[str, str]:
     if state is None:
         budget = f" or {cfg.train.max_minutes} minutes" if cfg.train.max_minutes else ""
         return "run", f"no checkpoint yet: {cfg.train.steps} steps{budget} from scratch"
-    step, spent = state["step"], state.get("train_seconds", 0.0)
-    if step >= cfg.train.steps:
-        return "up to date", f"{path.name} is at step {step} of {cfg.train.steps}"
-    if cfg.train.max_minutes and spent >= cfg.train.max_minutes * 60:
-        return "up to date", f"{path.name} spent the {cfg.train.max_minutes}-minute budget (step {step})"
-    return "resume", f"from {path.name} (step {step} of {cfg.train.steps})"
+    finished = _finished(state, cfg.train)
+    if finished:
+        return "up to date", f"{path.name} {finished}"
+    return "resume", f"from {path.name} (step {state['step']} of {cfg.train.steps})"
+
+
+def _finished(state: dict, tc: TrainConfig) -> str | None:
+    """Why the training that saved `state` is complete for `tc` (its steps or its time budget), or None."""
+    if state["step"] >= tc.steps:
+        return f"is at step {state['step']} of {tc.steps}"
+    if tc.max_minutes and state.get("train_seconds", 0.0) >= tc.max_minutes * 60:
+        return f"spent the {tc.max_minutes}-minute budget (step {state['step']})"
+    return None
 
 
 def trained_so_far(run_dir: Path) -> TrainResult:
