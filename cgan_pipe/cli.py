@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -57,15 +58,57 @@ def _reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _progress(quiet: bool) -> bool:
-    return not quiet and sys.stderr.isatty()
+class _StderrLog(logging.Handler):
+    """cgan-pipe's log records as lines on stderr (whichever stream stderr is when they are written)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(f"[{record.name.removeprefix('cgan_pipe.')}] {record.getMessage()}", err=True)
+
+
+def _set_verbosity(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+    """Record -q / -v; once both are known, set the level of cgan-pipe's log (and, at -vv, every library's)."""
+    ctx.meta[f"cgan_pipe.{param.name}"] = value
+    quiet, verbose = ctx.meta.get("cgan_pipe.quiet"), ctx.meta.get("cgan_pipe.verbose")
+    if quiet is None or verbose is None:
+        return
+    if quiet and verbose:
+        raise click.UsageError("give -q or -v, not both")
+    handler = _StderrLog()
+    ours = logging.getLogger("cgan_pipe")
+    ours.handlers[:], ours.propagate = [handler], False
+    ours.setLevel(logging.DEBUG if verbose >= 2 else logging.INFO if verbose else logging.WARNING)
+    if verbose >= 2:
+        logging.basicConfig(level=logging.DEBUG, handlers=[handler], force=True)
+
+
+def verbosity_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """-q/--quiet and -v/--verbose for a command: read back with `_quiet()` and through the log level."""
+    command = click.option("--verbose", "-v", count=True, expose_value=False, callback=_set_verbosity,
+                           help="More detail on stderr: why each stage runs or is skipped, timings, caches, every "
+                           "skipped input (-vv: debug, libraries included).")(command)
+    return click.option("--quiet", "-q", is_flag=True, expose_value=False, callback=_set_verbosity,
+                        help="Only results, warnings and errors: no progress bars or progress lines.")(command)
+
+
+def _quiet() -> bool:
+    return bool(click.get_current_context().meta.get("cgan_pipe.quiet"))
+
+
+def _say(line: str) -> None:
+    """A progress line (a stage's outcome): on stdout, unless -q."""
+    if not _quiet():
+        click.echo(line)
+
+
+def _progress() -> bool:
+    """Whether to draw progress bars: not with -q, and only on a terminal."""
+    return not _quiet() and sys.stderr.isatty()
 
 
 set_option = click.option(
     "--set", "-s", "overrides", multiple=True, metavar="KEY=VALUE",
     help="Override a config key, e.g. --set train.steps=300 (repeatable).",
 )
-quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 dry_run_option = click.option("--dry-run", is_flag=True, help="Print the resolved config and stop.")
 
 
@@ -75,7 +118,8 @@ def main() -> None:
     """Train conditional GANs on archives of compressed images.
 
     Raw images -> webdataset shards -> DALI loader -> GAN -> JPEG/PNG/WebP.
-    Exit codes: 0 success, 1 runtime failure, 2 usage or config error.
+    Exit codes: 0 success, 1 runtime failure, 2 usage or config error, 130 interrupted.
+    Every command takes -q (results only) and -v (more detail on stderr; -vv: debug).
     """
 
 
@@ -85,6 +129,7 @@ def main() -> None:
               help="Pipeline file to write [default: <source name>.yaml here].")
 @click.option("--name", default=None, help="Pipeline name (and runs/<name>) [default: from the source].")
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
+@verbosity_options
 @_reports_errors
 def init(source: str, out: str | None, name: str | None, force: bool) -> None:
     """Write a starter pipeline for SOURCE (an image folder, a tar of one, a list file or the CIFAR-10
@@ -112,10 +157,9 @@ def init(source: str, out: str | None, name: str | None, force: bool) -> None:
 @click.option("--from", "start", default=None, metavar="STAGE", help="Run this stage and the ones after it.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved config and the plan (what would run, what is up "
               "to date and why), and stop.")
-@quiet_option
+@verbosity_options
 @_reports_errors
-def run(pipeline: str, overrides: tuple[str, ...], only: str | None, start: str | None, dry_run: bool,
-        quiet: bool) -> None:
+def run(pipeline: str, overrides: tuple[str, ...], only: str | None, start: str | None, dry_run: bool) -> None:
     """Run a whole PIPELINE (YAML): prepare shards, train, evaluate, export images.
 
     Everything goes under the pipeline's run_dir (default runs/<name>/); a stage
@@ -134,7 +178,7 @@ def run(pipeline: str, overrides: tuple[str, ...], only: str | None, start: str 
         for stage, action, why in plan_pipeline(cfg, stages):
             click.echo(f"  {stage:8s} {action:12s} {why}")
         return
-    summary = run_pipeline(cfg, progress=_progress(quiet), echo=click.echo, stages=stages)
+    summary = run_pipeline(cfg, progress=_progress(), echo=_say, stages=stages)
     if summary is None or "name" not in summary:  # another torchrun rank (rank 0 reports), or prepare alone
         return
     click.echo(f"done: {cfg.run_path / 'summary.json'} ({summary['images_per_s']} img/s training)")
@@ -178,12 +222,12 @@ def run(pipeline: str, overrides: tuple[str, ...], only: str | None, start: str 
               help="Processes writing shards [default: one per core]; the shards do not depend on it.")
 @click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True,
               help="Split of a CIFAR-10 python archive.")
-@quiet_option
+@verbosity_options
 @_reports_errors
 def prepare(source: str, out: str, fmt: str, quality_text: str, quality_mode: str, resolution: str, shard_size: int,
             shard_bytes: str | None, reencode: bool, limit: int | None, seed: int, resize: str, subsampling: str,
             png_level: int, lossless: bool, max_pixels: int, rank: int, world_size: int, merge: bool,
-            workers: int | None, split: str, quiet: bool) -> None:
+            workers: int | None, split: str) -> None:
     """Turn raw images at SOURCE into webdataset shards in OUT.
 
     SOURCE is an image-folder tree (class = folder name), a tar/tar.gz of one, a
@@ -220,7 +264,7 @@ def prepare(source: str, out: str, fmt: str, quality_text: str, quality_mode: st
     if started_by_torchrun():  # every rank writes its shards, then rank 0 writes the manifest
         with process_group():
             manifest, up_to_date = prepare_shards(source, Path(out), settings, workers=workers, rank=rank,
-                                                  world_size=world_size, progress=_progress(quiet) and rank == 0)
+                                                  world_size=world_size, progress=_progress() and rank == 0)
             if not up_to_date:  # every rank read the same manifest before any wrote, so all agree
                 wait_for_all_ranks()
                 manifest = merge_shards(Path(out)) if rank == 0 else None
@@ -229,7 +273,7 @@ def prepare(source: str, out: str, fmt: str, quality_text: str, quality_mode: st
             return
     else:
         manifest, up_to_date = prepare_shards(source, Path(out), settings, workers=workers, rank=rank,
-                                              world_size=world_size, progress=_progress(quiet))
+                                              world_size=world_size, progress=_progress())
     if manifest is None:
         click.echo(f"rank {rank} of {world_size}: its shards are written in {out}; when every rank is done, "
                    f"run `cgan-pipe prepare SOURCE {out} --merge`")
@@ -238,17 +282,20 @@ def prepare(source: str, out: str, fmt: str, quality_text: str, quality_mode: st
         click.echo(f"{out}: already complete for these settings; nothing to do")
     click.echo(f"{manifest.num_samples} samples in {len(manifest.shards)} shards, "
                f"{len(manifest.skipped)} skipped -> {Path(out) / 'manifest.json'}")
-    for entry in manifest.skipped[:10]:
+    every = logging.getLogger("cgan_pipe").isEnabledFor(logging.INFO)  # -v lists every skipped input
+    for entry in manifest.skipped if every else manifest.skipped[:10]:
         click.echo(f"  skipped {entry['source']}: {entry['reason']}", err=True)
+    if len(manifest.skipped) > 10 and not every:
+        click.echo(f"  ... and {len(manifest.skipped) - 10} more (-v lists them all; each is in the manifest)", err=True)
 
 
 @main.command(epilog=f"Example: {EXAMPLES['train']}")
 @click.argument("pipeline", type=click.Path(dir_okay=False))
 @set_option
 @dry_run_option
-@quiet_option
+@verbosity_options
 @_reports_errors
-def train(pipeline: str, overrides: tuple[str, ...], dry_run: bool, quiet: bool) -> None:
+def train(pipeline: str, overrides: tuple[str, ...], dry_run: bool) -> None:
     """Train the GAN of PIPELINE on the shards in its run_dir/shards (or loader.shards).
 
     Resumes from the newest checkpoint in run_dir/checkpoints. Make the shards
@@ -270,12 +317,12 @@ def train(pipeline: str, overrides: tuple[str, ...], dry_run: bool, quiet: bool)
         with process_group(training_backend(cfg.train.device)):
             if int(os.environ["RANK"]) == 0:
                 write_resolved_config(cfg, cfg.run_path)
-            result = train_gan(cfg, shards, cfg.run_path, progress=_progress(quiet))
+            result = train_gan(cfg, shards, cfg.run_path, progress=_progress())
         if int(os.environ["RANK"]) != 0:
             return
     else:
         write_resolved_config(cfg, cfg.run_path)
-        result = train_gan(cfg, shards, cfg.run_path, progress=_progress(quiet))
+        result = train_gan(cfg, shards, cfg.run_path, progress=_progress())
     speed = f", {result.images_per_s:.0f} img/s" if result.images_per_s else " (already complete)"
     resumed = f" (resumed from step {result.resumed_from})" if result.resumed_from and result.images_per_s else ""
     click.echo(f"step {result.steps}{resumed}{speed}; checkpoint {result.checkpoint}")
@@ -313,12 +360,12 @@ def train(pipeline: str, overrides: tuple[str, ...], dry_run: bool, quiet: bool)
               help="Where the generator runs (and, for JPEG, the encoder: nvJPEG on cuda).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT when it holds other files, or an export made with "
               "other settings.")
-@quiet_option
+@verbosity_options
 @_reports_errors
 def generate(checkpoint: str, out: str, n: int | None, seed_range: str | None, seed: int, classes: str | None,
              fmt: str, quality: int, subsampling: str, png_level: int, lossless: bool, output: str,
              quality_cond: int | None, truncation: float | None, batch_size: int, shard_size: int, raw: bool,
-             device: str, overwrite: bool, quiet: bool) -> None:
+             device: str, overwrite: bool) -> None:
     """Generate images from CHECKPOINT into OUT as files and/or webdataset shards.
 
     Files are OUT/files/<class>/seed<seed>-c<class id>-q<quality>[-qc<quality cond>].<ext>;
@@ -353,12 +400,12 @@ def generate(checkpoint: str, out: str, n: int | None, seed_range: str | None, s
             torch.cuda.set_device(target)  # nvJPEG and any default-device work follow this rank's GPU
         with process_group():  # gloo: the ranks only wait for each other
             result = export(Path(checkpoint), Path(out), settings, device=target, overwrite=overwrite,
-                            progress=_progress(quiet) and rank == 0, rank=rank, world_size=world)
+                            progress=_progress() and rank == 0, rank=rank, world_size=world)
         if rank != 0:
             return
     else:
         result = export(Path(checkpoint), Path(out), settings, device=target, overwrite=overwrite,
-                        progress=_progress(quiet))
+                        progress=_progress())
     if result.up_to_date:
         click.echo(f"{out}: already complete for these settings; nothing to do")
     else:
@@ -410,11 +457,11 @@ def _class_request(text: str | None) -> tuple[str, ...] | dict[str, int] | None:
 @click.option("--raw", is_flag=True, help="Score the raw generator instead of its EMA.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
-@quiet_option
+@verbosity_options
 @_reports_errors
 def evaluate(checkpoint: str, shards: str | None, metric_names: str | None, n_samples: int | None,
              inception_weights: str | None, cache_dir: str | None, classifier_steps: int | None, raw: bool,
-             device: str, as_json: bool, quiet: bool) -> None:
+             device: str, as_json: bool) -> None:
     """Score the generator in CHECKPOINT against real shards.
 
     classifier: Frechet distance in the features of a small classifier trained on
@@ -440,7 +487,7 @@ def evaluate(checkpoint: str, shards: str | None, metric_names: str | None, n_sa
     if not shards:
         raise ConfigError(f"{checkpoint}: no shard set beside it; give the real shards with --shards")
     scores = evaluate_checkpoint(Path(checkpoint), shards, eval_cfg, cfg.loader, resolve_device(device, "--device"),
-                                 ema=not raw, progress=_progress(quiet))
+                                 ema=not raw, progress=_progress())
     if as_json:
         click.echo(json.dumps(scores, indent=2))
         return
@@ -450,6 +497,7 @@ def evaluate(checkpoint: str, shards: str | None, metric_names: str | None, n_sa
 
 @main.command(epilog=f"Example: {EXAMPLES['report']}")
 @click.argument("run_dir", type=click.Path(file_okay=False))
+@verbosity_options
 @_reports_errors
 def report(run_dir: str) -> None:
     """Write RUN_DIR/report.html again from what the run left there: results, curves, sample grids
@@ -463,9 +511,9 @@ def report(run_dir: str) -> None:
 @main.command(epilog=f"Example: {EXAMPLES['verify']}")
 @click.argument("shards", type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@quiet_option
+@verbosity_options
 @_reports_errors
-def verify(shards: str, as_json: bool, quiet: bool) -> None:
+def verify(shards: str, as_json: bool) -> None:
     """Check the shard set in SHARDS; exit 0 when sound, 1 when anything is wrong.
 
     Compares each shard's sha256, sample count and DALI index with the manifest,
@@ -477,7 +525,7 @@ def verify(shards: str, as_json: bool, quiet: bool) -> None:
 
     from .data.verify import verify_shards
 
-    report = verify_shards(Path(shards), progress=_progress(quiet))
+    report = verify_shards(Path(shards), progress=_progress())
     if as_json:
         click.echo(json.dumps({"ok": report.ok, "shards": report.shards, "samples": report.samples,
                                "problems": [asdict(p) for p in report.problems]}, indent=2))
@@ -497,6 +545,7 @@ def verify(shards: str, as_json: bool, quiet: bool) -> None:
               help="Where to write the contact sheet PNG [default: SHARDS/contact-sheet.png].")
 @click.option("--per-class", type=click.IntRange(1, 64), default=8, show_default=True,
               help="Samples per class on the contact sheet.")
+@verbosity_options
 @_reports_errors
 def inspect_shard_set(shards: str, as_json: bool, sheet: str | None, per_class: int) -> None:
     """Summarise the shard set in SHARDS and write a contact sheet (one row per class).
@@ -536,6 +585,7 @@ def bench() -> None:
               help="Path of StyleGAN2-ADA's dataset_tool.py, to time it on the same images (extracted first).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the records [{method, images, seconds, images_per_s}] to this file.")
+@verbosity_options
 @_reports_errors
 def bench_prepare_command(source: str, quality: int, workers: int | None, limit: int | None,
                           dataset_tool: str | None, json_path: str | None) -> None:
@@ -570,6 +620,7 @@ def bench_prepare_command(source: str, quality: int, workers: int | None, limit:
               "(loader.jpeg_distort), and print its cost.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the records [{backend, device, images, seconds, images_per_s}] to this file.")
+@verbosity_options
 @_reports_errors
 def bench_loader_command(shards: str, batch_size: int, batches: int, workers: int | None, distort_text: str | None,
                          json_path: str | None) -> None:
@@ -617,6 +668,7 @@ def bench_loader_command(shards: str, batch_size: int, batches: int, workers: in
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the records [{arch, batch_size, precision, compile, device, images, seconds, "
               "images_per_s, data_wait, peak_memory_mib}] to this file.")
+@verbosity_options
 @_reports_errors
 def bench_train_command(shards: str, archs: str, batch_sizes: str, precisions: str, compile_modes: str, steps: int,
                         width: int, device: str, backend: str, json_path: str | None) -> None:
@@ -647,6 +699,7 @@ def bench_train_command(shards: str, archs: str, batch_sizes: str, precisions: s
               help="Folder to write into (on the disk to measure) [default: the system's temp folder].")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the records [{method, images, seconds, images_per_s}] to this file.")
+@verbosity_options
 @_reports_errors
 def bench_export_command(checkpoint: str, n: int, batch_size: int, quality: int, device: str, scratch: str | None,
                          json_path: str | None) -> None:

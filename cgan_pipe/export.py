@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import contextlib
 import json
 import math
@@ -23,12 +24,14 @@ from .atomic import TEMP_MARK, atomic_path, disk_full_explained, write_text_atom
 from .config import config_from_dict
 from .data.loader import DatasetInfo
 from .data.manifest import Manifest, ShardInfo, write_manifest
-from .data.shards import ShardSample, ShardWriter, file_sha256
+from .data.fingerprint import file_sha256
+from .data.shards import ShardSample, ShardWriter
 from .distributed import wait_for_all_ranks
 from .errors import ConfigError, DataError
 from .models import build_networks, for_inference
 from .train.checkpoint import load_checkpoint
 
+log = logging.getLogger(__name__)
 RECORD_NAME = "export.json"
 CONTACT_SHEET = "contact-sheet.png"
 CONTACT_SHEET_IMAGES = 64
@@ -189,6 +192,8 @@ def export(checkpoint: Path, out_dir: Path, settings: ExportSettings, *, device:
     done = _done_parts(work)
     todo = [i for i in range(parts) if i % world_size == rank and i not in done]
     images_done = sum(done[i]["images"] for i in done if i % world_size == rank)
+    log.info(f"{out_dir}: {len(todo)} parts of up to {settings.shard_size} images to write, "
+             f"{len(done)} of {parts} kept from an earlier run")
     start = time.perf_counter()
     with disk_full_explained(out_dir, "finished parts of the export are kept"):
         written = _write_parts(G, z_dim, todo, labels, quality_cond, work, settings, record, info, device,

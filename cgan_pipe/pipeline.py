@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -12,9 +13,10 @@ import yaml
 from .atomic import write_text_atomic
 from .config import PipelineConfig, parse_byte_size, to_dict
 from .data.loader import dataset_info, rank_and_world
+from .data.fingerprint import file_sha256, shard_set_fingerprint
 from .data.manifest import read_manifest
 from .data.shards import PrepareSettings, prepare, prepare_status
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .export import ExportSettings, export, export_status
 from .report import REPORT_NAME, write_report
 from .metrics.evaluate import check_eval_settings, evaluate_checkpoint
@@ -22,6 +24,7 @@ from .devices import resolve_device
 from .distributed import process_group, started_by_torchrun, training_backend, wait_for_all_ranks
 from .train.loop import read_metrics, train, train_status, trained_so_far
 
+log = logging.getLogger(__name__)
 EVAL_NAME = "eval.json"
 STAGES = ("prepare", "train", "eval", "export")
 
@@ -74,21 +77,33 @@ def plan_pipeline(cfg: PipelineConfig, selected: tuple[str, ...] = STAGES) -> li
     """What `run_pipeline` would do, stage by stage, without doing it: (stage, action, why), the action
     being 'run', 'resume', 'up to date' or 'not selected'."""
     run_dir = cfg.run_path
-    rows = [("prepare", *prepare_status(cfg.data.source, run_dir / "shards", prepare_settings(cfg))),
-            ("train", *train_status(cfg, run_dir))]
-    if rows[1][1] != "up to date":
-        rows += [("eval", "run", "after training") if cfg.eval.metrics else ("eval", "up to date", "no eval.metrics"),
-                 ("export", "run", "after training")]
+    rows = [("prepare", *prepare_status(cfg.data.source, run_dir / "shards", prepare_settings(cfg)))]
+    if "prepare" in selected and rows[0][1] != "up to date":  # the shards to train on are not made yet
+        rows += [("train", "run", "after prepare"), *_plan_after_a_new_checkpoint(cfg, "after prepare")]
     else:
-        checkpoint = trained_so_far(run_dir).checkpoint
-        if not cfg.eval.metrics:
-            rows.append(("eval", "up to date", "no eval.metrics"))
-        elif _stored_scores(cfg, checkpoint, run_dir / EVAL_NAME) is not None:
-            rows.append(("eval", "up to date", f"{run_dir / EVAL_NAME} scored {checkpoint.name} with these settings"))
-        else:
-            rows.append(("eval", "run", f"{checkpoint.name} is not scored with these eval settings yet"))
-        rows.append(("export", *export_status(checkpoint, run_dir / "export", export_settings(cfg))))
+        rows.append(("train", *train_status(cfg, run_dir, run_dir / "shards")))
+        rows += (_plan_after_training(cfg, run_dir) if rows[1][1] == "up to date"
+                 else _plan_after_a_new_checkpoint(cfg, "after training"))
     return [(stage, action if stage in selected else "not selected", why) for stage, action, why in rows]
+
+
+def _plan_after_a_new_checkpoint(cfg: PipelineConfig, why: str) -> list[tuple[str, str, str]]:
+    """The eval and export rows of the plan when training will write a new checkpoint."""
+    return [("eval", "run", why) if cfg.eval.metrics else ("eval", "up to date", "no eval.metrics"),
+            ("export", "run", why)]
+
+
+def _plan_after_training(cfg: PipelineConfig, run_dir: Path) -> list[tuple[str, str, str]]:
+    """The eval and export rows of the plan when training is complete."""
+    checkpoint = trained_so_far(run_dir).checkpoint
+    if not cfg.eval.metrics:
+        rows = [("eval", "up to date", "no eval.metrics")]
+    elif _stored_scores(cfg, checkpoint, run_dir / "shards", run_dir / EVAL_NAME) is not None:
+        rows = [("eval", "up to date", f"{run_dir / EVAL_NAME} scored {checkpoint.name} (same sha256) on these "
+                                       f"shards with these settings")]
+    else:
+        rows = [("eval", "run", f"{checkpoint.name} is not scored on these shards with these settings yet")]
+    return rows + [("export", *export_status(checkpoint, run_dir / "export", export_settings(cfg)))]
 
 
 def run_pipeline(cfg: PipelineConfig, *, progress: bool, echo: Callable[[str], None],
@@ -119,6 +134,12 @@ def _run_stages(cfg: PipelineConfig, selected: tuple[str, ...], *, progress: boo
     t0 = time.perf_counter()
     if rank == 0:
         write_resolved_config(cfg, run_dir)
+    if rank == 0 and log.isEnabledFor(logging.INFO):  # -v: what each stage is about to do, and why
+        try:
+            for stage, action, why in plan_pipeline(cfg, selected):
+                log.info(f"plan: {stage} {action}: {why}")
+        except DataError as exc:
+            log.info(f"plan: unknown until the stages run ({exc})")
     if rank == 0 and "prepare" in selected:
         manifest, up_to_date = prepare(cfg.data.source, shards_dir, prepare_settings(cfg),
                                        workers=cfg.data.workers, download_dir=cfg.data.download_dir,
@@ -156,7 +177,7 @@ def _run_stages(cfg: PipelineConfig, selected: tuple[str, ...], *, progress: boo
         scores, fresh = _evaluate(cfg, result.checkpoint, shards_dir, run_dir / EVAL_NAME, progress)
         stages["eval"] = {"status": "ran" if fresh else "up to date", "seconds": _since(t0)}
     else:
-        scores, fresh = _stored_scores(cfg, result.checkpoint, run_dir / EVAL_NAME) or {}, False
+        scores, fresh = _stored_scores(cfg, result.checkpoint, shards_dir, run_dir / EVAL_NAME) or {}, False
         skipped("eval")
     if scores:
         shown = ", ".join(f"{k} {v:.4g}" for k, v in scores.items() if k in _HEADLINE)
@@ -180,6 +201,8 @@ def _run_stages(cfg: PipelineConfig, selected: tuple[str, ...], *, progress: boo
         "run_dir": str(run_dir),
         "config": str(run_dir / "config.yaml"),
         "shards": str(shards_dir),
+        "source_sha256": manifest.settings.get("source_sha256"),
+        "shards_sha256": shard_set_fingerprint(manifest),
         "num_samples": manifest.num_samples,
         "skipped": len(manifest.skipped),
         "classes": manifest.class_names,
@@ -202,6 +225,8 @@ def _run_stages(cfg: PipelineConfig, selected: tuple[str, ...], *, progress: boo
         "stages": stages,
         "report": str(run_dir / REPORT_NAME),
     }
+    log.info("seconds per stage: " + ", ".join(f"{stage} {v['seconds']:.1f} ({v['status']})"
+                                                for stage, v in stages.items()))
     write_text_atomic(run_dir / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
     write_report(run_dir)
     echo(f"report: {run_dir / REPORT_NAME}")
@@ -218,22 +243,30 @@ def _evaluate(cfg: PipelineConfig, checkpoint: Path, shards: Path, record: Path,
     checkpoint with the same settings. Returns (scores, whether they were computed now)."""
     if not cfg.eval.metrics:
         return {}, False
-    stored = _stored_scores(cfg, checkpoint, record)
+    stored = _stored_scores(cfg, checkpoint, shards, record)
     if stored is not None:
         return stored, False
-    settings = to_dict(cfg.eval)
     scores = evaluate_checkpoint(checkpoint, shards, cfg.eval, cfg.loader,
                                  resolve_device(cfg.train.device, "train.device"), progress=progress)
-    write_text_atomic(record, json.dumps({"checkpoint": str(checkpoint), "settings": settings,
-                                          "scores": scores}, indent=2) + "\n")
+    write_text_atomic(record, json.dumps({**_scored_inputs(cfg, checkpoint, shards), "scores": scores},
+                                         indent=2) + "\n")
     return scores, True
 
 
-def _stored_scores(cfg: PipelineConfig, checkpoint: Path, record: Path) -> dict[str, Any] | None:
-    """The scores in `record` if it scored `checkpoint` with the current eval settings, else None."""
+def _scored_inputs(cfg: PipelineConfig, checkpoint: Path, shards: Path) -> dict[str, Any]:
+    """What eval scores depend on: the checkpoint (path and sha256), the reference shards (content
+    hash) and the eval settings."""
+    return {"checkpoint": str(checkpoint), "checkpoint_sha256": file_sha256(checkpoint),
+            "shards_sha256": shard_set_fingerprint(read_manifest(shards)), "settings": to_dict(cfg.eval)}
+
+
+def _stored_scores(cfg: PipelineConfig, checkpoint: Path, shards: Path, record: Path) -> dict[str, Any] | None:
+    """The scores in `record` if it scored this very `checkpoint` on `shards` with the current eval
+    settings, else None."""
     try:
         stored = json.loads(record.read_text())
-        if stored.get("checkpoint") == str(checkpoint) and stored.get("settings") == to_dict(cfg.eval):
+        inputs = _scored_inputs(cfg, checkpoint, shards)
+        if all(stored.get(key) == value for key, value in inputs.items()):
             return stored["scores"]
     except (OSError, ValueError, KeyError, AttributeError):
         pass  # missing or unreadable: not scored

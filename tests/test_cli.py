@@ -33,6 +33,7 @@ def test_every_command_has_useful_help(command):
     result = CliRunner().invoke(main, [*command.split(), "--help"])
     assert result.exit_code == 0
     assert "Example: cgan-pipe " + command in result.output
+    assert "-q, --quiet" in result.output and "-v, --verbose" in result.output
 
 
 def test_bad_config_key_exits_2_naming_the_key(tmp_path):
@@ -63,7 +64,7 @@ def test_run_under_torchrun_prepares_once_trains_on_both_ranks_and_reports_once(
         port = probe.getsockname()[1]
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", f"--master-port={port}",
-               "-m", "cgan_pipe", "run", str(ROOT / "pipelines" / "cifar.yaml"), "-q",
+               "-m", "cgan_pipe", "run", str(ROOT / "pipelines" / "cifar.yaml"),
                "--set", f"run_dir={run_dir}", "--set", "data.limit=400", "--set", "data.shard_size=100",
                "--set", "model.g_width=32", "--set", "model.d_width=32", "--set", "train.batch_size=32",
                "--set", "train.steps=2", "--set", "train.device=cpu", "--set", "loader.threads=1",

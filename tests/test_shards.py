@@ -20,8 +20,8 @@ from cgan_pipe.compression import estimate_jpeg_quality
 from cgan_pipe.config import LoaderConfig
 from cgan_pipe.data.loader import open_loader
 from cgan_pipe.data.manifest import read_manifest
-from cgan_pipe.data.shards import (PrepareSettings, ShardSample, ShardWriter, dali_index, file_sha256, merge_shards,
-                                   prepare)
+from cgan_pipe.data.fingerprint import file_sha256
+from cgan_pipe.data.shards import PrepareSettings, ShardSample, ShardWriter, dali_index, merge_shards, prepare
 from cgan_pipe.data.verify import verify_shards
 from cgan_pipe.errors import ConfigError, DataError
 

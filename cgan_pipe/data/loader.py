@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from ..errors import ConfigError, DataError
 from .manifest import Manifest, read_manifest, read_remote_manifest
 from .verify import check_checksums
 
+log = logging.getLogger(__name__)
 CHECKED_SHARDS = "checked-shards.json"  # in the cache folder: shards whose checksum matched, by size and mtime
 
 
@@ -97,6 +99,8 @@ def open_loader(shards: Path | str, cfg: LoaderConfig, batch_size: int, seed: in
                                 f"(truncated or replaced); run `cgan-pipe verify {shards}`, and prepare the "
                                 f"shards again if it fails")
         check_checksums(shards, manifest, default_cache_dir() / CHECKED_SHARDS)
+    log.info(f"{shards}: {cfg.backend} loader on {device.type} ({cfg.device} decoding asked), {cfg.threads} "
+             f"threads, batches of {batch_size} from {manifest.num_samples} samples in {len(manifest.shards)} shards")
     if with_quality and not cfg.jpeg_distort:  # a distorted sample's quality is the one drawn for it
         check_quality_metadata(manifest, shards)
     if batch_size > manifest.num_samples:

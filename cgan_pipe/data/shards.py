@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import contextlib
 import hashlib
 import json
@@ -23,13 +24,16 @@ from tqdm import tqdm
 
 from .. import images
 from ..atomic import TEMP_MARK, disk_full_explained, write_text_atomic
+from ..config import default_cache_dir
 from ..compression import estimate_jpeg_quality, estimate_jpeg_quality_zigzag
 from ..errors import ConfigError, DataError
+from .fingerprint import source_fingerprint
 from .manifest import MANIFEST_NAME, Manifest, ShardInfo, read_manifest, write_manifest
 from . import tars
 from .listing import Listing, SourceItem, shuffled_positions
 from .sources import DECOMPRESSED_PREFIX, ItemReader, RawImage, open_source
 
+log = logging.getLogger(__name__)
 SHARD_NAME = "shard-{:06d}"
 DALI_INDEX_VERSION = "v1.2"
 EXIF_ORIENTATION = 0x0112
@@ -212,15 +216,6 @@ def dali_index(tar_path: Path) -> str:
     return f"{DALI_INDEX_VERSION} {len(lines)}\n" + "".join(lines)
 
 
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def prepare(source: str, out_dir: Path, settings: PrepareSettings, *, workers: int | None = None,
             rank: int = 0, world_size: int = 1, download_dir: str = "~/.cache/cgan-pipe",
             progress: bool = True) -> tuple[Manifest | None, bool]:
@@ -277,6 +272,8 @@ def prepare(source: str, out_dir: Path, settings: PrepareSettings, *, workers: i
         # Only now that the source is known to be readable may an old shard set be touched.
         done = _resume_state(out_dir, plan, rank, world_size)
         todo = [job for job in jobs if job.index in mine and job.index not in done]
+        log.info(f"{src.description}: {inputs} images into {len(jobs)} shards of up to {per_shard}; "
+                 f"{len(todo)} to write with {workers} worker(s), {len(done)} kept from an earlier run")
         counter.value = sum(jobs[i].count for i in done)
         stack.enter_context(_progress_bar(counter, sum(jobs[i].count for i in mine), progress))
         try:
@@ -296,9 +293,10 @@ def prepare(source: str, out_dir: Path, settings: PrepareSettings, *, workers: i
 
 
 def recorded_settings(source: str, settings: PrepareSettings) -> dict[str, Any]:
-    """The settings as a manifest records them: as JSON gives them back (tuples become lists), so
-    that a rerun compares equal."""
-    return json.loads(json.dumps({"source": source, **asdict(settings)}))
+    """The settings as a manifest records them, with the content hash of the source's files: as
+    JSON gives them back (tuples become lists), so that a rerun compares equal."""
+    fingerprint = source_fingerprint(source, default_cache_dir())
+    return json.loads(json.dumps({"source": source, "source_sha256": fingerprint, **asdict(settings)}))
 
 
 def prepare_status(source: str, out_dir: Path, settings: PrepareSettings) -> tuple[str, str]:
@@ -309,11 +307,20 @@ def prepare_status(source: str, out_dir: Path, settings: PrepareSettings) -> tup
     except DataError:
         manifest = None
     recorded = recorded_settings(source, settings)
+    if recorded["source_sha256"] is None:
+        return "run", f"the data source {source} does not exist: prepare will fail"
     if manifest is not None and manifest.settings == recorded:
         return "up to date", f"{out_dir / MANIFEST_NAME} was made from this source with these settings"
     if manifest is not None:
         changed = sorted(k for k in recorded.keys() | manifest.settings.keys()
                          if recorded.get(k) != manifest.settings.get(k))
+        if changed == ["source_sha256"] and "source_sha256" not in manifest.settings:
+            return "run", (f"{out_dir / MANIFEST_NAME} records no content hash of its source (an older cgan-pipe "
+                           f"made it): prepare runs again to record one; the later stages run only if the shards "
+                           f"come out different")
+        if changed == ["source_sha256"]:
+            return "run", (f"the files of {source} changed since the shards were made (sha256 "
+                           f"{manifest.settings['source_sha256'][:12]}..., now {recorded['source_sha256'][:12]}...)")
         return "run", f"the shards were made with other data settings ({', '.join(changed)})"
     if (out_dir / _PLAN_NAME).exists():
         return "resume", f"a prepare stopped midway in {out_dir}; its finished shards are kept if its settings match"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import json
 import multiprocessing
 import tarfile
@@ -19,8 +20,10 @@ from ..atomic import atomic_path, write_text_atomic
 from ..errors import DataError
 from ..images import decode, shard_extensions
 from .manifest import Manifest, ShardInfo, parse_dali_index, read_manifest
-from .shards import dali_index, file_sha256, member_extension, sample_members
+from .fingerprint import file_sha256
+from .shards import dali_index, member_extension, sample_members
 
+log = logging.getLogger(__name__)
 DECODE_BATCH = 256
 
 
@@ -286,6 +289,7 @@ def check_checksums(directory: Path, manifest: Manifest, record: Path) -> None:
         stat = path.stat()
         if known.get(str(path)) != [stat.st_size, stat.st_mtime_ns, shard.sha256]:
             todo.append((shard, path, [stat.st_size, stat.st_mtime_ns, shard.sha256]))
+    log.info(f"{directory}: sha256 of {len(todo)} shards to check, {len(manifest.shards) - len(todo)} checked before")
     if not todo:
         return
     with ThreadPoolExecutor(max_workers=min(4, len(todo))) as pool:  # hashlib hashes without the GIL

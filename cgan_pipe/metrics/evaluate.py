@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import dataclasses
 import hashlib
 import time
@@ -24,6 +25,7 @@ from .inception import load_fid_inception
 from .quality import QualityRegressor, estimate_pixel_quality, spearman, train_quality_regressor
 from .stats import feature_stats, frechet_distance, inception_score, kernel_inception_distance
 
+log = logging.getLogger(__name__)
 INCEPTION_METRICS = ("fid", "kid", "is")
 
 
@@ -182,9 +184,11 @@ def _cached_model(path: Path, empty: Callable[[], nn.Module], train: Callable[[]
             state = torch.load(path, map_location="cpu", weights_only=True)
             model = empty()
             model.load_state_dict(state["model"])
+            log.info(f"using the model cached in {path}")
             return model.to(device).eval().requires_grad_(False)
         except (RuntimeError, OSError, EOFError, ValueError, KeyError, TypeError):
             pass  # unreadable or from another version: train it again and replace it
+    log.info(f"training a model for {path.name} once for this shard set (then cached in {path.parent})")
     model = train()
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
@@ -198,6 +202,7 @@ def _cached_reference(path: Path, shards: Path | str, loader_cfg: LoaderConfig, 
     if path.is_file():
         try:
             with np.load(path, allow_pickle=False) as stored:
+                log.info(f"using the reference features cached in {path}")
                 return {key: stored[key] for key in stored.files}
         except (OSError, ValueError, EOFError):
             pass  # cut short or corrupt: compute it again

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import contextlib
 import copy
 import hashlib
@@ -23,7 +24,8 @@ from ..compression import simulate_jpeg, trained_qualities
 from ..config import CompressionConfig, ModelConfig, PipelineConfig, TrainConfig, to_dict
 from ..data.loader import DatasetInfo, dataset_info, open_loader, rank_and_world, shard_set_manifest
 from ..devices import resolve_device
-from ..distributed import any_rank, average_gradients, broadcast_module
+from ..data.fingerprint import shard_set_fingerprint
+from ..distributed import any_rank, average_gradients, broadcast_module, wait_for_all_ranks
 from ..errors import ConfigError, DataError, TrainingError
 from ..metrics.evaluate import Evaluator, check_eval_settings
 from ..models import build_networks
@@ -32,7 +34,11 @@ from .curves import plot_curves
 from .ema import update_ema
 from .losses import discriminator_loss, generator_loss
 
+log = logging.getLogger(__name__)
 MAX_SKIPPED_IN_A_ROW = 50
+SUPERSEDED = "superseded"  # in a run folder: outputs of trainings on earlier shard sets, one folder each
+TRAINING_OUTPUTS = ("checkpoints", "samples", "tensorboard", "curves.png", "metrics.jsonl", "eval.jsonl", "eval.json",
+                    "export", "summary.json", "report.html")
 # what a key older checkpoints lack meant: its default
 _DEFAULTS = {"model": to_dict(ModelConfig()), "compression": to_dict(CompressionConfig())}
 
@@ -85,6 +91,18 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
     if cfg.eval.every:
         check_eval_settings(cfg.eval, info)
     path, state = _newest_checkpoint(ckpt_dir, device, warn)
+    shards_sha256 = shard_set_fingerprint(manifest)
+    if state is not None and _trained_on_other_shards(state, shards_sha256):
+        if world > 1:
+            wait_for_all_ranks()  # every rank has read the old checkpoint before rank 0 moves it
+        if lead:
+            moved = supersede(run_dir)
+            samples_dir.mkdir(parents=True)
+            warn(f"the shards changed since {path} was trained; the outputs trained on the old ones were moved to "
+                 f"{moved}, and training starts afresh")
+        if world > 1:
+            wait_for_all_ranks()
+        path, state = None, None
     if state is not None:
         _check_compatible(state, cfg, info, path)
     start = state["step"] if state is not None else 0
@@ -92,6 +110,9 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
     budget = tc.max_minutes * 60 if tc.max_minutes else None
     if state is not None and _finished(state, tc):
         return TrainResult(path, start, None, None, metrics_path, samples_dir, start)
+    log.info(f"training on {device} ({'fp32' if dtype is None else dtype}), {world} rank(s), batch {tc.batch_size}, "
+             + (f"resuming from {path} (step {start}, {spent / 60:.1f} minutes spent)" if state is not None
+                else "from scratch"))
 
     # Data: an endless stream of this rank's batches on the training device. A resumed run draws a
     # fresh order (seed + step) rather than replaying the first run's from its start, so frequent
@@ -136,6 +157,7 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
             "config": to_dict(cfg),
             "dataset": {"resolution": info.resolution, "channels": info.channels,
                         "class_names": list(info.class_names), "qualities": qualities},
+            "shards_sha256": shards_sha256,
             "rng": {"torch": torch.get_rng_state()},
             "train_seconds": seconds,
         }
@@ -275,6 +297,7 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
             plot_curves(read_metrics(metrics_path), read_metrics(eval_path), run_dir / "curves.png")
         if lead and (step % tc.checkpoint_every == 0 or last):
             path = save_checkpoint(ckpt_dir, step, checkpoint_state(seconds), keep=tc.keep_checkpoints)
+            log.debug(f"wrote {path}")
         if last:
             break
     bar.close()
@@ -322,16 +345,37 @@ def _log_scalars(board, group: str, row: dict) -> None:
     board.flush()
 
 
-def train_status(cfg: PipelineConfig, run_dir: Path) -> tuple[str, str]:
-    """What `train` would do in `run_dir`, without doing it: ('up to date' | 'resume' | 'run', why)."""
+def train_status(cfg: PipelineConfig, run_dir: Path, shards: Path | str) -> tuple[str, str]:
+    """What `train` would do in `run_dir` on the shard set `shards`, without doing it:
+    ('up to date' | 'resume' | 'run', why)."""
     path, state = _newest_checkpoint(run_dir / "checkpoints", torch.device("cpu"), lambda message: None)
+    budget = f" or {cfg.train.max_minutes} minutes" if cfg.train.max_minutes else ""
     if state is None:
-        budget = f" or {cfg.train.max_minutes} minutes" if cfg.train.max_minutes else ""
         return "run", f"no checkpoint yet: {cfg.train.steps} steps{budget} from scratch"
+    if _trained_on_other_shards(state, shard_set_fingerprint(shard_set_manifest(shards))):
+        return "run", (f"the shards changed since {path.name} was trained: its outputs will be moved to "
+                       f"{run_dir / SUPERSEDED}/, then {cfg.train.steps} steps{budget} from scratch")
     finished = _finished(state, cfg.train)
     if finished:
         return "up to date", f"{path.name} {finished}"
     return "resume", f"from {path.name} (step {state['step']} of {cfg.train.steps})"
+
+
+def _trained_on_other_shards(state: dict, shards_sha256: str) -> bool:
+    """Whether the checkpoint `state` was trained on a shard set other than the one hashing to
+    `shards_sha256` (checkpoints from before the hash was recorded are taken as trained on it)."""
+    return state.get("shards_sha256", shards_sha256) != shards_sha256
+
+
+def supersede(run_dir: Path) -> Path:
+    """Move everything in `run_dir` that a training produced (checkpoints, samples, curves, metrics,
+    scores, export, summary, report) into run_dir/superseded/<UTC time>/, and return that folder."""
+    target = run_dir / SUPERSEDED / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    target.mkdir(parents=True, exist_ok=True)
+    for name in TRAINING_OUTPUTS:
+        if (run_dir / name).exists():
+            (run_dir / name).rename(target / name)
+    return target
 
 
 def _finished(state: dict, tc: TrainConfig) -> str | None:
