@@ -286,7 +286,8 @@ def prepare(source: str, out: str, fmt: str, quality_text: str, quality_mode: st
     for entry in manifest.skipped if every else manifest.skipped[:10]:
         click.echo(f"  skipped {entry['source']}: {entry['reason']}", err=True)
     if len(manifest.skipped) > 10 and not every:
-        click.echo(f"  ... and {len(manifest.skipped) - 10} more (-v lists them all; each is in the manifest)", err=True)
+        more = len(manifest.skipped) - 10
+        click.echo(f"  ... and {more} more (-v lists them all; each is in the manifest)", err=True)
 
 
 @main.command(epilog=f"Example: {EXAMPLES['train']}")

@@ -1,4 +1,5 @@
-"""-q and -v: what each level prints, and where (results on stdout, progress and detail on stderr, no colour off a TTY)."""
+"""-q and -v: what each level prints, and where (results on stdout; progress and detail on stderr;
+no colour off a terminal)."""
 
 from __future__ import annotations
 
