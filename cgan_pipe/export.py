@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import logging
 import contextlib
 import json
+import logging
 import math
 import os
 import shutil

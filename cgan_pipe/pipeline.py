@@ -12,8 +12,8 @@ import yaml
 
 from .atomic import write_text_atomic
 from .config import PipelineConfig, parse_byte_size, to_dict
-from .data.loader import dataset_info, rank_and_world
 from .data.fingerprint import file_sha256, shard_set_fingerprint
+from .data.loader import dataset_info, rank_and_world
 from .data.manifest import read_manifest
 from .data.shards import PrepareSettings, prepare, prepare_status
 from .errors import ConfigError, DataError

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import logging
 import contextlib
 import hashlib
 import json
+import logging
 import multiprocessing
 import os
 import random
@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 from .. import images
 from ..atomic import TEMP_MARK, disk_full_explained, write_text_atomic
-from ..config import default_cache_dir
 from ..compression import estimate_jpeg_quality, estimate_jpeg_quality_zigzag
+from ..config import default_cache_dir
 from ..errors import ConfigError, DataError
 from .fingerprint import source_fingerprint
 from .manifest import MANIFEST_NAME, Manifest, ShardInfo, read_manifest, write_manifest

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import logging
 import json
+import logging
 import multiprocessing
 import tarfile
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor

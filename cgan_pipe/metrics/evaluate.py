@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import logging
 import dataclasses
 import hashlib
+import logging
 import time
 from pathlib import Path
 from typing import Any, Callable
