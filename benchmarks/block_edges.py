@@ -1,8 +1,9 @@
-"""Blockiness of images: the mean absolute step between neighbouring pixel columns across 8x8 JPEG
-block edges, divided by that inside blocks (1.0: no block structure; real q10 JPEGs: about 2).
+"""Blockiness of images: the mean absolute step between neighbouring pixels across 8x8 JPEG block
+edges, divided by that inside blocks (metrics.quality.block_edge_ratio; 1.0: no block structure).
 
   python benchmarks/block_edges.py CHECKPOINT [CHECKPOINT ...] [--n 500]
   python benchmarks/block_edges.py --shards SHARDS [--jpeg-distort 10,40] [--n 2000]
+  python benchmarks/block_edges.py --shards SHARDS --recompress 5,10,20,30,40,50,75,100 --n 1000
 """
 
 from __future__ import annotations
@@ -14,16 +15,15 @@ import torch
 from cgan_pipe.config import LoaderConfig
 from cgan_pipe.data.loader import open_loader
 from cgan_pipe.export import generate, load_generator
+from cgan_pipe.metrics.quality import block_edge_ratio, block_steps, recompress
 from cgan_pipe.train.checkpoint import load_checkpoint
 
 CPU = torch.device("cpu")
 
 
-def block_edge_ratio(images: torch.Tensor) -> float:
-    """Edge steps over inside steps, for NCHW images whose width is a multiple of 8."""
-    steps = (images[..., 1:] - images[..., :-1]).abs().mean(dim=(0, 1, 2))
-    edges = torch.arange(1, steps.shape[0] + 1) % 8 == 0
-    return float(steps[edges].mean() / steps[~edges].mean())
+def ratio(images: torch.Tensor) -> float:
+    """The block-edge ratio of NCHW images."""
+    return block_edge_ratio(block_steps(images))
 
 
 def main() -> None:
@@ -31,18 +31,21 @@ def main() -> None:
     parser.add_argument("checkpoints", nargs="*")
     parser.add_argument("--shards")
     parser.add_argument("--jpeg-distort", default=None, help="LO,HI: re-compress the shards' images first")
+    parser.add_argument("--recompress", default=None, help="Q,Q,...: also each shard image re-encoded by libjpeg at Q")
     parser.add_argument("--n", type=int, default=None)
     args = parser.parse_args()
     for checkpoint in args.checkpoints:
         n = args.n or 500
         G, info, z_dim = load_generator(load_checkpoint(checkpoint, map_location=CPU), ema=True, device=CPU)
         pixels = generate(G, z_dim, list(range(n)), torch.arange(n) % max(info.num_classes, 1), CPU)
-        print(f"{checkpoint}: {block_edge_ratio(pixels.float()):.2f}")
+        print(f"{checkpoint}: {ratio(pixels.float()):.2f}")
     if args.shards:
         distort = [int(q) for q in args.jpeg_distort.split(",")] if args.jpeg_distort else None
         cfg = LoaderConfig(backend="dali", device="cpu", hflip=False, jpeg_distort=distort)
         images = next(iter(open_loader(args.shards, cfg, args.n or 2000, 0, CPU))).images
-        print(f"{args.shards} (jpeg_distort {distort}): {block_edge_ratio(images):.2f}")
+        print(f"{args.shards} (jpeg_distort {distort}): {ratio(images):.2f}")
+        for quality in [int(q) for q in args.recompress.split(",")] if args.recompress else []:
+            print(f"  re-encoded at q{quality}: {ratio(recompress(images, torch.full((len(images),), quality))):.2f}")
 
 
 if __name__ == "__main__":

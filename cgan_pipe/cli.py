@@ -468,8 +468,9 @@ def evaluate(checkpoint: str, shards: str | None, metric_names: str | None, n_sa
     classifier: Frechet distance in the features of a small classifier trained on
     the real shards (once, then cached), its Inception-style score, and the class
     accuracy of conditional samples. fid/kid/is: the standard FID Inception-v3.
-    quality: the JPEG quality of the samples estimated from their pixels and, for a
-    quality-conditioned model, its agreement with the requested quality.
+    quality: the JPEG quality of the samples estimated from their pixels, their
+    block-edge ratio (1.0: no JPEG block structure) and, for a quality-conditioned
+    model, its agreement with the requested quality.
     """
     from .config import config_from_dict
     from .devices import resolve_device

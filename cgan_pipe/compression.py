@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -73,13 +73,16 @@ def _closest_quality(luma: tuple[int, ...]) -> int:
     return int(errors.argmin()) + 1
 
 
-def simulate_jpeg(images: torch.Tensor, quality: torch.Tensor | float) -> torch.Tensor:
+def simulate_jpeg(images: torch.Tensor, quality: torch.Tensor | float,
+                  rounding: Literal["smooth", "straight_through"] = "smooth") -> torch.Tensor:
     """JPEG-compress and decompress NCHW RGB images in [-1, 1], differentiably, at `quality` (1-100;
     one number, or one per image); returns images in [-1, 1].
 
     kornia's `jpeg_codec_differentiable` (Reich et al., WACV 2024: colour conversion, 4:2:0 chroma
     subsampling, 8x8 DCT, the standard tables scaled to the quality, smooth rounding). Measured
-    against libjpeg in docs/benchmarks.md.
+    against libjpeg in docs/benchmarks.md. `rounding="straight_through"` gives the same images with
+    the gradient of rounding taken as 1: the gradient is then that of the codec's linear part (colour
+    conversion and chroma subsampling), undamped by the smooth rounding's 3*(x - round(x))**2.
     """
     from kornia.enhance import jpeg_codec_differentiable  # imported where used: only compression modes need it
 
@@ -90,8 +93,27 @@ def simulate_jpeg(images: torch.Tensor, quality: torch.Tensor | float) -> torch.
         raise ValueError(f"JPEG quality must be between 1 and 100, got {quality.min().item():g}..{quality.max().item():g}")
     with torch.autocast(images.device.type, enabled=False):  # in fp32 whatever the training precision
         unit = images.float().add(1).div(2).clamp(0, 1)
-        coded = jpeg_codec_differentiable(unit, quality.expand(images.shape[0]))
+        if rounding == "smooth":
+            coded = jpeg_codec_differentiable(unit, quality.expand(images.shape[0]))
+        else:
+            with torch.no_grad():
+                coded = jpeg_codec_differentiable(unit, quality.expand(images.shape[0]))
+            linear = _chroma_subsampled(unit)
+            coded = coded + (linear - linear.detach())
     return coded.mul(2).sub(1)
+
+
+def _chroma_subsampled(unit: torch.Tensor) -> torch.Tensor:
+    """RGB images in [0, 1] with their chroma halved and restored as JPEG 4:2:0 does (kornia's bilinear
+    filters): the linear part of the codec, whose gradient the straight-through rounding passes on."""
+    from kornia.color import rgb_to_ycbcr, ycbcr_to_rgb
+
+    height, width = unit.shape[-2:]
+    ycbcr = rgb_to_ycbcr(unit)
+    chroma = torch.nn.functional.interpolate(ycbcr[:, 1:], size=((height + 1) // 2, (width + 1) // 2),
+                                             mode="bilinear", align_corners=False, antialias=True)
+    chroma = torch.nn.functional.interpolate(chroma, size=(height, width), mode="bilinear", align_corners=False)
+    return ycbcr_to_rgb(torch.cat([ycbcr[:, :1], chroma], dim=1))
 
 
 def trained_qualities(manifest: Manifest, loader: LoaderConfig) -> list[int]:

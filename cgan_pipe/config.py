@@ -320,6 +320,16 @@ class CompressionConfig:
         "fills it with noise: the smallest-energy image among those that compress alike is chosen. 0: off.",
         _non_negative,
     )
+    ambient_recode_reals: bool = _opt(
+        False, "ambient mode: pass each real image through the same differentiable codec, at its own quality, "
+        "before D sees it, so that D compares simulated JPEG with simulated JPEG and cannot tell fakes by how "
+        "the simulation differs from libjpeg."
+    )
+    ambient_rounding: Literal["smooth", "straight_through"] = _opt(
+        "smooth", "ambient mode: the gradient G gets through the codec's rounding of DCT coefficients. 'smooth': "
+        "kornia's polynomial rounding, whose slope 3*(x - round(x))**2 is near 0 for every coefficient that "
+        "rounds to a whole number; 'straight_through': the same images, with the slope of rounding taken as 1."
+    )
     condition_output: Literal["jpeg", "learned"] = _opt(
         "jpeg", "condition mode: 'jpeg' ends G with the differentiable JPEG codec at the requested quality, so "
         "G(z, class, q) = JPEG_q(net(z, class, q)): the artefacts are JPEG's own and G learns the content; "
@@ -344,8 +354,9 @@ class EvalConfig:
         ["classifier"], "Any of 'classifier' (Frechet distance in the features of a small classifier cgan-pipe "
         "trains on the real shards, its Inception-style score, the class accuracy of conditional samples; no "
         "download), 'fid', 'kid', 'is' (need inception_weights), 'quality' (JPEG quality estimated from the pixels "
-        "of the samples by a regressor trained on the real shards; for a quality-conditioned model, also how well "
-        "it matches the requested quality).", _metric_names
+        "of the samples by a regressor trained on the real shards, and their block-edge ratio, 1.0 with no JPEG "
+        "block structure; for a quality-conditioned model, also how well it matches the requested quality).",
+        _metric_names
     )
     every: Optional[int] = _opt(
         None, "Steps between evaluations of the EMA generator during training (rows in eval.jsonl); null: "

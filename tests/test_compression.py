@@ -64,6 +64,19 @@ def test_simulated_jpeg_is_close_to_libjpeg(cifar_batch, quality, floor):
         assert _psnr(simulated, real) > _psnr(cifar_batch, real) + 4
 
 
+def test_straight_through_rounding_gives_the_same_images_and_an_undamped_gradient(cifar_batch):
+    images = (cifar_batch[:8] * 0.9).requires_grad_(True)  # inside [-1, 1]: no pixel is clamped
+    quality = torch.tensor([10.0, 40.0] * 4)
+    smooth, straight = simulate_jpeg(images, quality), simulate_jpeg(images, quality, "straight_through")
+    assert torch.allclose(smooth, straight, atol=1e-6)
+    (smooth_grad,) = torch.autograd.grad(smooth.sum(), images)
+    (straight_grad,) = torch.autograd.grad(straight.sum(), images)
+    # the sum's gradient through colour conversion and chroma subsampling alone is 1 per pixel, up to
+    # the rounding of the colour matrices; smooth rounding's slope 3*(x - round(x))**2 averages about 1/4
+    assert straight_grad.mean().item() == pytest.approx(1.0, abs=0.01)
+    assert smooth_grad.mean().item() < 0.5
+
+
 def test_simulated_jpeg_takes_a_quality_per_image_and_passes_gradients(cifar_batch):
     images = cifar_batch[:4].clone().requires_grad_(True)
     out = simulate_jpeg(images, torch.tensor([10.0, 30.0, 75.0, 95.0]))

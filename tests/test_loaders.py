@@ -13,6 +13,7 @@ from cgan_pipe.config import LoaderConfig
 from cgan_pipe.data.loader import open_loader, parse_ascii_labels
 from cgan_pipe.data.shards import PrepareSettings, prepare
 from cgan_pipe.errors import ConfigError, DataError
+from cgan_pipe.metrics.quality import block_edge_ratio, block_steps
 
 from conftest import CLASSES, cifar_members, write_tar
 
@@ -315,13 +316,6 @@ def test_a_set_without_quality_metadata_is_refused_with_how_to_make_one(tmp_path
         open_loader(out, LoaderConfig(threads=1), 5, 0, torch.device("cpu"), with_quality=True)
 
 
-def _block_edge_ratio(images: torch.Tensor) -> float:
-    """Mean absolute step between columns 7|8, 15|16, ... (JPEG block edges) over that inside blocks."""
-    steps = (images[..., 1:] - images[..., :-1]).abs().mean(dim=(0, 1, 2))
-    edges = torch.arange(1, steps.shape[0] + 1) % 8 == 0
-    return float(steps[edges].mean() / steps[~edges].mean())
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_on_the_fly_jpeg_distortion_draws_a_quality_per_sample_and_shows_block_artefacts(small_shards, backend):
     plain = LoaderConfig(backend=backend, threads=1, hflip=False)
@@ -330,7 +324,7 @@ def test_on_the_fly_jpeg_distortion_draws_a_quality_per_sample_and_shows_block_a
     # small_shards records no per-sample quality range: the drawn one is the sample's quality
     batch = next(iter(open_loader(small_shards, distorted, 200, 0, torch.device("cpu"), with_quality=True)))
     assert sorted(set(batch.quality.mul(100).round().int().tolist())) == [10, 11, 12]
-    assert _block_edge_ratio(batch.images) > 1.3 * _block_edge_ratio(clean_batch.images)
+    assert block_edge_ratio(block_steps(batch.images)) > 1.3 * block_edge_ratio(block_steps(clean_batch.images))
     lowest = LoaderConfig(backend=backend, threads=1, hflip=False, jpeg_distort=[1, 1])
     assert next(iter(open_loader(small_shards, lowest, 200, 0, torch.device("cpu"),
                                  with_quality=True))).quality.unique().tolist() == pytest.approx([0.01])

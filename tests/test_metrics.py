@@ -220,7 +220,9 @@ def test_the_quality_metric_tells_a_generator_that_follows_the_quality_from_one_
     ignores = evaluator(_QualityBlindNoise(), z_dim=8, qualities=[10, 90])
     assert follows["quality_spearman"] > 0.6 and abs(ignores["quality_spearman"]) < 0.3
     assert follows["quality_by_level"]["10"] + 20 < follows["quality_by_level"]["90"]
+    assert follows["block_edge_ratio_by_level"]["10"] > 1.4 > follows["block_edge_ratio_by_level"]["90"]
     assert follows["quality_mae"] < ignores["quality_mae"]
     assert "quality-regressor-100.pt" in [p.name for p in next(tmp_path.iterdir()).iterdir()]
     plain = evaluator(_RealImages(batch.images, batch.labels), z_dim=8)  # not conditioned: the mean estimate only
     assert "quality_spearman" not in plain and 1 <= plain["estimated_quality"] <= 100
+    assert 0.9 < plain["block_edge_ratio"] < 1.3  # the stored q75 images: nearly no block structure

@@ -248,12 +248,14 @@ def test_ambient_mode_compresses_fakes_at_the_drawn_quality_before_d_sees_them(s
 
     seen, simulate = [], loop.simulate_jpeg
 
-    def recording(images, quality):
+    def recording(images, quality, rounding):
         seen.append(quality.detach().round())
-        return simulate(images, quality)
+        assert rounding == "straight_through"
+        return simulate(images, quality, rounding)
 
     monkeypatch.setattr(loop, "simulate_jpeg", recording)
-    cfg = small_config(tmp_path, {"compression": {"mode": "ambient"}, "loader": {"jpeg_distort": [20, 30]}}, steps=2)
+    cfg = small_config(tmp_path, {"compression": {"mode": "ambient", "ambient_rounding": "straight_through"},
+                                  "loader": {"jpeg_distort": [20, 30]}}, steps=2)
     result = train(cfg, small_shards, tmp_path, progress=False)
     state = load_checkpoint(result.checkpoint)
     assert not any(key.startswith("embed_quality.") for key in state["G"])  # G itself is clean, unconditioned
@@ -262,6 +264,22 @@ def test_ambient_mode_compresses_fakes_at_the_drawn_quality_before_d_sees_them(s
     resumed = small_config(tmp_path, {"loader": {"jpeg_distort": [20, 30]}}, steps=3)
     with pytest.raises(DataError, match=r"compression.mode: 'ambient' in the checkpoint, 'none' now"):
         train(resumed, small_shards, tmp_path, progress=False)
+
+
+def test_ambient_recode_reals_passes_the_real_batch_through_the_same_codec(small_shards, tmp_path, monkeypatch):
+    import cgan_pipe.train.loop as loop
+
+    coded, simulate = [], loop.simulate_jpeg
+
+    def recording(images, quality, rounding):
+        coded.append(images.requires_grad)  # reals carry no gradient; fakes in the G phase do
+        return simulate(images, quality, rounding)
+
+    monkeypatch.setattr(loop, "simulate_jpeg", recording)
+    cfg = small_config(tmp_path, {"compression": {"mode": "ambient", "ambient_recode_reals": True},
+                                  "loader": {"jpeg_distort": [20, 30]}}, steps=2)
+    train(cfg, small_shards, tmp_path, progress=False)
+    assert coded == [False, False, True] * 2  # each step: the reals, the D phase's fakes, the G phase's fakes
 
 
 def test_the_ambient_null_space_penalty_is_part_of_the_generator_update(small_shards, tmp_path):

@@ -22,7 +22,8 @@ from ..export import generate, load_generator
 from ..train.checkpoint import load_checkpoint
 from .classifier import Classifier, train_classifier
 from .inception import load_fid_inception
-from .quality import QualityRegressor, estimate_pixel_quality, spearman, train_quality_regressor
+from .quality import (QualityRegressor, block_edge_ratio, block_steps, estimate_pixel_quality, spearman,
+                      train_quality_regressor)
 from .stats import feature_stats, frechet_distance, inception_score, kernel_inception_distance
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,7 @@ class Evaluator:
                 results["inception_score"] = inception_score(_softmax(fake["inception_logits"]))
         if self.quality_regressor is not None:
             results["estimated_quality"] = float(fake["quality_estimates"].mean())
+            results["block_edge_ratio"] = block_edge_ratio(fake["block_steps"])
             if generator.quality_conditioned:
                 results.update(self._quality_agreement(generator, z_dim, progress))
         results["seconds"] = round(time.perf_counter() - t0, 2)
@@ -135,21 +137,24 @@ class Evaluator:
 
     def _quality_agreement(self, generator: nn.Module, z_dim: int, progress: bool) -> dict[str, Any]:
         """Requested vs estimated quality over cfg.quality_levels (the same seeds at every level): Spearman
-        correlation over all images, mean absolute error, and the mean estimate per level."""
+        correlation over all images, mean absolute error, and per level the mean estimate and the
+        block-edge ratio."""
         levels = self.cfg.quality_levels
         per_level = max(self.cfg.n_samples // len(levels), 2)
-        estimates = {q: self._generated_outputs(generator, z_dim, per_level, q, progress)["quality_estimates"]
-                     for q in levels}
+        outputs = {q: self._generated_outputs(generator, z_dim, per_level, q, progress) for q in levels}
         requested = np.concatenate([np.full(per_level, q, dtype=np.float64) for q in levels])
-        estimated = np.concatenate([estimates[q] for q in levels]).astype(np.float64)
+        estimated = np.concatenate([outputs[q]["quality_estimates"] for q in levels]).astype(np.float64)
         return {"quality_spearman": spearman(requested, estimated),
                 "quality_mae": float(np.abs(requested - estimated).mean()),
-                "quality_by_level": {str(q): round(float(estimates[q].mean()), 2) for q in levels}}
+                "quality_by_level": {str(q): round(float(outputs[q]["quality_estimates"].mean()), 2) for q in levels},
+                "block_edge_ratio_by_level": {str(q): round(block_edge_ratio(outputs[q]["block_steps"]), 3)
+                                              for q in levels}}
 
     def _outputs(self, images: torch.Tensor) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
         if self.quality_regressor is not None:
             out["quality_estimates"] = estimate_pixel_quality(self.quality_regressor, images)
+            out["block_steps"] = block_steps(images)
         if self.classifier is not None:
             out.update(self._classifier_outputs(images))
         if self.inception is not None:

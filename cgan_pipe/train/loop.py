@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 import contextlib
 import copy
 import hashlib
 import json
+import logging
 import sys
 import time
 from dataclasses import dataclass
@@ -22,9 +22,9 @@ from ..atomic import atomic_path, remove_stale_temps, write_text_atomic
 from ..augment import diff_augment, parse_policy
 from ..compression import simulate_jpeg, trained_qualities
 from ..config import CompressionConfig, ModelConfig, PipelineConfig, TrainConfig, to_dict
+from ..data.fingerprint import shard_set_fingerprint
 from ..data.loader import DatasetInfo, dataset_info, open_loader, rank_and_world, shard_set_manifest
 from ..devices import resolve_device
-from ..data.fingerprint import shard_set_fingerprint
 from ..distributed import any_rank, average_gradients, broadcast_module, wait_for_all_ranks
 from ..errors import ConfigError, DataError, TrainingError
 from ..metrics.evaluate import Evaluator, check_eval_settings
@@ -202,7 +202,7 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
 
     def measured(fake: torch.Tensor, quality: torch.Tensor | None) -> torch.Tensor:
         """What D sees of a fake: in ambient mode, the fake JPEG-compressed (differentiably) at `quality`."""
-        return simulate_jpeg(fake, quality * 100) if mode == "ambient" else fake
+        return simulate_jpeg(fake, quality * 100, cfg.compression.ambient_rounding) if mode == "ambient" else fake
 
     bar = tqdm(range(start + 1, tc.steps + 1), initial=start, total=tc.steps, desc="train",
                unit="step", disable=not (progress and lead), dynamic_ncols=True)
@@ -216,6 +216,8 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
             window_images += batch.images.shape[0] * world
             reals = batch.images.contiguous(memory_format=memory_format)
             n, q = reals.shape[0], batch.quality
+            if mode == "ambient" and cfg.compression.ambient_recode_reals:
+                reals = measured(reals, q).to(reals.dtype).contiguous(memory_format=memory_format)
             with torch.no_grad(), autocast():
                 fake = G_train(torch.randn(n, cfg.model.z_dim, device=device), batch.labels, conditioned(q))
                 fake = measured(fake, q)
