@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import TYPE_CHECKING, Literal
 
@@ -93,11 +94,10 @@ def simulate_jpeg(images: torch.Tensor, quality: torch.Tensor | float,
         raise ValueError(f"JPEG quality must be between 1 and 100, got {quality.min().item():g}..{quality.max().item():g}")
     with torch.autocast(images.device.type, enabled=False):  # in fp32 whatever the training precision
         unit = images.float().add(1).div(2).clamp(0, 1)
-        if rounding == "smooth":
+        straight_through = rounding == "straight_through" and unit.requires_grad  # no gradient asked: no proxy
+        with torch.no_grad() if straight_through else contextlib.nullcontext():
             coded = jpeg_codec_differentiable(unit, quality.expand(images.shape[0]))
-        else:
-            with torch.no_grad():
-                coded = jpeg_codec_differentiable(unit, quality.expand(images.shape[0]))
+        if straight_through:
             linear = _chroma_subsampled(unit)
             coded = coded + (linear - linear.detach())
     return coded.mul(2).sub(1)

@@ -201,7 +201,8 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
         return quality if mode == "condition" else None
 
     def measured(fake: torch.Tensor, quality: torch.Tensor | None) -> torch.Tensor:
-        """What D sees of a fake: in ambient mode, the fake JPEG-compressed (differentiably) at `quality`."""
+        """What D sees of a fake (or, with ambient_recode_reals, of a real): in ambient mode, the image
+        JPEG-compressed (differentiably) at `quality`."""
         return simulate_jpeg(fake, quality * 100, cfg.compression.ambient_rounding) if mode == "ambient" else fake
 
     bar = tqdm(range(start + 1, tc.steps + 1), initial=start, total=tc.steps, desc="train",
