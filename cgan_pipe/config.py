@@ -320,6 +320,11 @@ class CompressionConfig:
         "fills it with noise: the smallest-energy image among those that compress alike is chosen. 0: off.",
         _non_negative,
     )
+    ambient_d_quality: bool = _opt(
+        False, "ambient mode: D is told the quality each image it judges was compressed at (by projection, as "
+        "in condition mode), so it can hold the high-quality samples to more detail than the low ones. G is "
+        "unchanged: clean and unconditioned."
+    )
     ambient_recode_reals: bool = _opt(
         False, "ambient mode: pass each real image through the same differentiable codec, at its own quality, "
         "before D sees it, so that D compares simulated JPEG with simulated JPEG and cannot tell fakes by how "

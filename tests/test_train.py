@@ -291,3 +291,15 @@ def test_the_ambient_null_space_penalty_is_part_of_the_generator_update(small_sh
     with_penalty, without = trained_g(1.0, tmp_path / "a"), trained_g(0.0, tmp_path / "b")
     assert any(not torch.equal(with_penalty[k], without[k]) for k in with_penalty)  # same seed, same data otherwise
     assert all(torch.equal(trained_g(0.0, tmp_path / "c")[k], without[k]) for k in without)  # and it is deterministic
+
+
+def test_ambient_d_quality_tells_d_the_quality_and_leaves_g_clean(small_shards, tmp_path):
+    cfg = small_config(tmp_path, {"compression": {"mode": "ambient", "ambient_d_quality": True},
+                                  "loader": {"jpeg_distort": [20, 30]}}, steps=2)
+    state = load_checkpoint(train(cfg, small_shards, tmp_path, progress=False).checkpoint)
+    assert any(key.startswith("embed_quality.") for key in state["D"])  # D was built for, and given, qualities
+    assert not any(key.startswith("embed_quality.") for key in state["G"])
+    resumed = small_config(tmp_path, {"compression": {"mode": "ambient"}, "loader": {"jpeg_distort": [20, 30]}},
+                           steps=3)
+    with pytest.raises(DataError, match=r"compression.ambient_d_quality: True in the checkpoint, False now"):
+        train(resumed, small_shards, tmp_path, progress=False)

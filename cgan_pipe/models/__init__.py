@@ -15,15 +15,18 @@ def build_networks(cfg: ModelConfig, info: DatasetInfo,
                    compression: CompressionConfig | None = None) -> tuple[nn.Module, nn.Module]:
     """Generator and discriminator for `cfg.arch`, sized from the dataset's resolution and classes;
     both also conditioned on JPEG quality in compression mode 'condition' (G then ending with the
-    differentiable JPEG codec when compression.condition_output is 'jpeg')."""
+    differentiable JPEG codec when compression.condition_output is 'jpeg'), D alone with
+    compression.ambient_d_quality in mode 'ambient'."""
     quality = compression is not None and compression.mode == "condition"
+    judges_quality = quality or (compression is not None and compression.mode == "ambient"
+                                 and compression.ambient_d_quality)
     jpeg = quality and compression.condition_output == "jpeg"
     if cfg.arch in ("dcgan", "resnet"):
         family = dcgan if cfg.arch == "dcgan" else resnet
         generator = family.Generator(cfg.z_dim, info.num_classes, info.resolution, info.channels, cfg.g_width,
                                      quality=quality, jpeg=jpeg)
         discriminator = family.Discriminator(info.num_classes, info.resolution, info.channels, cfg.d_width,
-                                             quality=quality)
+                                             quality=judges_quality)
         return generator, discriminator
     raise ValueError(f"unknown architecture {cfg.arch!r}")  # config validation admits only known ones
 

@@ -197,8 +197,12 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
     null_weight = cfg.compression.ambient_null_weight
 
     def conditioned(quality: torch.Tensor | None) -> torch.Tensor | None:
-        """The quality input of G and D: the qualities in condition mode, else none."""
+        """The quality input of G: the qualities in condition mode, else none."""
         return quality if mode == "condition" else None
+
+    def judged(quality: torch.Tensor | None) -> torch.Tensor | None:
+        """The quality input of D: as G's, and the qualities too in ambient mode with ambient_d_quality."""
+        return quality if mode == "condition" or (mode == "ambient" and cfg.compression.ambient_d_quality) else None
 
     def measured(fake: torch.Tensor, quality: torch.Tensor | None) -> torch.Tensor:
         """What D sees of a fake (or, with ambient_recode_reals, of a real): in ambient mode, the image
@@ -224,7 +228,7 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
                 fake = measured(fake, q)
             with autocast():
                 logits = D_train(augment(torch.cat([reals, fake.to(reals.dtype)])), torch.cat([batch.labels] * 2),
-                                 conditioned(torch.cat([q] * 2) if q is not None else None))
+                                 judged(torch.cat([q] * 2) if q is not None else None))
                 loss_d = discriminator_loss(tc.loss, logits[:n], logits[n:])
             stepped = step_with(loss_d, D, opt_d, "the discriminator loss")
 
@@ -232,7 +236,7 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
         if tc.r1_gamma and step % tc.r1_every == 0:
             seen = augment(reals).detach().requires_grad_(True)
             with autocast():
-                real_logits = D_train(seen, batch.labels, conditioned(q))
+                real_logits = D_train(seen, batch.labels, judged(q))
             (grad,) = torch.autograd.grad(scaler.scale(real_logits.float().sum()), seen, create_graph=True)
             grad = grad / scaler.get_scale() if scaler.is_enabled() else grad
             penalty = grad.float().square().sum(dim=(1, 2, 3)).mean() * (tc.r1_gamma / 2) * tc.r1_every
@@ -245,7 +249,7 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
         with autocast():
             fake = G_train(torch.randn(local_batch, cfg.model.z_dim, device=device), labels, conditioned(q))
             fake_seen = measured(fake, q)
-            loss_g = generator_loss(tc.loss, D_train(augment(fake_seen), labels, conditioned(q)))
+            loss_g = generator_loss(tc.loss, D_train(augment(fake_seen), labels, judged(q)))
             if mode == "ambient" and null_weight:  # what the measurement discards, D cannot judge: keep it small
                 loss_g = loss_g + null_weight * (fake.float() - fake_seen.float()).square().mean()
         stepped = step_with(loss_g, G, opt_g, "the generator loss") and stepped
@@ -423,7 +427,8 @@ def _newest_checkpoint(directory: Path, device: torch.device,
 def _check_compatible(state: dict, cfg: PipelineConfig, info: DatasetInfo, path: Path) -> None:
     """Refuse to resume from a checkpoint of another model or dataset, naming what differs."""
     differences = []
-    for section, keys in (("model", list(_DEFAULTS["model"])), ("compression", ["mode", "condition_output"])):
+    shaped_by = ["mode", "condition_output", "ambient_d_quality"]  # the compression keys that change G or D
+    for section, keys in (("model", list(_DEFAULTS["model"])), ("compression", shaped_by)):
         stored, ours = state["config"].get(section, {}), to_dict(getattr(cfg, section))
         differences += [f"{section}.{key}: {stored.get(key, '(unset)')!r} in the checkpoint, {ours[key]!r} now"
                         for key in keys if stored.get(key, _DEFAULTS[section][key]) != ours[key]]
