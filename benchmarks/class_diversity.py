@@ -1,6 +1,6 @@
-"""How varied a (plain or ambient) generator's images are within a class: the mean pixel distance (L2, [-1, 1] units,
-over all 3x32x32 values) between two images of the same class, averaged over the classes. 0 when G
-ignores z (one image per class); real CIFAR-10 images read about 38.
+"""How varied a (plain or ambient) generator's images are within a class: the mean pixel distance
+(L2 over all values, [-1, 1] units) between two images of the same class, averaged over the classes.
+0 when G ignores z (one image per class); the real CIFAR-10 shards read 37.2.
 
   python benchmarks/class_diversity.py CHECKPOINT [CHECKPOINT ...] [--per-class 20]
   python benchmarks/class_diversity.py --shards SHARDS [--per-class 20]

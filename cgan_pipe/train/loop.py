@@ -197,12 +197,12 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
     null_weight = cfg.compression.ambient_null_weight
 
     def conditioned(quality: torch.Tensor | None) -> torch.Tensor | None:
-        """The quality input of G: the qualities in condition mode, else none."""
-        return quality if mode == "condition" else None
+        """The quality input of G: the qualities when build_networks made G take them, else none."""
+        return quality if G.quality_conditioned else None
 
     def judged(quality: torch.Tensor | None) -> torch.Tensor | None:
-        """The quality input of D: as G's, and the qualities too in ambient mode with ambient_d_quality."""
-        return quality if mode == "condition" or (mode == "ambient" and cfg.compression.ambient_d_quality) else None
+        """The quality input of D: the qualities when build_networks made D take them, else none."""
+        return quality if D.quality_conditioned else None
 
     def measured(fake: torch.Tensor, quality: torch.Tensor | None) -> torch.Tensor:
         """What D sees of a fake (or, with ambient_recode_reals, of a real): in ambient mode, the image
