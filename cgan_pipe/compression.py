@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import torch
 
+MISMATCH_MARGIN = 10  # quality points: closer levels leave artefacts too alike to call one pairing wrong
+
 if TYPE_CHECKING:
     from .config import LoaderConfig
     from .data.manifest import Manifest
@@ -122,3 +124,14 @@ def trained_qualities(manifest: Manifest, loader: LoaderConfig) -> list[int]:
     if loader.jpeg_distort:
         return list(range(loader.jpeg_distort[0], loader.jpeg_distort[1] + 1))
     return sorted(int(q) for q in manifest.quality_histogram if q.isdigit())
+
+
+def mismatched_qualities(quality: torch.Tensor, levels: list[int],
+                         margin: int = MISMATCH_MARGIN) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each quality in [0, 1], a wrong one: a trained level (1-100) at least `margin` points away, drawn
+    uniformly, as a quality in [0, 1]; and a mask of the images that have such a level."""
+    candidates = torch.tensor(levels, device=quality.device, dtype=torch.float32) / 100
+    far = (candidates[None, :] - quality.float()[:, None]).abs() >= (margin - 0.5) / 100
+    has_one = far.any(dim=1)
+    picks = torch.multinomial((far | ~has_one[:, None]).float(), 1).squeeze(1)
+    return candidates[picks].to(quality.dtype), has_one

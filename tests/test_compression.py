@@ -10,7 +10,8 @@ from PIL import Image
 
 import torch
 
-from cgan_pipe.compression import STD_LUMINANCE_TABLE, estimate_jpeg_quality, scaled_table, simulate_jpeg
+from cgan_pipe.compression import (STD_LUMINANCE_TABLE, estimate_jpeg_quality, mismatched_qualities, scaled_table,
+                                   simulate_jpeg)
 
 from conftest import cifar_members
 
@@ -88,3 +89,17 @@ def test_simulated_jpeg_takes_a_quality_per_image_and_passes_gradients(cifar_bat
         simulate_jpeg(cifar_batch[:2], 0)
     with pytest.raises(ValueError, match="3 qualities for 2 images"):
         simulate_jpeg(cifar_batch[:2], torch.tensor([10.0, 20.0, 30.0]))
+
+
+def test_mismatched_qualities_are_trained_levels_at_least_ten_points_away():
+    torch.manual_seed(0)
+    quality = torch.tensor([0.10, 0.50, 0.90] * 100)
+    wrong, has_one = mismatched_qualities(quality, [10, 50, 90])
+    assert has_one.all() and set(wrong.mul(100).round().int().tolist()) == {10, 50, 90}
+    assert ((wrong - quality).abs() > 0.3).all()  # never the image's own level
+    middle = torch.tensor([0.25, 0.10, 0.40])  # a range 20..30 has no level 10 points from 25
+    wrong, has_one = mismatched_qualities(middle, list(range(10, 41)))
+    assert has_one.tolist() == [True, True, True]
+    assert ((wrong - middle).abs() >= 0.095).all()
+    wrong, has_one = mismatched_qualities(torch.tensor([0.25, 0.20]), list(range(20, 31)))
+    assert has_one.tolist() == [False, True] and wrong[1].item() == pytest.approx(0.30)

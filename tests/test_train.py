@@ -233,6 +233,31 @@ def test_condition_mode_trains_g_and_d_on_each_samples_recorded_quality(quality_
     assert (low != high).any()  # the requested quality reaches the pixels
 
 
+def test_quality_mismatch_shows_d_reals_with_wrong_qualities_and_changes_its_update(quality_shards, tmp_path,
+                                                                                    monkeypatch):
+    from cgan_pipe.models import dcgan
+
+    calls, forward = [], dcgan.Discriminator.forward
+
+    def recording(self, images, labels, quality=None):
+        calls.append(quality.detach().clone())
+        return forward(self, images, labels, quality)
+
+    def trained_d(weight: float, run_dir) -> dict:
+        cfg = small_config(run_dir, {"compression": {"mode": "condition", "condition_mismatch_weight": weight}},
+                           steps=1)
+        return load_checkpoint(train(cfg, quality_shards, run_dir, progress=False).checkpoint)["D"]
+
+    without = trained_d(0.0, tmp_path / "a")
+    monkeypatch.setattr(dcgan.Discriminator, "forward", recording)
+    with_mismatch = trained_d(1.0, tmp_path / "b")
+    d_phase = calls[0]  # then the G phase's call
+    assert d_phase.numel() == 3 * 16  # reals, fakes, and every real again (each has a level 40 points away)
+    reals, fakes, mismatched = d_phase.split(16)
+    assert torch.equal(reals, fakes) and ((mismatched - reals).abs() > 0.3).all()
+    assert any(not torch.equal(with_mismatch[k], without[k]) for k in without)
+
+
 def test_condition_mode_on_shards_without_qualities_says_how_to_make_them(small_tar, tmp_path):
     from cgan_pipe.data.shards import PrepareSettings, prepare
 

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from ..atomic import atomic_path, remove_stale_temps, write_text_atomic
 from ..augment import diff_augment, parse_policy
-from ..compression import simulate_jpeg, trained_qualities
+from ..compression import mismatched_qualities, simulate_jpeg, trained_qualities
 from ..config import CompressionConfig, ModelConfig, PipelineConfig, TrainConfig, to_dict
 from ..data.fingerprint import shard_set_fingerprint
 from ..data.loader import DatasetInfo, dataset_info, open_loader, rank_and_world, shard_set_manifest
@@ -32,7 +32,7 @@ from ..models import build_networks
 from .checkpoint import checkpoint_path, list_checkpoints, load_checkpoint, save_checkpoint
 from .curves import plot_curves
 from .ema import update_ema
-from .losses import discriminator_loss, generator_loss
+from .losses import discriminator_loss, fake_loss, generator_loss
 
 log = logging.getLogger(__name__)
 MAX_SKIPPED_IN_A_ROW = 50
@@ -195,6 +195,7 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
         return diff_augment(images, policy)
 
     null_weight = cfg.compression.ambient_null_weight
+    mismatch_weight = cfg.compression.condition_mismatch_weight if mode == "condition" else 0.0
 
     def conditioned(quality: torch.Tensor | None) -> torch.Tensor | None:
         """The quality input of G: the qualities when build_networks made G take them, else none."""
@@ -213,7 +214,8 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
                unit="step", disable=not (progress and lead), dynamic_ncols=True)
     step = start
     for step in bar:
-        # D phase: real batch vs. fakes of the same classes (and qualities), in one forward pass.
+        # D phase: real batch vs. fakes of the same classes (and qualities), and in condition mode reals with
+        # wrong qualities, in one forward pass.
         for _ in range(tc.n_dis):
             t0 = time.perf_counter()
             batch = next(batches)
@@ -226,10 +228,17 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
             with torch.no_grad(), autocast():
                 fake = G_train(torch.randn(n, cfg.model.z_dim, device=device), batch.labels, conditioned(q))
                 fake = measured(fake, q)
+            seen, seen_labels, seen_q = [reals, fake.to(reals.dtype)], [batch.labels] * 2, [q, q]
+            if mismatch_weight:  # reals paired with a wrong quality: D must call them fake
+                wrong, has_one = mismatched_qualities(q, qualities)
+                seen, seen_labels, seen_q = seen + [reals[has_one]], seen_labels + [batch.labels[has_one]], \
+                    seen_q + [wrong[has_one]]
             with autocast():
-                logits = D_train(augment(torch.cat([reals, fake.to(reals.dtype)])), torch.cat([batch.labels] * 2),
-                                 judged(torch.cat([q] * 2) if q is not None else None))
-                loss_d = discriminator_loss(tc.loss, logits[:n], logits[n:])
+                logits = D_train(augment(torch.cat(seen)), torch.cat(seen_labels),
+                                 judged(torch.cat(seen_q)) if q is not None else None)
+                loss_d = discriminator_loss(tc.loss, logits[:n], logits[n:2 * n])
+                if mismatch_weight and logits.shape[0] > 2 * n:
+                    loss_d = loss_d + mismatch_weight * fake_loss(tc.loss, logits[2 * n:])
             stepped = step_with(loss_d, D, opt_d, "the discriminator loss")
 
         # R1 on reals, every r1_every steps with its weight scaled to match (lazy regularisation).

@@ -8,10 +8,24 @@ import torch.nn.functional as F
 
 def discriminator_loss(kind: str, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
     """D's loss: 'hinge' (Lim & Ye 2017) or 'nonsaturating' (Goodfellow et al. 2014, logistic)."""
+    return real_loss(kind, real_logits) + fake_loss(kind, fake_logits)
+
+
+def real_loss(kind: str, logits: torch.Tensor) -> torch.Tensor:
+    """D's loss on logits it should judge real: the first half of `discriminator_loss`."""
     if kind == "hinge":
-        return F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean()
+        return F.relu(1.0 - logits).mean()
     if kind == "nonsaturating":
-        return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+        return F.softplus(-logits).mean()
+    raise ValueError(f"unknown loss {kind!r}")
+
+
+def fake_loss(kind: str, logits: torch.Tensor) -> torch.Tensor:
+    """D's loss on logits it should judge fake: the second half of `discriminator_loss`."""
+    if kind == "hinge":
+        return F.relu(1.0 + logits).mean()
+    if kind == "nonsaturating":
+        return F.softplus(logits).mean()
     raise ValueError(f"unknown loss {kind!r}")
 
 
