@@ -97,9 +97,10 @@ def test_mismatched_qualities_are_trained_levels_at_least_ten_points_away():
     wrong, has_one = mismatched_qualities(quality, [10, 50, 90])
     assert has_one.all() and set(wrong.mul(100).round().int().tolist()) == {10, 50, 90}
     assert ((wrong - quality).abs() > 0.3).all()  # never the image's own level
-    middle = torch.tensor([0.25, 0.10, 0.40])  # a range 20..30 has no level 10 points from 25
+    middle = torch.tensor([0.25, 0.10, 0.40])  # a range of levels, as loader.jpeg_distort gives
     wrong, has_one = mismatched_qualities(middle, list(range(10, 41)))
     assert has_one.tolist() == [True, True, True]
     assert ((wrong - middle).abs() >= 0.095).all()
+    # 20..30 has no level 10 points from 25: that image is masked out
     wrong, has_one = mismatched_qualities(torch.tensor([0.25, 0.20]), list(range(20, 31)))
     assert has_one.tolist() == [False, True] and wrong[1].item() == pytest.approx(0.30)

@@ -233,8 +233,8 @@ def test_condition_mode_trains_g_and_d_on_each_samples_recorded_quality(quality_
     assert (low != high).any()  # the requested quality reaches the pixels
 
 
-def test_quality_mismatch_shows_d_reals_with_wrong_qualities_and_changes_its_update(quality_shards, tmp_path,
-                                                                                    monkeypatch):
+def test_condition_mismatch_shows_d_reals_with_wrong_qualities_and_changes_its_update(quality_shards, tmp_path,
+                                                                                      monkeypatch):
     from cgan_pipe.models import dcgan
 
     calls, forward = [], dcgan.Discriminator.forward
@@ -250,7 +250,7 @@ def test_quality_mismatch_shows_d_reals_with_wrong_qualities_and_changes_its_upd
 
     without = trained_d(0.0, tmp_path / "a")
     monkeypatch.setattr(dcgan.Discriminator, "forward", recording)
-    with_mismatch = trained_d(1.0, tmp_path / "b")
+    with_mismatch = trained_d(0.5, tmp_path / "b")
     d_phase = calls[0]  # then the G phase's call
     assert d_phase.numel() == 3 * 16  # reals, fakes, and every real again (each has a level 40 points away)
     reals, fakes, mismatched = d_phase.split(16)
