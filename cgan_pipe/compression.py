@@ -126,12 +126,11 @@ def trained_qualities(manifest: Manifest, loader: LoaderConfig) -> list[int]:
     return sorted(int(q) for q in manifest.quality_histogram if q.isdigit())
 
 
-def mismatched_qualities(quality: torch.Tensor, levels: list[int],
+def mismatched_qualities(quality: torch.Tensor, levels: torch.Tensor,
                          margin: int = MISMATCH_MARGIN) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each quality in [0, 1], a wrong one: a trained level (1-100) at least `margin` points away, drawn
-    uniformly, as a quality in [0, 1]; and a mask of the images that have such a level."""
-    candidates = torch.tensor(levels, device=quality.device, dtype=torch.float32) / 100
-    far = (candidates[None, :] - quality.float()[:, None]).abs() >= (margin - 0.5) / 100
+    """For each quality in [0, 1], a wrong one: one of the trained `levels` (also in [0, 1], on the same
+    device) at least `margin` quality points away, drawn uniformly; and a mask of the images that have one."""
+    far = (levels[None, :] - quality[:, None]).abs() >= (margin - 0.5) / 100
     has_one = far.any(dim=1)
     picks = torch.multinomial((far | ~has_one[:, None]).float(), 1).squeeze(1)
-    return candidates[picks].to(quality.dtype), has_one
+    return levels[picks], has_one

@@ -94,13 +94,13 @@ def test_simulated_jpeg_takes_a_quality_per_image_and_passes_gradients(cifar_bat
 def test_mismatched_qualities_are_trained_levels_at_least_ten_points_away():
     torch.manual_seed(0)
     quality = torch.tensor([0.10, 0.50, 0.90] * 100)
-    wrong, has_one = mismatched_qualities(quality, [10, 50, 90])
+    wrong, has_one = mismatched_qualities(quality, torch.tensor([0.10, 0.50, 0.90]))
     assert has_one.all() and set(wrong.mul(100).round().int().tolist()) == {10, 50, 90}
     assert ((wrong - quality).abs() > 0.3).all()  # never the image's own level
     middle = torch.tensor([0.25, 0.10, 0.40])  # a range of levels, as loader.jpeg_distort gives
-    wrong, has_one = mismatched_qualities(middle, list(range(10, 41)))
+    wrong, has_one = mismatched_qualities(middle, torch.arange(10, 41) / 100)
     assert has_one.tolist() == [True, True, True]
     assert ((wrong - middle).abs() >= 0.095).all()
     # 20..30 has no level 10 points from 25: that image is masked out
-    wrong, has_one = mismatched_qualities(torch.tensor([0.25, 0.20]), list(range(20, 31)))
+    wrong, has_one = mismatched_qualities(torch.tensor([0.25, 0.20]), torch.arange(20, 31) / 100)
     assert has_one.tolist() == [False, True] and wrong[1].item() == pytest.approx(0.30)

@@ -196,6 +196,7 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
 
     null_weight = cfg.compression.ambient_null_weight
     mismatch_weight = cfg.compression.condition_mismatch_weight if mode == "condition" else 0.0
+    levels = torch.tensor(qualities, device=device) / 100 if mismatch_weight else None  # as batch.quality
 
     def conditioned(quality: torch.Tensor | None) -> torch.Tensor | None:
         """The quality input of G: the qualities when build_networks made G take them, else none."""
@@ -228,16 +229,16 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
             with torch.no_grad(), autocast():
                 fake = G_train(torch.randn(n, cfg.model.z_dim, device=device), batch.labels, conditioned(q))
                 fake = measured(fake, q)
-            seen, seen_labels, seen_q = [reals, fake.to(reals.dtype)], [batch.labels] * 2, [q, q]
+            d_images, d_labels, d_qualities = [reals, fake.to(reals.dtype)], [batch.labels] * 2, [q, q]
             if mismatch_weight:  # reals paired with a wrong quality: D must call them fake
-                wrong, has_one = mismatched_qualities(q, qualities)
-                seen, seen_labels, seen_q = seen + [reals[has_one]], seen_labels + [batch.labels[has_one]], \
-                    seen_q + [wrong[has_one]]
+                wrong, has_one = mismatched_qualities(q, levels)
+                d_images, d_labels, d_qualities = d_images + [reals[has_one]], d_labels + [batch.labels[has_one]], \
+                    d_qualities + [wrong[has_one]]
             with autocast():
-                logits = D_train(augment(torch.cat(seen)), torch.cat(seen_labels),
-                                 judged(torch.cat(seen_q)) if q is not None else None)
+                logits = D_train(augment(torch.cat(d_images)), torch.cat(d_labels),
+                                 judged(torch.cat(d_qualities)) if q is not None else None)
                 loss_d = discriminator_loss(tc.loss, logits[:n], logits[n:2 * n])
-                if mismatch_weight and logits.shape[0] > 2 * n:
+                if logits.shape[0] > 2 * n:  # the mismatched reals
                     loss_d = loss_d + mismatch_weight * fake_loss(tc.loss, logits[2 * n:])
             stepped = step_with(loss_d, D, opt_d, "the discriminator loss")
 
