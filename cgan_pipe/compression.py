@@ -89,11 +89,13 @@ def simulate_jpeg(images: torch.Tensor, quality: torch.Tensor | float,
     """
     from kornia.enhance import jpeg_codec_differentiable  # imported where used: only compression modes need it
 
+    if not isinstance(quality, torch.Tensor) and not 1 <= quality <= 100:
+        raise ValueError(f"JPEG quality must be between 1 and 100, got {quality:g}")
     quality = torch.as_tensor(quality, dtype=torch.float32, device=images.device).reshape(-1)
     if quality.numel() not in (1, images.shape[0]):
         raise ValueError(f"{quality.numel()} qualities for {images.shape[0]} images")
-    if bool(((quality < 1) | (quality > 100)).any()):
-        raise ValueError(f"JPEG quality must be between 1 and 100, got {quality.min().item():g}..{quality.max().item():g}")
+    # checked on the device: reading the qualities back would hold the host until the GPU caught up
+    torch._assert_async(((quality >= 1) & (quality <= 100)).all(), "JPEG quality must be between 1 and 100")
     with torch.autocast(images.device.type, enabled=False):  # in fp32 whatever the training precision
         unit = images.float().add(1).div(2).clamp(0, 1)
         straight_through = rounding == "straight_through" and unit.requires_grad  # no gradient asked: no proxy
@@ -129,8 +131,12 @@ def trained_qualities(manifest: Manifest, loader: LoaderConfig) -> list[int]:
 def mismatched_qualities(quality: torch.Tensor, levels: torch.Tensor,
                          margin: int = MISMATCH_MARGIN) -> tuple[torch.Tensor, torch.Tensor]:
     """For each quality in [0, 1], a wrong one: one of the trained `levels` (also in [0, 1], on the same
-    device) at least `margin` quality points away, drawn uniformly; and a mask of the images that have one."""
+    device) at least `margin` quality points away, drawn uniformly; and a mask of the images that have one
+    (the others get an arbitrary level). All on the device, with no host read."""
     far = (levels[None, :] - quality[:, None]).abs() >= (margin - 0.5) / 100
     has_one = far.any(dim=1)
-    picks = torch.multinomial((far | ~has_one[:, None]).float(), 1).squeeze(1)
+    # A uniform pick among the allowed levels as the first arrival of exponential clocks: torch.multinomial
+    # would read its probabilities back to the host to check them.
+    allowed = (far | ~has_one[:, None]).to(quality.dtype)
+    picks = (allowed / torch.empty_like(allowed).exponential_()).argmax(dim=1)
     return levels[picks], has_one

@@ -289,12 +289,15 @@ class TrainConfig:
         "auto", "Autocast precision: 'auto' is bf16 on CUDA (where supported) and fp32 on CPU; fp16 (with "
         "loss scaling) needs CUDA; bf16 also runs on CPU."
     )
-    compile: bool = _opt(False, "torch.compile the generator and discriminator (first steps are slower).")
+    compile: bool = _opt(False, "torch.compile the generator and discriminator (first steps are slower; the "
+                         "R1 penalty runs through the uncompiled discriminator, as compiled graphs have no "
+                         "double backward).")
     channels_last: bool = _opt(False, "Channels-last memory format for networks and batches (faster convs on "
                                "recent GPUs).")
     on_nonfinite: Literal["stop", "skip"] = _opt(
-        "stop", "When a loss is NaN/inf: 'stop' (the last checkpoint stays the last good one) or 'skip' the "
-        "update and count it (training stops after 50 in a row)."
+        "stop", "A step whose loss is NaN/inf is not applied (decided on the device, with no host sync per step); "
+        "at the next metrics row, sample grid or checkpoint, 'stop' ends training naming the step (the last "
+        "checkpoint stays the last good one), 'skip' counts such steps (training stops after 50 in a row)."
     )
     log_every: int = _opt(50, "Steps between metrics.jsonl rows.", _positive)
     sample_every: int = _opt(500, "Steps between sample grids.", _positive)

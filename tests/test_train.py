@@ -16,7 +16,9 @@ from cgan_pipe.errors import ConfigError, DataError, TrainingError
 from cgan_pipe.train.checkpoint import list_checkpoints, load_checkpoint
 from cgan_pipe.train.loop import train
 
-from conftest import ROOT, small_config
+from cgan_pipe.data.shards import PrepareSettings, prepare
+
+from conftest import ROOT, cifar_members, small_config, write_tar
 
 
 def test_train_writes_metrics_samples_and_checkpoints(small_shards, tmp_path):
@@ -328,3 +330,61 @@ def test_ambient_d_quality_tells_d_the_quality_and_leaves_g_clean(small_shards, 
                            steps=3)
     with pytest.raises(DataError, match=r"compression.ambient_d_quality: True in the checkpoint, False now"):
         train(resumed, small_shards, tmp_path, progress=False)
+
+
+def test_r1_runs_with_a_compiled_discriminator(small_shards, tmp_path, monkeypatch):
+    """R1 differentiates D's input gradient again, which compiled graphs cannot ("torch.compile with
+    aot_autograd does not currently support double backward"); aot_eager compiles the same graphs as the
+    default backend without generating code, so the test takes seconds."""
+    import functools
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    cfg = small_config(tmp_path, steps=2, compile=True, r1_gamma=1.0, r1_every=1)
+    result = train(cfg, small_shards, tmp_path, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert result.steps == 2 and rows[-1]["skipped"] == 0 and math.isfinite(rows[-1]["loss_d"])
+
+
+@pytest.mark.parametrize("labelled", [True, False])
+def test_r1_under_fp16_loss_scaling_is_applied_not_overflowed(small_shards, tmp_path, monkeypatch, labelled):
+    """fp16 needs a GPU in use, but autocast to fp16 and torch.amp.GradScaler work on the CPU too, which is
+    enough to show the mechanism: scaling R1's inner gradient by the GradScaler (2**16 at first) gave each
+    logit of an unconditional D (an fp16 logit) a gradient over fp16's maximum of 65504, so the penalty was
+    inf at its first step, which stopped training (or, with on_nonfinite: skip, silently never applied R1).
+    A class-conditional D's logit is float32 (the class embedding promotes it), and survived at this size."""
+    import cgan_pipe.train.loop as loop
+
+    monkeypatch.setattr(loop, "_autocast_dtype", lambda precision, device: torch.float16)
+    if not labelled:
+        members = {f"imgs/{i}.jpg": data for i, data in enumerate(cifar_members("test", 4).values())}
+        small_shards = tmp_path / "unlabelled"
+        prepare(str(write_tar(tmp_path / "u.tar", members)), small_shards, PrepareSettings(), progress=False)
+
+    cfg = small_config(tmp_path / "run", steps=3, r1_gamma=1.0, r1_every=1, log_every=1)  # on_nonfinite: stop
+    train(cfg, small_shards, tmp_path / "run", progress=False)  # a non-finite penalty raises TrainingError
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in rows] == [0, 0, 0]
+
+
+def test_resuming_keeps_the_fused_optimizer_whatever_the_checkpoint_was_made_with(small_shards, tmp_path):
+    """Checkpoints from before the fused optimizer hold per-tensor Adam states (step counters on the CPU);
+    loading one must not switch the optimizer back, or its counters stay on the host (on a GPU, a host read
+    per parameter per step)."""
+    train(small_config(tmp_path, steps=2), small_shards, tmp_path, progress=False)
+    path = list_checkpoints(tmp_path / "checkpoints")[-1]
+    state = load_checkpoint(path)
+    for key in ("opt_g", "opt_d"):
+        for group in state[key]["param_groups"]:
+            group["fused"], group["foreach"] = None, None
+    torch.save(state, path)
+    implementations = []
+    step = torch.optim.Adam.step
+
+    def recording(self, *args, **kwargs):
+        implementations.append(self.param_groups[0]["fused"])
+        return step(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.optim.Adam, "step", recording)
+        result = train(small_config(tmp_path, steps=3), small_shards, tmp_path, progress=False)
+    assert result.resumed_from == 2 and implementations == [True, True]  # D's step, then G's

@@ -107,14 +107,16 @@ class DaliLoader:
         while True:  # one pass of the inner loop is one epoch; auto_reset starts the next
             for outputs in _naming_failures(self._iterator, self.shards):
                 out = outputs[0]
+                # Labels and qualities are parsed on the CPU into new tensors (not DALI's reused buffers), then
+                # copied without blocking: a blocking copy to a GPU waits for the training step queued before it.
                 images = out["images"].to(self.device, non_blocking=True)
-                labels = parse_ascii_labels(out["labels"]).to(self.device) if self.labelled else \
-                    torch.zeros(images.shape[0], dtype=torch.int64, device=self.device)
+                labels = parse_ascii_labels(out["labels"]).to(self.device, non_blocking=True) if self.labelled \
+                    else torch.zeros(images.shape[0], dtype=torch.int64, device=self.device)
                 quality = None
                 if self.with_quality:
                     quality = out["quality"].reshape(-1).float().div(100) if self.distorted else \
                         _qualities(out["quality"], self.shards)
-                    quality = quality.to(self.device)
+                    quality = quality.to(self.device, non_blocking=True)
                 yield Batch(images=images, labels=labels, quality=quality)
 
 

@@ -146,10 +146,11 @@ class TorchLoader:
                                               generator=self.distort_rng)
                         images = torch.stack([jpeg_distort(image, int(q)) for image, q in zip(images, drawn)])
                         quality = drawn.double() / 100
+                # non-blocking: a blocking copy to a GPU waits for the training step queued before it
                 images = images.to(self.device, non_blocking=True).float().div_(127.5).sub_(1.0)
-                yield Batch(images=images, labels=labels.to(self.device, dtype=torch.int64),
-                            quality=known_qualities(quality, self.shards).to(self.device) if self.with_quality
-                            else None)
+                yield Batch(images=images, labels=labels.to(self.device, torch.int64, non_blocking=True),
+                            quality=known_qualities(quality, self.shards).to(self.device, non_blocking=True)
+                            if self.with_quality else None)
 
 
 def _shard_location(shards: Path | str, name: str) -> str:

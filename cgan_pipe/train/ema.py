@@ -11,10 +11,9 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float, step: int, warmup
     """Move `ema`'s parameters towards `model`'s; buffers (BatchNorm statistics) are copied.
 
     The decay warms up as min(decay, (1 + step) / (warmup + step)) so early averages are not
-    dominated by the random initialisation (warmup 0: the full decay from the first step).
+    dominated by the random initialisation (warmup 0: the full decay from the first step). One
+    multi-tensor kernel per group rather than one per parameter.
     """
     beta = min(decay, (1 + step) / (warmup + step)) if warmup else decay
-    for p_ema, p in zip(ema.parameters(), model.parameters()):
-        p_ema.lerp_(p, 1.0 - beta)
-    for b_ema, b in zip(ema.buffers(), model.buffers()):
-        b_ema.copy_(b)
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - beta)
+    torch._foreach_copy_(list(ema.buffers()), list(model.buffers()))

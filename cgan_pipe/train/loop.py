@@ -25,14 +25,15 @@ from ..config import CompressionConfig, ModelConfig, PipelineConfig, TrainConfig
 from ..data.fingerprint import shard_set_fingerprint
 from ..data.loader import DatasetInfo, dataset_info, open_loader, rank_and_world, shard_set_manifest
 from ..devices import resolve_device
-from ..distributed import any_rank, average_gradients, broadcast_module, wait_for_all_ranks
+from ..distributed import any_rank, broadcast_module, wait_for_all_ranks
 from ..errors import ConfigError, DataError, TrainingError
 from ..metrics.evaluate import Evaluator, check_eval_settings
 from ..models import build_networks
 from .checkpoint import checkpoint_path, list_checkpoints, load_checkpoint, save_checkpoint
 from .curves import plot_curves
 from .ema import update_ema
-from .losses import discriminator_loss, fake_loss, generator_loss
+from .guard import GuardReport, StepGuard, load_optimizer_state, make_adam
+from .losses import discriminator_loss, fake_loss, generator_loss, r1_penalty
 
 log = logging.getLogger(__name__)
 MAX_SKIPPED_IN_A_ROW = 50
@@ -90,7 +91,7 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
     info = dataset_info(manifest)
     if cfg.eval.every:
         check_eval_settings(cfg.eval, info)
-    path, state = _newest_checkpoint(ckpt_dir, device, warn)
+    path, state = _newest_checkpoint(ckpt_dir, warn)
     shards_sha256 = shard_set_fingerprint(manifest)
     if state is not None and _trained_on_other_shards(state, shards_sha256):
         if world > 1:
@@ -127,18 +128,20 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
     memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
     G, D = G.to(device, memory_format=memory_format), D.to(device, memory_format=memory_format)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
-    opt_g = torch.optim.Adam(G.parameters(), lr=tc.lr_g, betas=(tc.beta1, tc.beta2))
-    opt_d = torch.optim.Adam(D.parameters(), lr=tc.lr_d, betas=(tc.beta1, tc.beta2))
-    if state is not None:
-        for module, key in ((G, "G"), (D, "D"), (G_ema, "G_ema"), (opt_g, "opt_g"), (opt_d, "opt_d")):
+    opt_g, opt_d = make_adam(G, tc.lr_g, (tc.beta1, tc.beta2)), make_adam(D, tc.lr_d, (tc.beta1, tc.beta2))
+    if state is not None:  # read on the CPU: load_state_dict copies each tensor to where its module lives
+        for module, key in ((G, "G"), (D, "D"), (G_ema, "G_ema")):
             module.load_state_dict(state[key])
-        torch.set_rng_state(state["rng"]["torch"])
+        load_optimizer_state(opt_g, state["opt_g"])
+        load_optimizer_state(opt_d, state["opt_d"])
+        _restore_rng(state["rng"], device, cfg.seed + start)
     for module in (G, D, G_ema):
         broadcast_module(module, world)
-    if rank:  # other ranks draw other latents
+    if rank:  # other ranks draw other latents (on every device)
         torch.manual_seed(cfg.seed + 1_000_003 * rank + start)
     G_train, D_train = (torch.compile(G), torch.compile(D)) if tc.compile else (G, D)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    guard = StepGuard(device, world, scaler)  # skips steps whose loss is not finite; read at ticks
 
     def autocast() -> contextlib.AbstractContextManager:
         return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
@@ -158,25 +161,9 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
             "dataset": {"resolution": info.resolution, "channels": info.channels,
                         "class_names": list(info.class_names), "qualities": qualities},
             "shards_sha256": shards_sha256,
-            "rng": {"torch": torch.get_rng_state()},
+            "rng": _rng_state(device),
             "train_seconds": seconds,
         }
-
-    def step_with(loss: torch.Tensor, module: nn.Module, optimizer: torch.optim.Optimizer, what: str) -> bool:
-        """Backward, average over ranks, optimiser step; False (no step) for a non-finite loss under 'skip'."""
-        if any_rank(not torch.isfinite(loss.detach()).item(), world, device):
-            if tc.on_nonfinite == "stop":
-                kept = f"the last good checkpoint is {path}" if path else "no checkpoint was written yet"
-                raise TrainingError(f"{what} became {loss.item()} at step {step}; training stopped and {kept}. "
-                                    f"Lower train.lr_d/lr_g, add train.r1_gamma, or set train.on_nonfinite: skip")
-            optimizer.zero_grad(set_to_none=True)
-            return False
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        average_gradients(module, world)
-        scaler.step(optimizer)
-        scaler.update()
-        return True
 
     board = _tensorboard_writer(run_dir / "tensorboard") if lead else None
     qualities = trained_qualities(manifest, cfg.loader) if mode != "none" else None
@@ -187,7 +174,7 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
     local_batch = tc.batch_size // world
     window_start, window_wait, window_images = time.perf_counter(), 0.0, 0
     total_time, total_wait, total_images = 0.0, 0.0, 0
-    eval_seconds, skipped, skipped_in_a_row = 0.0, 0, 0
+    eval_seconds = 0.0
     evaluator: Evaluator | None = None
     policy = parse_policy(tc.diffaugment)  # the same random transforms for every image D sees
 
@@ -215,8 +202,8 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
                unit="step", disable=not (progress and lead), dynamic_ncols=True)
     step = start
     for step in bar:
-        # D phase: real batch vs. fakes of the same classes (and qualities), and in condition mode reals with
-        # wrong qualities, in one forward pass.
+        # D phase: real batch vs. fakes of the same classes (and qualities), and in condition mode every real
+        # again with a wrong quality, in one forward pass of a fixed size (no host read, no recompilation).
         for _ in range(tc.n_dis):
             t0 = time.perf_counter()
             batch = next(batches)
@@ -232,25 +219,20 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
             d_images, d_labels, d_qualities = [reals, fake.to(reals.dtype)], [batch.labels] * 2, [q, q]
             if mismatch_weight:  # reals paired with a wrong quality: D must call them fake
                 wrong, has_one = mismatched_qualities(q, levels)
-                d_images, d_labels, d_qualities = d_images + [reals[has_one]], d_labels + [batch.labels[has_one]], \
-                    d_qualities + [wrong[has_one]]
+                d_images, d_labels, d_qualities = d_images + [reals], d_labels + [batch.labels], d_qualities + [wrong]
             with autocast():
                 logits = D_train(augment(torch.cat(d_images)), torch.cat(d_labels),
                                  judged(torch.cat(d_qualities)) if q is not None else None)
                 loss_d = discriminator_loss(tc.loss, logits[:n], logits[n:2 * n])
-                if logits.shape[0] > 2 * n:  # the mismatched reals
-                    loss_d = loss_d + mismatch_weight * fake_loss(tc.loss, logits[2 * n:])
-            stepped = step_with(loss_d, D, opt_d, "the discriminator loss")
+                if mismatch_weight:  # the mismatched reals, those with a level far enough from their own
+                    loss_d = loss_d + mismatch_weight * fake_loss(tc.loss, logits[2 * n:], keep=has_one)
+            guard.step(loss_d, D, opt_d, "the discriminator loss", step)
 
-        # R1 on reals, every r1_every steps with its weight scaled to match (lazy regularisation).
+        # R1 on reals, every r1_every steps with its weight scaled to match (lazy regularisation); through D
+        # itself, since a compiled D has no double backward.
         if tc.r1_gamma and step % tc.r1_every == 0:
-            seen = augment(reals).detach().requires_grad_(True)
-            with autocast():
-                real_logits = D_train(seen, batch.labels, judged(q))
-            (grad,) = torch.autograd.grad(scaler.scale(real_logits.float().sum()), seen, create_graph=True)
-            grad = grad / scaler.get_scale() if scaler.is_enabled() else grad
-            penalty = grad.float().square().sum(dim=(1, 2, 3)).mean() * (tc.r1_gamma / 2) * tc.r1_every
-            step_with(penalty, D, opt_d, "the R1 penalty")
+            penalty = r1_penalty(D, augment(reals), batch.labels, judged(q), autocast, tc.r1_gamma, tc.r1_every)
+            guard.step(penalty, D, opt_d, "the R1 penalty", step)
 
         # G phase: fresh latents, uniformly drawn classes, qualities drawn from the last real batch's; D is frozen.
         D.requires_grad_(False)
@@ -262,21 +244,25 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
             loss_g = generator_loss(tc.loss, D_train(augment(fake_seen), labels, judged(q)))
             if mode == "ambient" and null_weight:  # what the measurement discards, D cannot judge: keep it small
                 loss_g = loss_g + null_weight * (fake.float() - fake_seen.float()).square().mean()
-        stepped = step_with(loss_g, G, opt_g, "the generator loss") and stepped
+        guard.step(loss_g, G, opt_g, "the generator loss", step)
         D.requires_grad_(True)
-        skipped_in_a_row = 0 if stepped else skipped_in_a_row + 1
-        skipped += not stepped
-        if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
-            raise TrainingError(f"{skipped_in_a_row} steps in a row had non-finite losses (step {step}); "
-                                f"training stopped; the last good checkpoint is {path}")
+        guard.end_step()
 
         # EMA of G.
         update_ema(G_ema, G, tc.ema_decay, step, tc.ema_warmup)
 
-        # Ticks: metrics row, evaluation, sample grid and curves, checkpoint; all ranks agree on stopping at the budget.
+        # Ticks: the guard's counts (the one host read), metrics row, evaluation, sample grid and curves,
+        # checkpoint. All ranks agree on stopping at the budget: each step on one rank, at ticks on several.
         seconds = spent + time.perf_counter() - t_session - eval_seconds
-        out_of_time = any_rank(budget is not None and seconds >= budget, world, device)
+        tick = step % tc.log_every == 0 or step % tc.sample_every == 0 or step % tc.checkpoint_every == 0 or \
+            bool(cfg.eval.every and step % cfg.eval.every == 0)
+        out_of_time = any_rank(budget is not None and seconds >= budget, world, device) if world == 1 or tick \
+            else False
         last = step == tc.steps or out_of_time
+        if not (tick or last):
+            continue
+        report, (d_value, g_value) = guard.read(loss_d, loss_g)
+        _check_guard(report, tc.on_nonfinite, step, path)
         kimg = round(step * tc.n_dis * tc.batch_size / 1000, 3)
         if step % tc.log_every == 0 or last:
             elapsed = time.perf_counter() - window_start
@@ -284,9 +270,9 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
                 "step": step, "kimg": kimg,
                 # epochs of this rank's share of the data (full batches counted; an epoch's last may be smaller)
                 "epoch": round(step * tc.n_dis * local_batch / loader.samples_per_epoch, 3),
-                "loss_d": round(loss_d.item(), 5), "loss_g": round(loss_g.item(), 5),
+                "loss_d": round(d_value, 5), "loss_g": round(g_value, 5),
                 "images_per_s": round(window_images / elapsed, 1),
-                "data_wait": round(window_wait / elapsed, 4), "skipped": skipped,
+                "data_wait": round(window_wait / elapsed, 4), "skipped": report.skipped,
                 "minutes": round(seconds / 60, 3), "time": round(time.time(), 3),
             }
             if lead:
@@ -365,7 +351,7 @@ def _log_scalars(board, group: str, row: dict) -> None:
 def train_status(cfg: PipelineConfig, run_dir: Path, shards: Path | str) -> tuple[str, str]:
     """What `train` would do in `run_dir` on the shard set `shards`, without doing it:
     ('up to date' | 'resume' | 'run', why)."""
-    path, state = _newest_checkpoint(run_dir / "checkpoints", torch.device("cpu"), lambda message: None)
+    path, state = _newest_checkpoint(run_dir / "checkpoints", lambda message: None)
     budget = f" or {cfg.train.max_minutes} minutes" if cfg.train.max_minutes else ""
     if state is None:
         return "run", f"no checkpoint yet: {cfg.train.steps} steps{budget} from scratch"
@@ -406,11 +392,43 @@ def _finished(state: dict, tc: TrainConfig) -> str | None:
 
 def trained_so_far(run_dir: Path) -> TrainResult:
     """What an earlier training left in `run_dir`: its newest checkpoint (DataError when there is none)."""
-    path, state = _newest_checkpoint(Path(run_dir) / "checkpoints", torch.device("cpu"), lambda message: None)
+    path, state = _newest_checkpoint(Path(run_dir) / "checkpoints", lambda message: None)
     if state is None:
         raise DataError(f"{Path(run_dir) / 'checkpoints'}: no checkpoint; run the train stage first")
     return TrainResult(path, state["step"], None, None, Path(run_dir) / "metrics.jsonl", Path(run_dir) / "samples",
                        state["step"])
+
+
+def _check_guard(report: GuardReport, on_nonfinite: str, step: int, path: Path | None) -> None:
+    """Stop training as train.on_nonfinite says, from what the step guard saw (a skipped update changed no
+    weight, so the last checkpoint is still good)."""
+    kept = f"the last good checkpoint is {path}" if path else "no checkpoint was written yet"
+    if on_nonfinite == "stop" and report.first is not None:
+        bad_step, what, value = report.first
+        raise TrainingError(f"{what} became {value} at step {bad_step}; training stopped and {kept}. "
+                            f"Lower train.lr_d/lr_g, add train.r1_gamma, or set train.on_nonfinite: skip")
+    if report.longest_run >= MAX_SKIPPED_IN_A_ROW:
+        raise TrainingError(f"{report.longest_run} steps in a row had non-finite losses (by step {step}); "
+                            f"training stopped and {kept}")
+
+
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The random number generators' states to checkpoint: the CPU's, and the training GPU's."""
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _restore_rng(rng: dict[str, torch.Tensor], device: torch.device, fallback_seed: int) -> None:
+    """Restore the states `_rng_state` saved (CPU tensors). A checkpoint without the training GPU's (one
+    made on the CPU) seeds it with `fallback_seed`, so a resumed run does not draw the first run's latents."""
+    torch.set_rng_state(rng["torch"])
+    if device.type == "cuda":
+        if "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"], device)
+        else:
+            torch.cuda.manual_seed(fallback_seed)
 
 
 def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -423,12 +441,13 @@ def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def _newest_checkpoint(directory: Path, device: torch.device,
-                       warn: Callable[[str], None]) -> tuple[Path | None, dict | None]:
-    """The newest checkpoint that loads; unreadable newer ones are reported and passed over."""
+def _newest_checkpoint(directory: Path, warn: Callable[[str], None]) -> tuple[Path | None, dict | None]:
+    """The newest checkpoint that loads, read on the CPU (the RNG states must be CPU tensors, and module
+    and optimizer states are copied to their device as they are loaded); unreadable newer ones are
+    reported and passed over."""
     for path in reversed(list_checkpoints(directory)):
         try:
-            return path, load_checkpoint(path, map_location=device)
+            return path, load_checkpoint(path)
         except DataError as exc:
             warn(f"{exc}; resuming from the checkpoint before it")
     return None, None
