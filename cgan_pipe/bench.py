@@ -136,33 +136,30 @@ def bench_loader(shards: Path, *, batch_size: int = 256, batches: int = 100, war
                  workers: int | None = None, jpeg_distort: tuple[int, int] | None = None,
                  echo: Callable[[str], None] = print) -> list[LoaderRecord]:
     """Time `batches` batches (after `warmup`) of each loader on the shard set `shards`, all with a
-    random horizontal flip and normalisation to [-1, 1], batches on the CPU: DALI decoding on the
-    CPU (and on the GPU, `mixed`, when there is one), the torch backend, and the baseline
-    (webdataset + Pillow + torchvision transforms in a DataLoader), each with `workers`
-    threads/processes (default: one per core). With `jpeg_distort` (lo, hi), each DALI loader is
-    timed again with on-the-fly JPEG distortion at a quality drawn from lo..hi ('dali+jpeg_distort')."""
+    random horizontal flip and normalisation to [-1, 1]: DALI and the torch backend, each decoding on
+    the CPU with batches on the CPU, and, when there is a GPU, decoding there (DALI `mixed`, nvJPEG
+    through torchvision) with batches on the GPU; then the baseline (webdataset + Pillow +
+    torchvision transforms in a DataLoader, batches on the CPU). Each uses `workers`
+    threads/processes (default: one per core). With `jpeg_distort` (lo, hi), each loader is timed
+    again with on-the-fly JPEG distortion at a quality drawn from lo..hi ('dali+jpeg_distort', ...)."""
     import torch
 
     from .config import LoaderConfig
     from .data.loader import open_loader
 
     workers = workers or os.cpu_count() or 1
-    cpu = torch.device("cpu")
-    def dali(device: str, distort: list[int] | None) -> Callable[[], Iterator[object]]:
-        cfg = LoaderConfig(backend="dali", device=device, threads=workers, jpeg_distort=distort)
+
+    def loader(backend: str, device: str, distort: list[int] | None) -> Callable[[], Iterator[object]]:
+        cfg = LoaderConfig(backend=backend, device=device, threads=workers, jpeg_distort=distort)
         return lambda: iter(open_loader(shards, cfg, batch_size, 0, torch.device(device), with_quality=bool(distort)))
 
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     runs: list[tuple[str, str, Callable[[], Iterator[object]]]] = []
-    for device in devices:
-        runs.append(("dali", device, dali(device, None)))
-        if jpeg_distort:
-            runs.append(("dali+jpeg_distort", device, dali(device, list(jpeg_distort))))
-    runs += [
-        ("torch", "cpu", lambda: iter(open_loader(shards, LoaderConfig(backend="torch", threads=workers),
-                                                  batch_size, 0, cpu))),
-        ("baseline", "cpu", lambda: _baseline_batches(shards, batch_size, workers)),
-    ]
+    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        for backend in ("dali", "torch"):
+            runs.append((backend, device, loader(backend, device, None)))
+            if jpeg_distort:
+                runs.append((f"{backend}+jpeg_distort", device, loader(backend, device, list(jpeg_distort))))
+    runs.append(("baseline", "cpu", lambda: _baseline_batches(shards, batch_size, workers)))
     records = []
     for backend, device, start_loader in runs:
         batches_iter = start_loader()
@@ -271,7 +268,9 @@ def bench_export(checkpoint: Path, *, n: int = 10_000, batch_size: int = 250, qu
     `plain`, the generator as trained followed by Pillow's `Image.save` per image into files;
     `generate-plain` and `generate`, the generator as trained and the export's generator
     (`models.for_inference`) alone, nothing encoded or written; `export`, the project's
-    export writing files; `export-shards`, writing shards only. Imports and first calls are
+    export writing files (JPEG 4:2:0: libjpeg-turbo on the CPU, from a GPU after a copy);
+    `export-shards`, writing shards only; `export-444`, files in JPEG 4:4:4 (nvJPEG on a GPU,
+    Pillow on the CPU). Imports and first calls are
     warmed up beforehand (importing torchvision takes ~1.5 s once per process, docs/benchmarks.md).
     Output goes to fresh folders under `scratch` (default: a temp folder; pick one on the disk
     you care about), removed at the end."""
@@ -322,8 +321,10 @@ def bench_export(checkpoint: Path, *, n: int = 10_000, batch_size: int = 250, qu
         timed("plain", plain_loop)
         timed("generate-plain", lambda: generate_only(plain))
         timed("generate", lambda: generate_only(fast))
-        for method, output in (("export", "files"), ("export-shards", "shards")):
-            settings = ExportSettings(n=n, quality=quality, batch_size=batch_size, output=output)
+        for method, output, subsampling in (("export", "files", "4:2:0"), ("export-shards", "shards", "4:2:0"),
+                                            ("export-444", "files", "4:4:4")):
+            settings = ExportSettings(n=n, quality=quality, batch_size=batch_size, output=output,
+                                      subsampling=subsampling)
             timed(method, lambda: export(checkpoint, out / method, settings, device=resolved, progress=False))
         difference = _decoded_difference(sorted((out / "plain").iterdir()),
                                          sorted((out / "export" / "files").rglob("*.jpg")))

@@ -358,7 +358,7 @@ def train(pipeline: str, overrides: tuple[str, ...], dry_run: bool) -> None:
               help="Images per output shard, and per unit of work a rerun resumes from.")
 @click.option("--raw", is_flag=True, help="Use the raw generator instead of its EMA.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-              help="Where the generator runs (and, for JPEG, the encoder: nvJPEG on cuda).")
+              help="Where the generator runs (and the JPEG 4:4:4 encoder: nvJPEG on cuda).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT when it holds other files, or an export made with "
               "other settings.")
 @verbosity_options
@@ -618,7 +618,7 @@ def bench_prepare_command(source: str, quality: int, workers: int | None, limit:
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Threads (DALI) or processes (DataLoader) per loader [default: one per core].")
 @click.option("--jpeg-distort", "distort_text", default=None, metavar="LO,HI",
-              help="Also time each DALI loader with on-the-fly JPEG distortion at a quality drawn from LO..HI "
+              help="Also time each loader with on-the-fly JPEG distortion at a quality drawn from LO..HI "
               "(loader.jpeg_distort), and print its cost.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the records [{backend, device, images, seconds, images_per_s}] to this file.")
@@ -626,9 +626,10 @@ def bench_prepare_command(source: str, quality: int, workers: int | None, limit:
 @_reports_errors
 def bench_loader_command(shards: str, batch_size: int, batches: int, workers: int | None, distort_text: str | None,
                          json_path: str | None) -> None:
-    """Time the loaders on the shard set SHARDS with flip + normalise: DALI (CPU, and GPU when
-    present), the torch backend, and a baseline (webdataset + Pillow + torchvision transforms in
-    a DataLoader with a worker per core); prints images/s and each one's ratio to the baseline."""
+    """Time the loaders on the shard set SHARDS with flip + normalise: DALI and the torch backend
+    (decoding on the CPU, and on the GPU when present), and a baseline (webdataset + Pillow +
+    torchvision transforms in a DataLoader with a worker per core); prints images/s and each
+    one's ratio to the baseline."""
     from .atomic import write_text_atomic
     from .bench import bench_loader
 
@@ -645,10 +646,11 @@ def bench_loader_command(shards: str, batch_size: int, batches: int, workers: in
     baseline = next(r for r in records if r.backend == "baseline").images_per_s
     for record in records:
         click.echo(f"{record.backend}/{record.device}: {record.images_per_s / baseline:.2f}x the baseline")
-    for record in (r for r in records if r.backend == "dali+jpeg_distort"):
-        plain = next(r for r in records if r.backend == "dali" and r.device == record.device)
-        click.echo(f"jpeg_distort on dali/{record.device} costs {1 - record.images_per_s / plain.images_per_s:.1%} "
-                   f"of its throughput")
+    for record in (r for r in records if r.backend.endswith("+jpeg_distort")):
+        backend = record.backend.removesuffix("+jpeg_distort")
+        plain = next(r for r in records if r.backend == backend and r.device == record.device)
+        click.echo(f"jpeg_distort on {backend}/{record.device} costs "
+                   f"{1 - record.images_per_s / plain.images_per_s:.1%} of its throughput")
     if json_path:
         write_text_atomic(Path(json_path), json.dumps([r.to_dict() for r in records], indent=2) + "\n")
 

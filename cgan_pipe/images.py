@@ -183,20 +183,23 @@ def encode_batch(pixels: torch.Tensor, fmt: str, quality: int, *, subsampling: s
                  compress_level: int = 6, lossless: bool = False) -> list[bytes]:
     """Encode a batch of uint8 RGB images, NCHW, on the CPU or a GPU, like `encode` does one.
 
-    JPEG with 4:2:0 chroma goes through torchvision's batched encoder: libjpeg-turbo
-    on the CPU (decoding to within 1/255 of Pillow's output, tests/test_images.py) and nvJPEG for
-    CUDA tensors, with one copy back for the whole batch. Anything else goes
-    through Pillow, one image at a time.
+    Each JPEG request goes to an encoder that honours its chroma subsampling. 4:2:0 is torchvision's
+    batched libjpeg-turbo encoder on the CPU (decoding to within 1/255 of Pillow's output,
+    tests/test_images.py), after one copy of the batch from a GPU: torchvision's GPU encoder writes 4:4:4
+    whatever is asked (NVJPEG_CSS_444 in its encode_jpegs_cuda.cpp). 4:4:4 is that nvJPEG encoder for
+    images on a GPU, Pillow for images on the CPU. PNG and WebP go through Pillow, one image at a time.
     """
     import torch
     from torchvision.io import encode_jpeg
 
+    if fmt == "jpeg" and subsampling == "4:4:4" and pixels.is_cuda:
+        # nvJPEG reads the images on a stream of its own, which does not wait for the one that made them
+        torch.cuda.current_stream(pixels.device).synchronize()
+        encoded = encode_jpeg([image.contiguous() for image in pixels], quality=quality)  # planar input
+        sizes = [len(e) for e in encoded]
+        return [bytes(b) for b in np.split(torch.cat(encoded).cpu().numpy(), np.cumsum(sizes)[:-1])]
     if fmt == "jpeg" and subsampling == "4:2:0":
-        if pixels.is_cuda:  # nvJPEG, planar input
-            encoded = encode_jpeg([image.contiguous() for image in pixels], quality=quality)
-            sizes = [len(e) for e in encoded]
-            return [bytes(b) for b in np.split(torch.cat(encoded).cpu().numpy(), np.cumsum(sizes)[:-1])]
-        return [encoded.numpy().tobytes() for encoded in encode_jpeg(list(pixels), quality=quality)]
+        return [encoded.numpy().tobytes() for encoded in encode_jpeg(list(pixels.cpu()), quality=quality)]
     arrays = pixels.permute(0, 2, 3, 1).cpu().numpy()
     return [encode(a, fmt, quality, subsampling=subsampling, compress_level=compress_level, lossless=lossless)
             for a in arrays]

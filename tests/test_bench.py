@@ -41,13 +41,33 @@ def test_bench_loader_times_every_backend_on_the_same_shards(small_shards, tmp_p
     assert "dali/cpu:" in result.output and "x the baseline" in result.output
 
 
+def test_each_loader_row_decodes_on_the_device_it_names(small_shards, monkeypatch):
+    """A torch-backend row labelled cpu once kept loader.device 'auto' (nvJPEG where a GPU is present) with
+    batches on the CPU, so on a GPU host it decoded serially in the main process and timed neither path."""
+    import cgan_pipe.data.loader as loader_module
+    from cgan_pipe.bench import bench_loader
+
+    opened, open_loader = [], loader_module.open_loader
+
+    def recording(shards, cfg, batch_size, seed, device, **kwargs):
+        opened.append((cfg.backend, cfg.device, device.type))
+        return open_loader(shards, cfg, batch_size, seed, device, **kwargs)
+
+    monkeypatch.setattr(loader_module, "open_loader", recording)
+    records = bench_loader(small_shards, batch_size=16, batches=1, warmup=1, workers=1, jpeg_distort=(10, 40),
+                           echo=lambda line: None)
+    timed = [(r.backend.removesuffix("+jpeg_distort"), r.device, r.device) for r in records if r.backend != "baseline"]
+    assert opened == timed and ("torch", "cpu", "cpu") in opened
+
+
 def test_bench_loader_times_the_on_the_fly_jpeg_distortion_and_reports_its_cost(small_shards, tmp_path):
     result = CliRunner().invoke(main, ["bench", "loader", str(small_shards), "--batch-size", "16", "--batches", "3",
                                        "--workers", "1", "--jpeg-distort", "10,40", "--json", str(tmp_path / "l.json")])
     assert result.exit_code == 0, result.output
     records = json.loads((tmp_path / "l.json").read_text())
-    assert [r["backend"] for r in records if r["device"] == "cpu"][:2] == ["dali", "dali+jpeg_distort"]
-    assert "jpeg_distort on dali/cpu costs" in result.output
+    assert [r["backend"] for r in records if r["device"] == "cpu"] == ["dali", "dali+jpeg_distort", "torch",
+                                                                       "torch+jpeg_distort", "baseline"]
+    assert "jpeg_distort on dali/cpu costs" in result.output and "jpeg_distort on torch/cpu costs" in result.output
     bad = CliRunner().invoke(main, ["bench", "loader", str(small_shards), "--jpeg-distort", "40,10"])
     assert bad.exit_code == 2 and "--jpeg-distort '40,10'" in bad.output
 
@@ -72,7 +92,8 @@ def test_bench_export_times_the_export_beside_a_plain_pillow_loop(checkpoint, tm
                                        str(tmp_path / "export.json")])
     assert result.exit_code == 0, result.output
     records = json.loads((tmp_path / "export.json").read_text())
-    assert [r["method"] for r in records] == ["plain", "generate-plain", "generate", "export", "export-shards"]
+    assert [r["method"] for r in records] == ["plain", "generate-plain", "generate", "export", "export-shards",
+                                             "export-444"]
     assert all(r["images"] == 60 and r["seconds"] > 0 and r["images_per_s"] > 0 for r in records)
     assert "export / plain = " in result.output and "encoding and writing add" in result.output
     difference = re.search(r"mean absolute difference ([0-9.]+)/255", result.output)

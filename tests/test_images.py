@@ -78,3 +78,18 @@ def test_batch_encoding_gives_what_encoding_one_by_one_gives(jpegs, fmt, options
         assert np.abs(a - b).mean() <= 1.0  # torchvision's libjpeg-turbo vs Pillow's: within 1/255
     if fmt != "jpeg" or options:
         assert batch == one_by_one  # the same Pillow call
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (nvJPEG encode)")
+@pytest.mark.parametrize("subsampling, sampling", [("4:2:0", 2), ("4:4:4", 0)])
+def test_batch_encoding_on_a_gpu_writes_the_chroma_subsampling_asked_for(jpegs, subsampling, sampling):
+    """torchvision's GPU encoder writes 4:4:4 whatever it is asked; encode_batch must not pass it 4:2:0."""
+    from PIL import JpegImagePlugin
+
+    arrays = np.stack([np.asarray(Image.open(io.BytesIO(data))) for data in jpegs[:8]])
+    pixels = torch.from_numpy(arrays).permute(0, 3, 1, 2).cuda()
+    for data, array in zip(images.encode_batch(pixels, "jpeg", 90, subsampling=subsampling), arrays):
+        decoded = Image.open(io.BytesIO(data))
+        assert JpegImagePlugin.get_sampling(decoded) == sampling
+        assert np.abs(np.asarray(decoded.convert("RGB"), dtype=np.float32) - array).mean() <= 3.0
