@@ -235,7 +235,7 @@ class LoaderConfig:
     jpeg_distort: Optional[list[int]] = _opt(
         None, "[lo, hi]: JPEG-compress every image on the fly, after the crops and colour jitter (before the flip, "
         "which keeps the 8x8 block grid in place), at a quality drawn uniformly from lo..hi (DALI's "
-        "jpeg_compression_distortion; the torch backend encodes with libjpeg); that "
+        "jpeg_compression_distortion; the torch backend encodes with libjpeg, decoding on the CPU then); that "
         "quality is the sample's quality for compression.mode. null: off (samples keep their recorded quality).",
         _quality_range,
     )

@@ -103,6 +103,44 @@ def test_gpu_decode_gives_the_same_contract_on_cuda(one_per_class, backend):
     assert batch.labels[cat].item() == 3
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (nvJPEG decode)")
+def test_gpu_decode_never_writes_into_memory_queued_kernels_still_read():
+    """The torch backend's nvJPEG decode must not be handed memory that kernels queued on the training
+    stream have yet to read (pytorch/vision#9606). Kernels are queued to read tensors behind a long one, the
+    tensors are freed, a batch is decoded, and the kernels' results must be those of the untouched values."""
+    from cgan_pipe.data.torch_loader import _decode_jpegs
+
+    jpegs = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in cifar_members("test", 4).values()]
+    cuda = torch.device("cuda")
+    for attempt in range(20):
+        held = [torch.full((3, 32, 32), float(i), device=cuda).to(torch.uint8) for i in range(len(jpegs))]
+        torch.cuda.synchronize()
+        busy = torch.randn(2048, 2048, device=cuda)
+        for _ in range(20):
+            busy = busy @ busy / 2048  # keeps the stream busy while the reads below wait behind it
+        sums = [tensor.double().sum() for tensor in held]
+        del held
+        decoded = _decode_jpegs(jpegs, cuda)
+        torch.cuda.synchronize()
+        assert [s.item() for s in sums] == [float(i) * 3 * 32 * 32 for i in range(len(jpegs))], attempt
+        assert all(image.shape == (3, 32, 32) for image in decoded)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_torch_backend_on_a_gpu_with_jpeg_distortion_decodes_in_the_workers(small_shards):
+    from cgan_pipe.data.torch_loader import TorchLoader
+    from cgan_pipe.data.manifest import read_manifest
+
+    cfg = LoaderConfig(backend="torch", device="cuda", threads=1, jpeg_distort=[10, 40])
+    loader = TorchLoader(small_shards, read_manifest(small_shards), cfg, 16, 0, torch.device("cuda"),
+                         with_quality=True)
+    batch = next(iter(loader))
+    assert not loader.gpu_decode and batch.images.is_cuda and batch.quality.is_cuda
+    assert ((batch.quality >= 0.10) & (batch.quality <= 0.40)).all()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_two_ranks_see_every_sample_exactly_once_per_epoch(small_shards, backend):
     """small_shards: 200 samples in 2 shards (120 + 80). Each rank reads its share in batches of

@@ -3,6 +3,7 @@ may be local or at a URL."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Iterator
 
@@ -36,8 +37,8 @@ def _augmentations(cfg: LoaderConfig, resolution: int) -> v2.Transform:
 
 
 def jpeg_distort(image: torch.Tensor, quality: int) -> torch.Tensor:
-    """A uint8 CHW image (on any device) JPEG-encoded at `quality` with libjpeg and decoded again."""
-    return decode_jpeg(encode_jpeg(image.cpu(), quality=quality), mode=ImageReadMode.RGB).to(image.device)
+    """A uint8 CHW image on the CPU JPEG-encoded at `quality` with libjpeg (4:2:0) and decoded again."""
+    return decode_jpeg(encode_jpeg(image, quality=quality), mode=ImageReadMode.RGB)
 
 
 class _DecodeSample:
@@ -81,8 +82,29 @@ def _decode_batch(encoded: list[torch.Tensor], device: torch.device) -> list[tor
     on the CPU; in the order given."""
     is_jpeg = [bool(e[:2].tolist() == [0xFF, 0xD8]) for e in encoded]
     jpegs = [e for e, j in zip(encoded, is_jpeg) if j]
-    decoded = iter(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device) if jpegs else [])
-    return [next(decoded) if j else _decode_on_cpu(e).to(device) for e, j in zip(encoded, is_jpeg)]
+    decoded = iter(_decode_jpegs(jpegs, device) if jpegs else [])
+    return [next(decoded) if j else _decode_on_cpu(e).to(device, non_blocking=True) for e, j in zip(encoded, is_jpeg)]
+
+
+def _decode_jpegs(jpegs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """JPEGs decoded on `device`; on a GPU, by nvJPEG (torchvision) into memory no queued kernel still uses.
+
+    On a GPU, torchvision allocates the outputs on the caller's current stream and writes them from a stream of
+    its own that does not wait for the caller's (pytorch/vision#9606): a block freed by the training step,
+    whose kernels are still queued, can be handed to the decoder and overwritten under them. Here the
+    outputs are allocated with a side stream current, whose blocks the training stream never frees, and
+    each is recorded as used by the training stream, so it is not handed out again before that use ends.
+    """
+    if device.type != "cuda":
+        return decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
+    side = _side_stream(torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index))
+    with torch.cuda.stream(side):
+        decoded = decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
+    training = torch.cuda.current_stream(device)
+    training.wait_stream(side)
+    for image in decoded:
+        image.record_stream(training)
+    return decoded
 
 
 class TorchLoader:
@@ -91,10 +113,13 @@ class TorchLoader:
     Images are decoded on the CPU in the workers, or, when the loader device
     is cuda, read there as bytes and decoded a batch at a time with nvJPEG
     (torchvision.io.decode_jpeg on the GPU); normalised to [-1, 1] on the
-    training device. No sample is dropped: each worker's last batch of an
-    epoch may be smaller. Each rank of a torch.distributed job (or `rank` of
-    `world_size`, when given) reads every `world_size`-th shard from its
-    `rank`-th: `samples_per_epoch` samples, each once per epoch.
+    training device. With loader.jpeg_distort the workers decode on the CPU
+    whatever the device: the distortion is libjpeg's, on the CPU, so a GPU
+    decode would send every image back and forth. No sample is dropped:
+    each worker's last batch of an epoch may be smaller. Each rank of a
+    torch.distributed job (or `rank` of `world_size`, when given) reads every
+    `world_size`-th shard from its `rank`-th: `samples_per_epoch` samples,
+    each once per epoch.
     """
 
     def __init__(self, shards: Path | str, manifest: Manifest, cfg: LoaderConfig, batch_size: int,
@@ -105,9 +130,8 @@ class TorchLoader:
         self.shards = shards
         self.with_quality = with_quality
         self.distort = cfg.jpeg_distort
-        self.distort_rng = torch.Generator().manual_seed(seed)  # draws the qualities of GPU-decoded batches
         # with a GPU, workers only read bytes and the batch is decoded at once with nvJPEG
-        self.gpu_decode = resolve_device(cfg.device, "loader.device").type == "cuda"
+        self.gpu_decode = resolve_device(cfg.device, "loader.device").type == "cuda" and not self.distort
         self.augment = _augmentations(cfg, manifest.resolution)
         rank, world = (rank, world_size) if rank is not None and world_size is not None else rank_and_world()
         mine = manifest.shards[rank::world]
@@ -141,16 +165,17 @@ class TorchLoader:
                 if self.gpu_decode:
                     decoded = _decode_batch(images, self.device)
                     images = torch.stack([self.augment(image) for image in decoded])
-                    if self.distort:
-                        drawn = torch.randint(self.distort[0], self.distort[1] + 1, (len(images),),
-                                              generator=self.distort_rng)
-                        images = torch.stack([jpeg_distort(image, int(q)) for image, q in zip(images, drawn)])
-                        quality = drawn.double() / 100
                 # non-blocking: a blocking copy to a GPU waits for the training step queued before it
                 images = images.to(self.device, non_blocking=True).float().div_(127.5).sub_(1.0)
                 yield Batch(images=images, labels=labels.to(self.device, torch.int64, non_blocking=True),
                             quality=known_qualities(quality, self.shards).to(self.device, non_blocking=True)
                             if self.with_quality else None)
+
+
+@functools.lru_cache(maxsize=None)
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """The stream a GPU's decodes allocate their outputs on (one per GPU, made once)."""
+    return torch.cuda.Stream(device)
 
 
 def _shard_location(shards: Path | str, name: str) -> str:
