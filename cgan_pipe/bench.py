@@ -213,6 +213,7 @@ class TrainRecord(_Timed):
     seconds: float
     data_wait: float
     peak_memory_mib: float | None  # CUDA memory allocated at most (None on the CPU)
+    host_syncs_per_step: float | None = None  # on CUDA, uncompiled: torch's synchronising calls per step
 
     @property
     def label(self) -> str:
@@ -225,7 +226,10 @@ def bench_train(shards: Path, *, archs: tuple[str, ...] = ("dcgan", "resnet"), b
                 steps: int = 50, width: int = 256, device: str = "auto", loader_backend: str = "dali",
                 echo: Callable[[str], None] = print) -> list[TrainRecord]:
     """Train each combination for 2 x `steps` steps on `shards` and time the second half (the first
-    warms up: compilation, cuDNN autotuning, loader start); returns one record per combination."""
+    warms up: compilation, cuDNN autotuning, loader start); returns one record per combination. Each
+    combination compiles afresh (dynamo is reset). On CUDA, uncompiled combinations also count the
+    host syncs per step: torch's synchronising calls (torch.cuda.set_sync_debug_mode) in a run of
+    2 x `steps` steps less those in a run of `steps`, over `steps` (set-up and the last tick cancel)."""
     import torch
 
     from .config import config_from_dict
@@ -238,27 +242,56 @@ def bench_train(shards: Path, *, archs: tuple[str, ...] = ("dcgan", "resnet"), b
         for batch_size in batch_sizes:
             for precision in precisions:
                 for compiled in compiles:
-                    with tempfile.TemporaryDirectory() as run_dir:
+                    def run(total_steps: int, run_dir: str) -> None:
                         cfg = config_from_dict({
                             "name": "bench", "run_dir": run_dir, "data": {"source": "unused"},
                             "loader": {"backend": loader_backend, "device": device},
                             "model": {"arch": arch, "g_width": width, "d_width": width},
                             "eval": {"metrics": []},
-                            "train": {"steps": 2 * steps, "batch_size": batch_size, "precision": precision,
+                            "train": {"steps": total_steps, "batch_size": batch_size, "precision": precision,
                                       "compile": compiled, "log_every": steps, "sample_every": 10 * steps,
                                       "checkpoint_every": 10 * steps, "device": device},
                         }, origin="bench train")
+                        train(cfg, shards, Path(run_dir), progress=False)
+
+                    torch.compiler.reset()  # no graphs, nor recompilation budget, left from the last setting
+                    with tempfile.TemporaryDirectory() as run_dir:
                         if resolved.type == "cuda":
                             torch.cuda.reset_peak_memory_stats()
-                        train(cfg, shards, Path(run_dir), progress=False)
+                        run(2 * steps, run_dir)
                         timed = read_metrics(Path(run_dir) / "metrics.jsonl")[-1]
                         memory = torch.cuda.max_memory_allocated() / 2**20 if resolved.type == "cuda" else None
+                    syncs = None
+                    if resolved.type == "cuda" and not compiled:
+                        counts = []
+                        for total_steps in (steps, 2 * steps):
+                            with tempfile.TemporaryDirectory() as run_dir:
+                                counts.append(count_cuda_syncs(lambda: run(total_steps, run_dir)))
+                        syncs = (counts[1] - counts[0]) / steps
                     images = steps * batch_size
                     record = TrainRecord(arch, batch_size, precision, compiled, resolved.type, images,
-                                         images / timed["images_per_s"], timed["data_wait"], memory)
-                    echo(f"{record.line()}  data wait {record.data_wait:.1%}")
+                                         images / timed["images_per_s"], timed["data_wait"], memory, syncs)
+                    echo(f"{record.line()}  data wait {record.data_wait:.1%}"
+                         + (f"  host syncs/step {syncs:.2f}" if syncs is not None else ""))
                     records.append(record)
     return records
+
+
+def count_cuda_syncs(run: Callable[[], None]) -> int:
+    """How many synchronising CUDA calls torch makes while `run` runs (torch.cuda.set_sync_debug_mode:
+    one warning each; calls outside torch, such as a decoder library's own, are not seen)."""
+    import warnings
+
+    import torch
+
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing CUDA operation" in str(w.message) for w in caught)
 
 
 def bench_export(checkpoint: Path, *, n: int = 10_000, batch_size: int = 250, quality: int = 95,

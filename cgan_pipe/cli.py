@@ -671,13 +671,14 @@ def bench_loader_command(shards: str, batch_size: int, batches: int, workers: in
               help="Loader backend.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the records [{arch, batch_size, precision, compile, device, images, seconds, "
-              "images_per_s, data_wait, peak_memory_mib}] to this file.")
+              "images_per_s, data_wait, peak_memory_mib, host_syncs_per_step}] to this file.")
 @verbosity_options
 @_reports_errors
 def bench_train_command(shards: str, archs: str, batch_sizes: str, precisions: str, compile_modes: str, steps: int,
                         width: int, device: str, backend: str, json_path: str | None) -> None:
     """Time training on the shard set SHARDS for each architecture, batch size, precision and
-    compile setting: images/s (kimg/s x 1000), data-wait fraction, and peak CUDA memory."""
+    compile setting: images/s (kimg/s x 1000), data-wait fraction, peak CUDA memory, and (on
+    CUDA, uncompiled) host syncs per training step."""
     from .atomic import write_text_atomic
     from .bench import bench_train
 

@@ -388,3 +388,24 @@ def test_resuming_keeps_the_fused_optimizer_whatever_the_checkpoint_was_made_wit
         patch.setattr(torch.optim.Adam, "step", recording)
         result = train(small_config(tmp_path, steps=3), small_shards, tmp_path, progress=False)
     assert result.resumed_from == 2 and implementations == [True, True]  # D's step, then G's
+
+
+def test_compiled_training_compiles_in_its_first_epoch_only(small_shards, tmp_path, monkeypatch):
+    """Each network's graphs (with and without gradients, then the partial last batch of an epoch, made
+    dynamic) are compiled in the first epoch; later epochs, and their partial batches, recompile nothing.
+    aot_eager traces and guards as the default backend does, without generating code."""
+    import functools
+
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    graphs = {}
+    for steps in (12, 40):  # 200 samples in batches of 16: 12 full batches and one of 8 per epoch
+        torch.compiler.reset()
+        counters.clear()
+        cfg = small_config(tmp_path / f"run{steps}", steps=steps, compile=True, log_every=1000, sample_every=1000,
+                           checkpoint_every=1000)
+        train(cfg, small_shards, tmp_path / f"run{steps}", progress=False)
+        graphs[steps] = counters["stats"]["unique_graphs"]
+    torch.compiler.reset()
+    assert graphs == {12: 4, 40: 6}  # G and D with and without gradients; then each once for a partial batch
