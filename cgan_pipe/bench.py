@@ -134,6 +134,7 @@ class LoaderRecord(_Timed):
 
 def bench_loader(shards: Path, *, batch_size: int = 256, batches: int = 100, warmup: int = 10,
                  workers: int | None = None, jpeg_distort: tuple[int, int] | None = None,
+                 backends: tuple[str, ...] = ("dali", "torch", "baseline"),
                  echo: Callable[[str], None] = print) -> list[LoaderRecord]:
     """Time `batches` batches (after `warmup`) of each loader on the shard set `shards`, all with a
     random horizontal flip and normalisation to [-1, 1]: DALI and the torch backend, each decoding on
@@ -141,7 +142,8 @@ def bench_loader(shards: Path, *, batch_size: int = 256, batches: int = 100, war
     through torchvision) with batches on the GPU; then the baseline (webdataset + Pillow +
     torchvision transforms in a DataLoader, batches on the CPU). Each uses `workers`
     threads/processes (default: one per core). With `jpeg_distort` (lo, hi), each loader is timed
-    again with on-the-fly JPEG distortion at a quality drawn from lo..hi ('dali+jpeg_distort', ...)."""
+    again with on-the-fly JPEG distortion at a quality drawn from lo..hi ('dali+jpeg_distort', ...).
+    `backends` picks which of 'dali', 'torch' and 'baseline' run (DALI is imported only for its rows)."""
     import torch
 
     from .config import LoaderConfig
@@ -155,11 +157,12 @@ def bench_loader(shards: Path, *, batch_size: int = 256, batches: int = 100, war
 
     runs: list[tuple[str, str, Callable[[], Iterator[object]]]] = []
     for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
-        for backend in ("dali", "torch"):
+        for backend in (b for b in ("dali", "torch") if b in backends):
             runs.append((backend, device, loader(backend, device, None)))
             if jpeg_distort:
                 runs.append((f"{backend}+jpeg_distort", device, loader(backend, device, list(jpeg_distort))))
-    runs.append(("baseline", "cpu", lambda: _baseline_batches(shards, batch_size, workers)))
+    if "baseline" in backends:
+        runs.append(("baseline", "cpu", lambda: _baseline_batches(shards, batch_size, workers)))
     records = []
     for backend, device, start_loader in runs:
         batches_iter = start_loader()

@@ -620,12 +620,14 @@ def bench_prepare_command(source: str, quality: int, workers: int | None, limit:
 @click.option("--jpeg-distort", "distort_text", default=None, metavar="LO,HI",
               help="Also time each loader with on-the-fly JPEG distortion at a quality drawn from LO..HI "
               "(loader.jpeg_distort), and print its cost.")
+@click.option("--backends", "backends_text", default="dali,torch,baseline", show_default=True,
+              help="Which loaders to time, comma-separated (the ratios need the baseline).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the records [{backend, device, images, seconds, images_per_s}] to this file.")
 @verbosity_options
 @_reports_errors
 def bench_loader_command(shards: str, batch_size: int, batches: int, workers: int | None, distort_text: str | None,
-                         json_path: str | None) -> None:
+                         backends_text: str, json_path: str | None) -> None:
     """Time the loaders on the shard set SHARDS with flip + normalise: DALI and the torch backend
     (decoding on the CPU, and on the GPU when present), and a baseline (webdataset + Pillow +
     torchvision transforms in a DataLoader with a worker per core); prints images/s and each
@@ -641,10 +643,14 @@ def bench_loader_command(shards: str, batch_size: int, batches: int, workers: in
             distort = ()
         if len(distort) != 2 or not 1 <= distort[0] <= distort[1] <= 100:
             raise ConfigError(f"--jpeg-distort {distort_text!r}: expected LO,HI with 1 <= LO <= HI <= 100")
+    backends = tuple(b.strip() for b in backends_text.split(","))
+    unknown = [b for b in backends if b not in ("dali", "torch", "baseline")]
+    if unknown or not backends:
+        raise ConfigError(f"--backends {backends_text!r}: expected some of dali, torch, baseline")
     records = bench_loader(Path(shards), batch_size=batch_size, batches=batches, workers=workers,
-                           jpeg_distort=distort, echo=click.echo)
-    baseline = next(r for r in records if r.backend == "baseline").images_per_s
-    for record in records:
+                           jpeg_distort=distort, backends=backends, echo=click.echo)
+    baseline = next((r.images_per_s for r in records if r.backend == "baseline"), None)
+    for record in records if baseline else []:
         click.echo(f"{record.backend}/{record.device}: {record.images_per_s / baseline:.2f}x the baseline")
     for record in (r for r in records if r.backend.endswith("+jpeg_distort")):
         backend = record.backend.removesuffix("+jpeg_distort")

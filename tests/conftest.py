@@ -17,7 +17,8 @@ from cgan_pipe.data.shards import PrepareSettings, prepare
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="cgan-pipe-test-cache-")
 
 ROOT = Path(__file__).resolve().parents[1]
-CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
+# The CIFAR-10 tars (test.tar is enough for the default suite); elsewhere than ../shared with CGAN_PIPE_TEST_CIFAR10.
+CIFAR = Path(os.environ.get("CGAN_PIPE_TEST_CIFAR10", ROOT.parent / "shared" / "data" / "cifar10"))
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 

@@ -39,6 +39,13 @@ def test_bench_loader_times_every_backend_on_the_same_shards(small_shards, tmp_p
     assert on_cpu == [("dali", "cpu"), ("torch", "cpu"), ("baseline", "cpu")]
     assert all(r["images"] == 48 and r["images_per_s"] > 0 for r in records)
     assert "dali/cpu:" in result.output and "x the baseline" in result.output
+    torch_only = CliRunner().invoke(main, ["bench", "loader", str(small_shards), "--batch-size", "16", "--batches",
+                                           "1", "--workers", "1", "--backends", "torch", "--json",
+                                           str(tmp_path / "torch.json")])  # what runs where DALI is not installed
+    assert torch_only.exit_code == 0, torch_only.output
+    assert [r["backend"] for r in json.loads((tmp_path / "torch.json").read_text())] == ["torch"]
+    bad = CliRunner().invoke(main, ["bench", "loader", str(small_shards), "--backends", "ffcv"])
+    assert bad.exit_code == 2 and "--backends 'ffcv'" in bad.output
 
 
 def test_each_loader_row_decodes_on_the_device_it_names(small_shards, monkeypatch):

@@ -75,15 +75,16 @@ def test_train_killed_and_resumed_on_a_gpu(small_shards, tmp_path, backend, prec
 
 @pytest.mark.gpu
 @needs_cuda
-def test_a_default_training_step_on_a_gpu_makes_at_most_one_host_sync(small_shards, tmp_path):
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_a_default_training_step_on_a_gpu_makes_at_most_one_host_sync(small_shards, tmp_path, backend):
     from cgan_pipe.bench import count_cuda_syncs
     from cgan_pipe.train.loop import train
 
     counts = {}
     for steps in (8, 24):
         run_dir = tmp_path / f"run{steps}"
-        cfg = small_config(run_dir, {"loader": {"device": "cuda"}}, steps=steps, device="cuda", log_every=1000,
-                           sample_every=1000, checkpoint_every=1000)
+        cfg = small_config(run_dir, {"loader": {"device": "cuda", "backend": backend}}, steps=steps, device="cuda",
+                           log_every=1000, sample_every=1000, checkpoint_every=1000)
         counts[steps] = count_cuda_syncs(lambda: train(cfg, small_shards, run_dir, progress=False))
     assert (counts[24] - counts[8]) / 16 <= 1, counts
 
