@@ -129,6 +129,21 @@ def test_gpu_decode_never_writes_into_memory_queued_kernels_still_read():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_batches_reach_the_gpu_without_a_host_sync():
+    from cgan_pipe.data.loader import to_device
+
+    labels = torch.arange(64)
+    torch.cuda.set_sync_debug_mode("error")  # a synchronising call raises
+    try:
+        on_gpu = to_device(labels, torch.device("cuda"))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    labels.fill_(-1)  # the source may be reused at once: what was copied is a pinned copy of it
+    assert on_gpu.tolist() == list(range(64))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_torch_backend_on_a_gpu_with_jpeg_distortion_decodes_in_the_workers(small_shards):
     from cgan_pipe.data.torch_loader import TorchLoader
     from cgan_pipe.data.manifest import read_manifest

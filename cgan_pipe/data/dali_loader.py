@@ -14,7 +14,7 @@ from ..images import ANY_IMAGE_EXTENSION
 from ..devices import resolve_device
 from ..errors import DataError
 from .loader import (Batch, DatasetInfo, dataset_info, known_qualities, parse_ascii_labels, parse_quality,
-                     rank_and_world)
+                     rank_and_world, to_device)
 from .manifest import Manifest
 
 READER_NAME = "shards"
@@ -107,16 +107,16 @@ class DaliLoader:
         while True:  # one pass of the inner loop is one epoch; auto_reset starts the next
             for outputs in _naming_failures(self._iterator, self.shards):
                 out = outputs[0]
-                # Labels and qualities are parsed on the CPU into new tensors (not DALI's reused buffers), then
-                # copied without blocking: a blocking copy to a GPU waits for the training step queued before it.
-                images = out["images"].to(self.device, non_blocking=True)
-                labels = parse_ascii_labels(out["labels"]).to(self.device, non_blocking=True) if self.labelled \
+                # Labels and qualities are parsed on the CPU (DALI's readers hand them over there), then copied
+                # to the GPU without blocking: a blocking copy waits for the training step queued before it.
+                images = to_device(out["images"], self.device)
+                labels = to_device(parse_ascii_labels(out["labels"]), self.device) if self.labelled \
                     else torch.zeros(images.shape[0], dtype=torch.int64, device=self.device)
                 quality = None
                 if self.with_quality:
                     quality = out["quality"].reshape(-1).float().div(100) if self.distorted else \
                         _qualities(out["quality"], self.shards)
-                    quality = quality.to(self.device, non_blocking=True)
+                    quality = to_device(quality, self.device)
                 yield Batch(images=images, labels=labels, quality=quality)
 
 

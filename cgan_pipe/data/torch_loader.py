@@ -17,7 +17,8 @@ from ..config import LoaderConfig
 from ..errors import ConfigError, DataError
 from ..images import ANY_IMAGE_EXTENSION
 from ..devices import resolve_device
-from .loader import Batch, DatasetInfo, dataset_info, is_url, known_qualities, parse_quality, rank_and_world
+from .loader import (Batch, DatasetInfo, dataset_info, is_url, known_qualities, parse_quality, rank_and_world,
+                     to_device)
 from .manifest import Manifest
 
 
@@ -166,9 +167,9 @@ class TorchLoader:
                     decoded = _decode_batch(images, self.device)
                     images = torch.stack([self.augment(image) for image in decoded])
                 # non-blocking: a blocking copy to a GPU waits for the training step queued before it
-                images = images.to(self.device, non_blocking=True).float().div_(127.5).sub_(1.0)
-                yield Batch(images=images, labels=labels.to(self.device, torch.int64, non_blocking=True),
-                            quality=known_qualities(quality, self.shards).to(self.device, non_blocking=True)
+                images = to_device(images, self.device).float().div_(127.5).sub_(1.0)
+                yield Batch(images=images, labels=to_device(labels, self.device),
+                            quality=to_device(known_qualities(quality, self.shards), self.device)
                             if self.with_quality else None)
 
 
