@@ -63,7 +63,8 @@ class StepGuard:
              step: int) -> None:
         """Backpropagate `loss`, average `module`'s gradients over the ranks, and step `optimizer`
         unless the loss is not finite on some rank (then every rank skips)."""
-        bad = ~torch.isfinite(loss.detach())
+        value = loss.detach()
+        bad = ~torch.isfinite(value)
         if self.world > 1:
             bad = _on_any_rank(bad)
         optimizer.zero_grad(set_to_none=True)
@@ -80,9 +81,8 @@ class StepGuard:
                 optimizer.step()
             finally:
                 del optimizer.found_inf
-        record = torch.full((3,), float(step), dtype=torch.float64, device=bad.device)  # a fill: no copy from host
-        record[1] = PHASES.index(phase)
-        record[2] = loss.detach()
+        record = torch.stack([torch.full((), float(number), dtype=torch.float64, device=value.device)  # fills, not
+                              for number in (step, PHASES.index(phase))] + [value.double()])  # copies from the host
         self._first = torch.where(bad & self._first[0].isnan(), record, self._first)
         self._step_bad |= bad
 
