@@ -232,7 +232,8 @@ def bench_train(shards: Path, *, archs: tuple[str, ...] = ("dcgan", "resnet"), b
     warms up: compilation, cuDNN autotuning, loader start); returns one record per combination. Each
     combination compiles afresh (dynamo is reset). On CUDA, uncompiled combinations also count the
     host syncs per step: torch's synchronising calls (torch.cuda.set_sync_debug_mode) in a run of
-    2 x `steps` steps less those in a run of `steps`, over `steps` (set-up and the last tick cancel)."""
+    2 x `steps` steps less those in a run of `steps`, over `steps` (set-up and the last tick cancel;
+    the one metrics row between them is counted)."""
     import torch
 
     from .config import config_from_dict
