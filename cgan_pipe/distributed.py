@@ -94,3 +94,16 @@ def any_rank(flag: bool, world: int, device: torch.device) -> bool:
     value = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
+
+
+def any_rank_on_device(flag: torch.Tensor, world: int) -> torch.Tensor:
+    """`any_rank` for a bool tensor, kept on the device (no host read): true on every rank where it is
+    true on at least one. A no-op on one process."""
+    import torch
+    import torch.distributed as dist
+
+    if world == 1:
+        return flag
+    value = flag.to(torch.float32)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value > 0

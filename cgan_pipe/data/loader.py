@@ -132,7 +132,7 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """`tensor` on `device` without making the host wait for it: a host tensor bound for a GPU goes through
     page-locked memory with a non-blocking copy (from pageable memory the driver may wait for the stream, i.e.
     for the training step queued before it). The source may be reused at once: the copy is of a pinned copy."""
-    if tensor.device == device or device.type != "cuda" or tensor.is_cuda:
+    if device.type != "cuda" or tensor.is_cuda:
         return tensor.to(device, non_blocking=True)
     return tensor.pin_memory().to(device, non_blocking=True)
 

@@ -84,7 +84,7 @@ def _decode_batch(encoded: list[torch.Tensor], device: torch.device) -> list[tor
     is_jpeg = [bool(e[:2].tolist() == [0xFF, 0xD8]) for e in encoded]
     jpegs = [e for e, j in zip(encoded, is_jpeg) if j]
     decoded = iter(_decode_jpegs(jpegs, device) if jpegs else [])
-    return [next(decoded) if j else _decode_on_cpu(e).to(device, non_blocking=True) for e, j in zip(encoded, is_jpeg)]
+    return [next(decoded) if j else to_device(_decode_on_cpu(e), device) for e, j in zip(encoded, is_jpeg)]
 
 
 def _decode_jpegs(jpegs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:

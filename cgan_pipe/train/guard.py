@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..distributed import average_gradients
+from ..distributed import any_rank_on_device, average_gradients
 
 # What each guarded step optimises, as named in error messages; a loss's index here is how the device records it.
 PHASES = ("the discriminator loss", "the R1 penalty", "the generator loss")
@@ -64,9 +64,7 @@ class StepGuard:
         """Backpropagate `loss`, average `module`'s gradients over the ranks, and step `optimizer`
         unless the loss is not finite on some rank (then every rank skips)."""
         value = loss.detach()
-        bad = ~torch.isfinite(value)
-        if self.world > 1:
-            bad = _on_any_rank(bad)
+        bad = any_rank_on_device(~torch.isfinite(value), self.world)
         optimizer.zero_grad(set_to_none=True)
         if self.scaler.is_enabled():
             loss = loss * torch.where(bad, math.nan, 1.0)
@@ -102,11 +100,3 @@ class StepGuard:
         first = None if math.isnan(first_step) else (int(first_step), PHASES[int(first_phase)], first_value)
         return GuardReport(int(skipped), int(longest), first), numbers[5:]
 
-
-def _on_any_rank(flag: torch.Tensor) -> torch.Tensor:
-    """`flag` (a bool tensor) or-ed over all ranks, on the device: every rank then skips the same steps."""
-    import torch.distributed as dist
-
-    value = flag.to(torch.float32)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return value > 0
