@@ -22,7 +22,7 @@ from cgan_pipe.data.loader import open_loader
 from cgan_pipe.data.manifest import read_manifest
 from cgan_pipe.train.checkpoint import load_checkpoint
 
-from conftest import CIFAR, CLASSES, ROOT
+from conftest import CIFAR, CLASSES, ROOT, needs_full_cifar
 
 CLI = str(Path(sys.executable).with_name("cgan-pipe"))
 
@@ -58,6 +58,7 @@ def test_missing_data_source_exits_1_with_advice(tmp_path):
     assert "does not exist" in result.output and "download:cifar10" in result.output
 
 
+@needs_full_cifar
 def test_run_under_torchrun_prepares_once_trains_on_both_ranks_and_reports_once(tmp_path):
     with socket.socket() as probe:  # a free port for the rendezvous
         probe.bind(("127.0.0.1", 0))
@@ -130,6 +131,7 @@ def test_generate_asks_a_quality_conditioned_model_for_a_quality(checkpoint, qua
     assert refused.exit_code == 2 and f"{checkpoint}: this model was trained without quality" in refused.output
 
 
+@needs_full_cifar
 def test_run_end_to_end_on_a_cifar_subset(tmp_path):
     run_dir = tmp_path / "run"
     args = [CLI, "run", str(ROOT / "pipelines" / "cifar.yaml"),

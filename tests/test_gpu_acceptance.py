@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from conftest import CIFAR, ROOT
+from conftest import ROOT, cifar_members, write_tar
 
 SCRIPT = ROOT / "benchmarks" / "gpu_acceptance.py"
 STEPS = ["prepare", "loader-torch", "train-torch", "checkpoint", "export", "tests", "loader-dali", "train-dali"]
@@ -16,8 +16,8 @@ KEYS = {"device", "date", "dry_run", "small", "versions", "steps", "loader", "tr
 
 
 def _run(tmp_path, *options: str) -> tuple[subprocess.CompletedProcess, dict]:
-    out = tmp_path / "acceptance.json"
-    done = subprocess.run([sys.executable, str(SCRIPT), "--data", str(CIFAR / "test.tar"), "--out", str(out),
+    out, data = tmp_path / "acceptance.json", write_tar(tmp_path / "cifar-test.tar", cifar_members("test", 30))
+    done = subprocess.run([sys.executable, str(SCRIPT), "--data", str(data), "--out", str(out),
                            "--work", str(tmp_path / "work"), *options], capture_output=True, text=True, timeout=600)
     return done, json.loads(out.read_text())
 
