@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -18,6 +17,7 @@ from PIL import Image
 from . import images
 from .data.shards import PrepareSettings, prepare
 from .data.sources import open_source
+from .processes import child_initializer, run_tied
 from .errors import DataError
 
 
@@ -88,7 +88,7 @@ def bench_prepare(source: Path, *, quality: int = 90, workers: int | None = None
             with tarfile.open(source) as tar:
                 tar.extractall(folder, filter="data")
             start = time.perf_counter()
-            subprocess.run([sys.executable, str(dataset_tool), f"--source={folder}", f"--dest={scratch / 'dt.zip'}",
+            run_tied([sys.executable, str(dataset_tool), f"--source={folder}", f"--dest={scratch / 'dt.zip'}",
                             *([f"--max-images={limit}"] if limit else [])], check=True, capture_output=True)
             records.append(BenchRecord("stylegan2-ada-dataset_tool", count, time.perf_counter() - start))
             echo(records[-1].line())
@@ -197,7 +197,8 @@ def _baseline_batches(shards: Path, batch_size: int, workers: int) -> Iterator[o
     dataset = (wds.WebDataset([str(shards / s.tar) for s in manifest.shards], shardshuffle=len(manifest.shards),
                               nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker, empty_check=False)
                .shuffle(4096).decode("pil").to_tuple("jpg;png;webp", "cls").map_tuple(transform, int))
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, drop_last=True, persistent_workers=True)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, drop_last=True, persistent_workers=True,
+                        worker_init_fn=child_initializer())
     while True:
         for batch_images, labels in loader:
             yield batch_images, torch.as_tensor(labels)

@@ -27,6 +27,7 @@ from ..atomic import TEMP_MARK, disk_full_explained, write_text_atomic
 from ..compression import estimate_jpeg_quality, estimate_jpeg_quality_zigzag
 from ..config import default_cache_dir
 from ..errors import ConfigError, DataError
+from ..processes import process_pool
 from .fingerprint import source_fingerprint
 from .manifest import MANIFEST_NAME, Manifest, ShardInfo, read_manifest, write_manifest
 from . import tars
@@ -390,8 +391,7 @@ def _count_done(n: int) -> None:
 def _start_pool(workers: int, counter: Any) -> Iterator[ProcessPoolExecutor]:
     """A pool of `workers` spawned processes, started at once, that count the images they write
     into `counter`."""
-    context = multiprocessing.get_context("spawn")  # no fork of a process that may hold torch threads
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_count_into, initargs=(counter,)) as pool:
+    with process_pool(workers, _count_into, counter) as pool:
         pool.submit(os.getpid)  # a pool starts its processes on the first task
         yield pool
 

@@ -16,6 +16,7 @@ from torchvision.transforms import v2
 from ..config import LoaderConfig
 from ..errors import ConfigError, DataError
 from ..images import ANY_IMAGE_EXTENSION
+from ..processes import child_initializer
 from ..devices import resolve_device
 from .loader import (Batch, DatasetInfo, dataset_info, is_url, known_qualities, parse_quality, rank_and_world,
                      to_device)
@@ -157,7 +158,7 @@ class TorchLoader:
         self.loader = DataLoader(
             dataset, batch_size=batch_size, drop_last=False, num_workers=cfg.threads,
             persistent_workers=True, pin_memory=device.type == "cuda" and not self.gpu_decode, generator=generator,
-            collate_fn=_collate_encoded if self.gpu_decode else None,
+            collate_fn=_collate_encoded if self.gpu_decode else None, worker_init_fn=child_initializer(),
         )
 
     def __iter__(self) -> Iterator[Batch]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
 import tarfile
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -19,6 +18,7 @@ from tqdm import tqdm
 from ..atomic import atomic_path, write_text_atomic
 from ..errors import DataError
 from ..images import decode, shard_extensions
+from ..processes import process_pool
 from .manifest import Manifest, ShardInfo, parse_dali_index, read_manifest
 from .fingerprint import file_sha256
 from .shards import dali_index, member_extension, sample_members
@@ -140,7 +140,7 @@ class _IsolatedDecoder:
 
     @staticmethod
     def _new_pool() -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        return process_pool(1)
 
     def check(self, images: list[tuple[str, bytes]], resolution: int) -> Iterator[tuple[str, str]]:
         """Yield (key, problem) for every image DALI cannot decode or that has the wrong size."""

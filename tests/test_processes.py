@@ -1,0 +1,155 @@
+"""Processes started through cgan_pipe.processes end within seconds of their parent's kill -9."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cgan_pipe.config import to_dict
+from cgan_pipe.data.shards import PrepareSettings, prepare
+
+from conftest import cifar_members, small_config, write_tar
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+
+
+def session_processes(session: int) -> list[int]:
+    """Live (not zombie) processes of the session `session`, from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # state, ppid, pgrp, session, ...
+        if int(fields[3]) == session and fields[0] != "Z":
+            found.append(int(entry))
+    return found
+
+
+def kill_and_count_survivors(command: list[str], ready: int, cwd: Path | None = None, timeout: float = 240,
+                             grace: float = 10) -> tuple[int, list[int]]:
+    """Start `command` in a session of its own; once `ready` processes run in it, SIGKILL the first;
+    return (how many processes the session had, those still alive `grace` seconds later, which are
+    then killed so that a failing test leaves nothing behind)."""
+    process = subprocess.Popen(command, cwd=cwd, start_new_session=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    seen = session_processes(process.pid)
+    while len(seen) < ready and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+        seen = session_processes(process.pid)
+    if process.poll() is not None:
+        pytest.fail(f"{command[:3]} ended before {ready} processes ran: {process.stderr.read().decode()[-2000:]}")
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    process.stderr.close()
+    end = time.monotonic() + grace
+    while session_processes(process.pid) and time.monotonic() < end:
+        time.sleep(0.1)
+    survivors = session_processes(process.pid)
+    for pid in survivors:
+        os.kill(pid, signal.SIGKILL)
+    return len(seen), survivors
+
+
+def python_child(code: str) -> list[str]:
+    return [sys.executable, "-c", textwrap.dedent(code)]
+
+
+def test_a_pool_worker_ends_with_its_parent():
+    count, survivors = kill_and_count_survivors(python_child("""
+        import time
+        from cgan_pipe.processes import process_pool
+        with process_pool(2) as pool:
+            list(pool.map(abs, range(4)))  # both workers up (and the resource tracker)
+            time.sleep(600)
+    """), ready=3)
+    assert count >= 3 and survivors == []
+
+
+def test_a_command_run_tied_ends_with_its_parent():
+    count, survivors = kill_and_count_survivors(python_child("""
+        from cgan_pipe.processes import run_tied
+        run_tied(["sleep", "600"])
+    """), ready=2)
+    assert count == 2 and survivors == []
+
+
+def test_without_the_tie_the_same_pool_outlives_its_parent():
+    """The check can fail: a plain spawned pool stays behind after its parent's kill -9."""
+    count, survivors = kill_and_count_survivors(python_child("""
+        import multiprocessing, time
+        from concurrent.futures import ProcessPoolExecutor
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            pool.submit(abs, 1).result()
+            time.sleep(600)
+    """), ready=3, grace=3)
+    assert len(survivors) == 2  # the worker and the resource tracker, killed by the helper
+
+
+def test_a_child_whose_parent_is_already_gone_exits_at_once():
+    result = subprocess.run(python_child(f"""
+        from cgan_pipe.processes import end_with_parent
+        end_with_parent({os.getpid() + 10**6})  # not its parent
+        print("still here")
+    """), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "still here" not in result.stdout
+
+
+# Each command that starts processes, killed mid-work.
+
+CLI = str(Path(sys.executable).with_name("cgan-pipe"))
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    """800 real CIFAR-10 JPEGs in a tar."""
+    return write_tar(tmp_path_factory.mktemp("src") / "src.tar", cifar_members("test", 80))
+
+
+@pytest.fixture(scope="module")
+def shards(source, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shards") / "shards"
+    prepare(str(source), out, PrepareSettings(shard_size=100, resolution=64, format="png"), workers=1,
+            progress=False)
+    return out
+
+
+def test_prepare_leaves_no_worker_behind(source, tmp_path):
+    # parent, resource tracker, two pool workers
+    count, survivors = kill_and_count_survivors(
+        [CLI, "prepare", str(source), str(tmp_path / "out"), "--workers", "2", "--resolution", "256",
+         "--format", "png", "--shard-size", "50", "-q"], ready=4)
+    assert count == 4 and survivors == []
+
+
+def test_verify_leaves_no_decoder_process_behind(shards):
+    # parent, resource tracker, DALI's decoder process
+    count, survivors = kill_and_count_survivors([CLI, "verify", str(shards), "-q"], ready=3)
+    assert count == 3 and survivors == []
+
+
+def test_train_leaves_no_dataloader_worker_behind(shards, tmp_path):
+    config = tmp_path / "p.yaml"
+    config.write_text(yaml.safe_dump(to_dict(small_config(
+        tmp_path / "run", {"loader": {"backend": "torch", "threads": 2, "shards": str(shards)}}, steps=100000))))
+    count, survivors = kill_and_count_survivors([CLI, "train", str(config), "-q"], ready=3, grace=3)  # parent, 2 workers
+    assert count == 3 and survivors == []
+
+
+def test_bench_loader_leaves_no_dataloader_worker_behind(shards):
+    count, survivors = kill_and_count_survivors(
+        [CLI, "bench", "loader", str(shards), "--backends", "baseline", "--workers", "2", "--batches", "100000",
+         "--batch-size", "16"], ready=3, grace=3)
+    assert count == 3 and survivors == []
