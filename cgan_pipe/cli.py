@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import click
 import yaml
@@ -17,6 +17,9 @@ from . import __version__
 from .atomic import DISK_FULL
 from .config import load_pipeline, to_dict
 from .errors import ConfigError, UserError
+
+if TYPE_CHECKING:
+    from .data.manifest import Manifest
 
 EXAMPLES = {
     "run": "cgan-pipe run pipelines/cifar.yaml --set train.steps=300 --from eval",
@@ -282,12 +285,31 @@ def prepare(source: str, out: str, fmt: str, quality_text: str, quality_mode: st
         click.echo(f"{out}: already complete for these settings; nothing to do")
     click.echo(f"{manifest.num_samples} samples in {len(manifest.shards)} shards, "
                f"{len(manifest.skipped)} skipped -> {Path(out) / 'manifest.json'}")
-    every = logging.getLogger("cgan_pipe").isEnabledFor(logging.INFO)  # -v lists every skipped input
-    for entry in manifest.skipped if every else manifest.skipped[:10]:
-        click.echo(f"  skipped {entry['source']}: {entry['reason']}", err=True)
-    if len(manifest.skipped) > 10 and not every:
-        more = len(manifest.skipped) - 10
-        click.echo(f"  ... and {more} more (-v lists them all; each is in the manifest)", err=True)
+    _report_skipped(manifest)
+
+
+def _report_skipped(manifest: Manifest) -> None:
+    """Where the source's files went, the skipped ones counted per reason with an example each; -v lists
+    every skipped file, as the manifest does."""
+    from .data.inputs import count_by_kind
+
+    inputs = manifest.inputs
+    if inputs:
+        beyond = f", {inputs['beyond_limit']} beyond --limit" if inputs["beyond_limit"] else ""
+        click.echo(f"{inputs['files']} files in the source: {inputs['kept']} kept, {inputs['skipped']} "
+                   f"skipped{beyond}")
+    first_of = {}
+    for entry in manifest.skipped:
+        first_of.setdefault(entry.get("kind", entry["reason"]), entry)
+    for kind, count in count_by_kind(manifest.skipped).items():
+        example = first_of[kind]
+        detail = example["reason"].removeprefix(f"{kind}: ") if example["reason"] != kind else ""
+        click.echo(f"  {count:>7}  {kind}, e.g. {example['source']}{f': {detail}' if detail else ''}")
+    if logging.getLogger("cgan_pipe").isEnabledFor(logging.INFO):  # -v
+        for entry in manifest.skipped:
+            click.echo(f"  skipped {entry['source']}: {entry['reason']}", err=True)
+    elif manifest.skipped:
+        click.echo("  (-v lists every skipped file; each is in the manifest with its reason)", err=True)
 
 
 @main.command(epilog=f"Example: {EXAMPLES['train']}")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 if TYPE_CHECKING:  # torch is imported where used: prepare's worker processes never need it
     import torch
@@ -25,29 +25,158 @@ def shard_extensions(shard_format: str) -> list[str]:
     return sorted(EXTENSIONS.values()) if shard_format == "keep" else [EXTENSIONS[shard_format]]
 
 
+# Kinds of reason an input image is skipped for (BadImage.kind), counted per kind in summaries.
+NOT_AN_IMAGE = "not an image"
+EMPTY_FILE = "empty file"
+CANNOT_DECODE = "cannot decode"
+TOO_LARGE = "too large"
+UNSUPPORTED = "unsupported by this Pillow build"
+WRONG_SIZE = "wrong size"
+
+
 class BadImage(ValueError):
-    """An input image that cannot be used; the message says why."""
+    """An input image that cannot be used: `kind` (one of the kinds above) groups it, the message says why."""
 
-
-# Pillow's own bomb check warns below 2x its limit and is global; `decode` applies ours instead.
-Image.MAX_IMAGE_PIXELS = None
+    def __init__(self, kind: str, detail: str = ""):
+        super().__init__(f"{kind}: {detail}" if detail else kind)
+        self.kind = kind
 
 
 def decode(data: bytes, max_pixels: int = 64_000_000) -> Image.Image:
-    """Fully decode image bytes with Pillow (so truncated or corrupt files fail here, not later).
+    """Fully decode image bytes of any format this Pillow reads, judged by content, not name (the first
+    frame of a multi-frame file), so truncated or corrupt files fail here, not later.
 
-    Images over `max_pixels` are refused from their header, before any pixel is decoded.
+    Images over `max_pixels` are refused from their header, before any pixel is decoded; so are
+    images nested in a container (an ICNS or ICO icon) that decode to more than twice that (Pillow's
+    own check, which warns between once and twice the limit). BadImage says why an image cannot be used.
     """
+    if not data:
+        raise BadImage(EMPTY_FILE)
+    # Every plugin registered, in Pillow's order: with only some loaded, a plugin that has no signature
+    # test (TGA) can claim another format's file first, so the verdict would hang on what ran before.
+    Image.init()
+    Image.MAX_IMAGE_PIXELS = None  # Pillow's limit is global; the outer image is checked below, by name
     try:
         image = Image.open(io.BytesIO(data))
-        if image.width * image.height > max_pixels:
-            raise BadImage(f"image too large: {image.width}x{image.height} is over the limit of {max_pixels} pixels")
+    except UnidentifiedImageError:
+        raise BadImage(*describe_unknown(data)) from None
+    except Exception as exc:  # a plugin that knows the format but not these bytes raises anything  # noqa: BLE001
+        raise BadImage(CANNOT_DECODE, _damaged(data, _message(exc))) from None
+    if image.width * image.height > max_pixels:
+        raise BadImage(TOO_LARGE, f"{image.width}x{image.height} is over the limit of {max_pixels} pixels "
+                                  f"(data.max_pixels)")
+    Image.MAX_IMAGE_PIXELS = max_pixels  # for images nested in this one, which only Pillow sees
+    try:
         image.load()
     except Image.DecompressionBombError as exc:
-        raise BadImage(f"image too large ({exc})") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise BadImage(f"cannot decode ({exc})") from None
+        raise BadImage(TOO_LARGE, f"{image.format} data: {exc}") from None
+    except Exception as exc:  # damaged data surfaces as many exception types  # noqa: BLE001
+        raise BadImage(*_load_failure(image, exc)) from None
+    if image.width == 0 or image.height == 0:
+        raise BadImage(CANNOT_DECODE, f"{image.format} image of {image.width}x{image.height} pixels")
     return image
+
+
+def first_frame(image: Image.Image, data: bytes, max_pixels: int) -> tuple[Image.Image, int | None]:
+    """(the first frame, the number of frames) of a decoded image: 1 for a still image, None when a
+    later frame is too damaged to count (its first frame, decoded again from `data`, is still good)."""
+    try:
+        frames = getattr(image, "n_frames", 1)  # Pillow seeks back to the first frame after counting
+        image.seek(0)
+        return image, frames
+    except Exception:  # noqa: BLE001  (as in decode)
+        return decode(data, max_pixels), None
+
+
+def _message(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+def _load_failure(image: Image.Image, exc: BaseException) -> tuple[str, str]:
+    """(kind, detail) of a recognised image whose pixels Pillow cannot decode."""
+    message, image_format = _message(exc), image.format
+    if image_format == "EPS" and "Ghostscript" in message:
+        return UNSUPPORTED, "EPS (Pillow draws PostScript with Ghostscript, which is not installed)"
+    if image_format == "WMF":
+        return UNSUPPORTED, "WMF/EMF (Pillow draws Windows metafiles only on Windows)"
+    if isinstance(image, ImageFile.StubImageFile):  # BUFR, GRIB, HDF5: a handler from another package reads them
+        return UNSUPPORTED, f"{image_format} (Pillow reads it only through a handler another package registers)"
+    if "not available" in message:  # e.g. "decoder jpeg2k not available": a codec left out of this build
+        return UNSUPPORTED, f"{image_format} ({message})"
+    return CANNOT_DECODE, f"{image_format} data: {message}" if image_format else message
+
+
+_HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1"}
+_AVIF_BRANDS = {b"avif", b"avis"}
+_OLE = ("an OLE compound document (Thumbs.db, an Office file, or a FlashPix or MIC image, which Pillow reads "
+        "only with the olefile package)")
+_OTHER_FILES = [  # (leading bytes, what such a file is), for files no image format matches
+    (b"%PDF", "a PDF document"), (b"PK\x03\x04", "a ZIP archive"), (b"\x1f\x8b", "a gzip file"),
+    (b"7z\xbc\xaf", "a 7-Zip archive"), (b"Rar!", "a RAR archive"), (b"\xd0\xcf\x11\xe0", _OLE),
+    (b"SQLite format 3", "an SQLite database"), (b"\x7fELF", "a program"), (b"RIFF", "a RIFF file (audio/video)"),
+]
+
+
+def describe_unknown(data: bytes) -> tuple[str, str]:
+    """(kind, detail) of bytes that no image format of this Pillow matches: an image whose header is
+    damaged, an image format this build cannot read (HEIF, JPEG XL, ...), or what the file is
+    instead (text, a PDF, an archive, ...)."""
+    head = data[:4096]
+    if _formats_claiming(head):
+        return CANNOT_DECODE, _damaged(head, "its header is unreadable")
+    if head[4:8] == b"ftyp":
+        brand = head[8:12]
+        if brand in _AVIF_BRANDS:
+            return (UNSUPPORTED, "AVIF") if not _pillow_reads("avif") else (CANNOT_DECODE, "AVIF data Pillow rejects")
+        if brand in _HEIF_BRANDS:
+            return UNSUPPORTED, "HEIF/HEIC (Pillow has no HEIF decoder; convert these files to PNG or JPEG)"
+        return NOT_AN_IMAGE, f"an ISO media file (brand {brand.decode('latin-1')!r}: video or audio)"
+    if head.startswith(b"\xff\x0a") or head.startswith(b"\x00\x00\x00\x0cJXL "):
+        return UNSUPPORTED, "JPEG XL (Pillow has no JPEG XL decoder)"
+    for magic, what in _OTHER_FILES:
+        if head.startswith(magic):
+            return NOT_AN_IMAGE, what
+    if _is_text(head):
+        if b"<svg" in head[:1024].lower():
+            return NOT_AN_IMAGE, "an SVG vector drawing (rasterise it to PNG first)"
+        return NOT_AN_IMAGE, "text file"
+    return NOT_AN_IMAGE, "no image format this Pillow reads matches its content"
+
+
+def _is_text(head: bytes) -> bool:
+    """Whether the first bytes of a file are UTF-8 text (ASCII included)."""
+    if b"\x00" in head:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return exc.start >= len(head) - 3  # only a character cut by the end of the sample
+    return True
+
+
+def _formats_claiming(head: bytes) -> list[str]:
+    """The formats whose signature the first bytes carry (Pillow's own test of each plugin)."""
+    Image.init()
+    claimed = []
+    for name, (_, accept) in Image.OPEN.items():
+        try:
+            if accept is not None and accept(head[:16]):
+                claimed.append(name)
+        except Exception:  # noqa: BLE001  a plugin's test failing on odd bytes claims nothing
+            continue
+    return claimed
+
+
+def _damaged(data: bytes, message: str) -> str:
+    """A decoding failure's detail, naming the format whose signature `data` starts with, if any."""
+    claimed = _formats_claiming(data[:16])
+    return f"{'/'.join(claimed)} data: {message}" if claimed else message
+
+
+def _pillow_reads(feature: str) -> bool:
+    from PIL import features
+
+    return bool(features.check(feature))
 
 
 @dataclass(frozen=True)
@@ -111,17 +240,27 @@ def decode_plain_jpeg(data: bytes, header: JpegHeader) -> Image.Image:
     try:
         return Image.frombytes("RGB", (header.width, header.height), data, "jpeg", "RGB", "")
     except (OSError, ValueError) as exc:
-        raise BadImage(f"cannot decode ({exc})") from None
+        raise BadImage(CANNOT_DECODE, f"JPEG data: {_message(exc)}") from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Return an 8-bit RGB image; transparency is composited over white."""
+    """Return an 8-bit RGB image, from any pixel mode Pillow decodes to (docs/own-data.md): transparency
+    is composited over white; 16/32-bit integer greyscale keeps its top 8 of 16 bits (values over 65535
+    are white, below 0 black); everything else converts as Pillow converts it to RGB. BadImage for a
+    mode Pillow cannot convert."""
     if image.mode == "RGB":
         return image
-    if image.mode.startswith("I"):  # 16/32-bit greyscale: keep the top 8 bits rather than clip
-        wide = np.asarray(image, dtype=np.uint32)
+    try:
+        return _convert_to_rgb(image)
+    except (ValueError, OSError) as exc:
+        raise BadImage(CANNOT_DECODE, f"{image.mode} pixels cannot be converted to RGB ({_message(exc)})") from None
+
+
+def _convert_to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode.startswith("I"):
+        wide = np.asarray(image).astype(np.int64)
         return Image.fromarray((wide >> 8).clip(0, 255).astype(np.uint8), "L").convert("RGB")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    if image.has_transparency_data:
         rgba = image.convert("RGBA")
         background = Image.new("RGB", rgba.size, (255, 255, 255))
         background.paste(rgba, mask=rgba.getchannel("A"))
@@ -135,7 +274,7 @@ def fit(image: Image.Image, size: int, policy: str) -> Image.Image:
     if image.size == (size, size):
         return image
     if policy == "reject":
-        raise BadImage(f"{image.width}x{image.height} is not {size}x{size} (resize policy 'reject')")
+        raise BadImage(WRONG_SIZE, f"{image.width}x{image.height} is not {size}x{size} (resize policy 'reject')")
     if policy == "pad":
         scale = size / max(image.width, image.height)
         inner = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),

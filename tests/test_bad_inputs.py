@@ -97,13 +97,16 @@ def test_each_bad_input_is_skipped_with_its_reason(prepared):
     root, manifest, _ = prepared
     reasons = {entry["source"]: entry["reason"] for entry in manifest.skipped}
     assert "too large: 100000x100000" in reasons["data/dog/huge.png"]
-    for name in ("empty.jpg", "truncated.jpg", "text.png", "bitflip.jpg"):
+    assert reasons["data/dog/empty.jpg"] == "empty file"
+    assert reasons["data/dog/text.png"] == "not an image: text file"
+    for name in ("truncated.jpg", "bitflip.jpg"):
         assert reasons[f"data/dog/{name}"].startswith("cannot decode"), name
     assert reasons["/abs/cat/escape.jpg"] == reasons["data/../../cat/escape.jpg"] == \
-        "unsafe member path (absolute or '..')"
+        "unsafe member path: absolute, or with '..'"
     assert reasons["data/cat/link.jpg"].startswith("not a regular file")
     assert reasons["data/cat/ok.jpg"].startswith("duplicate name")
     assert len(manifest.skipped) == 9 and manifest.num_samples == 9
+    assert manifest.inputs == {"files": 18, "kept": 9, "skipped": 9, "beyond_limit": 0}
     assert not (root / "abs").exists() and not (root.parent / "cat").exists()
 
 
@@ -148,5 +151,5 @@ def test_the_decompression_bomb_limit_is_configurable(tmp_path):
         tar.addfile(info, io.BytesIO(JPEG_CAT))
         info.name = "d/dog/b.jpg"
         tar.addfile(info, io.BytesIO(JPEG_CAT))
-    with pytest.raises(Exception, match="image too large: 32x32 is over the limit of 1000 pixels"):
+    with pytest.raises(Exception, match="too large: 32x32 is over the limit of 1000 pixels"):
         prepare(str(source), tmp_path / "o", PrepareSettings(max_pixels=1000), progress=False)

@@ -57,5 +57,6 @@ def test_a_path_listed_twice_is_prepared_once(tmp_path):
     (tmp_path / "list.txt").write_text("\n".join([*members, first]) + "\n")
     manifest, _ = prepare(str(tmp_path / "list.txt"), tmp_path / "out", PrepareSettings(), progress=False)
     assert manifest.num_samples == 10
-    assert manifest.skipped == [{"source": first, "reason": "duplicate name; the first copy is used"}]
+    assert manifest.skipped == [{"source": first, "kind": "duplicate name",
+                                 "reason": "duplicate name: the first copy is used"}]
     assert not list((tmp_path / "out").glob(".listing-*"))

@@ -144,7 +144,8 @@ def test_train_leaves_no_dataloader_worker_behind(shards, tmp_path):
     config = tmp_path / "p.yaml"
     config.write_text(yaml.safe_dump(to_dict(small_config(
         tmp_path / "run", {"loader": {"backend": "torch", "threads": 2, "shards": str(shards)}}, steps=100000))))
-    count, survivors = kill_and_count_survivors([CLI, "train", str(config), "-q"], ready=3, grace=3)  # parent, 2 workers
+    # parent, two DataLoader workers
+    count, survivors = kill_and_count_survivors([CLI, "train", str(config), "-q"], ready=3, grace=3)
     assert count == 3 and survivors == []
 
 

@@ -147,14 +147,17 @@ def test_bad_images_are_skipped_with_reasons(tmp_path):
     source = write_tar(tmp_path / "mixed.tar", members)
     manifest, _ = prepare(str(source), tmp_path / "out", PrepareSettings(), progress=False)
     assert manifest.num_samples == 30
-    assert sorted(s["source"] for s in manifest.skipped) == [
-        "test/cat/empty.jpg", "test/cat/truncated.jpg", "test/dog/not-an-image.png"]
-    assert all("cannot decode" in s["reason"] for s in manifest.skipped)
+    assert {s["source"]: s["reason"] for s in manifest.skipped} == {
+        "test/cat/empty.jpg": "empty file",
+        "test/cat/truncated.jpg": "cannot decode: JPEG data: Truncated File Read",
+        "test/dog/not-an-image.png": "not an image: text file"}
+    assert manifest.inputs == {"files": 33, "kept": 30, "skipped": 3, "beyond_limit": 0}
 
 
 def test_a_source_with_no_usable_image_is_an_error(tmp_path):
     source = write_tar(tmp_path / "bad.tar", {"x/a/1.jpg": b"junk", "x/b/2.jpg": b"junk"})
-    with pytest.raises(DataError, match="none of the 2 images could be used"):
+    with pytest.raises(DataError, match=r"none of its 2 files could be used \(2 not an image; "
+                                        r"e.g. x/./.\.jpg: not an image: text file\)"):
         prepare(str(source), tmp_path / "out", PrepareSettings(), progress=False)
     assert not (tmp_path / "out" / "manifest.json").exists()
 
@@ -243,7 +246,8 @@ def test_resize_policies_pad_and_reject(tmp_path):
     assert abs(int(padded[16, 16, 0]) - 200) <= 2  # the picture itself in the middle
     manifest, _ = prepare(source, tmp_path / "rej", PrepareSettings(resize="reject"), progress=False)
     assert manifest.num_samples == 1
-    assert manifest.skipped == [{"source": "d/cat/x.png", "reason": "64x32 is not 32x32 (resize policy 'reject')"}]
+    assert manifest.skipped == [{"source": "d/cat/x.png", "kind": "wrong size",
+                                 "reason": "wrong size: 64x32 is not 32x32 (resize policy 'reject')"}]
 
 
 def test_encoder_options(tmp_path):

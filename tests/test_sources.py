@@ -130,5 +130,6 @@ def test_a_list_file_of_paths(tmp_path):
     with open_source(str(listing)) as src:
         assert [item.path for item in src.items] == sorted(list(members)[:5])
         assert src.class_names == ["airplane", "automobile", "bird"]  # the classes present in the list
-        assert src.rejected == [{"source": "test/cat/missing.jpg", "reason": "listed file does not exist"}]
+        assert src.rejected == [{"source": "test/cat/missing.jpg", "kind": "listed file does not exist",
+                             "reason": "listed file does not exist"}]
         assert src.read(src.items[0]).data == members[src.items[0].path]

@@ -18,7 +18,7 @@ from conftest import CIFAR, SAMPLE, write_tar
 
 def tarfile_listing(path):
     with tarfile.open(path) as tar:
-        return [tars.TarEntry(m.name, m.offset_data, m.size, m.isfile()) for m in tar.getmembers()]
+        return [tars.TarEntry(m.name, m.offset_data, m.size, m.isfile(), m.isdir()) for m in tar.getmembers()]
 
 
 def test_listing_the_cifar_archive_equals_tarfile(tmp_path):

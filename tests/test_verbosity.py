@@ -70,21 +70,26 @@ def test_q_and_v_together_is_a_usage_error(small_tar, tmp_path):
     assert result.exit_code == 2 and "give -q or -v, not both" in result.output
 
 
-def test_prepare_lists_ten_skipped_inputs_or_with_v_all(small_tar, tmp_path):
+def test_prepare_counts_skipped_inputs_per_reason_or_with_v_lists_all(small_tar, tmp_path):
     source = tmp_path / "images"
     with tarfile.open(small_tar) as tar:
         tar.extractall(source, members=tar.getmembers()[:40], filter="data")
     folder = next(source.rglob("*.jpg")).parent
-    for i in range(13):
+    for i in range(11):
         (folder / f"broken-{i:02d}.jpg").write_bytes(b"not a jpeg")
+    (folder / "truncated.jpg").write_bytes(next(folder.glob("0*.jpg")).read_bytes()[:300])
+    (folder / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0" + bytes(60))
     default = CliRunner().invoke(main, ["prepare", str(source), str(tmp_path / "a")])
     assert default.exit_code == 0, default.output
-    assert default.stderr.count("  skipped ") == 10
-    assert "... and 3 more (-v lists them all; each is in the manifest)" in default.stderr
+    assert "53 files in the source: 40 kept, 13 skipped" in default.stdout
+    assert f"       11  not an image, e.g. {folder.relative_to(source)}/broken-00.jpg: text file" in default.stdout
+    assert "        1  cannot decode, e.g. " in default.stdout and "        1  companion file, e.g. " in default.stdout
+    assert default.stderr.count("  skipped ") == 0 and "-v lists every skipped file" in default.stderr
     verbose = CliRunner().invoke(main, ["prepare", str(source), str(tmp_path / "b"), "-v"])
-    assert verbose.stderr.count("  skipped ") == 13 and "more (-v" not in verbose.stderr
+    assert verbose.stderr.count("  skipped ") == 13 and "-v lists" not in verbose.stderr
     assert f"[data.fingerprint] {source}: content hash of 53 files" in verbose.stderr
-    assert f"[data.shards] image folder {source}: 53 images into 1 shards" in verbose.stderr
+    assert f"[data.shards] image folder {source}: 52 of its 53 files to read into 1 shards of up to 5000 images " \
+           f"(1 left out unread)" in verbose.stderr
 
 
 def test_vv_turns_on_debug_detail(small_tar, tmp_path):

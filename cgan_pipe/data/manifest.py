@@ -43,7 +43,10 @@ class Manifest:
     shards: list[ShardInfo]
     class_histogram: dict[str, int] = field(default_factory=dict)
     quality_histogram: dict[str, int] = field(default_factory=dict)
-    skipped: list[dict[str, str]] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)  # inputs left out: {"source", "kind", "reason"}
+    # Where every file of the source went: {"files", "kept", "skipped", "beyond_limit"}, with
+    # kept + skipped + beyond_limit == files (empty in manifests of older versions and of export).
+    inputs: dict[str, int] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     @property
@@ -134,7 +137,7 @@ def parse_manifest(text: str, where: str) -> Manifest:
 _MANIFEST_FIELDS = {"created_by": (str, None), "source": (str, None), "settings": (dict, None),
                     "resolution": (int, None), "image_format": (str, None), "class_names": (list, str),
                     "shards": (list, dict), "class_histogram": (dict, int), "quality_histogram": (dict, int),
-                    "skipped": (list, dict), "format_version": (int, None)}
+                    "skipped": (list, dict), "inputs": (dict, int), "format_version": (int, None)}
 _SHARD_FIELDS = {"tar": (str, None), "index": (str, None), "samples": (int, None), "bytes": (int, None),
                  "sha256": (str, None)}
 

@@ -12,6 +12,7 @@ import random
 import re
 import tarfile
 import threading
+import warnings
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -31,6 +32,7 @@ from ..processes import process_pool
 from .fingerprint import source_fingerprint
 from .manifest import MANIFEST_NAME, Manifest, ShardInfo, read_manifest, write_manifest
 from . import tars
+from .inputs import DUPLICATE, count_by_kind, left_out, left_out_because
 from .listing import Listing, SourceItem, shuffled_positions
 from .sources import DECOMPRESSED_PREFIX, ItemReader, RawImage, open_source
 
@@ -268,12 +270,13 @@ def prepare(source: str, out_dir: Path, settings: PrepareSettings, *, workers: i
             for i, first in enumerate(range(0, inputs, per_shard))
         ]
         plan = {"settings": recorded, "jobs": len(jobs), "inputs": inputs, "inputs_per_shard": per_shard,
-                "class_names": src.class_names, "rejected": src.rejected}
+                "class_names": src.class_names, "rejected": src.rejected, "files": src.files}
         mine = {job.index for job in jobs if job.index % world_size == rank}
         # Only now that the source is known to be readable may an old shard set be touched.
         done = _resume_state(out_dir, plan, rank, world_size)
         todo = [job for job in jobs if job.index in mine and job.index not in done]
-        log.info(f"{src.description}: {inputs} images into {len(jobs)} shards of up to {per_shard}; "
+        log.info(f"{src.description}: {inputs} of its {src.files} files to read into {len(jobs)} shards of up to "
+                 f"{per_shard} images ({len(src.rejected)} left out unread); "
                  f"{len(todo)} to write with {workers} worker(s), {len(done)} kept from an earlier run")
         counter.value = sum(jobs[i].count for i in done)
         stack.enter_context(_progress_bar(counter, sum(jobs[i].count for i in mine), progress))
@@ -347,10 +350,16 @@ def merge_shards(out_dir: Path) -> Manifest:
     settings, class_names = plan["settings"], plan["class_names"]
     results = [done[i] for i in range(plan["jobs"])]
     shards = [ShardInfo(**r["shard"]) for r in results if r["shard"] is not None]
-    skipped = list(plan["rejected"]) + [entry for r in results for entry in r["skipped"]]
+    unusable = [entry for r in results for entry in r["skipped"]]
+    skipped = list(plan["rejected"]) + unusable
     if not shards:
-        raise DataError(f"{settings['source']}: none of the {plan['inputs']} images could be used "
-                        f"(first problem: {skipped[0]['reason'] if skipped else 'no images'})")
+        kinds = ", ".join(f"{n} {kind}" for kind, n in count_by_kind(skipped).items())
+        raise DataError(f"{settings['source']}: none of its {plan['files']} files could be used ({kinds}; e.g. "
+                        f"{skipped[0]['source']}: {skipped[0]['reason']})" if skipped else
+                        f"{settings['source']}: no images")
+    kept = plan["inputs"] - len(unusable)
+    inputs = {"files": plan["files"], "kept": kept, "skipped": len(skipped),
+              "beyond_limit": plan["files"] - kept - len(skipped)}
     classes, qualities = Counter(), Counter()
     for r in results:
         classes.update(r["classes"])
@@ -359,7 +368,7 @@ def merge_shards(out_dir: Path) -> Manifest:
         created_by="prepare", source=settings["source"], settings=settings, resolution=settings["resolution"],
         image_format=settings["format"], class_names=class_names, shards=shards,
         class_histogram={name: classes[name] for name in class_names},
-        quality_histogram=dict(sorted(qualities.items())), skipped=skipped,
+        quality_histogram=dict(sorted(qualities.items())), skipped=skipped, inputs=inputs,
     )
     write_manifest(out_dir, manifest)
     for path in out_dir.glob(_DONE_GLOB):
@@ -470,13 +479,18 @@ def _write_job(job: _ShardJob) -> dict[str, Any]:
             for position, listed in enumerate(chunk.tolist(), job.first_key + start):  # position: in the order
                 item, duplicate = job.listing.entry(listed)
                 if duplicate:
-                    skipped.append({"source": item.path, "reason": "duplicate name; the first copy is used"})
+                    skipped.append(left_out(item.path, DUPLICATE, "the first copy is used"))
                     continue
                 try:
-                    variants = encode_for_shard(job.reader.read(item), item, job.class_names, job.settings,
-                                                _qualities_for(job.settings, position))
+                    with warnings.catch_warnings():
+                        # Pillow warns about oddities of files it still decodes (corrupt EXIF, a malformed
+                        # MPO): lines by the thousand on a large archive, about images kept all the same
+                        warnings.simplefilter("ignore", UserWarning)
+                        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                        variants = encode_for_shard(job.reader.read(item), item, job.class_names, job.settings,
+                                                    _qualities_for(job.settings, position))
                 except (images.BadImage, DataError) as exc:
-                    skipped.append({"source": item.path, "reason": str(exc)})
+                    skipped.append(left_out_because(item.path, exc))
                     continue
                 for variant, (data, ext, meta) in enumerate(variants):
                     key = position * len(variants) + variant
@@ -548,6 +562,17 @@ def _resume_state(out_dir: Path, plan: dict[str, Any], rank: int, world_size: in
     return done
 
 
+def _exif_rotated(image: Image.Image) -> bool:
+    """Whether the image's EXIF block says the camera's "this side up" is not the stored top (a damaged
+    EXIF block says nothing); getexif parses nothing when the file has no EXIF block."""
+    if "exif" not in image.info and "Raw profile type exif" not in image.info:  # PNG keeps it in a text chunk
+        return False
+    try:
+        return image.getexif().get(EXIF_ORIENTATION, 1) != 1
+    except Exception:  # noqa: BLE001  a damaged EXIF block raises many types
+        return False
+
+
 def encode_for_shard(raw: RawImage, item: SourceItem, class_names: list[str], settings: PrepareSettings,
                      qualities: list[int] | None = None) -> list[tuple[bytes, str, dict[str, Any]]]:
     """Validate one raw image and return its shard samples as (bytes, member extension, metadata).
@@ -562,10 +587,12 @@ def encode_for_shard(raw: RawImage, item: SourceItem, class_names: list[str], se
     size = settings.resolution
     # Plain colour JPEGs (most inputs) skip Pillow's header parser: a few microseconds instead of tens.
     header = images.plain_jpeg_header(raw.data) if raw.data is not None else None
+    frames = 1
     if header is not None and header.width * header.height <= settings.max_pixels:
         image, source_format = images.decode_plain_jpeg(raw.data, header), "JPEG"
     elif raw.data is not None:
-        image = images.decode(raw.data, settings.max_pixels)
+        image, frames = images.first_frame(images.decode(raw.data, settings.max_pixels), raw.data,
+                                           settings.max_pixels)
         source_format = image.format
     else:
         image = Image.fromarray(raw.pixels, "RGB")
@@ -576,11 +603,11 @@ def encode_for_shard(raw: RawImage, item: SourceItem, class_names: list[str], se
         "width": image.width,
         "height": image.height,
     }
-    # the camera's "this side up" (getexif parses nothing when the file has no EXIF block)
-    has_exif = "exif" in image.info or "Raw profile type exif" in image.info  # PNG keeps it in a text chunk
-    rotated = has_exif and image.getexif().get(EXIF_ORIENTATION, 1) != 1
+    if frames != 1:  # an animation, a multi-page TIFF, ...
+        meta.update(frames=frames, frame=0)  # frames: None when a damaged later frame stopped the count
+    rotated = _exif_rotated(image)
     stored = images.PIL_FORMATS.get(source_format)
-    as_is = image.mode == "RGB" and image.size == (size, size) and not rotated
+    as_is = image.mode == "RGB" and image.size == (size, size) and not rotated and frames == 1
     may_pass = qualities is None and not settings.reencode and settings.format in ("jpeg", "keep")
     if may_pass and as_is and stored is not None and (settings.format == "keep" or settings.format == stored):
         if stored != "jpeg":

@@ -18,11 +18,11 @@ import numpy as np
 
 from ..errors import DataError
 from ..images import EXTENSIONS
+from .inputs import CANNOT_READ, MISSING, NO_IMAGE, NOT_A_FILE, UNSAFE_PATH, left_out, triage
 from .listing import Listing, ListingWriter, SourceItem, listing_base
 from .manifest import MANIFEST_NAME, parse_dali_index, read_manifest
 from .tars import compression_of, decompress_to, iter_members, read_span
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 CIFAR10_CLASSES = [
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
 ]
@@ -54,20 +54,26 @@ class Source:
     Use as a context manager. `items` is a Listing on disk, in a stable order
     (archive order, sorted folder walk, list-file order, ...), written into
     `scratch_dir` (a temporary folder when None); `class_names[label]` names
-    each label (empty for unlabelled sources).
+    each label (empty for unlabelled sources). Every file of the source is
+    either an item or in `rejected`, with the reason it is left out.
     """
 
     description: str
     class_names: list[str]
     items: Listing
     reader: ItemReader
-    rejected: list[dict[str, str]]  # inputs left out before reading: {"source", "reason"}
+    rejected: list[dict[str, str]]  # inputs left out before reading (see inputs.left_out)
 
     def __init__(self, scratch_dir: Path | None):
         self._temp_dir = tempfile.TemporaryDirectory(prefix="cgan-pipe-") if scratch_dir is None else None
         self.scratch_dir = Path(self._temp_dir.name) if self._temp_dir else Path(scratch_dir)
         self.rejected = []
         self.items = None
+
+    @property
+    def files(self) -> int:
+        """Files (archive members, listed paths, samples) in the source: items and rejected ones."""
+        return len(self.items) + len(self.rejected)
 
     def read(self, item: SourceItem) -> RawImage:
         """Return the raw image of `item`."""
@@ -205,32 +211,60 @@ class ShardSpanReader:
 
 
 class FolderSource(Source):
-    """An image-folder tree on disk: ROOT/<class>/<image>, walked in sorted order."""
+    """An image-folder tree on disk: ROOT/<class>/<image>, walked in sorted order. Every file under
+    it is judged by inputs.triage; links to folders are not followed (and are reported)."""
 
     def __init__(self, root: Path, scratch_dir: Path | None = None):
         super().__init__(scratch_dir)
         self.reader = FileReader(root)
         self.description = f"image folder {root}"
-        self._write_listing(((path, None, None) for path in _walk_images(root)), by_folder=True)
+        self._write_listing(((path, None, None) for path in self._images(root)), by_folder=True)
         if not len(self.items):
             self.close()
-            raise DataError(f"{root}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
+            raise DataError(f"{root}: no images found among its {len(self.rejected)} files (they are listed "
+                            f"with -v; see docs/own-data.md for what is read)")
+
+    def _images(self, root: Path) -> Iterator[str]:
+        """Paths (relative, '/'-separated) of the files under `root` that triage takes, folders and files
+        in sorted order; every other entry is rejected with its reason."""
+        pending = [""]
+        while pending:
+            rel = pending.pop()
+            try:
+                with os.scandir(root / rel) as listing:
+                    entries = sorted(listing, key=lambda entry: entry.name)
+            except OSError as exc:
+                self.rejected.append(left_out(rel or ".", CANNOT_READ, f"cannot list the folder ({exc.strerror})"))
+                continue
+            folders = []
+            for entry in entries:
+                path = f"{rel}/{entry.name}" if rel else entry.name
+                if entry.is_dir(follow_symlinks=False):
+                    folders.append(path)
+                elif entry.is_dir():
+                    self.rejected.append(left_out(path, NOT_A_FILE, "a link to a folder (not followed)"))
+                elif not entry.is_file():
+                    what = "a broken link" if entry.is_symlink() else "a device, pipe or socket"
+                    self.rejected.append(left_out(path, NOT_A_FILE, what))
+                else:
+                    verdict = triage(path, entry.stat().st_size, functools.partial(_read_head, entry.path))
+                    if verdict is None:
+                        yield path
+                    else:
+                        self.rejected.append(verdict)
+            pending.extend(reversed(folders))  # depth first, in sorted order
 
 
-def _walk_images(root: Path) -> Iterator[str]:
-    """Paths (relative, '/'-separated) of the image files under `root`, folders and files in sorted order."""
-    for folder, subfolders, files in os.walk(root):
-        subfolders.sort()
-        rel = Path(folder).relative_to(root).as_posix()
-        for name in sorted(files):
-            if posixpath.splitext(name)[1].lower() in IMAGE_SUFFIXES and os.path.isfile(os.path.join(folder, name)):
-                yield name if rel == "." else f"{rel}/{name}"
+def _read_head(path: str, size: int) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read(size)
 
 
 class ListSource(Source):
     """A text file naming one image path per line (relative to the file's folder; '#' comments),
     listed in file order; a path listed again is skipped. Classes come from the
-    image-folder layout of the listed paths, as for a folder."""
+    image-folder layout of the listed paths, as for a folder. Each listed file is judged
+    by inputs.triage."""
 
     def __init__(self, path: Path, scratch_dir: Path | None = None):
         super().__init__(scratch_dir)
@@ -250,10 +284,18 @@ class ListSource(Source):
             listed = line.strip()
             if not listed or listed.startswith("#"):
                 continue
-            if (root / listed).is_file():
-                yield listed, None, None
+            target = root / listed
+            if not target.exists():
+                self.rejected.append(left_out(listed, MISSING))
+            elif not target.is_file():
+                what = "a folder" if target.is_dir() else "a device or pipe"
+                self.rejected.append(left_out(listed, NOT_A_FILE, what))
             else:
-                self.rejected.append({"source": listed, "reason": "listed file does not exist"})
+                verdict = triage(listed, target.stat().st_size, functools.partial(_read_head, str(target)))
+                if verdict is None:
+                    yield listed, None, None
+                else:
+                    self.rejected.append(verdict)
 
 
 class ShardSetSource(Source):
@@ -270,8 +312,7 @@ class ShardSetSource(Source):
         self._write_listing(self._samples(path, manifest.shards, list(manifest.class_names)), by_folder=False,
                             class_names=list(manifest.class_names))
 
-    @staticmethod
-    def _samples(path: Path, shards: list, class_names: list[str]
+    def _samples(self, path: Path, shards: list, class_names: list[str]
                  ) -> Iterator[tuple[str, int | None, tuple[int, int]]]:
         for shard in shards:
             tar = path / shard.tar
@@ -280,6 +321,8 @@ class ShardSetSource(Source):
                     image = next((f for f in files if f.ext in IMAGE_EXTENSIONS), None)
                     cls = next((f for f in files if f.ext == "cls"), None)
                     if image is None:
+                        names = ", ".join(f.name for f in files)
+                        self.rejected.append(left_out(f"{shard.tar}/{names}", NO_IMAGE))
                         continue
                     label = None
                     if cls is not None and class_names:
@@ -316,17 +359,26 @@ class TarSource(Source):
             raise DataError(f"{path}: no images found in the archive")
 
     def _usable_members(self, archive: Path) -> Iterator[tuple[str, None, tuple[int, int]]]:
-        """Image members; unsafe names and links are left out and reported (and could never be
-        written anywhere: members are only read, by offset). Repeated names are flagged in the listing."""
-        for m in iter_members(archive):
-            if posixpath.splitext(m.name)[1].lower() not in IMAGE_SUFFIXES:
-                continue
-            if m.name.startswith("/") or ".." in m.name.split("/"):
-                self.rejected.append({"source": m.name, "reason": "unsafe member path (absolute or '..')"})
-            elif not m.is_file:
-                self.rejected.append({"source": m.name, "reason": "not a regular file (link or device)"})
-            else:
-                yield m.name, None, (m.offset, m.size)
+        """Members that inputs.triage takes; unsafe names and links are left out and reported (and could
+        never be written anywhere: members are only read, by offset). Repeated names are flagged in the
+        listing."""
+        fd = os.open(archive, os.O_RDONLY)
+        try:
+            for m in iter_members(archive):
+                if m.is_dir:
+                    continue
+                if m.name.startswith("/") or ".." in m.name.split("/"):
+                    self.rejected.append(left_out(m.name, UNSAFE_PATH, "absolute, or with '..'"))
+                elif not m.is_file:
+                    self.rejected.append(left_out(m.name, NOT_A_FILE, "a link or device"))
+                else:
+                    verdict = triage(m.name, m.size, lambda n, m=m: os.pread(fd, min(n, m.size), m.offset))
+                    if verdict is None:
+                        yield m.name, None, (m.offset, m.size)
+                    else:
+                        self.rejected.append(verdict)
+        finally:
+            os.close(fd)
 
 
 def decompressed_name(path: Path) -> str:

@@ -29,12 +29,14 @@ _COMPRESSIONS = {"gzip": (b"\x1f\x8b", gzip.open), "bz2": (b"BZh", bz2.open), "x
 
 @dataclass(frozen=True, slots=True)
 class TarEntry:
-    """One archive member: its name, where its data starts, its size, and whether it is a regular file."""
+    """One archive member: its name, where its data starts, its size, whether it is a regular file
+    and whether a folder (neither: a link or a device)."""
 
     name: str
     offset: int
     size: int
     is_file: bool
+    is_dir: bool
 
 
 def compression_of(path: Path) -> str | None:
@@ -134,7 +136,7 @@ def _parse_plain(header: bytes, pos: int, file_size: int) -> TarEntry | None:
     is_file = kind in _FILE_TYPES and not is_dir
     if is_file and pos + BLOCK + size > file_size:
         return None  # truncated: tarfile words the error
-    return TarEntry(name, pos + BLOCK, size, is_file)
+    return TarEntry(name, pos + BLOCK, size, is_file, is_dir)
 
 
 def _checksums_match(headers: list[bytes], stored: list[int]) -> bool:
@@ -152,7 +154,7 @@ def _iter_with_tarfile(path: Path, start: int) -> Iterator[TarEntry]:
             with tarfile.open(fileobj=handle, mode="r:") as tar:
                 for member in iter(tar.next, None):
                     tar.members = []  # tarfile keeps every member it reads; none is needed again
-                    yield TarEntry(member.name, member.offset_data, member.size, member.isfile())
+                    yield TarEntry(member.name, member.offset_data, member.size, member.isfile(), member.isdir())
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise DataError(f"{path}: cannot read tar archive ({exc})") from None
 

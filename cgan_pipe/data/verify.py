@@ -19,6 +19,7 @@ from ..atomic import atomic_path, write_text_atomic
 from ..errors import DataError
 from ..images import decode, shard_extensions
 from ..processes import process_pool
+from .inputs import count_by_kind
 from .manifest import Manifest, ShardInfo, parse_dali_index, read_manifest
 from .fingerprint import file_sha256
 from .shards import dali_index, member_extension, sample_members
@@ -235,7 +236,8 @@ def inspect_shards(directory: Path) -> dict:
         "bytes_per_image": round(image_bytes / n, 1) if n else None,
         "bytes_per_sample_in_tar": round(sum(s.bytes for s in manifest.shards) / n, 1) if n else None,
         "total_bytes": sum(s.bytes for s in manifest.shards),
-        "skipped": len(manifest.skipped),
+        "inputs": manifest.inputs,  # where the source's files went (prepared sets)
+        "skipped": count_by_kind(manifest.skipped),  # per reason
     }
 
 
