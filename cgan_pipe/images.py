@@ -248,7 +248,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     is composited over white; 16/32-bit integer greyscale keeps its top 8 of 16 bits (values over 65535
     are white, below 0 black); everything else converts as Pillow converts it to RGB. BadImage for a
     mode Pillow cannot convert."""
-    if image.mode == "RGB":
+    if image.mode == "RGB" and "transparency" not in image.info:  # an RGB colour key is transparency too
         return image
     try:
         return _convert_to_rgb(image)
@@ -306,6 +306,9 @@ def encode(image: Image.Image | np.ndarray, fmt: str, quality: int, *, subsampli
     """
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image, "RGB")
+    elif image.info:  # a source's ICC profile, EXIF, colour key, ... would be written along: samples are plain RGB
+        image = image.copy()
+        image.info = {}
     out = io.BytesIO()
     if fmt == "jpeg":
         image.save(out, format="JPEG", quality=quality, subsampling=subsampling)

@@ -275,3 +275,39 @@ def test_an_unreadable_file_and_folder_are_reported(tmp_path):
     manifest, _ = prepare(str(tmp_path / "src"), tmp_path / "out", SETTINGS, workers=1, progress=False)
     reasons = {entry["source"]: entry["reason"] for entry in manifest.skipped}
     assert reasons["dog/secret.jpg"].startswith("cannot read") and reasons["locked"].startswith("cannot read")
+
+
+def test_a_colour_key_is_transparency_and_no_source_metadata_reaches_the_shards(tmp_path):
+    keyed = Image.fromarray(np.full((16, 16, 3), (0, 255, 52), np.uint8))
+    keyed.putpixel((0, 0), (10, 20, 30))
+    (tmp_path / "src").mkdir()
+    keyed.save(tmp_path / "src" / "keyed.png", transparency=(0, 255, 52))  # RGB with a tRNS colour key
+    PICTURE.save(tmp_path / "src" / "profiled.png", icc_profile=b"not really a profile", dpi=(300, 300))
+    prepare(str(tmp_path / "src"), tmp_path / "out", PrepareSettings(resolution=16, format="png"), workers=1,
+            progress=False)
+    with tarfile.open(tmp_path / "out" / "shard-000000.tar") as tar:
+        samples = {json.loads(tar.extractfile(m.name.replace(".png", ".json")).read())["source"]:
+                   Image.open(io.BytesIO(tar.extractfile(m).read())) for m in tar if m.name.endswith(".png")}
+    keyed_sample = np.asarray(samples["keyed.png"])
+    assert keyed_sample[8, 8].tolist() == [255, 255, 255] and keyed_sample[0, 0].tolist() == [10, 20, 30]
+    assert all(not {"transparency", "icc_profile", "dpi"} & set(image.info) for image in samples.values())
+
+
+def test_an_unexpected_error_on_one_file_skips_it_and_names_it(tmp_path, monkeypatch, caplog):
+    from cgan_pipe.data import shards
+
+    real = shards.encode_for_shard
+
+    def failing_on_b(raw, item, *args, **kwargs):
+        if item.path == "x/b.jpg":
+            raise RuntimeError("a bug met on this file")
+        return real(raw, item, *args, **kwargs)
+
+    monkeypatch.setattr(shards, "encode_for_shard", failing_on_b)
+    for name in ("a", "b", "c"):
+        (tmp_path / "src" / "x").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "src" / "x" / f"{name}.jpg").write_bytes(JPEGS[0])
+    manifest, _ = prepare(str(tmp_path / "src"), tmp_path / "out", SETTINGS, workers=1, progress=False)
+    assert manifest.num_samples == 2 and manifest.skipped == [
+        {"source": "x/b.jpg", "kind": "cannot decode", "reason": "cannot decode: RuntimeError: a bug met on this file"}]
+    assert "x/b.jpg: unexpected RuntimeError" in caplog.text

@@ -492,6 +492,11 @@ def _write_job(job: _ShardJob) -> dict[str, Any]:
                 except (images.BadImage, DataError) as exc:
                     skipped.append(left_out_because(item.path, exc))
                     continue
+                except Exception as exc:  # noqa: BLE001  one odd file never stops an archive's prepare
+                    log.warning(f"{item.path}: unexpected {type(exc).__name__} while converting it ({exc}); "
+                                f"skipped. Please report it with the file.")
+                    skipped.append(left_out(item.path, images.CANNOT_DECODE, f"{type(exc).__name__}: {exc}"))
+                    continue
                 for variant, (data, ext, meta) in enumerate(variants):
                     key = position * len(variants) + variant
                     writer.add(ShardSample(f"{key:08d}", data, ext, item.label, meta))
