@@ -16,6 +16,7 @@ from PIL import Image
 
 from .atomic import write_text_atomic
 from .config import describe_keys, load_pipeline
+from .data.inputs import count_by_kind
 from .data.sources import open_source
 from .errors import ConfigError
 
@@ -32,6 +33,7 @@ class Survey:
     sizes: list[tuple[int, int]]  # (width, height) of each sampled image that opened
     formats: Counter  # Pillow format name of each sampled image ('array' for decoded sources)
     unreadable: int  # sampled images that did not open
+    left_out: dict[str, int]  # files of the source that are not images, per kind of reason (see data/inputs.py)
 
 
 def survey_source(spec: str, sampled: int = SAMPLED, seed: int = 0) -> Survey:
@@ -53,7 +55,7 @@ def survey_source(spec: str, sampled: int = SAMPLED, seed: int = 0) -> Survey:
                     formats[image.format or "unknown"] += 1
             except Exception:  # whatever Pillow raises for a file it cannot open  # noqa: BLE001
                 unreadable += 1
-        return Survey(spec, len(src.items), counts, sizes, formats, unreadable)
+        return Survey(spec, len(src.items), counts, sizes, formats, unreadable, count_by_kind(src.rejected))
 
 
 def suggest(survey: Survey, cuda: bool) -> tuple[dict[str, Any], dict[str, str]]:
@@ -97,6 +99,8 @@ def starter_yaml(name: str, survey: Survey, values: dict[str, Any], why: dict[st
         + f"; formats {', '.join(f'{k} ({v})' for k, v in survey.formats.most_common())}"
         + (f"; {survey.unreadable} did not open (prepare will skip them, with reasons)" if survey.unreadable else "")
         + ".",
+        *([f"# Left out: {', '.join(f'{n} {kind}' for kind, n in survey.left_out.items())} (prepare lists each "
+           f"file, with its reason, in the manifest)."] if survey.left_out else []),
         "# Run it:  cgan-pipe run THIS_FILE     Every key: docs/config.md",
     ]
     values = {"name": name, "data.source": survey.source, **values}

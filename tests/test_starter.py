@@ -7,7 +7,7 @@ from PIL import Image
 
 from cgan_pipe.cli import main
 from cgan_pipe.config import describe_keys, load_pipeline
-from cgan_pipe.starter import pipeline_name, suggest, survey_source
+from cgan_pipe.starter import pipeline_name, starter_yaml, suggest, survey_source
 
 
 def test_init_on_a_tar_of_class_folders_writes_a_commented_pipeline_that_loads(small_tar, tmp_path):
@@ -37,9 +37,12 @@ def test_sizes_formats_and_the_machine_set_the_suggestions(tmp_path):
         folder.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (150 + i, 100 + i), (i * 20, 0, 0)).save(folder / f"{i}.png")
     (tmp_path / "photos" / "dogs" / "broken.png").write_bytes(b"not a png")
+    (tmp_path / "photos" / "dogs" / "labels.csv").write_text("0.png,dogs\n")
+    (tmp_path / "photos" / "notes").write_text("shot in 2019\n")
     survey = survey_source(str(tmp_path / "photos"))
     assert survey.images == 13 and survey.class_counts == {"cats": 6, "dogs": 7} and survey.unreadable == 1
-    assert survey.formats == {"PNG": 12}
+    assert survey.formats == {"PNG": 12} and survey.left_out == {"companion file": 1, "not an image": 1}
+    assert "# Left out: 1 not an image, 1 companion file (prepare lists each file" in starter_yaml("p", survey, {}, {})
     on_gpu, why = suggest(survey, cuda=True)
     assert on_gpu["data.resolution"] == 64 and on_gpu["data.format"] == "png" and on_gpu["model.g_width"] == 256
     assert "short side is 10" in why["data.resolution"]
