@@ -235,9 +235,12 @@ def prepare(source: str, out: str, fmt: str, quality_text: str, quality_mode: st
 
     SOURCE is an image-folder tree (class = folder name), a tar/tar.gz of one, a
     list file of paths (.txt), an existing shard set (re-shard / re-encode), the
-    CIFAR-10 python archive, or 'download:cifar10'. OUT receives shard-NNNNNN.tar,
-    a DALI index (.idx) per shard and manifest.json. A killed run rerun with the
-    same arguments keeps the shards it finished; a finished one does nothing.
+    CIFAR-10 python archive, or 'download:cifar10'. Every image Pillow decodes is
+    taken, whatever its name; every other file is skipped, and each skipped file
+    is in the manifest with its reason (counted per reason here; -v lists them).
+    OUT receives shard-NNNNNN.tar, a DALI index (.idx) per shard and
+    manifest.json. A killed run rerun with the same arguments keeps the shards it
+    finished; a finished one does nothing.
     """
     from .config import parse_byte_size
     from .data.shards import PrepareSettings, merge_shards, prepare as prepare_shards

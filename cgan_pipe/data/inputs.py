@@ -23,8 +23,11 @@ CANNOT_READ = "cannot read"
 NO_IMAGE = "sample without an image"
 
 _COMPANION_NAMES = {  # lower-cased file name -> what it is
-    ".ds_store": "macOS folder metadata", "thumbs.db": "Windows thumbnail cache", "ehthumbs.db": "Windows thumbnail "
-    "cache", "desktop.ini": "Windows folder settings", ".directory": "KDE folder settings",
+    ".ds_store": "macOS folder metadata",
+    "thumbs.db": "Windows thumbnail cache",
+    "ehthumbs.db": "Windows thumbnail cache",
+    "desktop.ini": "Windows folder settings",
+    ".directory": "KDE folder settings",
 }
 _SIDECAR_SUFFIXES = (".txt", ".json", ".xml", ".csv", ".tsv", ".yaml", ".yml", ".md", ".cls", ".mat", ".npy")
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import DataError
 from ..images import EXTENSIONS
-from .inputs import CANNOT_READ, MISSING, NO_IMAGE, NOT_A_FILE, UNSAFE_PATH, left_out, triage
+from .inputs import CANNOT_READ, MISSING, NO_IMAGE, NOT_A_FILE, UNSAFE_PATH, count_by_kind, left_out, triage
 from .listing import Listing, ListingWriter, SourceItem, listing_base
 from .manifest import MANIFEST_NAME, parse_dali_index, read_manifest
 from .tars import compression_of, decompress_to, iter_members, read_span
@@ -91,6 +91,14 @@ class Source:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _no_images(self, where: Path, what: str) -> DataError:
+        """The error for a source with no image in it, closed: what its files are instead."""
+        self.close()
+        example = f"; e.g. {self.rejected[0]['source']}: {self.rejected[0]['reason']}" if self.rejected else ""
+        kinds = ", ".join(f"{n} {kind}" for kind, n in count_by_kind(self.rejected).items()) or "none"
+        return DataError(f"{where}: no images among its {len(self.rejected)} {what} ({kinds}{example}); "
+                         f"docs/own-data.md says what prepare reads")
 
     def _write_listing(self, entries: Iterable[tuple[str, int | None, tuple[int, int] | None]], *,
                        by_folder: bool, find_duplicates: bool = False,
@@ -220,9 +228,7 @@ class FolderSource(Source):
         self.description = f"image folder {root}"
         self._write_listing(((path, None, None) for path in self._images(root)), by_folder=True)
         if not len(self.items):
-            self.close()
-            raise DataError(f"{root}: no images found among its {len(self.rejected)} files (they are listed "
-                            f"with -v; see docs/own-data.md for what is read)")
+            raise self._no_images(root, "files")
 
     def _images(self, root: Path) -> Iterator[str]:
         """Paths (relative, '/'-separated) of the files under `root` that triage takes, folders and files
@@ -239,20 +245,27 @@ class FolderSource(Source):
             folders = []
             for entry in entries:
                 path = f"{rel}/{entry.name}" if rel else entry.name
-                if entry.is_dir(follow_symlinks=False):
-                    folders.append(path)
-                elif entry.is_dir():
-                    self.rejected.append(left_out(path, NOT_A_FILE, "a link to a folder (not followed)"))
-                elif not entry.is_file():
-                    what = "a broken link" if entry.is_symlink() else "a device, pipe or socket"
-                    self.rejected.append(left_out(path, NOT_A_FILE, what))
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        folders.append(path)
+                        continue
+                    verdict = self._judge(entry, path)
+                except OSError as exc:  # gone or unreadable since the folder was listed
+                    verdict = left_out(path, CANNOT_READ, exc.strerror or str(exc))
+                if verdict is None:
+                    yield path
                 else:
-                    verdict = triage(path, entry.stat().st_size, functools.partial(_read_head, entry.path))
-                    if verdict is None:
-                        yield path
-                    else:
-                        self.rejected.append(verdict)
+                    self.rejected.append(verdict)
             pending.extend(reversed(folders))  # depth first, in sorted order
+
+    @staticmethod
+    def _judge(entry: os.DirEntry, path: str) -> dict[str, str] | None:
+        """None for a file to read as an image, else its record of being left out."""
+        if entry.is_dir():
+            return left_out(path, NOT_A_FILE, "a link to a folder (not followed)")
+        if not entry.is_file():
+            return left_out(path, NOT_A_FILE, "a broken link" if entry.is_symlink() else "a device, pipe or socket")
+        return triage(path, entry.stat().st_size, functools.partial(_read_head, entry.path))
 
 
 def _read_head(path: str, size: int) -> bytes:
@@ -276,8 +289,7 @@ class ListSource(Source):
         except (OSError, UnicodeDecodeError) as exc:
             raise DataError(f"{path}: cannot read list file ({exc})") from None
         if not len(self.items):
-            self.close()
-            raise DataError(f"{path}: lists no existing image")
+            raise self._no_images(path, "listed paths")
 
     def _existing(self, lines: Iterable[str], root: Path) -> Iterator[tuple[str, None, None]]:
         for line in lines:
@@ -355,8 +367,7 @@ class TarSource(Source):
         self.reader = SpanReader(archive)
         self._write_listing(self._usable_members(archive), by_folder=True, find_duplicates=True)
         if not len(self.items):
-            self.close()
-            raise DataError(f"{path}: no images found in the archive")
+            raise self._no_images(path, "members")
 
     def _usable_members(self, archive: Path) -> Iterator[tuple[str, None, tuple[int, int]]]:
         """Members that inputs.triage takes; unsafe names and links are left out and reported (and could
