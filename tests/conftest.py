@@ -65,6 +65,12 @@ def small_tar(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def cifar_tar(tmp_path_factory) -> Path:
+    """A tar of an image-folder tree: 80 real CIFAR-10 test JPEGs per class (800 images)."""
+    return write_tar(tmp_path_factory.mktemp("src") / "cifar-800.tar", cifar_members("test", 80))
+
+
+@pytest.fixture(scope="session")
 def small_shards(tmp_path_factory, small_tar) -> Path:
     """A shard set (2 shards) prepared from `small_tar`."""
     out = tmp_path_factory.mktemp("shards")

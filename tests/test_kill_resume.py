@@ -21,7 +21,6 @@ from cgan_pipe.data.shards import PrepareSettings, prepare
 from cgan_pipe.export import ExportSettings, export
 from cgan_pipe.train.checkpoint import list_checkpoints, load_checkpoint
 
-from conftest import cifar_members, write_tar
 
 CLI = str(Path(sys.executable).with_name("cgan-pipe"))
 SEEDS = [0, 1, 2]  # each seed picks another kill point
@@ -59,22 +58,16 @@ def _leftovers(*folders: Path) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory) -> Path:
-    """800 real CIFAR-10 JPEGs in a tar: 16 shards of 50."""
-    return write_tar(tmp_path_factory.mktemp("src") / "src.tar", cifar_members("test", 80))
-
-
-@pytest.fixture(scope="module")
-def clean_prepare(source, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("clean") / "shards"
-    prepare(str(source), out, PrepareSettings(shard_size=50, format="png"), workers=1, progress=False)
+def clean_prepare(cifar_tar, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("clean") / "shards"  # 16 shards of 50
+    prepare(str(cifar_tar), out, PrepareSettings(shard_size=50, format="png"), workers=1, progress=False)
     return out
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-def test_prepare_killed_anywhere_reruns_to_the_uninterrupted_result(source, clean_prepare, tmp_path, seed):
+def test_prepare_killed_anywhere_reruns_to_the_uninterrupted_result(cifar_tar, clean_prepare, tmp_path, seed):
     out = tmp_path / "out"
-    command = [CLI, "prepare", str(source), str(out), "--shard-size", "50", "--format", "png",
+    command = [CLI, "prepare", str(cifar_tar), str(out), "--shard-size", "50", "--format", "png",
                "--workers", str(1 + seed % 2), "-q"]
     _kill_at_random(command, lambda: len(list(out.glob(".shard-*.done.json"))), 16, seed)
     finished = {f"{p.name[1:].split('.')[0]}.tar" for p in out.glob(".shard-*.done.json")}

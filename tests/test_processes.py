@@ -16,7 +16,7 @@ import yaml
 from cgan_pipe.config import to_dict
 from cgan_pipe.data.shards import PrepareSettings, prepare
 
-from conftest import cifar_members, small_config, write_tar
+from conftest import small_config
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
@@ -113,23 +113,17 @@ CLI = str(Path(sys.executable).with_name("cgan-pipe"))
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory) -> Path:
-    """800 real CIFAR-10 JPEGs in a tar."""
-    return write_tar(tmp_path_factory.mktemp("src") / "src.tar", cifar_members("test", 80))
-
-
-@pytest.fixture(scope="module")
-def shards(source, tmp_path_factory) -> Path:
+def shards(cifar_tar, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards") / "shards"
-    prepare(str(source), out, PrepareSettings(shard_size=100, resolution=64, format="png"), workers=1,
+    prepare(str(cifar_tar), out, PrepareSettings(shard_size=100, resolution=64, format="png"), workers=1,
             progress=False)
     return out
 
 
-def test_prepare_leaves_no_worker_behind(source, tmp_path):
+def test_prepare_leaves_no_worker_behind(cifar_tar, tmp_path):
     # parent, resource tracker, two pool workers
     count, survivors = kill_and_count_survivors(
-        [CLI, "prepare", str(source), str(tmp_path / "out"), "--workers", "2", "--resolution", "256",
+        [CLI, "prepare", str(cifar_tar), str(tmp_path / "out"), "--workers", "2", "--resolution", "256",
          "--format", "png", "--shard-size", "50", "-q"], ready=4)
     assert count == 4 and survivors == []
 
