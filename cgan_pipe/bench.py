@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import sys
 import tarfile
@@ -206,12 +207,13 @@ def _baseline_batches(shards: Path, batch_size: int, workers: int) -> Iterator[o
 
 @dataclass(frozen=True)
 class TrainRecord(_Timed):
-    """Training throughput of one architecture/batch/precision/compile setting."""
+    """Training throughput of one architecture/batch/precision/memory-format/compile setting."""
 
     arch: str
     batch_size: int
     precision: str
     compile: bool
+    channels_last: bool
     device: str
     images: int
     seconds: float
@@ -222,12 +224,14 @@ class TrainRecord(_Timed):
     @property
     def label(self) -> str:
         """The setting, for the printed table."""
-        return f"{self.arch} b{self.batch_size} {self.precision}{' compile' if self.compile else ''}"
+        return (f"{self.arch} b{self.batch_size} {self.precision}{' channels-last' if self.channels_last else ''}"
+                f"{' compile' if self.compile else ''}")
 
 
 def bench_train(shards: Path, *, archs: tuple[str, ...] = ("dcgan", "resnet"), batch_sizes: tuple[int, ...] = (64, 256),
                 precisions: tuple[str, ...] = ("fp32", "bf16"), compiles: tuple[bool, ...] = (False, True),
-                steps: int = 50, width: int = 256, device: str = "auto", loader_backend: str = "dali",
+                channels_lasts: tuple[bool, ...] = (False,), steps: int = 50, width: int = 256, device: str = "auto",
+                loader_backend: str = "dali",
                 echo: Callable[[str], None] = print) -> list[TrainRecord]:
     """Train each combination for 2 x `steps` steps on `shards` and time the second half (the first
     warms up: compilation, cuDNN autotuning, loader start); returns one record per combination. Each
@@ -243,42 +247,41 @@ def bench_train(shards: Path, *, archs: tuple[str, ...] = ("dcgan", "resnet"), b
 
     resolved = resolve_device(device, "--device")
     records = []
-    for arch in archs:
-        for batch_size in batch_sizes:
-            for precision in precisions:
-                for compiled in compiles:
-                    def run(total_steps: int, run_dir: str) -> None:
-                        cfg = config_from_dict({
-                            "name": "bench", "run_dir": run_dir, "data": {"source": "unused"},
-                            "loader": {"backend": loader_backend, "device": device},
-                            "model": {"arch": arch, "g_width": width, "d_width": width},
-                            "eval": {"metrics": []},
-                            "train": {"steps": total_steps, "batch_size": batch_size, "precision": precision,
-                                      "compile": compiled, "log_every": steps, "sample_every": 10 * steps,
-                                      "checkpoint_every": 10 * steps, "device": device},
-                        }, origin="bench train")
-                        train(cfg, shards, Path(run_dir), progress=False)
+    settings = itertools.product(archs, batch_sizes, precisions, channels_lasts, compiles)
+    for arch, batch_size, precision, channels_last, compiled in settings:
+        def run(total_steps: int, run_dir: str) -> None:
+            cfg = config_from_dict({
+                "name": "bench", "run_dir": run_dir, "data": {"source": "unused"},
+                "loader": {"backend": loader_backend, "device": device},
+                "model": {"arch": arch, "g_width": width, "d_width": width},
+                "eval": {"metrics": []},
+                "train": {"steps": total_steps, "batch_size": batch_size, "precision": precision,
+                          "compile": compiled, "channels_last": channels_last, "log_every": steps,
+                          "sample_every": 10 * steps,
+                          "checkpoint_every": 10 * steps, "device": device},
+            }, origin="bench train")
+            train(cfg, shards, Path(run_dir), progress=False)
 
-                    torch.compiler.reset()  # no graphs, nor recompilation budget, left from the last setting
-                    with tempfile.TemporaryDirectory() as run_dir:
-                        if resolved.type == "cuda":
-                            torch.cuda.reset_peak_memory_stats()
-                        run(2 * steps, run_dir)
-                        timed = read_metrics(Path(run_dir) / "metrics.jsonl")[-1]
-                        memory = torch.cuda.max_memory_allocated() / 2**20 if resolved.type == "cuda" else None
-                    syncs = None
-                    if resolved.type == "cuda" and not compiled:
-                        counts = []
-                        for total_steps in (steps, 2 * steps):
-                            with tempfile.TemporaryDirectory() as run_dir:
-                                counts.append(count_cuda_syncs(lambda: run(total_steps, run_dir)))
-                        syncs = (counts[1] - counts[0]) / steps
-                    images = steps * batch_size
-                    record = TrainRecord(arch, batch_size, precision, compiled, resolved.type, images,
-                                         images / timed["images_per_s"], timed["data_wait"], memory, syncs)
-                    echo(f"{record.line()}  data wait {record.data_wait:.1%}"
-                         + (f"  host syncs/step {syncs:.2f}" if syncs is not None else ""))
-                    records.append(record)
+        torch.compiler.reset()  # no graphs, nor recompilation budget, left from the last setting
+        with tempfile.TemporaryDirectory() as run_dir:
+            if resolved.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            run(2 * steps, run_dir)
+            timed = read_metrics(Path(run_dir) / "metrics.jsonl")[-1]
+            memory = torch.cuda.max_memory_allocated() / 2**20 if resolved.type == "cuda" else None
+        syncs = None
+        if resolved.type == "cuda" and not compiled:
+            counts = []
+            for total_steps in (steps, 2 * steps):
+                with tempfile.TemporaryDirectory() as run_dir:
+                    counts.append(count_cuda_syncs(lambda: run(total_steps, run_dir)))
+            syncs = (counts[1] - counts[0]) / steps
+        images = steps * batch_size
+        record = TrainRecord(arch, batch_size, precision, compiled, channels_last, resolved.type, images,
+                             images / timed["images_per_s"], timed["data_wait"], memory, syncs)
+        echo(f"{record.line()}  data wait {record.data_wait:.1%}"
+             + (f"  host syncs/step {syncs:.2f}" if syncs is not None else ""))
+        records.append(record)
     return records
 
 

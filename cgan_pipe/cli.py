@@ -694,6 +694,8 @@ def bench_loader_command(shards: str, batch_size: int, batches: int, workers: in
               help="fp32, bf16, fp16 (CUDA only), comma-separated.")
 @click.option("--compile", "compile_modes", type=click.Choice(["off", "on", "both"]), default="both",
               show_default=True, help="torch.compile off, on, or each.")
+@click.option("--channels-last", "channels_last_modes", type=click.Choice(["off", "on", "both"]), default="off",
+              show_default=True, help="Channels-last memory format (train.channels_last) off, on, or each.")
 @click.option("--steps", type=click.IntRange(min=1), default=50, show_default=True,
               help="Steps timed per setting, after as many of warm-up.")
 @click.option("--width", type=click.IntRange(min=1), default=256, show_default=True, help="g_width = d_width.")
@@ -701,14 +703,15 @@ def bench_loader_command(shards: str, batch_size: int, batches: int, workers: in
 @click.option("--backend", type=click.Choice(["dali", "torch"]), default="dali", show_default=True,
               help="Loader backend.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
-              help="Also write the records [{arch, batch_size, precision, compile, device, images, seconds, "
-              "images_per_s, data_wait, peak_memory_mib, host_syncs_per_step}] to this file.")
+              help="Also write the records [{arch, batch_size, precision, compile, channels_last, device, images, "
+              "seconds, images_per_s, data_wait, peak_memory_mib, host_syncs_per_step}] to this file.")
 @verbosity_options
 @_reports_errors
-def bench_train_command(shards: str, archs: str, batch_sizes: str, precisions: str, compile_modes: str, steps: int,
-                        width: int, device: str, backend: str, json_path: str | None) -> None:
-    """Time training on the shard set SHARDS for each architecture, batch size, precision and
-    compile setting: images/s (kimg/s x 1000), data-wait fraction, peak CUDA memory, and (on
+def bench_train_command(shards: str, archs: str, batch_sizes: str, precisions: str, compile_modes: str,
+                        channels_last_modes: str, steps: int, width: int, device: str, backend: str,
+                        json_path: str | None) -> None:
+    """Time training on the shard set SHARDS for each architecture, batch size, precision, memory
+    format and compile setting: images/s (kimg/s x 1000), data-wait fraction, peak CUDA memory, and (on
     CUDA, uncompiled) host syncs per training step."""
     from .atomic import write_text_atomic
     from .bench import bench_train
@@ -717,10 +720,11 @@ def bench_train_command(shards: str, archs: str, batch_sizes: str, precisions: s
         sizes = tuple(int(b) for b in batch_sizes.split(","))
     except ValueError:
         raise ConfigError(f"--batch-size {batch_sizes!r}: expected comma-separated numbers") from None
-    compiles = {"off": (False,), "on": (True,), "both": (False, True)}[compile_modes]
+    modes = {"off": (False,), "on": (True,), "both": (False, True)}
     records = bench_train(Path(shards), archs=tuple(a.strip() for a in archs.split(",")), batch_sizes=sizes,
-                          precisions=tuple(p.strip() for p in precisions.split(",")), compiles=compiles,
-                          steps=steps, width=width, device=device, loader_backend=backend, echo=click.echo)
+                          precisions=tuple(p.strip() for p in precisions.split(",")), compiles=modes[compile_modes],
+                          channels_lasts=modes[channels_last_modes], steps=steps, width=width, device=device,
+                          loader_backend=backend, echo=click.echo)
     if json_path:
         write_text_atomic(Path(json_path), json.dumps([r.to_dict() for r in records], indent=2) + "\n")
 

@@ -81,12 +81,14 @@ def test_bench_loader_times_the_on_the_fly_jpeg_distortion_and_reports_its_cost(
 
 def test_bench_train_times_each_setting_after_a_warm_up(small_shards, tmp_path):
     result = CliRunner().invoke(main, ["bench", "train", str(small_shards), "--arch", "dcgan", "--batch-size", "8,16",
-                                       "--precision", "fp32,bf16", "--compile", "off", "--steps", "2", "--width", "16",
-                                       "--device", "cpu", "--json", str(tmp_path / "train.json")])
+                                       "--precision", "fp32,bf16", "--compile", "off", "--channels-last", "both",
+                                       "--steps", "2", "--width", "16", "--device", "cpu",
+                                       "--json", str(tmp_path / "train.json")])
     assert result.exit_code == 0, result.output
     records = json.loads((tmp_path / "train.json").read_text())
-    assert [(r["batch_size"], r["precision"]) for r in records] == [(8, "fp32"), (8, "bf16"), (16, "fp32"),
-                                                                   (16, "bf16")]
+    assert [(r["batch_size"], r["precision"], r["channels_last"]) for r in records] == [
+        (b, p, c) for b in (8, 16) for p in ("fp32", "bf16") for c in (False, True)]
+    assert "dcgan b16 bf16 channels-last " in result.output
     assert all(r["images"] == 2 * r["batch_size"] and r["images_per_s"] > 0 and 0 <= r["data_wait"] < 1
                and r["peak_memory_mib"] is None and r["host_syncs_per_step"] is None and r["device"] == "cpu"
                for r in records)
