@@ -368,9 +368,10 @@ class EvalConfig:
     metrics: list[str] = _opt(
         ["classifier"], "Any of 'classifier' (Frechet distance in the features of a small classifier cgan-pipe "
         "trains on the real shards, its Inception-style score, the class accuracy of conditional samples; no "
-        "download), 'fid', 'kid', 'is' (need inception_weights), 'quality' (JPEG quality estimated from the pixels "
-        "of the samples by a regressor trained on the real shards, and their block-edge ratio, 1.0 with no JPEG "
-        "block structure; for a quality-conditioned model, also how well it matches the requested quality).",
+        "download), 'fid', 'kid', 'is' (FID Inception weights: inception_weights), 'quality' (JPEG quality "
+        "estimated from the pixels of the samples by a regressor trained on the real shards, and their "
+        "block-edge ratio, 1.0 with no JPEG block structure; for a quality-conditioned model, also how well it "
+        "matches the requested quality).",
         _metric_names
     )
     every: Optional[int] = _opt(
@@ -384,7 +385,8 @@ class EvalConfig:
     )
     inception_weights: Optional[str] = _opt(
         None, "Local path of pt_inception-2015-12-05-6726825d.pth (pytorch-fid's FID Inception-v3 weights), for "
-        "fid/kid/is; never downloaded by cgan-pipe."
+        "fid/kid/is; null: downloaded once from pytorch-fid's releases into the cache folder (checksum-checked), "
+        "when fid/kid/is are asked for."
     )
     cache_dir: Optional[str] = _opt(
         None, "Where classifiers and reference features are cached per shard set; null: $XDG_CACHE_HOME/cgan-pipe "

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import http.server
+import io
 import json
 import pickle
+import socket
+import threading
 
 import numpy as np
 import pytest
@@ -15,7 +20,8 @@ from cgan_pipe.cli import main
 from cgan_pipe.config import EvalConfig, LoaderConfig
 from cgan_pipe.data.loader import DatasetInfo, open_loader
 from cgan_pipe.errors import ConfigError, DataError
-from cgan_pipe.metrics.evaluate import Evaluator, check_eval_settings
+from cgan_pipe.metrics import inception
+from cgan_pipe.metrics.evaluate import Evaluator, check_eval_settings, inception_weights
 from cgan_pipe.metrics.inception import FidInception, load_fid_inception
 from cgan_pipe.metrics.quality import file_quality, recompress, spearman
 from cgan_pipe.metrics.stats import feature_stats, frechet_distance, inception_score, kernel_inception_distance
@@ -94,10 +100,61 @@ def test_fid_inception_loads_a_state_dict_and_refuses_what_is_not_one(tmp_path):
         load_fid_inception(tmp_path / "evil.pth")
 
 
+@pytest.fixture
+def weights_server(tmp_path, monkeypatch):
+    """A web server on 127.0.0.1 serving `served/`, WEIGHTS_URL pointed at a weights file in it named with
+    its sha256 prefix as the real one is; returns (the file served, the requests it answered)."""
+    served = tmp_path / "served"
+    served.mkdir()
+    torch.manual_seed(0)
+    buffer = io.BytesIO()
+    torch.save(FidInception().net.state_dict(), buffer)
+    name = f"pt_inception-test-{hashlib.sha256(buffer.getvalue()).hexdigest()[:8]}.pth"
+    (served / name).write_bytes(buffer.getvalue())
+    requests: list[str] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(served), **kwargs)
+
+        def log_message(self, *args):
+            requests.append(self.path)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(inception, "WEIGHTS_URL", f"http://127.0.0.1:{server.server_port}/{name}")
+    yield served / name, requests
+    server.shutdown()
+
+
+def test_the_fid_weights_are_fetched_once_checked_and_cached(weights_server, tmp_path):
+    served, requests = weights_server
+    labelled = DatasetInfo(32, 3, ("a", "b"), 10)
+    cfg = EvalConfig(metrics=["classifier", "fid", "kid"], cache_dir=str(tmp_path / "cache"))
+    check_eval_settings(cfg, labelled)  # before any training: fetched into the cache folder
+    cached = tmp_path / "cache" / served.name
+    assert cached.read_bytes() == served.read_bytes() and len(requests) == 1
+    assert inception_weights(cfg) == cached and len(requests) == 1  # from the cache, not downloaded again
+    load_fid_inception(cached)
+    cached.unlink()
+    served.write_bytes(served.read_bytes()[:-1] + b"x")  # no longer the bytes its name's checksum says
+    with pytest.raises(DataError, match="does not match the checksum in its name"):
+        inception_weights(cfg)
+    assert not cached.exists() and list((tmp_path / "cache").iterdir()) == []  # nothing half-kept
+
+
+def test_offline_the_fid_weights_say_how_to_give_a_local_copy(tmp_path, monkeypatch):
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setattr(inception, "WEIGHTS_URL", f"http://127.0.0.1:{port}/{inception.WEIGHTS_NAME}")
+    with pytest.raises(ConfigError, match=r"could not be downloaded from http://127.0.0.1.*set "
+                                          r"eval.inception_weights to its local path"):
+        check_eval_settings(EvalConfig(metrics=["is"], cache_dir=str(tmp_path)), DatasetInfo(32, 3, ("a",), 10))
+
+
 def test_eval_settings_are_checked_before_any_work():
     labelled = DatasetInfo(32, 3, ("a", "b"), 10)
-    with pytest.raises(ConfigError, match="eval.metrics: fid, kid need eval.inception_weights"):
-        check_eval_settings(EvalConfig(metrics=["classifier", "fid", "kid"]), labelled)
     with pytest.raises(ConfigError, match="'classifier' needs class labels"):
         check_eval_settings(EvalConfig(metrics=["classifier"]), DatasetInfo(32, 3, (), 10))
     with pytest.raises(ConfigError, match="eval.inception_weights: .*nope.pth not found"):
@@ -148,7 +205,8 @@ def test_eval_command_prints_json_scores(checkpoint, small_shards, tmp_path):
     assert result.exit_code == 0, result.output
     scores = json.loads(result.output)
     assert scores["step"] == 2 and scores["n_samples"] == 100 and 0 <= scores["class_accuracy"] <= 1
-    bad = CliRunner().invoke(main, ["eval", str(checkpoint), "--shards", str(small_shards), "--metrics", "fid"])
+    bad = CliRunner().invoke(main, ["eval", str(checkpoint), "--shards", str(small_shards), "--metrics", "fid",
+                                    "--inception-weights", str(tmp_path / "missing.pth")])
     assert bad.exit_code == 2 and "eval.inception_weights" in bad.output
 
 

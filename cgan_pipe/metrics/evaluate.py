@@ -21,7 +21,7 @@ from ..errors import ConfigError
 from ..export import generate, load_generator
 from ..train.checkpoint import load_checkpoint
 from .classifier import Classifier, train_classifier
-from .inception import load_fid_inception
+from .inception import fetch_fid_weights, load_fid_inception
 from .quality import (QualityRegressor, block_edge_ratio, block_steps, estimate_pixel_quality, spearman,
                       train_quality_regressor)
 from .stats import feature_stats, frechet_distance, inception_score, kernel_inception_distance
@@ -35,12 +35,16 @@ def check_eval_settings(cfg: EvalConfig, info: DatasetInfo) -> None:
     if "classifier" in cfg.metrics and not info.num_classes:
         raise ConfigError("eval.metrics: 'classifier' needs class labels and these shards have none; "
                           "use fid/kid/is with eval.inception_weights, or metrics: []")
-    wanted = [m for m in cfg.metrics if m in INCEPTION_METRICS]
-    if wanted and not cfg.inception_weights:
-        raise ConfigError(f"eval.metrics: {', '.join(wanted)} need eval.inception_weights (a local copy of "
-                          f"pt_inception-2015-12-05-6726825d.pth)")
-    if wanted and not Path(cfg.inception_weights).expanduser().is_file():
+    if any(m in INCEPTION_METRICS for m in cfg.metrics) and not inception_weights(cfg).is_file():
         load_fid_inception(cfg.inception_weights)  # raises the message saying where to get it
+
+
+def inception_weights(cfg: EvalConfig) -> Path:
+    """The FID Inception weights file: eval.inception_weights, or the standard one, fetched once into the
+    cache folder (before any training: a clear error offline)."""
+    if cfg.inception_weights:
+        return Path(cfg.inception_weights).expanduser()
+    return fetch_fid_weights(_cache_root(cfg))
 
 
 class Evaluator:
@@ -70,8 +74,8 @@ class Evaluator:
             self.reference.update(_cached_reference(cache / f"reference-{name}-{self.n_reference}.npz", shards,
                                                     plain, self.n_reference, self._classifier_outputs, device))
         if any(m in INCEPTION_METRICS for m in cfg.metrics):
-            self.inception = load_fid_inception(cfg.inception_weights).to(device)
-            weights = Path(cfg.inception_weights).expanduser()  # other weights, other reference features
+            weights = inception_weights(cfg)  # other weights, other reference features
+            self.inception = load_fid_inception(weights).to(device)
             tag = hashlib.sha256(f"{weights.name}:{weights.stat().st_size}".encode()).hexdigest()[:8]
             self.reference.update(_cached_reference(cache / f"reference-inception-{tag}-{self.n_reference}.npz",
                                                     shards, plain, self.n_reference, self._inception_outputs, device))

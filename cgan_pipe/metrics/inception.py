@@ -1,4 +1,4 @@
-"""The FID Inception-v3 (TensorFlow's 2015-12-05 graph as ported by pytorch-fid), loaded from a local file.
+"""The FID Inception-v3 (TensorFlow's 2015-12-05 graph as ported by pytorch-fid), from a local file or fetched once.
 
 Its weights are `pt_inception-2015-12-05-6726825d.pth` from the pytorch-fid releases; the network is
 torchvision's Inception3 with the four blocks TensorFlow computes differently: its average pools
@@ -8,6 +8,8 @@ leave the zero padding out of the mean, and the last block max-pools.
 from __future__ import annotations
 
 import pickle
+import re
+import urllib.error
 from pathlib import Path
 
 import torch
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import inception
 
+from ..atomic import atomic_path
 from ..errors import ConfigError, DataError
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -78,6 +81,34 @@ class FidInception(nn.Module):
             x = layer(x)
         features = net.avgpool(x).flatten(1)
         return features, net.fc(features)
+
+
+def fetch_fid_weights(cache_dir: Path, url: str | None = None, progress: bool = True) -> Path:
+    """The FID Inception weights in `cache_dir`, downloaded from `url` (default WEIGHTS_URL) the first time.
+
+    The download is written under a temp name and checked against the sha256 prefix its file name
+    carries (torch.hub's rule: `...-6726825d.pth`) before it takes its final name. Raises ConfigError
+    when it cannot be fetched (offline, say), naming a local copy as the way out, and DataError when
+    the bytes do not match their checksum.
+    """
+    url = url or WEIGHTS_URL
+    target = Path(cache_dir).expanduser() / url.rsplit("/", 1)[-1]
+    if target.is_file():
+        return target
+    named = re.search(r"-([0-9a-f]{8,64})\.[a-z]+$", target.name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with atomic_path(target) as tmp:
+            torch.hub.download_url_to_file(url, str(tmp), hash_prefix=named.group(1) if named else None,
+                                           progress=progress)
+    except (OSError, urllib.error.URLError) as exc:
+        raise ConfigError(f"eval.metrics: fid/kid/is need {WEIGHTS_NAME}, which could not be downloaded from {url} "
+                          f"({exc}); download it where the network allows and set eval.inception_weights to "
+                          f"its local path") from None
+    except RuntimeError as exc:  # torch.hub's checksum mismatch
+        raise DataError(f"{url}: the download does not match the checksum in its name ({exc}); nothing was "
+                        f"kept, try again or give a local copy in eval.inception_weights") from None
+    return target
 
 
 def load_fid_inception(path: Path | str) -> FidInception:
