@@ -294,7 +294,7 @@ def prepare(source: str, out: str, fmt: str, quality_text: str, quality_mode: st
 def _report_skipped(manifest: Manifest) -> None:
     """Where the source's files went, the skipped ones counted per reason with an example each; -v lists
     every skipped file, as the manifest does."""
-    from .data.inputs import count_by_kind
+    from .data.inputs import count_by_kind, kind_of
 
     inputs = manifest.inputs
     if inputs:
@@ -303,7 +303,7 @@ def _report_skipped(manifest: Manifest) -> None:
                    f"skipped{beyond}")
     first_of = {}
     for entry in manifest.skipped:
-        first_of.setdefault(entry.get("kind", entry["reason"]), entry)
+        first_of.setdefault(kind_of(entry), entry)
     for kind, count in count_by_kind(manifest.skipped).items():
         example = first_of[kind]
         detail = example["reason"].removeprefix(f"{kind}: ") if example["reason"] != kind else ""

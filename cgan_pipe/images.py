@@ -77,9 +77,10 @@ def decode(data: bytes, max_pixels: int = 64_000_000) -> Image.Image:
     return image
 
 
-def first_frame(image: Image.Image, data: bytes, max_pixels: int) -> tuple[Image.Image, int | None]:
-    """(the first frame, the number of frames) of a decoded image: 1 for a still image, None when a
-    later frame is too damaged to count (its first frame, decoded again from `data`, is still good)."""
+def decode_first_frame(data: bytes, max_pixels: int = 64_000_000) -> tuple[Image.Image, int | None]:
+    """`decode`, and the number of frames in the file: 1 for a still image, None when a later frame is
+    too damaged to count (the first frame, decoded again, is still good)."""
+    image = decode(data, max_pixels)
     try:
         frames = getattr(image, "n_frames", 1)  # Pillow seeks back to the first frame after counting
         image.seek(0)
@@ -122,8 +123,9 @@ def describe_unknown(data: bytes) -> tuple[str, str]:
     damaged, an image format this build cannot read (HEIF, JPEG XL, ...), or what the file is
     instead (text, a PDF, an archive, ...)."""
     head = data[:4096]
-    if _formats_claiming(head):
-        return CANNOT_DECODE, _damaged(head, "its header is unreadable")
+    claimed = _formats_claiming(head)
+    if claimed:
+        return CANNOT_DECODE, _naming(claimed, "its header is unreadable")
     if head[4:8] == b"ftyp":
         brand = head[8:12]
         if brand in _AVIF_BRANDS:
@@ -169,8 +171,11 @@ def _formats_claiming(head: bytes) -> list[str]:
 
 def _damaged(data: bytes, message: str) -> str:
     """A decoding failure's detail, naming the format whose signature `data` starts with, if any."""
-    claimed = _formats_claiming(data[:16])
-    return f"{'/'.join(claimed)} data: {message}" if claimed else message
+    return _naming(_formats_claiming(data[:16]), message)
+
+
+def _naming(formats: list[str], message: str) -> str:
+    return f"{'/'.join(formats)} data: {message}" if formats else message
 
 
 def _pillow_reads(feature: str) -> bool:

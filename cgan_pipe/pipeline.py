@@ -13,7 +13,7 @@ import yaml
 from .atomic import write_text_atomic
 from .config import PipelineConfig, parse_byte_size, to_dict
 from .data.fingerprint import file_sha256, shard_set_fingerprint
-from .data.inputs import count_by_kind
+from .data.inputs import count_by_kind, counts_text
 from .data.loader import dataset_info, rank_and_world
 from .data.manifest import read_manifest
 from .data.shards import PrepareSettings, prepare, prepare_status
@@ -146,7 +146,8 @@ def _run_stages(cfg: PipelineConfig, selected: tuple[str, ...], *, progress: boo
                                        workers=cfg.data.workers, download_dir=cfg.data.download_dir,
                                        progress=progress)
         stages["prepare"] = {"status": "up to date" if up_to_date else "ran", "seconds": _since(t0)}
-        kinds = "".join(f", {n} {kind}" for kind, n in count_by_kind(manifest.skipped).items())
+        kinds = counts_text(count_by_kind(manifest.skipped))
+        kinds = f", {kinds}" if kinds else ""
         echo(f"prepare: {manifest.num_samples} samples in {len(manifest.shards)} shards at {shards_dir}"
              f" ({len(manifest.skipped)} inputs skipped{kinds}){' [up to date]' if up_to_date else ''}")
     if world > 1:

@@ -16,7 +16,7 @@ from PIL import Image
 
 from .atomic import write_text_atomic
 from .config import describe_keys, load_pipeline
-from .data.inputs import count_by_kind
+from .data.inputs import count_by_kind, counts_text
 from .data.sources import open_source
 from .errors import ConfigError
 
@@ -99,7 +99,7 @@ def starter_yaml(name: str, survey: Survey, values: dict[str, Any], why: dict[st
         + f"; formats {', '.join(f'{k} ({v})' for k, v in survey.formats.most_common())}"
         + (f"; {survey.unreadable} did not open (prepare will skip them, with reasons)" if survey.unreadable else "")
         + ".",
-        *([f"# Left out: {', '.join(f'{n} {kind}' for kind, n in survey.left_out.items())} (prepare lists each "
+        *([f"# Left out: {counts_text(survey.left_out)} (prepare lists each "
            f"file, with its reason, in the manifest)."] if survey.left_out else []),
         "# Run it:  cgan-pipe run THIS_FILE     Every key: docs/config.md",
     ]

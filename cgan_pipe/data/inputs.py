@@ -103,7 +103,16 @@ def _companion(name: str) -> str | None:
     return None
 
 
+def kind_of(entry: dict[str, str]) -> str:
+    """The kind of reason of a left-out input (entries of older manifests have none: their reason)."""
+    return entry.get("kind", entry["reason"])
+
+
 def count_by_kind(entries: Iterable[dict[str, str]]) -> dict[str, int]:
-    """Number of left-out inputs per kind of reason, most first (entries of older manifests, which
-    have no kind, count under their reason)."""
-    return dict(Counter(entry.get("kind", entry["reason"]) for entry in entries).most_common())
+    """Number of left-out inputs per kind of reason, most first."""
+    return dict(Counter(kind_of(entry) for entry in entries).most_common())
+
+
+def counts_text(counts: dict[str, int]) -> str:
+    """Counts per kind as a reader meets them: '3 not an image, 1 empty file' ('' for none)."""
+    return ", ".join(f"{n} {kind}" for kind, n in counts.items())

@@ -32,7 +32,7 @@ from ..processes import process_pool
 from .fingerprint import source_fingerprint
 from .manifest import MANIFEST_NAME, Manifest, ShardInfo, read_manifest, write_manifest
 from . import tars
-from .inputs import DUPLICATE, count_by_kind, left_out, left_out_because
+from .inputs import DUPLICATE, count_by_kind, counts_text, left_out, left_out_because
 from .listing import Listing, SourceItem, shuffled_positions
 from .sources import DECOMPRESSED_PREFIX, ItemReader, RawImage, open_source
 
@@ -353,7 +353,7 @@ def merge_shards(out_dir: Path) -> Manifest:
     unusable = [entry for r in results for entry in r["skipped"]]
     skipped = list(plan["rejected"]) + unusable
     if not shards:
-        kinds = ", ".join(f"{n} {kind}" for kind, n in count_by_kind(skipped).items())
+        kinds = counts_text(count_by_kind(skipped))
         raise DataError(f"{settings['source']}: none of its {plan['files']} files could be used ({kinds}; e.g. "
                         f"{skipped[0]['source']}: {skipped[0]['reason']})" if skipped else
                         f"{settings['source']}: no images")
@@ -473,7 +473,12 @@ def _write_job(job: _ShardJob) -> dict[str, Any]:
     classes, qualities = Counter(), Counter()
     skipped: list[dict[str, str]] = []
     order = shuffled_positions(job.first_key, job.count, len(job.listing), job.settings.seed)
-    with ShardWriter(job.out_dir, job.count * _variants_per_input(job.settings), first_index=job.index) as writer:
+    with ShardWriter(job.out_dir, job.count * _variants_per_input(job.settings), first_index=job.index) as writer, \
+            warnings.catch_warnings():
+        # Pillow warns about oddities of files it still decodes (corrupt EXIF, a malformed MPO): lines by
+        # the thousand on a large archive, about images kept all the same
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         for start in range(0, job.count, _COUNT_EVERY):
             chunk = order[start:start + _COUNT_EVERY]
             for position, listed in enumerate(chunk.tolist(), job.first_key + start):  # position: in the order
@@ -482,13 +487,8 @@ def _write_job(job: _ShardJob) -> dict[str, Any]:
                     skipped.append(left_out(item.path, DUPLICATE, "the first copy is used"))
                     continue
                 try:
-                    with warnings.catch_warnings():
-                        # Pillow warns about oddities of files it still decodes (corrupt EXIF, a malformed
-                        # MPO): lines by the thousand on a large archive, about images kept all the same
-                        warnings.simplefilter("ignore", UserWarning)
-                        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                        variants = encode_for_shard(job.reader.read(item), item, job.class_names, job.settings,
-                                                    _qualities_for(job.settings, position))
+                    variants = encode_for_shard(job.reader.read(item), item, job.class_names, job.settings,
+                                                _qualities_for(job.settings, position))
                 except (images.BadImage, DataError) as exc:
                     skipped.append(left_out_because(item.path, exc))
                     continue
@@ -596,8 +596,7 @@ def encode_for_shard(raw: RawImage, item: SourceItem, class_names: list[str], se
     if header is not None and header.width * header.height <= settings.max_pixels:
         image, source_format = images.decode_plain_jpeg(raw.data, header), "JPEG"
     elif raw.data is not None:
-        image, frames = images.first_frame(images.decode(raw.data, settings.max_pixels), raw.data,
-                                           settings.max_pixels)
+        image, frames = images.decode_first_frame(raw.data, settings.max_pixels)
         source_format = image.format
     else:
         image = Image.fromarray(raw.pixels, "RGB")

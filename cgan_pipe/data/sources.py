@@ -18,7 +18,8 @@ import numpy as np
 
 from ..errors import DataError
 from ..images import EXTENSIONS
-from .inputs import CANNOT_READ, MISSING, NO_IMAGE, NOT_A_FILE, UNSAFE_PATH, count_by_kind, left_out, triage
+from .inputs import (CANNOT_READ, MISSING, NO_IMAGE, NOT_A_FILE, UNSAFE_PATH, count_by_kind, counts_text,
+                     left_out, triage)
 from .listing import Listing, ListingWriter, SourceItem, listing_base
 from .manifest import MANIFEST_NAME, parse_dali_index, read_manifest
 from .tars import compression_of, decompress_to, iter_members, read_span
@@ -96,7 +97,7 @@ class Source:
         """The error for a source with no image in it, closed: what its files are instead."""
         self.close()
         example = f"; e.g. {self.rejected[0]['source']}: {self.rejected[0]['reason']}" if self.rejected else ""
-        kinds = ", ".join(f"{n} {kind}" for kind, n in count_by_kind(self.rejected).items()) or "none"
+        kinds = counts_text(count_by_kind(self.rejected)) or "none"
         return DataError(f"{where}: no images among its {len(self.rejected)} {what} ({kinds}{example}); "
                          f"docs/own-data.md says what prepare reads")
 
@@ -300,7 +301,7 @@ class ListSource(Source):
             if not target.exists():
                 self.rejected.append(left_out(listed, MISSING))
             elif not target.is_file():
-                what = "a folder" if target.is_dir() else "a device or pipe"
+                what = "a folder" if target.is_dir() else "a device, pipe or socket"
                 self.rejected.append(left_out(listed, NOT_A_FILE, what))
             else:
                 verdict = triage(listed, target.stat().st_size, functools.partial(_read_head, str(target)))
