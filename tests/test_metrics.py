@@ -194,7 +194,7 @@ def test_evaluator_ranks_real_images_far_above_noise_and_caches_its_classifier(s
     assert real["class_accuracy"] > 0.25 and real["class_accuracy"] > noise["class_accuracy"]
     assert real["real_accuracy"] == pytest.approx(float(evaluator.reference["classifier_accuracy"]))
     cached = sorted(p.name for p in next(tmp_path.iterdir()).iterdir())
-    assert cached == ["classifier-60.pt", "reference-classifier-60-200.npz"]
+    assert cached == ["classifier2-60.pt", "reference-classifier2-60-200.npz"]
     again = Evaluator(small_shards, cfg, loader_cfg, CPU)  # from the cache: same classifier, same reference
     assert again(_Noise(), z_dim=8)["classifier_fd"] == noise["classifier_fd"]
 

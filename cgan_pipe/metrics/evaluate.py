@@ -20,6 +20,7 @@ from ..data.loader import DatasetInfo, dataset_info, open_loader, shard_set_mani
 from ..errors import ConfigError
 from ..export import generate, load_generator
 from ..train.checkpoint import load_checkpoint
+from .classifier import NAME as CLASSIFIER_NAME
 from .classifier import Classifier, train_classifier
 from .inception import fetch_fid_weights, load_fid_inception
 from .quality import (QualityRegressor, block_edge_ratio, block_steps, estimate_pixel_quality, spearman,
@@ -66,11 +67,11 @@ class Evaluator:
         self.quality_regressor: QualityRegressor | None = None
         self.reference: dict[str, np.ndarray] = {}
         if "classifier" in cfg.metrics:
+            name = f"{CLASSIFIER_NAME}-{cfg.classifier_steps}"
             self.classifier = _cached_model(
-                cache / f"classifier-{cfg.classifier_steps}.pt", lambda: Classifier(self.info.num_classes),
+                cache / f"{name}.pt", lambda: Classifier(self.info.num_classes),
                 lambda: train_classifier(shards, plain, self.info.num_classes, cfg.classifier_steps, device,
                                          progress=progress), device)
-            name = f"classifier-{cfg.classifier_steps}"
             self.reference.update(_cached_reference(cache / f"reference-{name}-{self.n_reference}.npz", shards,
                                                     plain, self.n_reference, self._classifier_outputs, device))
         if any(m in INCEPTION_METRICS for m in cfg.metrics):
