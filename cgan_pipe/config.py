@@ -286,8 +286,8 @@ class TrainConfig:
         "cleanly at it (final checkpoint; export and eval still run). null: no budget.", _positive
     )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = _opt(
-        "auto", "Autocast precision: 'auto' is bf16 on CUDA (where supported) and fp32 on CPU; fp16 (with "
-        "loss scaling) needs CUDA; bf16 also runs on CPU."
+        "auto", "Autocast precision: 'auto' is bf16 where the device runs it natively (CUDA GPUs that "
+        "support it; CPUs with AVX512-BF16 or AMX), else fp32; fp16 (with loss scaling) needs CUDA."
     )
     compile: bool = _opt(False, "torch.compile the generator and discriminator (first steps are slower; the "
                          "R1 penalty runs through the uncompiled discriminator, as compiled graphs have no "

@@ -24,7 +24,7 @@ from ..compression import mismatched_qualities, simulate_jpeg, trained_qualities
 from ..config import CompressionConfig, ModelConfig, PipelineConfig, TrainConfig, to_dict
 from ..data.fingerprint import shard_set_fingerprint
 from ..data.loader import DatasetInfo, dataset_info, open_loader, rank_and_world, shard_set_manifest
-from ..devices import resolve_device
+from ..devices import has_fast_bf16, resolve_device
 from ..distributed import any_rank, broadcast_module, wait_for_all_ranks
 from ..errors import ConfigError, DataError, TrainingError
 from ..metrics.evaluate import Evaluator, check_eval_settings
@@ -434,8 +434,7 @@ def _restore_rng(rng: dict[str, torch.Tensor], device: torch.device, fallback_se
 def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for train.precision on `device` (None: full fp32, no autocast)."""
     if precision == "auto":
-        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if cuda_bf16 else None
+        return torch.bfloat16 if has_fast_bf16(device) else None
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError("train.precision: fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
