@@ -66,13 +66,23 @@ class Classifier(nn.Module):
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled 256-d features of a batch of images."""
-        if images.shape[-1] != INPUT_SIZE or images.shape[-2] != INPUT_SIZE:
-            images = F.interpolate(images, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", antialias=True,
-                                   align_corners=False)
-        return self.body(self.whiten(images.contiguous(memory_format=torch.channels_last))).amax(dim=(2, 3))
+        images = _at_input_size(images).contiguous(memory_format=torch.channels_last)
+        return self.body(self.whiten(images)).amax(dim=(2, 3))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images))
+
+
+def _at_input_size(images: torch.Tensor) -> torch.Tensor:
+    """Images resized (antialiased) to INPUT_SIZE x INPUT_SIZE, or as they are when already that size."""
+    if images.shape[-2:] == (INPUT_SIZE, INPUT_SIZE):
+        return images
+    return F.interpolate(images, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", antialias=True, align_corners=False)
+
+
+def _from_bytes(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> floats in [-1, 1]."""
+    return images.float().div(127.5).sub(1)
 
 
 def real_images(shards: Path | str, loader_cfg: LoaderConfig, device: torch.device,
@@ -84,10 +94,7 @@ def real_images(shards: Path | str, loader_cfg: LoaderConfig, device: torch.devi
     images, labels, seen = [], [], 0
     for batch in loader:
         take = min(batch.images.shape[0], n - seen)
-        pixels = batch.images[:take].float()
-        if pixels.shape[-1] != INPUT_SIZE or pixels.shape[-2] != INPUT_SIZE:
-            pixels = F.interpolate(pixels, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", antialias=True,
-                                   align_corners=False)
+        pixels = _at_input_size(batch.images[:take].float())
         images.append(pixels.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8))
         labels.append(batch.labels[:take])
         seen += take
@@ -99,7 +106,7 @@ def real_images(shards: Path | str, loader_cfg: LoaderConfig, device: torch.devi
 
 def _augment(images: torch.Tensor) -> torch.Tensor:
     """Bytes -> [-1, 1], a random 4-pixel shift (reflected border) and a random horizontal flip per image."""
-    x = F.pad(images.float().div(127.5).sub(1), (4, 4, 4, 4), mode="reflect")
+    x = F.pad(_from_bytes(images), (4, 4, 4, 4), mode="reflect")
     n = x.shape[0]
     rows = torch.randint(0, 9, (n,), device=x.device)[:, None] + torch.arange(INPUT_SIZE, device=x.device)
     cols = torch.randint(0, 9, (n,), device=x.device)[:, None] + torch.arange(INPUT_SIZE, device=x.device)
@@ -121,7 +128,7 @@ def train_classifier(shards: Path | str, loader_cfg: LoaderConfig, num_classes: 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(0)
         model = Classifier(num_classes).to(device)
-        model.fit_whitening(images[torch.randperm(len(images), device=device)[:5000]].float().div(127.5).sub(1))
+        model.fit_whitening(_from_bytes(images[torch.randperm(len(images), device=device)[:5000]]))
         model.train()
         weights = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
         others = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
