@@ -30,11 +30,13 @@ from cgan_pipe.train.checkpoint import load_checkpoint
 class PeerGenerator(nn.Module):
     """The peer's unconditional netG behind cgan-pipe's G(z, labels) call (labels are ignored)."""
 
+    quality_conditioned = False
+
     def __init__(self, net_g: nn.Module):
         super().__init__()
         self.net_g = net_g
 
-    def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, labels: torch.Tensor, quality: torch.Tensor | None = None) -> torch.Tensor:
         return self.net_g(z[:, :, None, None])
 
 
