@@ -26,7 +26,7 @@ def recompute_batchnorm(generator: nn.Module, inputs: Sequence[tuple]) -> None:
     """Set the running mean and variance of every BatchNorm in `generator` to their average over its
     forward passes on `inputs` (each a tuple of its arguments), as BigGAN's "standing statistics" do,
     and leave it in eval mode. Without this an EMA generator normalises with the statistics of another
-    network's activations: on CIFAR-10 its feature distance was half as large again (docs/benchmarks.md)."""
+    network's activations: on CIFAR-10 its feature distance was about twice as large (docs/benchmarks.md)."""
     norms = [m for m in generator.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     momenta = [m.momentum for m in norms]
     for norm in norms:
