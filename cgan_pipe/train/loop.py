@@ -287,7 +287,9 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
                 total_images + window_images
             window_start, window_wait, window_images = time.perf_counter(), 0.0, 0
         evaluating = bool(cfg.eval.every and step % cfg.eval.every == 0)
-        if lead and (evaluating or step % tc.sample_every == 0 or step % tc.checkpoint_every == 0 or last):
+        sampling = lead and (step % tc.sample_every == 0 or last)
+        saving = lead and (step % tc.checkpoint_every == 0 or last)
+        if lead and (evaluating or sampling or saving):
             recompute_batchnorm(G_ema, standing)  # the EMA's own statistics, for evaluation, grids and checkpoints
         if evaluating:
             t0 = time.perf_counter()
@@ -300,10 +302,10 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
             any_rank(False, world, device)  # the other ranks wait here for rank 0's evaluation
             window_start += time.perf_counter() - t0
             eval_seconds += time.perf_counter() - t0
-        if lead and (step % tc.sample_every == 0 or last):
+        if sampling:
             _save_grid(G_ema, fixed_z, fixed_labels, fixed_quality, samples_dir / f"step-{step:07d}.png")
             plot_curves(read_metrics(metrics_path), read_metrics(eval_path), run_dir / "curves.png")
-        if lead and (step % tc.checkpoint_every == 0 or last):
+        if saving:
             path = save_checkpoint(ckpt_dir, step, checkpoint_state(seconds), keep=tc.keep_checkpoints)
             log.debug(f"wrote {path}")
         if last:
