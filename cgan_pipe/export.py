@@ -30,6 +30,7 @@ from .distributed import wait_for_all_ranks
 from .errors import ConfigError, DataError
 from .models import build_networks, for_inference
 from .train.checkpoint import load_checkpoint
+from .train.ema import recompute_batchnorm, standing_inputs
 
 log = logging.getLogger(__name__)
 RECORD_NAME = "export.json"
@@ -77,12 +78,17 @@ def load_generator(state: dict, ema: bool, device: torch.device,
                    fast: bool = True) -> tuple[nn.Module, DatasetInfo, int]:
     """Build the (EMA or raw) generator stored in a checkpoint, in eval mode and, unless `fast` is
     False (the network exactly as trained, for comparisons), made ready for inference by
-    `models.for_inference`; returns (G, dataset info, z_dim)."""
+    `models.for_inference`; returns (G, dataset info, z_dim). An EMA generator from a checkpoint written
+    before its BatchNorm statistics were its own gets them measured here."""
     cfg = config_from_dict(state["config"], origin="checkpoint config")
     info = _dataset_info(state)
     generator, _ = build_networks(cfg.model, info, cfg.compression)
     generator.load_state_dict(state["G_ema" if ema else "G"])
     generator = generator.to(device).eval().requires_grad_(False)
+    if ema and state.get("ema_batchnorm") != "own":  # written before the EMA had statistics of its own
+        qualities = state["dataset"].get("qualities") if generator.quality_conditioned else None
+        recompute_batchnorm(generator, standing_inputs(cfg.model.z_dim, max(info.num_classes, 1),
+                                                       cfg.train.batch_size, cfg.seed, device, qualities))
     return for_inference(generator) if fast else generator, info, cfg.model.z_dim
 
 

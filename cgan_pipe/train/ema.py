@@ -40,3 +40,20 @@ def recompute_batchnorm(generator: nn.Module, inputs: Sequence[tuple]) -> None:
         for norm, momentum in zip(norms, momenta):
             norm.momentum = momentum
         generator.eval()
+
+
+def standing_inputs(z_dim: int, n_classes: int, batch_size: int, seed: int, device: torch.device,
+                    qualities: list[int] | None, batches: int = 32) -> list[tuple]:
+    """Fixed generator inputs on which `recompute_batchnorm` measures the statistics: `batches` batches
+    of the training batch size, latents and classes drawn as in the G phase and, for a
+    quality-conditioned G, qualities drawn from those trained on."""
+    generator = torch.Generator().manual_seed(seed)
+    levels = torch.tensor(qualities, dtype=torch.float32) / 100 if qualities is not None else None
+    inputs = []
+    for _ in range(batches):
+        z = torch.randn(batch_size, z_dim, generator=generator)
+        labels = torch.randint(0, n_classes, (batch_size,), generator=generator)
+        quality = levels[torch.randint(0, len(levels), (batch_size,), generator=generator)].to(device) \
+            if levels is not None else None
+        inputs.append((z.to(device), labels.to(device), quality))
+    return inputs

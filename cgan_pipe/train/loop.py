@@ -31,7 +31,7 @@ from ..metrics.evaluate import Evaluator, check_eval_settings
 from ..models import build_networks
 from .checkpoint import checkpoint_path, list_checkpoints, load_checkpoint, save_checkpoint
 from .curves import plot_curves
-from .ema import recompute_batchnorm, update_ema
+from .ema import recompute_batchnorm, standing_inputs, update_ema
 from .guard import GuardReport, StepGuard, load_optimizer_state, make_adam
 from .losses import discriminator_loss, fake_loss, generator_loss, r1_penalty
 
@@ -163,6 +163,7 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
             "shards_sha256": shards_sha256,
             "rng": _rng_state(device),
             "train_seconds": seconds,
+            "ema_batchnorm": "own",  # G_ema's BatchNorm statistics were measured on its own activations
         }
 
     board = _tensorboard_writer(run_dir / "tensorboard") if lead else None
@@ -172,7 +173,7 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
     batches = iter(loader)
     n_classes = max(info.num_classes, 1)
     local_batch = tc.batch_size // world
-    standing = _standing_inputs(cfg.model.z_dim, n_classes, local_batch, cfg.seed, device,
+    standing = standing_inputs(cfg.model.z_dim, n_classes, local_batch, cfg.seed, device,
                                 qualities if G.quality_conditioned else None)
     window_start, window_wait, window_images = time.perf_counter(), 0.0, 0
     total_time, total_wait, total_images = 0.0, 0.0, 0
@@ -490,23 +491,6 @@ def _grid_inputs(info: DatasetInfo, z_dim: int, seed: int, device: torch.device,
         z = z[::per_class].repeat_interleave(per_class, dim=0)
         quality = torch.linspace(min(qualities), max(qualities), per_class).round().div(100).repeat(rows).to(device)
     return z.to(device), labels.to(device, torch.int64), quality
-
-
-def _standing_inputs(z_dim: int, n_classes: int, batch_size: int, seed: int, device: torch.device,
-                     qualities: list[int] | None, batches: int = 32) -> list[tuple]:
-    """Fixed generator inputs on which the EMA generator's BatchNorm statistics are measured: `batches`
-    batches of the training batch size, latents and classes drawn as in the G phase and, for a
-    quality-conditioned G, qualities drawn from those trained on."""
-    generator = torch.Generator().manual_seed(seed)
-    levels = torch.tensor(qualities, dtype=torch.float32) / 100 if qualities is not None else None
-    inputs = []
-    for _ in range(batches):
-        z = torch.randn(batch_size, z_dim, generator=generator)
-        labels = torch.randint(0, n_classes, (batch_size,), generator=generator)
-        quality = levels[torch.randint(0, len(levels), (batch_size,), generator=generator)].to(device) \
-            if levels is not None else None
-        inputs.append((z.to(device), labels.to(device), quality))
-    return inputs
 
 
 @torch.no_grad()
