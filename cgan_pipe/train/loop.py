@@ -174,7 +174,7 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
     n_classes = max(info.num_classes, 1)
     local_batch = tc.batch_size // world
     standing = standing_inputs(cfg.model.z_dim, n_classes, local_batch, cfg.seed, device,
-                                qualities if G.quality_conditioned else None)
+                               qualities if G.quality_conditioned else None)
     window_start, window_wait, window_images = time.perf_counter(), 0.0, 0
     total_time, total_wait, total_images = 0.0, 0.0, 0
     eval_seconds = 0.0
