@@ -14,7 +14,7 @@ import torch
 
 from cgan_pipe.config import LoaderConfig
 from cgan_pipe.data.loader import open_loader
-from cgan_pipe.export import generate, load_generator
+from cgan_pipe.generation import generate, load_generator
 from cgan_pipe.metrics.quality import block_edge_ratio, block_steps, recompress
 from cgan_pipe.train.checkpoint import load_checkpoint
 

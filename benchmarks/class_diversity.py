@@ -17,7 +17,7 @@ import torch
 
 from cgan_pipe.config import LoaderConfig
 from cgan_pipe.data.loader import open_loader
-from cgan_pipe.export import load_generator
+from cgan_pipe.generation import load_generator
 from cgan_pipe.train.checkpoint import load_checkpoint
 
 CPU = torch.device("cpu")

@@ -22,7 +22,7 @@ from torch import nn
 from torchvision.utils import save_image
 
 from cgan_pipe.config import config_from_dict
-from cgan_pipe.export import load_generator
+from cgan_pipe.generation import load_generator
 from cgan_pipe.metrics.evaluate import Evaluator
 from cgan_pipe.train.checkpoint import load_checkpoint
 

@@ -17,7 +17,7 @@ from torchvision.utils import save_image
 
 from cgan_pipe.config import LoaderConfig
 from cgan_pipe.data.loader import open_loader
-from cgan_pipe.export import generate, load_generator
+from cgan_pipe.generation import generate, load_generator
 from cgan_pipe.train.checkpoint import load_checkpoint
 
 CPU = torch.device("cpu")

@@ -16,7 +16,8 @@ from typing import Callable, Iterator
 from PIL import Image
 
 from . import images
-from .data.shards import PrepareSettings, prepare
+from .config import DataConfig, ExportConfig
+from .data.shards import prepare
 from .data.sources import open_source
 from .processes import child_initializer, run_tied
 from .errors import DataError
@@ -73,11 +74,11 @@ def bench_prepare(source: Path, *, quality: int = 90, workers: int | None = None
     records = []
     with tempfile.TemporaryDirectory(prefix="cgan-pipe-bench-") as tmp:
         scratch = Path(tmp)
-        for method, settings in [("prepare-keep", PrepareSettings(format="keep", limit=limit)),
-                                 (f"prepare-jpeg-q{quality}", PrepareSettings(quality=quality, reencode=True,
-                                                                              limit=limit))]:
+        for method, data in [("prepare-keep", DataConfig(str(source), format="keep", limit=limit, workers=workers)),
+                             (f"prepare-jpeg-q{quality}", DataConfig(str(source), quality=quality, reencode=True,
+                                                                     limit=limit, workers=workers))]:
             start = time.perf_counter()
-            manifest, _ = prepare(str(source), scratch / method, settings, workers=workers, progress=False)
+            manifest, _ = prepare(data, scratch / method, progress=False)
             records.append(BenchRecord(method, manifest.num_samples, time.perf_counter() - start))
             echo(records[-1].line())
         start = time.perf_counter()
@@ -318,7 +319,8 @@ def bench_export(checkpoint: Path, *, n: int = 10_000, batch_size: int = 250, qu
     import torch
 
     from .devices import resolve_device
-    from .export import ExportSettings, export, generate, image_classes, load_generator, requested_quality
+    from .export import export, image_classes
+    from .generation import generate, load_generator, requested_quality
     from .train.checkpoint import load_checkpoint
 
     resolved = resolve_device(device, "--device")
@@ -339,7 +341,7 @@ def bench_export(checkpoint: Path, *, n: int = 10_000, batch_size: int = 250, qu
         out = Path(tmp)
         fast, info, z_dim = load_generator(state, ema=True, device=resolved)
         plain, _, _ = load_generator(state, ema=True, device=resolved, fast=False)
-        labels = image_classes(ExportSettings(n=n), info)
+        labels = image_classes(ExportConfig(n=n), info)
         quality_cond = requested_quality(state, None, checkpoint)
         batches = [list(range(start, min(start + batch_size, n))) for start in range(0, n, batch_size)]
         # warm-up: each method's first batch, and the imports and first calls of both encoders
@@ -364,8 +366,8 @@ def bench_export(checkpoint: Path, *, n: int = 10_000, batch_size: int = 250, qu
         timed("generate", lambda: generate_only(fast))
         for method, output, subsampling in (("export", "files", "4:2:0"), ("export-shards", "shards", "4:2:0"),
                                             ("export-444", "files", "4:4:4")):
-            settings = ExportSettings(n=n, quality=quality, batch_size=batch_size, output=output,
-                                      subsampling=subsampling)
+            settings = ExportConfig(n=n, quality=quality, batch_size=batch_size, output=output,
+                                    jpeg_subsampling=subsampling)
             timed(method, lambda: export(checkpoint, out / method, settings, device=resolved, progress=False))
         difference = _decoded_difference(sorted((out / "plain").iterdir()),
                                          sorted((out / "export" / "files").rglob("*.jpg")))

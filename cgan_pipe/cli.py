@@ -5,18 +5,19 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Literal, get_origin, get_type_hints
 
 import click
 import yaml
 
 from . import __version__
 from .atomic import DISK_FULL
-from .config import load_pipeline, to_dict
+from .config import METRICS, DataConfig, ExportConfig, ModelConfig, load_pipeline, to_dict
 from .errors import ConfigError, UserError
+from .params import ClassRequest, IntList, SeedRange, WordList
+from .schema import from_options, key_choices, key_default
 
 if TYPE_CHECKING:
     from .data.manifest import Manifest
@@ -187,50 +188,60 @@ def run(pipeline: str, overrides: tuple[str, ...], only: str | None, start: str 
     click.echo(f"done: {cfg.run_path / 'summary.json'} ({summary['images_per_s']} img/s training)")
 
 
+def _keyed(cls: type, key: str, *decls: str, **kwargs: Any) -> Callable[..., Any]:
+    """An option for key `key` of config section `cls`: its default, and its choices for a fixed set of
+    strings, are the key's own, so the option and the YAML key cannot disagree."""
+    if "type" not in kwargs and not kwargs.get("is_flag") and get_origin(get_type_hints(cls)[key]) is Literal:
+        kwargs["type"] = click.Choice(key_choices(cls, key))
+    return click.option(*decls, key, default=key_default(cls, key), show_default=not kwargs.get("is_flag"), **kwargs)
+
+
+def _section(cls: type, values: dict[str, Any], given_as: dict[str, str] | None = None) -> Any:
+    """Config section `cls` from the current command's options (`values`, by key), validated as its YAML
+    keys are; errors name the option (`given_as` for keys not named after their option)."""
+    options = {p.name: p.opts[0] if p.opts else p.name.upper() for p in click.get_current_context().command.params}
+    names = {**options, **(given_as or {})}
+    return from_options(cls, {key: (names.get(key, key), value) for key, value in values.items()})
+
+
 @main.command(epilog=f"Example: {EXAMPLES['prepare']}")
 @click.argument("source")
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--format", "fmt", type=click.Choice(["jpeg", "png", "webp", "keep"]), default="jpeg",
-              show_default=True, help="Image format in the shards (JPEGs already at the resolution are "
-              "copied untouched); 'keep' copies any RGB JPEG/PNG/WebP at the resolution, else writes PNG.")
-@click.option("--quality", "quality_text", default="95", show_default=True, metavar="Q[,Q..]",
+@_keyed(DataConfig, "format", "--format", help="Image format in the shards (JPEGs already at the resolution are "
+        "copied untouched); 'keep' copies any RGB JPEG/PNG/WebP at the resolution, else writes PNG.")
+@click.option("--quality", "qualities", type=IntList(1, 100), default=str(key_default(DataConfig, "quality")),
+              show_default=True, metavar="Q[,Q..]",
               help="JPEG/WebP quality for re-encoded images; several (10,30,50) write each image once "
               "per quality (or once, at a random one, with --quality-mode random).")
-@click.option("--quality-mode", type=click.Choice(["all", "random"]), default="all", show_default=True,
-              help="With several qualities: one sample per quality, or one random quality per image.")
-@click.option("--resolution", type=click.Choice([str(2 ** i) for i in range(3, 11)]), default="32",
-              show_default=True, help="Square side in pixels.")
-@click.option("--shard-size", type=click.IntRange(min=1), default=5000, show_default=True, help="Samples per shard.")
-@click.option("--shard-bytes", metavar="SIZE", default=None,
-              help="Aim shards at about SIZE instead (e.g. 256MB, 1GiB), from the mean size of 256 encoded images.")
-@click.option("--reencode", is_flag=True,
-              help="Re-encode JPEGs that could be copied byte for byte, at --format/--quality.")
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use at most N images (seeded subset).")
+@_keyed(DataConfig, "quality_mode", "--quality-mode",
+        help="With several qualities: one sample per quality, or one random quality per image.")
+@_keyed(DataConfig, "resolution", "--resolution", type=int, help="Square side in pixels (a power of two).")
+@_keyed(DataConfig, "shard_size", "--shard-size", type=int, help="Samples per shard.")
+@_keyed(DataConfig, "shard_bytes", "--shard-bytes", metavar="SIZE",
+        help="Aim shards at about SIZE instead (e.g. 256MB, 1GiB), from the mean size of 256 encoded images.")
+@_keyed(DataConfig, "reencode", "--reencode", is_flag=True,
+        help="Re-encode JPEGs that could be copied byte for byte, at --format/--quality.")
+@_keyed(DataConfig, "limit", "--limit", type=int, help="Use at most N images (seeded subset).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Shuffle seed.")
-@click.option("--resize", type=click.Choice(["crop", "pad", "reject"]), default="crop", show_default=True,
-              help="Images not at the resolution: centre crop, pad with black, or skip.")
-@click.option("--subsampling", type=click.Choice(["4:2:0", "4:4:4"]), default="4:2:0", show_default=True,
-              help="Chroma subsampling of re-encoded JPEGs.")
-@click.option("--png-level", type=click.IntRange(0, 9), default=6, show_default=True, help="PNG zlib level.")
-@click.option("--lossless", is_flag=True, help="Lossless WebP.")
-@click.option("--max-pixels", type=click.IntRange(min=1), default=64_000_000, show_default=True,
-              help="Skip images with more pixels, unread (decompression-bomb limit).")
+@_keyed(DataConfig, "resize", "--resize", help="Images not at the resolution: centre crop, pad with black, or skip.")
+@_keyed(DataConfig, "jpeg_subsampling", "--subsampling", help="Chroma subsampling of re-encoded JPEGs.")
+@_keyed(DataConfig, "png_compress_level", "--png-level", type=int, help="PNG zlib level (0-9).")
+@_keyed(DataConfig, "webp_lossless", "--lossless", is_flag=True, help="Lossless WebP.")
+@_keyed(DataConfig, "max_pixels", "--max-pixels", type=int,
+        help="Skip images with more pixels, unread (decompression-bomb limit).")
 @click.option("--rank", type=click.IntRange(min=0), default=0, envvar=["RANK", "SLURM_PROCID"], show_default=True,
               help="This machine's rank when several write one shard set (default from RANK/SLURM_PROCID).")
 @click.option("--world-size", type=click.IntRange(min=1), default=1, envvar=["WORLD_SIZE", "SLURM_NTASKS"],
               show_default=True, help="How many machines write the shard set (default from WORLD_SIZE/SLURM_NTASKS).")
 @click.option("--merge", is_flag=True,
               help="Write the manifest of OUT once every rank has finished (SOURCE and other options unused).")
-@click.option("--workers", type=click.IntRange(min=1), default=None,
-              help="Processes writing shards [default: one per core]; the shards do not depend on it.")
-@click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True,
-              help="Split of a CIFAR-10 python archive.")
+@_keyed(DataConfig, "workers", "--workers", type=int,
+        help="Processes writing shards [default: one per core]; the shards do not depend on it.")
+@_keyed(DataConfig, "split", "--split", help="Split of a CIFAR-10 python archive.")
 @verbosity_options
 @_reports_errors
-def prepare(source: str, out: str, fmt: str, quality_text: str, quality_mode: str, resolution: str, shard_size: int,
-            shard_bytes: str | None, reencode: bool, limit: int | None, seed: int, resize: str, subsampling: str,
-            png_level: int, lossless: bool, max_pixels: int, rank: int, world_size: int, merge: bool,
-            workers: int | None, split: str) -> None:
+def prepare(out: str, qualities: list[int], seed: int, rank: int, world_size: int, merge: bool,
+            **data_keys: Any) -> None:
     """Turn raw images at SOURCE into webdataset shards in OUT.
 
     SOURCE is an image-folder tree (class = folder name), a tar/tar.gz of one, a
@@ -242,44 +253,26 @@ def prepare(source: str, out: str, fmt: str, quality_text: str, quality_mode: st
     manifest.json. A killed run rerun with the same arguments keeps the shards it
     finished; a finished one does nothing.
     """
-    from .config import parse_byte_size
-    from .data.shards import PrepareSettings, merge_shards, prepare as prepare_shards
-    from .distributed import process_group, started_by_torchrun, wait_for_all_ranks
+    from .data.shards import merge_shards, prepare as prepare_shards
+    from .distributed import ranks, wait_for_all_ranks
 
     if merge:
         manifest = merge_shards(Path(out))
         click.echo(f"merged {len(manifest.shards)} shards, {manifest.num_samples} samples -> "
                    f"{Path(out) / 'manifest.json'}")
         return
-    try:
-        qualities = [int(q) for q in quality_text.split(",") if q.strip()]
-    except ValueError:
-        raise ConfigError(f"--quality {quality_text!r}: expected a number or a comma-separated list") from None
-    if not qualities or not all(1 <= q <= 100 for q in qualities):
-        raise ConfigError(f"--quality {quality_text!r}: qualities are between 1 and 100")
-    try:
-        shard_bytes_value = parse_byte_size(shard_bytes) if shard_bytes is not None else None
-    except ValueError as exc:
-        raise ConfigError(f"--shard-bytes: {exc}") from None
-    settings = PrepareSettings(resolution=int(resolution), format=fmt, quality=qualities[0],
-                               qualities=tuple(qualities) if len(qualities) > 1 else None,
-                               quality_mode=quality_mode, shard_size=shard_size,
-                               limit=limit, seed=seed, split=split, max_pixels=max_pixels, resize=resize,
-                               jpeg_subsampling=subsampling, png_compress_level=png_level, webp_lossless=lossless,
-                               reencode=reencode, shard_bytes=shard_bytes_value)
-    if started_by_torchrun():  # every rank writes its shards, then rank 0 writes the manifest
-        with process_group():
-            manifest, up_to_date = prepare_shards(source, Path(out), settings, workers=workers, rank=rank,
-                                                  world_size=world_size, progress=_progress() and rank == 0)
-            if not up_to_date:  # every rank read the same manifest before any wrote, so all agree
-                wait_for_all_ranks()
-                manifest = merge_shards(Path(out)) if rank == 0 else None
-                wait_for_all_ranks()
-        if rank != 0:
-            return
-    else:
-        manifest, up_to_date = prepare_shards(source, Path(out), settings, workers=workers, rank=rank,
-                                              world_size=world_size, progress=_progress())
+    data = _section(DataConfig, {**data_keys, "quality": qualities[0],
+                                 "qualities": qualities if len(qualities) > 1 else None},
+                    {"quality": "--quality", "qualities": "--quality"})
+    with ranks() as (_, group):  # under torchrun every rank writes its shards, then rank 0 writes the manifest
+        manifest, up_to_date = prepare_shards(data, Path(out), seed=seed, rank=rank, world_size=world_size,
+                                              progress=_progress() and rank == 0)
+        if group > 1 and not up_to_date:  # every rank read the same manifest before any wrote, so all agree
+            wait_for_all_ranks()
+            manifest = merge_shards(Path(out)) if rank == 0 else None
+            wait_for_all_ranks()
+    if group > 1 and rank != 0:
+        return
     if manifest is None:
         click.echo(f"rank {rank} of {world_size}: its shards are written in {out}; when every rank is done, "
                    f"run `cgan-pipe prepare SOURCE {out} --merge`")
@@ -330,7 +323,7 @@ def train(pipeline: str, overrides: tuple[str, ...], dry_run: bool) -> None:
     its part of the shards (gradients averaged; gloo on CPU, NCCL on GPUs) and
     rank 0 writes the files.
     """
-    from .distributed import process_group, started_by_torchrun, training_backend
+    from .distributed import ranks, training_backend
     from .pipeline import write_resolved_config
     from .train.loop import train as train_gan
 
@@ -339,16 +332,12 @@ def train(pipeline: str, overrides: tuple[str, ...], dry_run: bool) -> None:
         click.echo(yaml.safe_dump(to_dict(cfg), sort_keys=False), nl=False)
         return
     shards = cfg.loader.shards or cfg.run_path / "shards"
-    if started_by_torchrun():  # one process per GPU (or CPU rank): each trains on its part of the shards
-        with process_group(training_backend(cfg.train.device)):
-            if int(os.environ["RANK"]) == 0:
-                write_resolved_config(cfg, cfg.run_path)
-            result = train_gan(cfg, shards, cfg.run_path, progress=_progress())
-        if int(os.environ["RANK"]) != 0:
-            return
-    else:
-        write_resolved_config(cfg, cfg.run_path)
+    with ranks(training_backend(cfg.train.device)) as (rank, _):  # under torchrun each trains on its part
+        if rank == 0:
+            write_resolved_config(cfg, cfg.run_path)
         result = train_gan(cfg, shards, cfg.run_path, progress=_progress())
+    if rank != 0:
+        return
     speed = f", {result.images_per_s:.0f} img/s" if result.images_per_s else " (already complete)"
     resumed = f" (resumed from step {result.resumed_from})" if result.resumed_from and result.images_per_s else ""
     click.echo(f"step {result.steps}{resumed}{speed}; checkpoint {result.checkpoint}")
@@ -357,30 +346,28 @@ def train(pipeline: str, overrides: tuple[str, ...], dry_run: bool) -> None:
 @main.command(epilog=f"Example: {EXAMPLES['generate']}")
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--n", type=click.IntRange(min=1), default=None,
-              help="Number of images [default: 1000, or the sum of the --classes counts, or the --seeds range].")
-@click.option("--seeds", "seed_range", default=None, metavar="A-B",
+@_keyed(ExportConfig, "n", "--n", type=int,
+        help="Number of images [default: 1000, or the sum of the --classes counts, or the --seeds range].")
+@click.option("--seeds", "seed_range", type=SeedRange(), default=None,
               help="Seeds A to B inclusive, one image each (the same seeds give the same images).")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
-              help="First seed; image i uses seed+i.")
-@click.option("--classes", default=None, metavar="NAMES|NAME=COUNT,..",
-              help="cat,dog: those classes, round robin; cat=100,dog=50: that many of each [default: all, balanced].")
-@click.option("--format", "fmt", default="jpeg", show_default=True, help="jpeg, png or webp.")
-@click.option("--quality", type=int, default=95, show_default=True, help="JPEG/WebP quality (1-100).")
-@click.option("--subsampling", type=click.Choice(["4:2:0", "4:4:4"]), default="4:2:0", show_default=True,
-              help="JPEG chroma subsampling.")
-@click.option("--png-level", type=int, default=6, show_default=True, help="PNG zlib compress level (0-9).")
-@click.option("--lossless", is_flag=True, help="Lossless WebP (--quality is then ignored).")
-@click.option("--output", type=click.Choice(["files", "shards", "both"]), default="both", show_default=True,
-              help="A folder per class, webdataset shards (+ manifest, DALI index), or both.")
-@click.option("--quality-cond", type=int, default=None, metavar="Q",
-              help="For a model trained with compression.mode: condition, the JPEG quality (1-100) the images "
-              "should look like; 100 asks for clean images (default: the highest quality it was trained on).")
-@click.option("--truncation", type=float, default=None, metavar="T",
-              help="Redraw latent components beyond +-T (>= 0.05): more typical, less varied images.")
-@click.option("--batch-size", type=int, default=250, show_default=True, help="Images per generator call.")
-@click.option("--shard-size", type=int, default=5000, show_default=True,
-              help="Images per output shard, and per unit of work a rerun resumes from.")
+@_keyed(ExportConfig, "seed", "--seed", type=int, help="First seed; image i uses seed+i.")
+@_keyed(ExportConfig, "classes", "--classes", type=ClassRequest(), metavar="NAMES|NAME=COUNT,..",
+        help="cat,dog: those classes, round robin; cat=100,dog=50: that many of each [default: all, balanced].")
+@_keyed(ExportConfig, "format", "--format", help="Output format.")
+@_keyed(ExportConfig, "quality", "--quality", type=int, help="JPEG/WebP quality (1-100).")
+@_keyed(ExportConfig, "jpeg_subsampling", "--subsampling", help="JPEG chroma subsampling.")
+@_keyed(ExportConfig, "png_compress_level", "--png-level", type=int, help="PNG zlib compress level (0-9).")
+@_keyed(ExportConfig, "webp_lossless", "--lossless", is_flag=True, help="Lossless WebP (--quality is then ignored).")
+@_keyed(ExportConfig, "output", "--output",
+        help="A folder per class, webdataset shards (+ manifest, DALI index), or both.")
+@_keyed(ExportConfig, "quality_cond", "--quality-cond", type=int, metavar="Q",
+        help="For a model trained with compression.mode: condition, the JPEG quality (1-100) the images "
+        "should look like; 100 asks for clean images (default: the highest quality it was trained on).")
+@_keyed(ExportConfig, "truncation", "--truncation", type=float, metavar="T",
+        help="Redraw latent components beyond +-T (>= 0.05): more typical, less varied images.")
+@_keyed(ExportConfig, "batch_size", "--batch-size", type=int, help="Images per generator call.")
+@_keyed(ExportConfig, "shard_size", "--shard-size", type=int,
+        help="Images per output shard, and per unit of work a rerun resumes from.")
 @click.option("--raw", is_flag=True, help="Use the raw generator instead of its EMA.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where the generator runs (and the JPEG 4:4:4 encoder: nvJPEG on cuda).")
@@ -388,10 +375,8 @@ def train(pipeline: str, overrides: tuple[str, ...], dry_run: bool) -> None:
               "other settings.")
 @verbosity_options
 @_reports_errors
-def generate(checkpoint: str, out: str, n: int | None, seed_range: str | None, seed: int, classes: str | None,
-             fmt: str, quality: int, subsampling: str, png_level: int, lossless: bool, output: str,
-             quality_cond: int | None, truncation: float | None, batch_size: int, shard_size: int, raw: bool,
-             device: str, overwrite: bool) -> None:
+def generate(checkpoint: str, out: str, seed_range: tuple[int, int] | None, raw: bool, device: str,
+             overwrite: bool, **export_keys: Any) -> None:
     """Generate images from CHECKPOINT into OUT as files and/or webdataset shards.
 
     Files are OUT/files/<class>/seed<seed>-c<class id>-q<quality>[-qc<quality cond>].<ext>;
@@ -404,34 +389,22 @@ def generate(checkpoint: str, out: str, n: int | None, seed_range: str | None, s
     `cgan-pipe generate runs/cifar-quality/checkpoints/ckpt-0003000.pt out/ --n 100 --quality-cond 10`.
     """
     from .devices import resolve_device
-    from .distributed import process_group, started_by_torchrun
-    from .export import ExportSettings, export
+    from .distributed import rank_device, ranks
+    from .export import export
 
     if seed_range is not None:
-        seed, count = _seed_range(seed_range)
-        if n is not None and n != count:
-            raise ConfigError(f"--n {n} and --seeds {seed_range} ({count} seeds) disagree; give one of them")
-        n = count
-    settings = ExportSettings(n=n, format=fmt.lower(), quality=quality, subsampling=subsampling,
-                              png_compress_level=png_level, webp_lossless=lossless, classes=_class_request(classes),
-                              seed=seed, truncation=truncation, batch_size=batch_size, shard_size=shard_size,
-                              output=output, ema=not raw, quality_cond=quality_cond)
-    target = resolve_device(device, "--device")
-    if started_by_torchrun():  # the ranks share the parts; rank 0 finishes the folder
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        if target.type == "cuda":
-            import torch
-
-            target = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(target)  # nvJPEG and any default-device work follow this rank's GPU
-        with process_group():  # gloo: the ranks only wait for each other
-            result = export(Path(checkpoint), Path(out), settings, device=target, overwrite=overwrite,
-                            progress=_progress() and rank == 0, rank=rank, world_size=world)
-        if rank != 0:
-            return
-    else:
+        first, count = seed_range
+        if export_keys["n"] is not None and export_keys["n"] != count:
+            raise ConfigError(f"--n {export_keys['n']} and --seeds {first}-{first + count - 1} ({count} seeds) "
+                              f"disagree; give one of them")
+        export_keys.update(seed=first, n=count)
+    settings = _section(ExportConfig, {**export_keys, "ema": not raw}, {"ema": "--raw"})
+    target = rank_device(resolve_device(device, "--device"))
+    with ranks() as (rank, world):  # under torchrun the ranks share the parts and rank 0 finishes the folder
         result = export(Path(checkpoint), Path(out), settings, device=target, overwrite=overwrite,
-                        progress=_progress())
+                        progress=_progress() and rank == 0, rank=rank, world_size=world)
+    if rank != 0:
+        return
     if result.up_to_date:
         click.echo(f"{out}: already complete for these settings; nothing to do")
     else:
@@ -442,36 +415,11 @@ def generate(checkpoint: str, out: str, n: int | None, seed_range: str | None, s
                            "export_shards": str(result.shards) if result.shards else None}))
 
 
-def _seed_range(text: str) -> tuple[int, int]:
-    """'A-B' -> (A, number of seeds); ConfigError otherwise."""
-    first, sep, last = text.partition("-")
-    if not (sep and first.strip().isdigit() and last.strip().isdigit()) or int(last) < int(first):
-        raise ConfigError(f"--seeds {text!r}: expected A-B with 0 <= A <= B, e.g. --seeds 0-999")
-    return int(first), int(last) - int(first) + 1
-
-
-def _class_request(text: str | None) -> tuple[str, ...] | dict[str, int] | None:
-    """'cat,dog' -> ('cat', 'dog'); 'cat=10,dog=5' -> {'cat': 10, 'dog': 5}; ConfigError for a mix or a bad count."""
-    if not text:
-        return None
-    items = [item.strip() for item in text.split(",") if item.strip()]
-    if not any("=" in item for item in items):
-        return tuple(items)
-    counts = {}
-    for item in items:
-        name, _, count = item.partition("=")
-        if not count.strip().isdigit() or int(count) < 1:
-            raise ConfigError(f"--classes {text!r}: {item!r} is not NAME=COUNT with a count >= 1 "
-                              f"(give all classes as names, or all as NAME=COUNT)")
-        counts[name.strip()] = int(count)
-    return counts
-
-
 @main.command("eval", epilog=f"Example: {EXAMPLES['eval']}")
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @click.option("--shards", default=None, help="Real shard set to compare with (default: the run's shards beside "
               "the checkpoint, else the checkpoint config's loader.shards).")
-@click.option("--metrics", "metric_names", default=None, metavar="M[,M..]",
+@click.option("--metrics", "metric_names", type=WordList(METRICS), default=None, metavar="M[,M..]",
               help="classifier, fid, kid, is, quality (default: the checkpoint config's eval.metrics).")
 @click.option("--n", "n_samples", type=click.IntRange(min=2), default=None, help="Generated images to score.")
 @click.option("--inception-weights", default=None, type=click.Path(dir_okay=False),
@@ -485,7 +433,7 @@ def _class_request(text: str | None) -> tuple[str, ...] | dict[str, int] | None:
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
 @verbosity_options
 @_reports_errors
-def evaluate(checkpoint: str, shards: str | None, metric_names: str | None, n_samples: int | None,
+def evaluate(checkpoint: str, shards: str | None, metric_names: tuple[str, ...] | None, n_samples: int | None,
              inception_weights: str | None, cache_dir: str | None, classifier_steps: int | None, raw: bool,
              device: str, as_json: bool) -> None:
     """Score the generator in CHECKPOINT against real shards.
@@ -505,7 +453,7 @@ def evaluate(checkpoint: str, shards: str | None, metric_names: str | None, n_sa
     cfg = config_from_dict(load_checkpoint(Path(checkpoint))["config"], origin=f"{checkpoint} config")
     changes = {"n_samples": n_samples, "inception_weights": inception_weights, "cache_dir": cache_dir,
                "classifier_steps": classifier_steps,
-               "metrics": [m.strip() for m in metric_names.split(",") if m.strip()] if metric_names else None}
+               "metrics": list(metric_names) if metric_names else None}
     eval_cfg = config_from_dict({**to_dict(cfg), "eval": {**to_dict(cfg.eval), **{k: v for k, v in changes.items()
                                                                                  if v is not None}}},
                                 origin="eval options").eval
@@ -642,17 +590,18 @@ def bench_prepare_command(source: str, quality: int, workers: int | None, limit:
               help="Batches timed per loader, after 10 of warm-up.")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Threads (DALI) or processes (DataLoader) per loader [default: one per core].")
-@click.option("--jpeg-distort", "distort_text", default=None, metavar="LO,HI",
+@click.option("--jpeg-distort", type=IntList(1, 100, length=2, ascending=True), default=None, metavar="LO,HI",
               help="Also time each loader with on-the-fly JPEG distortion at a quality drawn from LO..HI "
               "(loader.jpeg_distort), and print its cost.")
-@click.option("--backends", "backends_text", default="dali,torch,baseline", show_default=True,
+@click.option("--backends", type=WordList(("dali", "torch", "baseline")), default="dali,torch,baseline",
+              show_default=True,
               help="Which loaders to time, comma-separated (the ratios need the baseline).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the records [{backend, device, images, seconds, images_per_s}] to this file.")
 @verbosity_options
 @_reports_errors
-def bench_loader_command(shards: str, batch_size: int, batches: int, workers: int | None, distort_text: str | None,
-                         backends_text: str, json_path: str | None) -> None:
+def bench_loader_command(shards: str, batch_size: int, batches: int, workers: int | None,
+                         jpeg_distort: list[int] | None, backends: tuple[str, ...], json_path: str | None) -> None:
     """Time the loaders on the shard set SHARDS with flip + normalise: DALI and the torch backend
     (decoding on the CPU, and on the GPU when present), and a baseline (webdataset + Pillow +
     torchvision transforms in a DataLoader with a worker per core); prints images/s and each
@@ -660,20 +609,9 @@ def bench_loader_command(shards: str, batch_size: int, batches: int, workers: in
     from .atomic import write_text_atomic
     from .bench import bench_loader
 
-    distort = None
-    if distort_text is not None:
-        try:
-            distort = tuple(int(q) for q in distort_text.split(","))
-        except ValueError:
-            distort = ()
-        if len(distort) != 2 or not 1 <= distort[0] <= distort[1] <= 100:
-            raise ConfigError(f"--jpeg-distort {distort_text!r}: expected LO,HI with 1 <= LO <= HI <= 100")
-    backends = tuple(b.strip() for b in backends_text.split(","))
-    unknown = [b for b in backends if b not in ("dali", "torch", "baseline")]
-    if unknown or not backends:
-        raise ConfigError(f"--backends {backends_text!r}: expected some of dali, torch, baseline")
     records = bench_loader(Path(shards), batch_size=batch_size, batches=batches, workers=workers,
-                           jpeg_distort=distort, backends=backends, echo=click.echo)
+                           jpeg_distort=tuple(jpeg_distort) if jpeg_distort else None, backends=backends,
+                           echo=click.echo)
     baseline = next((r.images_per_s for r in records if r.backend == "baseline"), None)
     for record in records if baseline else []:
         click.echo(f"{record.backend}/{record.device}: {record.images_per_s / baseline:.2f}x the baseline")
@@ -688,9 +626,12 @@ def bench_loader_command(shards: str, batch_size: int, batches: int, workers: in
 
 @bench.command("train", epilog=f"Example: {EXAMPLES['bench train']}")
 @click.argument("shards", type=click.Path(exists=True, file_okay=False))
-@click.option("--arch", "archs", default="dcgan,resnet", show_default=True, help="Architectures, comma-separated.")
-@click.option("--batch-size", "batch_sizes", default="64,256", show_default=True, help="Batch sizes, comma-separated.")
-@click.option("--precision", "precisions", default="fp32,bf16", show_default=True,
+@click.option("--arch", "archs", type=WordList(tuple(key_choices(ModelConfig, "arch"))), default="dcgan,resnet",
+              show_default=True, help="Architectures, comma-separated.")
+@click.option("--batch-size", "batch_sizes", type=IntList(1), default="64,256", show_default=True,
+              help="Batch sizes, comma-separated.")
+@click.option("--precision", "precisions", type=WordList(("fp32", "bf16", "fp16")), default="fp32,bf16",
+              show_default=True,
               help="fp32, bf16, fp16 (CUDA only), comma-separated.")
 @click.option("--compile", "compile_modes", type=click.Choice(["off", "on", "both"]), default="both",
               show_default=True, help="torch.compile off, on, or each.")
@@ -707,22 +648,18 @@ def bench_loader_command(shards: str, batch_size: int, batches: int, workers: in
               "seconds, images_per_s, data_wait, peak_memory_mib, host_syncs_per_step}] to this file.")
 @verbosity_options
 @_reports_errors
-def bench_train_command(shards: str, archs: str, batch_sizes: str, precisions: str, compile_modes: str,
-                        channels_last_modes: str, steps: int, width: int, device: str, backend: str,
-                        json_path: str | None) -> None:
+def bench_train_command(shards: str, archs: tuple[str, ...], batch_sizes: list[int], precisions: tuple[str, ...],
+                        compile_modes: str, channels_last_modes: str, steps: int, width: int, device: str,
+                        backend: str, json_path: str | None) -> None:
     """Time training on the shard set SHARDS for each architecture, batch size, precision, memory
     format and compile setting: images/s (kimg/s x 1000), data-wait fraction, peak CUDA memory, and (on
     CUDA, uncompiled) host syncs per training step."""
     from .atomic import write_text_atomic
     from .bench import bench_train
 
-    try:
-        sizes = tuple(int(b) for b in batch_sizes.split(","))
-    except ValueError:
-        raise ConfigError(f"--batch-size {batch_sizes!r}: expected comma-separated numbers") from None
     modes = {"off": (False,), "on": (True,), "both": (False, True)}
-    records = bench_train(Path(shards), archs=tuple(a.strip() for a in archs.split(",")), batch_sizes=sizes,
-                          precisions=tuple(p.strip() for p in precisions.split(",")), compiles=modes[compile_modes],
+    records = bench_train(Path(shards), archs=archs, batch_sizes=tuple(batch_sizes), precisions=precisions,
+                          compiles=modes[compile_modes],
                           channels_lasts=modes[channels_last_modes], steps=steps, width=width, device=device,
                           loader_backend=backend, echo=click.echo)
     if json_path:

@@ -24,22 +24,39 @@ def started_by_torchrun() -> bool:
 
 
 @contextlib.contextmanager
-def process_group(backend: str = "gloo") -> Iterator[None]:
-    """Join the launcher's process group for the block: gloo (CPU work, no GPU needed) or nccl (CUDA
-    training; each rank then uses the GPU LOCAL_RANK)."""
+def ranks(backend: str = "gloo") -> Iterator[tuple[int, int]]:
+    """(rank, world size) of this process for the block, the one way cgan-pipe starts distributed work:
+    under torchrun (or another torch.distributed launcher) inside the launcher's process group, joined here
+    and left after the block; otherwise (0, 1). gloo serves CPU work and ranks waiting for each other;
+    nccl CUDA training, each rank then on GPU LOCAL_RANK."""
+    if not started_by_torchrun():
+        yield 0, 1
+        return
     import torch
     import torch.distributed as dist  # only processes started by torchrun pay for the import
 
     if dist.is_initialized():
-        yield
+        yield dist.get_rank(), dist.get_world_size()
         return
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, timeout=WAIT_TIMEOUT)
     try:
-        yield
+        yield dist.get_rank(), dist.get_world_size()
     finally:
         dist.destroy_process_group()
+
+
+def rank_device(device: torch.device) -> torch.device:
+    """This rank's device for work on `device`: its own GPU (LOCAL_RANK, made the current one, so that nvJPEG
+    and any default-device work follow it) when `device` is CUDA and torchrun started several ranks."""
+    if device.type != "cuda" or not started_by_torchrun():
+        return device
+    import torch
+
+    own = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(own)
+    return own
 
 
 def training_backend(device_setting: str) -> str:
@@ -107,3 +124,12 @@ def any_rank_on_device(flag: torch.Tensor, world: int) -> torch.Tensor:
     value = flag.to(torch.float32)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return value > 0
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the world size of its torch.distributed group ((0, 1) without one)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1

@@ -20,6 +20,17 @@ PIL_FORMATS = {"JPEG": "jpeg", "PNG": "png", "WEBP": "webp"}
 ANY_IMAGE_EXTENSION = ";".join(sorted(EXTENSIONS.values()))
 
 
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] (floats, NCHW) as 8-bit pixels, rounded: how generated images become pixels."""
+    return images.add(1).mul(127.5).round().clamp(0, 255).byte()
+
+
+def from_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """8-bit pixels as float32 images in [-1, 1]: the inverse of to_uint8 (up to its rounding)."""
+    return pixels.float().div(127.5).sub(1)
+
+
 def shard_extensions(shard_format: str) -> list[str]:
     """Member extensions an image can have in shards of `shard_format` ('keep' stores any of them)."""
     return sorted(EXTENSIONS.values()) if shard_format == "keep" else [EXTENSIONS[shard_format]]

@@ -11,18 +11,18 @@ from typing import Any, Callable
 import yaml
 
 from .atomic import write_text_atomic
-from .config import PipelineConfig, parse_byte_size, to_dict
+from .config import PipelineConfig, to_dict
 from .data.fingerprint import file_sha256, shard_set_fingerprint
 from .data.inputs import count_by_kind, counts_text
-from .data.loader import dataset_info, rank_and_world
+from .data.batch import dataset_info
 from .data.manifest import read_manifest
-from .data.shards import PrepareSettings, prepare, prepare_status
+from .data.shards import prepare, prepare_status
 from .errors import ConfigError, DataError
-from .export import ExportSettings, export, export_status
+from .export import export, export_status
 from .report import REPORT_NAME, write_report
 from .metrics.evaluate import check_eval_settings, evaluate_checkpoint
 from .devices import resolve_device
-from .distributed import process_group, started_by_torchrun, training_backend, wait_for_all_ranks
+from .distributed import rank_and_world, ranks, training_backend, wait_for_all_ranks
 from .train.loop import read_metrics, train, train_status, trained_so_far
 
 log = logging.getLogger(__name__)
@@ -30,28 +30,6 @@ EVAL_NAME = "eval.json"
 STAGES = ("prepare", "train", "eval", "export")
 
 SUMMARY_NAME = "summary.json"
-
-
-def prepare_settings(cfg: PipelineConfig) -> PrepareSettings:
-    """The prepare stage's settings, taken from the pipeline config."""
-    d = cfg.data
-    return PrepareSettings(resolution=d.resolution, format=d.format, quality=d.quality,
-                           shard_size=d.shard_size, limit=d.limit, seed=cfg.seed, split=d.split,
-                           max_pixels=d.max_pixels, resize=d.resize, jpeg_subsampling=d.jpeg_subsampling,
-                           png_compress_level=d.png_compress_level, webp_lossless=d.webp_lossless,
-                           qualities=tuple(d.qualities) if d.qualities else None, quality_mode=d.quality_mode,
-                           reencode=d.reencode,
-                           shard_bytes=parse_byte_size(d.shard_bytes) if d.shard_bytes is not None else None)
-
-
-def export_settings(cfg: PipelineConfig) -> ExportSettings:
-    """The export stage's settings, taken from the pipeline config."""
-    e = cfg.export
-    classes = tuple(e.classes) if isinstance(e.classes, list) else e.classes
-    return ExportSettings(n=e.n, format=e.format, quality=e.quality, subsampling=e.jpeg_subsampling,
-                          png_compress_level=e.png_compress_level, webp_lossless=e.webp_lossless, classes=classes,
-                          seed=e.seed, truncation=e.truncation, batch_size=e.batch_size, shard_size=e.shard_size,
-                          output=e.output, ema=e.ema, quality_cond=e.quality_cond)
 
 
 def write_resolved_config(cfg: PipelineConfig, run_dir: Path) -> Path:
@@ -78,7 +56,7 @@ def plan_pipeline(cfg: PipelineConfig, selected: tuple[str, ...] = STAGES) -> li
     """What `run_pipeline` would do, stage by stage, without doing it: (stage, action, why), the action
     being 'run', 'resume', 'up to date' or 'not selected'."""
     run_dir = cfg.run_path
-    rows = [("prepare", *prepare_status(cfg.data.source, run_dir / "shards", prepare_settings(cfg)))]
+    rows = [("prepare", *prepare_status(cfg.data, run_dir / "shards", cfg.seed))]
     if "prepare" in selected and rows[0][1] != "up to date":  # the shards to train on are not made yet
         rows += [("train", "run", "after prepare"), *_plan_after_a_new_checkpoint(cfg, "after prepare")]
     else:
@@ -104,7 +82,7 @@ def _plan_after_training(cfg: PipelineConfig, run_dir: Path) -> list[tuple[str, 
                                        f"shards with these settings")]
     else:
         rows = [("eval", "run", f"{checkpoint.name} is not scored on these shards with these settings yet")]
-    return rows + [("export", *export_status(checkpoint, run_dir / "export", export_settings(cfg)))]
+    return rows + [("export", *export_status(checkpoint, run_dir / "export", cfg.export))]
 
 
 def run_pipeline(cfg: PipelineConfig, *, progress: bool, echo: Callable[[str], None],
@@ -116,10 +94,8 @@ def run_pipeline(cfg: PipelineConfig, *, progress: bool, echo: Callable[[str], N
     Under torchrun, rank 0 prepares the shards while the others wait, every rank trains on its
     part of them, and rank 0 alone evaluates, exports and writes the summary (the others return None).
     """
-    if started_by_torchrun():
-        with process_group(training_backend(cfg.train.device)):
-            return _run_stages(cfg, stages, progress=progress, echo=echo)
-    return _run_stages(cfg, stages, progress=progress, echo=echo)
+    with ranks(training_backend(cfg.train.device)):
+        return _run_stages(cfg, stages, progress=progress, echo=echo)
 
 
 def _run_stages(cfg: PipelineConfig, selected: tuple[str, ...], *, progress: bool,
@@ -142,9 +118,7 @@ def _run_stages(cfg: PipelineConfig, selected: tuple[str, ...], *, progress: boo
         except DataError as exc:
             log.info(f"plan: unknown until the stages run ({exc})")
     if rank == 0 and "prepare" in selected:
-        manifest, up_to_date = prepare(cfg.data.source, shards_dir, prepare_settings(cfg),
-                                       workers=cfg.data.workers, download_dir=cfg.data.download_dir,
-                                       progress=progress)
+        manifest, up_to_date = prepare(cfg.data, shards_dir, seed=cfg.seed, progress=progress)
         stages["prepare"] = {"status": "up to date" if up_to_date else "ran", "seconds": _since(t0)}
         kinds = counts_text(count_by_kind(manifest.skipped))
         kinds = f", {kinds}" if kinds else ""
@@ -189,7 +163,7 @@ def _run_stages(cfg: PipelineConfig, selected: tuple[str, ...], *, progress: boo
     t0 = time.perf_counter()
     exported = None
     if "export" in selected:
-        exported = export(result.checkpoint, run_dir / "export", export_settings(cfg), overwrite=True,  # its own
+        exported = export(result.checkpoint, run_dir / "export", cfg.export, overwrite=True,  # its own
                           device=resolve_device(cfg.train.device, "train.device"), progress=progress)
         stages["export"] = {"status": "up to date" if exported.up_to_date else "ran", "seconds": _since(t0)}
         echo(f"export: {exported.n} {cfg.export.format} images in {exported.out_dir}"

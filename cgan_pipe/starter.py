@@ -15,7 +15,8 @@ from typing import Any
 from PIL import Image
 
 from .atomic import write_text_atomic
-from .config import describe_keys, load_pipeline
+from .config import PipelineConfig, load_pipeline
+from .schema import describe_keys
 from .data.inputs import count_by_kind, counts_text
 from .data.sources import open_source
 from .errors import ConfigError
@@ -106,7 +107,7 @@ def starter_yaml(name: str, survey: Survey, values: dict[str, Any], why: dict[st
     values = {"name": name, "data.source": survey.source, **values}
     lines = [line for text in header for line in textwrap.wrap(text, 100, subsequent_indent="#   ")]
     section = None
-    for doc in describe_keys():
+    for doc in describe_keys(PipelineConfig):
         parent, _, leaf = doc.key.rpartition(".")
         if parent != section:
             section = parent

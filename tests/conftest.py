@@ -6,12 +6,14 @@ import io
 import os
 import tarfile
 import tempfile
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
 
-from cgan_pipe.data.shards import PrepareSettings, prepare
+from cgan_pipe.config import DataConfig
+
+from cgan_pipe.data.shards import prepare
+from data.make_sample import PER_CLASS as SAMPLE_PER_CLASS, first_per_class
 
 # What cgan-pipe caches (checked shards, trained classifiers) goes to a folder of this test run, not ~/.cache.
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="cgan-pipe-test-cache-")
@@ -20,9 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # The full CIFAR-10 tars, when present (../shared beside the project, or CGAN_PIPE_TEST_CIFAR10).
 CIFAR = Path(os.environ.get("CGAN_PIPE_TEST_CIFAR10", ROOT.parent / "shared" / "data" / "cifar10"))
 # In the repository: the first 80 JPEGs of each class of CIFAR-10's test split and the first 40 of its train
-# split, members named as in the full tars, so that the suite runs from a clone without ../shared.
+# split, members named as in the full tars, so that the suite runs from a clone without ../shared
+# (tests/data/make_sample.py makes it from the full tars).
 SAMPLE = ROOT / "tests" / "data" / "cifar10-sample.tar.gz"
-SAMPLE_PER_CLASS = {"test": 80, "train": 40}
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 needs_full_cifar = pytest.mark.skipif(not (CIFAR / "train.tar").exists(),
                                       reason=f"needs the full CIFAR-10 train.tar in {CIFAR} (../shared/data/cifar10)")
@@ -36,16 +38,7 @@ def cifar_members(split: str, per_class: int) -> dict[str, bytes]:
         if per_class > SAMPLE_PER_CLASS[split]:
             pytest.fail(f"{path} is missing and {SAMPLE.name} holds {SAMPLE_PER_CLASS[split]} per class of {split}")
         path = SAMPLE
-    out, counts = {}, defaultdict(int)
-    with tarfile.open(path) as tar:
-        for member in tar:
-            if not member.isfile() or not member.name.startswith(f"{split}/"):
-                continue
-            cls = member.name.split("/")[1]
-            if counts[cls] < per_class:
-                out[member.name] = tar.extractfile(member).read()
-                counts[cls] += 1
-    return out
+    return first_per_class(path, split, per_class)
 
 
 def write_tar(path: Path, members: dict[str, bytes]) -> Path:
@@ -74,7 +67,7 @@ def cifar_tar(tmp_path_factory) -> Path:
 def small_shards(tmp_path_factory, small_tar) -> Path:
     """A shard set (2 shards) prepared from `small_tar`."""
     out = tmp_path_factory.mktemp("shards")
-    prepare(str(small_tar), out, PrepareSettings(shard_size=120), progress=False)
+    prepare(DataConfig(str(small_tar), shard_size=120), out, progress=False)
     return out
 
 
@@ -82,8 +75,7 @@ def small_shards(tmp_path_factory, small_tar) -> Path:
 def quality_shards(tmp_path_factory, small_tar):
     """The 200 test images re-encoded at JPEG q10, q50 and q90: 600 samples, 200 per quality."""
     out = tmp_path_factory.mktemp("quality")
-    prepare(str(small_tar), out, PrepareSettings(qualities=(10, 50, 90), reencode=True, shard_size=150),
-            progress=False)
+    prepare(DataConfig(str(small_tar), qualities=[10, 50, 90], reencode=True, shard_size=150), out, progress=False)
     return out
 
 

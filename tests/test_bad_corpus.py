@@ -11,13 +11,16 @@ from collections import Counter
 import pytest
 from PIL import Image
 
-from cgan_pipe.data.shards import PrepareSettings, prepare
+from cgan_pipe.config import DataConfig
+from cgan_pipe.schema import key_default
+
+from cgan_pipe.data.shards import prepare
 from cgan_pipe.data.verify import verify_shards
 from cgan_pipe.train.loop import train
 
 from conftest import cifar_members, small_config, write_tar
 
-MAX_PIXELS = PrepareSettings().max_pixels
+MAX_PIXELS = key_default(DataConfig, "max_pixels")
 
 
 def truncated(data: bytes, rng: random.Random) -> bytes:
@@ -90,7 +93,7 @@ def test_prepare_skips_exactly_the_undecodable_images_with_reasons_and_the_resul
     tar, bad, kinds = corpus
     assert bad <= set(kinds) and len(bad) >= 60  # no real image is bad; most damage is fatal (not every bit flip)
     print(Counter(kinds[name] for name in bad), "undecodable of 20 each")
-    manifest, _ = prepare(str(tar), tmp_path / "shards", PrepareSettings(shard_size=150), workers=2, progress=False)
+    manifest, _ = prepare(DataConfig(str(tar), shard_size=150, workers=2), tmp_path / "shards", progress=False)
     skipped = {entry["source"]: entry["reason"] for entry in manifest.skipped}
     assert set(skipped) == bad
     assert all(reason.strip() for reason in skipped.values())

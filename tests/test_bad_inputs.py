@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from cgan_pipe.data.manifest import read_manifest
-from cgan_pipe.data.shards import PrepareSettings, prepare
+from cgan_pipe.config import DataConfig
+from cgan_pipe.data.shards import prepare
 from cgan_pipe.data.verify import verify_shards
 
 from conftest import cifar_members
@@ -88,7 +89,7 @@ def build_archive(path) -> None:
 def prepared(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad")
     build_archive(root / "messy.tar")
-    manifest, _ = prepare(str(root / "messy.tar"), root / "shards", PrepareSettings(), progress=False)
+    manifest, _ = prepare(DataConfig(str(root / "messy.tar")), root / "shards", progress=False)
     samples = {json.loads(s["json"])["source"]: s for s in read_samples(root / "shards" / "shard-000000.tar").values()}
     return root, manifest, samples
 
@@ -152,4 +153,4 @@ def test_the_decompression_bomb_limit_is_configurable(tmp_path):
         info.name = "d/dog/b.jpg"
         tar.addfile(info, io.BytesIO(JPEG_CAT))
     with pytest.raises(Exception, match="too large: 32x32 is over the limit of 1000 pixels"):
-        prepare(str(source), tmp_path / "o", PrepareSettings(max_pixels=1000), progress=False)
+        prepare(DataConfig(str(source), max_pixels=1000), tmp_path / "o", progress=False)

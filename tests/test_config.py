@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from cgan_pipe.config import (PipelineConfig, config_from_dict, describe_keys, load_pipeline, parse_byte_size,
-                              reference_markdown, to_dict)
+from cgan_pipe.config import (PipelineConfig, config_from_dict, load_pipeline, parse_byte_size, reference_markdown,
+                              to_dict)
+from cgan_pipe.schema import describe_keys
 from cgan_pipe.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,7 +136,7 @@ def test_round_trip_through_plain_dict():
 
 
 def test_every_key_has_help():
-    rows = describe_keys()
+    rows = describe_keys(PipelineConfig)
     assert {"data.source", "loader.backend", "loader.device", "train.steps", "export.quality"} <= {r.key for r in rows}
     assert all(r.help for r in rows)
     assert [r.key for r in rows if r.required] == ["name", "data.source"]

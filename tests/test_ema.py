@@ -7,7 +7,7 @@ import copy
 import torch
 from torch import nn
 
-from cgan_pipe.export import load_generator
+from cgan_pipe.generation import load_generator
 from cgan_pipe.models import dcgan
 from cgan_pipe.train.checkpoint import load_checkpoint
 from cgan_pipe.train.ema import recompute_batchnorm, update_ema

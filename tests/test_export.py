@@ -20,19 +20,26 @@ from PIL import Image, JpegImagePlugin
 import cgan_pipe.export as export_module
 from cgan_pipe import images
 from cgan_pipe.atomic import TEMP_MARK
-from cgan_pipe.config import LoaderConfig
+from cgan_pipe.config import DataConfig, ExportConfig, LoaderConfig
+from cgan_pipe.schema import from_options
 from cgan_pipe.data.loader import open_loader
 from cgan_pipe.data.manifest import read_manifest
-from cgan_pipe.data.shards import PrepareSettings, prepare
+from cgan_pipe.data.shards import prepare
 from cgan_pipe.errors import ConfigError, DataError
-from cgan_pipe.export import ExportSettings, export, generate, latents, load_generator
+from cgan_pipe.export import export
+from cgan_pipe.generation import generate, latents, load_generator
 from cgan_pipe.train.checkpoint import load_checkpoint
 
 CPU = torch.device("cpu")
 
 
-def _export(checkpoint: Path, out: Path, **settings) -> export_module.ExportResult:
-    return export(checkpoint, out, ExportSettings(**settings), device=CPU, progress=False)
+def _settings(**keys) -> ExportConfig:
+    """An export section with these keys, validated as a pipeline's YAML export section is."""
+    return from_options(ExportConfig, {key: (f"export.{key}", value) for key, value in keys.items()})
+
+
+def _export(checkpoint: Path, out: Path, **keys) -> export_module.ExportResult:
+    return export(checkpoint, out, _settings(**keys), device=CPU, progress=False)
 
 
 def _tree(root: Path) -> dict[str, bytes]:
@@ -79,8 +86,8 @@ def test_export_writes_files_shards_and_a_contact_sheet_that_the_loader_reads(ch
 
 def test_both_exported_folders_are_valid_prepare_sources(checkpoint, tmp_path):
     out = _export(checkpoint, tmp_path / "out", n=30, shard_size=16).out_dir
-    from_shards, _ = prepare(str(out / "shards"), tmp_path / "again-shards", PrepareSettings(), progress=False)
-    from_files, _ = prepare(str(out / "files"), tmp_path / "again-files", PrepareSettings(), progress=False)
+    from_shards, _ = prepare(DataConfig(str(out / "shards")), tmp_path / "again-shards", progress=False)
+    from_files, _ = prepare(DataConfig(str(out / "files")), tmp_path / "again-files", progress=False)
     for manifest in (from_shards, from_files):
         assert manifest.num_samples == 30 and not manifest.skipped
         assert manifest.class_histogram == {name: 3 for name in manifest.class_names}
@@ -131,7 +138,7 @@ def test_exported_jpeg_is_faithful_to_a_pil_encode(checkpoint, tmp_path):
 
 
 def test_jpeg_subsampling_png_level_and_lossless_webp_are_honoured(checkpoint, tmp_path):
-    fine = _export(checkpoint, tmp_path / "444", n=2, subsampling="4:4:4").files
+    fine = _export(checkpoint, tmp_path / "444", n=2, jpeg_subsampling="4:4:4").files
     coarse = _export(checkpoint, tmp_path / "420", n=2).files
     assert JpegImagePlugin.get_sampling(Image.open(next(fine.rglob("*.jpg")))) == 0  # 4:4:4
     assert JpegImagePlugin.get_sampling(Image.open(next(coarse.rglob("*.jpg")))) == 2  # 4:2:0
@@ -147,9 +154,9 @@ def test_jpeg_subsampling_png_level_and_lossless_webp_are_honoured(checkpoint, t
 
 
 def test_classes_as_names_or_per_class_counts(checkpoint, tmp_path):
-    listed = _export(checkpoint, tmp_path / "o", n=6, classes=("cat", "ship"))
+    listed = _export(checkpoint, tmp_path / "o", n=6, classes=["cat", "ship"])
     assert sorted(p.parent.name for p in listed.files.glob("*/*.jpg")) == ["cat"] * 3 + ["ship"] * 3
-    again = _export(checkpoint, tmp_path / "o", n=6, classes=("cat", "ship"))
+    again = _export(checkpoint, tmp_path / "o", n=6, classes=["cat", "ship"])
     assert again.up_to_date
     counted = _export(checkpoint, tmp_path / "counts", classes={"dog": 4, "frog": 1})
     assert counted.n == 5
@@ -157,7 +164,7 @@ def test_classes_as_names_or_per_class_counts(checkpoint, tmp_path):
         "seed0000000-c5-q95.jpg", "seed0000001-c5-q95.jpg", "seed0000002-c5-q95.jpg", "seed0000003-c5-q95.jpg",
         "seed0000004-c6-q95.jpg"]
     assert read_manifest(counted.shards).class_histogram["dog"] == 4
-    with pytest.raises(ConfigError, match="differs from the per-class counts, which add up to 5"):
+    with pytest.raises(ConfigError, match="export.n: 7 images, but the counts in export.classes add up to 5"):
         _export(checkpoint, tmp_path / "bad", n=7, classes={"dog": 4, "frog": 1})
 
 
@@ -252,11 +259,15 @@ def test_torchrun_ranks_share_the_parts_and_rank_0_writes_one_manifest(checkpoin
 
 
 def test_bad_requests_fail_before_any_work(checkpoint, tmp_path):
-    bad = [(dict(format="gif"), "format 'gif'"), (dict(quality=0), "quality 0"),
-           (dict(output="cloud"), "output 'cloud'"), (dict(subsampling="4:1:1"), "subsampling '4:1:1'"),
-           (dict(png_compress_level=10), "compress level 10"), (dict(truncation=0.01), "truncation 0.01"),
-           (dict(classes=("unicorn",)), "unknown 'unicorn'"), (dict(n=0), "n must be > 0"),
-           (dict(classes={"cat": 0}), "every per-class count must be >= 1"), (dict(classes=()), "at least one class")]
+    bad = [(dict(format="gif"), "export.format: must be one of jpeg, png, webp"),
+           (dict(quality=0), "export.quality: must be between 1 and 100"),
+           (dict(output="cloud"), "export.output: must be one of files, shards, both"),
+           (dict(jpeg_subsampling="4:1:1"), "export.jpeg_subsampling: must be one of 4:2:0, 4:4:4"),
+           (dict(png_compress_level=10), "export.png_compress_level: must be between 0 and 9"),
+           (dict(truncation=0.01), "export.truncation: must be at least 0.05"),
+           (dict(classes=["unicorn"]), "unknown 'unicorn'"), (dict(n=0), "export.n: must be > 0"),
+           (dict(classes={"cat": 0}), "export.classes: every count must be > 0"),
+           (dict(classes=[]), "export.classes: must not be empty")]
     for settings, message in bad:
         with pytest.raises(ConfigError, match=message):
             _export(checkpoint, tmp_path / "a", **settings)
@@ -271,7 +282,7 @@ def test_bad_requests_fail_before_any_work(checkpoint, tmp_path):
     with pytest.raises(ConfigError, match="holds other files"):
         _export(checkpoint, tmp_path / "busy", n=2)
     assert (tmp_path / "busy" / "mine.txt").read_text() == "keep me"
-    replaced = export(checkpoint, tmp_path / "busy", ExportSettings(n=2), device=CPU, progress=False, overwrite=True)
+    replaced = export(checkpoint, tmp_path / "busy", _settings(n=2), device=CPU, progress=False, overwrite=True)
     assert not (replaced.out_dir / "mine.txt").exists() and len(list(replaced.files.rglob("*.jpg"))) == 2
     with pytest.raises(ConfigError, match=r"holds an export made with other settings \(n, quality differ\).*"
                                           r"--overwrite to replace it"):
@@ -309,7 +320,7 @@ def test_asking_for_a_quality_the_model_cannot_give_is_refused_before_any_work(c
                                           r"leave out --quality-cond"):
         _export(checkpoint, tmp_path / "a", n=2, quality_cond=10)
     for bad in (0, 101):
-        with pytest.raises(ConfigError, match=f"quality condition {bad} must be between 1 and 100"):
+        with pytest.raises(ConfigError, match=fr"export.quality_cond: must be between 1 and 100 \(got {bad}\)"):
             _export(quality_checkpoint, tmp_path / "a", n=2, quality_cond=bad)
     assert not (tmp_path / "a").exists()
 
@@ -318,7 +329,7 @@ def test_asking_for_a_quality_the_model_cannot_give_is_refused_before_any_work(c
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (nvJPEG encode)")
 def test_gpu_export_encodes_with_nvjpeg_faithfully(checkpoint, tmp_path):
     cuda = torch.device("cuda")
-    out = export(checkpoint, tmp_path / "gpu", ExportSettings(n=20), device=cuda, progress=False)
+    out = export(checkpoint, tmp_path / "gpu", _settings(n=20), device=cuda, progress=False)
     G, _, z_dim = load_generator(load_checkpoint(checkpoint), ema=True, device=cuda)
     pixels = generate(G, z_dim, list(range(20)), torch.arange(20) % 10, cuda).permute(0, 2, 3, 1).cpu().numpy()
     for seed, array in enumerate(pixels):

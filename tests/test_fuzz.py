@@ -13,13 +13,14 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cgan_pipe.config import describe_keys, load_pipeline
+from cgan_pipe.config import PipelineConfig, load_pipeline
+from cgan_pipe.schema import describe_keys
 from cgan_pipe.data.manifest import parse_dali_index, parse_manifest
 from cgan_pipe.data.tars import iter_members
 from cgan_pipe.errors import ConfigError, DataError
 
 FUZZ = settings(max_examples=150, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
-KEYS = [doc.key for doc in describe_keys()]
+KEYS = [doc.key for doc in describe_keys(PipelineConfig)]
 SECTIONS = sorted({key.split(".")[0] for key in KEYS if "." in key})
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12), st.floats(allow_nan=True),

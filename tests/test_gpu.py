@@ -93,9 +93,10 @@ def test_a_default_training_step_on_a_gpu_makes_at_most_one_host_sync(small_shar
 @needs_cuda
 @pytest.mark.parametrize("subsampling, sampling", [("4:2:0", 2), ("4:4:4", 0)])
 def test_gpu_export_writes_the_chroma_subsampling_its_record_names(checkpoint, tmp_path, subsampling, sampling):
-    from cgan_pipe.export import ExportSettings, export
+    from cgan_pipe.config import ExportConfig
+    from cgan_pipe.export import export
 
-    out = export(checkpoint, tmp_path / "out", ExportSettings(n=20, subsampling=subsampling),
+    out = export(checkpoint, tmp_path / "out", ExportConfig(n=20, jpeg_subsampling=subsampling),
                  device=torch.device("cuda"), progress=False)
     assert json.loads((out.out_dir / "export.json").read_text())["subsampling"] == subsampling
     files = sorted(out.files.rglob("*.jpg"))

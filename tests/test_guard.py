@@ -41,3 +41,20 @@ def test_loading_an_optimizer_state_keeps_the_implementation_it_was_built_with()
     load_optimizer_state(fused, per_tensor.state_dict())
     assert fused.param_groups[0]["fused"] is True and fused.param_groups[0]["foreach"] is None
     assert all(state["step"].item() == 1 for state in fused.state.values())
+
+
+def test_with_several_d_updates_a_step_whose_first_d_update_is_skipped_is_counted():
+    torch.manual_seed(0)
+    d, g = nn.Linear(3, 1), nn.Linear(3, 1)
+    opt_d, opt_g = make_adam(d, 0.1, (0.0, 0.99)), make_adam(g, 0.1, (0.0, 0.99))
+    guard = StepGuard(CPU, 1, torch.amp.GradScaler("cpu", enabled=False))
+    x = torch.randn(4, 3)
+    for step in (1, 2):
+        for update in range(2):  # n_dis = 2: only step 1's first D update is poisoned
+            poison = math.nan if (step, update) == (1, 0) else 1.0
+            guard.step(d(x).square().mean() * poison, d, opt_d, "the discriminator loss", step)
+        guard.step(g(x).square().mean(), g, opt_g, "the generator loss", step)
+        guard.end_step()
+    report, _ = guard.read()
+    assert (report.skipped, report.longest_run) == (1, 1)
+    assert report.first[:2] == (1, "the discriminator loss")

@@ -3,6 +3,7 @@ other formats Pillow writes, text, empty and broken files; each format's pixels 
 
 from __future__ import annotations
 
+from dataclasses import replace
 import io
 import json
 import os
@@ -18,7 +19,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from cgan_pipe.data.inputs import IMAGE_SUFFIXES, count_by_kind
-from cgan_pipe.data.shards import PrepareSettings, prepare
+from cgan_pipe.config import DataConfig
+from cgan_pipe.data.shards import prepare
 from cgan_pipe.data.verify import inspect_shards
 
 from conftest import cifar_members, write_tar
@@ -135,7 +137,7 @@ PROPERTY = settings(max_examples=12, deadline=None, suppress_health_check=list(H
 def test_every_file_of_a_folder_is_kept_or_reported(files):
     with tempfile.TemporaryDirectory() as tmp:
         written = build_source(Path(tmp) / "src", files)
-        manifest, _ = prepare(str(Path(tmp) / "src"), Path(tmp) / "out", SETTINGS, workers=1, progress=False)
+        manifest, _ = prepare(replace(SETTINGS, source=str(Path(tmp) / "src")), Path(tmp) / "out", progress=False)
         check_accounting(manifest, Path(tmp) / "out", written)
 
 
@@ -145,7 +147,7 @@ def test_every_member_of_a_tar_is_kept_or_reported(files):
     with tempfile.TemporaryDirectory() as tmp:
         written = build_source(Path(tmp) / "src", files)
         source = write_tar(Path(tmp) / "src.tar", {f"src/{p}": data for p, data in written.items()})
-        manifest, _ = prepare(str(source), Path(tmp) / "out", SETTINGS, workers=1, progress=False)
+        manifest, _ = prepare(replace(SETTINGS, source=str(source)), Path(tmp) / "out", progress=False)
         check_accounting(manifest, Path(tmp) / "out", written, strip="src/")
 
 
@@ -156,7 +158,8 @@ def test_every_line_of_a_list_file_is_kept_or_reported(files, extra):
         written = build_source(Path(tmp), files)
         listed = [*written, *extra]  # a missing file, and a folder, are reported too
         (Path(tmp) / "list.txt").write_text("\n".join(listed) + "\n")
-        manifest, _ = prepare(str(Path(tmp) / "list.txt"), Path(tmp) / "out", SETTINGS, workers=1, progress=False)
+        manifest, _ = prepare(replace(SETTINGS, source=str(Path(tmp) / "list.txt")), Path(tmp) / "out",
+                              progress=False)
         assert manifest.inputs["files"] == len(listed)
         extras = {entry["source"]: entry["kind"] for entry in manifest.skipped if entry["source"] in extra}
         assert extras == {name: EXTRA_KINDS[name] for name in extra}
@@ -165,7 +168,7 @@ def test_every_line_of_a_list_file_is_kept_or_reported(files, extra):
         check_accounting(manifest, Path(tmp) / "out", written)
 
 
-SETTINGS = PrepareSettings(resolution=16, format="png", shard_size=64)
+SETTINGS = DataConfig("", resolution=16, format="png", shard_size=64, workers=1)  # + source
 EXTRA_KINDS = {"missing.jpg": "listed file does not exist", "cat": "not a regular file"}
 
 
@@ -181,8 +184,8 @@ def every_format(tmp_path_factory):
     for path, data in files.items():
         (root / path).parent.mkdir(parents=True, exist_ok=True)
         (root / path).write_bytes(data)
-    manifest, _ = prepare(str(root / "src"), root / "out", PrepareSettings(resolution=32, format="png"),
-                          workers=1, progress=False)
+    manifest, _ = prepare(DataConfig(str(root / "src"), resolution=32, format="png", workers=1), root / "out",
+                          progress=False)
     return root, manifest, files
 
 
@@ -232,8 +235,7 @@ def test_a_multi_frame_file_gives_its_first_frame_and_says_so(tmp_path, fmt, ext
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / f"moving.{ext}").write_bytes(data)
     (tmp_path / "src" / "still.jpg").write_bytes(JPEGS[0])
-    prepare(str(tmp_path / "src"), tmp_path / "out", PrepareSettings(resolution=24, format="png"), workers=1,
-            progress=False)
+    prepare(DataConfig(str(tmp_path / "src"), resolution=24, format="png", workers=1), tmp_path / "out", progress=False)
     meta = kept_sources(tmp_path / "out")[f"moving.{ext}"]
     assert (meta["frames"], meta["frame"]) == (3, 0)
     assert "frames" not in kept_sources(tmp_path / "out")["still.jpg"]
@@ -247,7 +249,7 @@ def test_inspect_counts_skipped_inputs_per_reason(tmp_path):
     written = build_source(tmp_path / "src", [("text", "cat", "none", 0), ("empty", "dog", "right", 0),
                                               ("truncated", "dog", "right", 5), ("ds_store", "cat", "none", 0),
                                               ("boxes", "dog", "right", 0), ("jpeg", "dog", "right", 1)])
-    prepare(str(tmp_path / "src"), tmp_path / "out", SETTINGS, workers=1, progress=False)
+    prepare(replace(SETTINGS, source=str(tmp_path / "src")), tmp_path / "out", progress=False)
     summary = inspect_shards(tmp_path / "out")
     assert summary["skipped"] == {"companion file": 2, "not an image": 1, "empty file": 1, "cannot decode": 1}
     assert summary["inputs"] == {"files": len(written), "kept": 2, "skipped": 5, "beyond_limit": 0}
@@ -261,7 +263,7 @@ def test_count_by_kind_reads_older_manifests_by_reason():
 
 def test_a_limit_leaves_the_rest_counted_as_beyond_it(tmp_path):
     source = write_tar(tmp_path / "s.tar", cifar_members("test", 3))
-    manifest, _ = prepare(str(source), tmp_path / "out", PrepareSettings(limit=7), workers=1, progress=False)
+    manifest, _ = prepare(DataConfig(str(source), limit=7, workers=1), tmp_path / "out", progress=False)
     assert manifest.inputs == {"files": 30, "kept": 7, "skipped": 0, "beyond_limit": 23}
 
 
@@ -272,7 +274,7 @@ def test_an_unreadable_file_and_folder_are_reported(tmp_path):
     (tmp_path / "src" / "dog" / "secret.jpg").chmod(0)
     (tmp_path / "src" / "locked").mkdir()
     (tmp_path / "src" / "locked").chmod(0)
-    manifest, _ = prepare(str(tmp_path / "src"), tmp_path / "out", SETTINGS, workers=1, progress=False)
+    manifest, _ = prepare(replace(SETTINGS, source=str(tmp_path / "src")), tmp_path / "out", progress=False)
     reasons = {entry["source"]: entry["reason"] for entry in manifest.skipped}
     assert reasons["dog/secret.jpg"].startswith("cannot read") and reasons["locked"].startswith("cannot read")
 
@@ -283,8 +285,7 @@ def test_a_colour_key_is_transparency_and_no_source_metadata_reaches_the_shards(
     (tmp_path / "src").mkdir()
     keyed.save(tmp_path / "src" / "keyed.png", transparency=(0, 255, 52))  # RGB with a tRNS colour key
     PICTURE.save(tmp_path / "src" / "profiled.png", icc_profile=b"not really a profile", dpi=(300, 300))
-    prepare(str(tmp_path / "src"), tmp_path / "out", PrepareSettings(resolution=16, format="png"), workers=1,
-            progress=False)
+    prepare(DataConfig(str(tmp_path / "src"), resolution=16, format="png", workers=1), tmp_path / "out", progress=False)
     with tarfile.open(tmp_path / "out" / "shard-000000.tar") as tar:
         samples = {json.loads(tar.extractfile(m.name.replace(".png", ".json")).read())["source"]:
                    Image.open(io.BytesIO(tar.extractfile(m).read())) for m in tar if m.name.endswith(".png")}
@@ -307,7 +308,7 @@ def test_an_unexpected_error_on_one_file_skips_it_and_names_it(tmp_path, monkeyp
     for name in ("a", "b", "c"):
         (tmp_path / "src" / "x").mkdir(parents=True, exist_ok=True)
         (tmp_path / "src" / "x" / f"{name}.jpg").write_bytes(JPEGS[0])
-    manifest, _ = prepare(str(tmp_path / "src"), tmp_path / "out", SETTINGS, workers=1, progress=False)
+    manifest, _ = prepare(replace(SETTINGS, source=str(tmp_path / "src")), tmp_path / "out", progress=False)
     assert manifest.num_samples == 2 and manifest.skipped == [
         {"source": "x/b.jpg", "kind": "cannot decode", "reason": "cannot decode: RuntimeError: a bug met on this file"}]
     assert "x/b.jpg: unexpected RuntimeError" in caplog.text

@@ -17,8 +17,9 @@ import yaml
 
 from cgan_pipe.atomic import TEMP_MARK
 from cgan_pipe.data.manifest import read_manifest
-from cgan_pipe.data.shards import PrepareSettings, prepare
-from cgan_pipe.export import ExportSettings, export
+from cgan_pipe.config import DataConfig, ExportConfig
+from cgan_pipe.data.shards import prepare
+from cgan_pipe.export import export
 from cgan_pipe.train.checkpoint import list_checkpoints, load_checkpoint
 
 
@@ -60,7 +61,7 @@ def _leftovers(*folders: Path) -> list[Path]:
 @pytest.fixture(scope="module")
 def clean_prepare(cifar_tar, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("clean") / "shards"  # 16 shards of 50
-    prepare(str(cifar_tar), out, PrepareSettings(shard_size=50, format="png"), workers=1, progress=False)
+    prepare(DataConfig(str(cifar_tar), shard_size=50, format="png", workers=1), out, progress=False)
     return out
 
 
@@ -112,7 +113,7 @@ def test_generate_killed_anywhere_reruns_to_the_uninterrupted_result(checkpoint,
     _kill_at_random(command, lambda: len(list(work.glob(".part-*.done.json"))), 20, seed)
     assert not out.exists() or (out / "export.json").exists()  # nothing that looks complete before it is
     subprocess.run(command, check=True, capture_output=True, timeout=300)
-    clean = export(checkpoint, tmp_path / "clean", ExportSettings(n=2000, batch_size=10, shard_size=100),
+    clean = export(checkpoint, tmp_path / "clean", ExportConfig(n=2000, batch_size=10, shard_size=100),
                    device=torch.device("cpu"), progress=False).out_dir
 
     def tree(root: Path) -> dict[str, bytes]:

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from cgan_pipe.data.listing import ListingWriter, listing_base, shuffled_positions
-from cgan_pipe.data.shards import PrepareSettings, prepare
+from cgan_pipe.config import DataConfig
+from cgan_pipe.data.shards import prepare
 
 from conftest import cifar_members
 
@@ -55,7 +56,7 @@ def test_a_path_listed_twice_is_prepared_once(tmp_path):
         (tmp_path / name).write_bytes(data)
     first = next(iter(members))
     (tmp_path / "list.txt").write_text("\n".join([*members, first]) + "\n")
-    manifest, _ = prepare(str(tmp_path / "list.txt"), tmp_path / "out", PrepareSettings(), progress=False)
+    manifest, _ = prepare(DataConfig(str(tmp_path / "list.txt")), tmp_path / "out", progress=False)
     assert manifest.num_samples == 10
     assert manifest.skipped == [{"source": first, "kind": "duplicate name",
                                  "reason": "duplicate name: the first copy is used"}]

@@ -9,9 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from cgan_pipe.config import LoaderConfig
-from cgan_pipe.data.loader import open_loader, parse_ascii_labels
-from cgan_pipe.data.shards import PrepareSettings, prepare
+from cgan_pipe.config import DataConfig, LoaderConfig
+from cgan_pipe.data.loader import open_loader
+from cgan_pipe.data.batch import parse_ascii_labels
+from cgan_pipe.data.shards import prepare
 from cgan_pipe.errors import ConfigError, DataError
 from cgan_pipe.metrics.quality import block_edge_ratio, block_steps
 
@@ -25,7 +26,7 @@ def one_per_class(tmp_path_factory):
     """Shards holding the first test image of every class, and those images decoded by Pillow."""
     members = cifar_members("test", 1)
     root = tmp_path_factory.mktemp("one")
-    prepare(str(write_tar(root / "src.tar", members)), root / "shards", PrepareSettings(), progress=False)
+    prepare(DataConfig(str(write_tar(root / "src.tar", members))), root / "shards", progress=False)
     reference = {name.split("/")[1]: np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float32)
                  for name, data in members.items()}
     return root / "shards", reference
@@ -68,7 +69,7 @@ def test_known_images_arrive_with_their_class(one_per_class, backend):
 
 def test_unlabelled_shards_give_zero_labels(tmp_path):
     members = {f"imgs/{i}.jpg": data for i, data in enumerate(cifar_members("test", 1).values())}
-    prepare(str(write_tar(tmp_path / "u.tar", members)), tmp_path / "s", PrepareSettings(), progress=False)
+    prepare(DataConfig(str(write_tar(tmp_path / "u.tar", members))), tmp_path / "s", progress=False)
     for backend in BACKENDS:
         loader = open_loader(tmp_path / "s", LoaderConfig(backend=backend, threads=1), 5, 0, torch.device("cpu"))
         assert loader.info.num_classes == 0
@@ -130,7 +131,7 @@ def test_gpu_decode_never_writes_into_memory_queued_kernels_still_read():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_batches_reach_the_gpu_without_a_host_sync():
-    from cgan_pipe.data.loader import to_device
+    from cgan_pipe.data.batch import to_device
 
     labels = torch.arange(64)
     torch.cuda.set_sync_debug_mode("error")  # a synchronising call raises
@@ -364,7 +365,7 @@ def test_batches_carry_each_samples_jpeg_quality_when_asked(quality_shards, smal
 def test_a_set_without_quality_metadata_is_refused_with_how_to_make_one(tmp_path):
     out = tmp_path / "png"
     source = write_tar(tmp_path / "src.tar", cifar_members("test", 1))
-    prepare(str(source), out, PrepareSettings(format="png"), progress=False)
+    prepare(DataConfig(str(source), format="png"), out, progress=False)
     with pytest.raises(ConfigError, match=r"10 samples have no JPEG quality .* --quality 10,30,50,75,95"):
         open_loader(out, LoaderConfig(threads=1), 5, 0, torch.device("cpu"), with_quality=True)
 

@@ -8,7 +8,9 @@ import sys
 
 import pytest
 
-from cgan_pipe.data.shards import PrepareSettings, prepare
+from cgan_pipe.config import DataConfig
+
+from cgan_pipe.data.shards import prepare
 from conftest import CIFAR, ROOT, needs_full_cifar
 
 
@@ -16,7 +18,7 @@ from conftest import CIFAR, ROOT, needs_full_cifar
 @needs_full_cifar
 def test_classifier_fd_rises_at_every_rung_of_every_ladder(tmp_path):
     shards = tmp_path / "shards"
-    prepare(str(CIFAR / "train.tar"), shards, PrepareSettings(), progress=False)  # the cifar preset's data settings
+    prepare(DataConfig(str(CIFAR / "train.tar")), shards, progress=False)  # the cifar preset's data settings
     report = tmp_path / "ladder.json"
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "metric_ladder.py"), str(shards),
                            str(CIFAR / "test.tar"), "--n", "5000", "--json", str(report)],

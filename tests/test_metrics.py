@@ -18,7 +18,8 @@ from torch import nn
 
 from cgan_pipe.cli import main
 from cgan_pipe.config import EvalConfig, LoaderConfig
-from cgan_pipe.data.loader import DatasetInfo, open_loader
+from cgan_pipe.data.batch import DatasetInfo
+from cgan_pipe.data.loader import open_loader
 from cgan_pipe.errors import ConfigError, DataError
 from cgan_pipe.metrics import inception
 from cgan_pipe.metrics.evaluate import Evaluator, check_eval_settings, inception_weights

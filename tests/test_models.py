@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cgan_pipe.config import CompressionConfig, ModelConfig
-from cgan_pipe.data.loader import DatasetInfo
+from cgan_pipe.data.batch import DatasetInfo
 from cgan_pipe.models import build_networks
 from cgan_pipe.models.resnet import ConditionalBatchNorm
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cgan_pipe.config import to_dict
-from cgan_pipe.data.shards import PrepareSettings, prepare
+from cgan_pipe.config import DataConfig, to_dict
+from cgan_pipe.data.shards import prepare
 
 from conftest import small_config
 
@@ -115,8 +115,7 @@ CLI = str(Path(sys.executable).with_name("cgan-pipe"))
 @pytest.fixture(scope="module")
 def shards(cifar_tar, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards") / "shards"
-    prepare(str(cifar_tar), out, PrepareSettings(shard_size=100, resolution=64, format="png"), workers=1,
-            progress=False)
+    prepare(DataConfig(str(cifar_tar), shard_size=100, resolution=64, format="png", workers=1), out, progress=False)
     return out
 
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from cgan_pipe.config import load_pipeline
+from cgan_pipe.config import DataConfig, load_pipeline
 from cgan_pipe.data.manifest import read_manifest
-from cgan_pipe.data.shards import PrepareSettings, prepare
+from cgan_pipe.data.shards import prepare
 from cgan_pipe.errors import ConfigError
 
 from conftest import cifar_members
@@ -47,7 +47,7 @@ def test_archive_members_never_choose_where_files_go(tmp_path):
             link.type, link.linkname = kind, "../../../etc/passwd"
             tar.addfile(link)
     before = set(tmp_path.rglob("*"))
-    manifest, _ = prepare(str(tmp_path / "evil.tar"), tmp_path / "shards", PrepareSettings(), progress=False)
+    manifest, _ = prepare(DataConfig(str(tmp_path / "evil.tar")), tmp_path / "shards", progress=False)
     assert manifest.num_samples == 2 and manifest.class_names == ["cat", "dog"]
     assert {entry["source"] for entry in manifest.skipped} >= {str(outside / "abs.jpg"), "data/../../outside/up.jpg",
                                                                 "data/cat/../../../outside/deep.jpg"}

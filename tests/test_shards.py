@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 import io
 import json
 import shutil
@@ -17,11 +18,11 @@ import torch
 from PIL import Image, JpegImagePlugin
 
 from cgan_pipe.compression import estimate_jpeg_quality
-from cgan_pipe.config import LoaderConfig
+from cgan_pipe.config import DataConfig, LoaderConfig, config_from_dict
 from cgan_pipe.data.loader import open_loader
 from cgan_pipe.data.manifest import read_manifest
 from cgan_pipe.data.fingerprint import file_sha256
-from cgan_pipe.data.shards import PrepareSettings, ShardSample, ShardWriter, dali_index, merge_shards, prepare
+from cgan_pipe.data.shards import ShardSample, ShardWriter, dali_index, merge_shards, prepare
 from cgan_pipe.data.verify import verify_shards
 from cgan_pipe.errors import ConfigError, DataError
 
@@ -81,18 +82,18 @@ def test_shards_are_written_in_ustar_format(small_shards):
 
 def test_rerun_is_a_no_op_and_same_settings_give_identical_bytes(small_tar, small_shards, tmp_path):
     before = {p.name: p.stat().st_mtime_ns for p in small_shards.iterdir()}
-    manifest, up_to_date = prepare(str(small_tar), small_shards, PrepareSettings(shard_size=120), progress=False)
+    manifest, up_to_date = prepare(DataConfig(str(small_tar), shard_size=120), small_shards, progress=False)
     assert up_to_date and {p.name: p.stat().st_mtime_ns for p in small_shards.iterdir()} == before
-    again, up_to_date = prepare(str(small_tar), tmp_path, PrepareSettings(shard_size=120), progress=False)
+    again, up_to_date = prepare(DataConfig(str(small_tar), shard_size=120), tmp_path, progress=False)
     assert not up_to_date
     assert [s.sha256 for s in again.shards] == [s.sha256 for s in manifest.shards]
 
 
 def test_changed_settings_rebuild_and_remove_stale_shards(small_tar, tmp_path):
-    prepare(str(small_tar), tmp_path, PrepareSettings(shard_size=50), progress=False)
+    prepare(DataConfig(str(small_tar), shard_size=50), tmp_path, progress=False)
     assert len(list(tmp_path.glob("shard-*.tar"))) == 4
     (tmp_path / ".shard-000009.tar.tmp-123").write_bytes(b"partial")  # left by a killed run
-    manifest, up_to_date = prepare(str(small_tar), tmp_path, PrepareSettings(shard_size=150), progress=False)
+    manifest, up_to_date = prepare(DataConfig(str(small_tar), shard_size=150), tmp_path, progress=False)
     assert not up_to_date and len(manifest.shards) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "manifest.json", "shard-000000.idx", "shard-000000.tar", "shard-000001.idx", "shard-000001.tar"]
@@ -100,8 +101,8 @@ def test_changed_settings_rebuild_and_remove_stale_shards(small_tar, tmp_path):
 
 @pytest.mark.parametrize("fmt,ext", [("png", "png"), ("webp", "webp"), ("jpeg", "jpg")])
 def test_resize_and_reencode(small_tar, tmp_path, fmt, ext):
-    settings = PrepareSettings(resolution=16, format=fmt, quality=60, limit=12)
-    manifest, _ = prepare(str(small_tar), tmp_path, settings, progress=False)
+    settings = DataConfig(str(small_tar), resolution=16, format=fmt, quality=60, limit=12)
+    manifest, _ = prepare(settings, tmp_path, progress=False)
     assert manifest.num_samples == 12 and manifest.image_format == fmt
     for sample in read_samples(tmp_path / "shard-000000.tar").values():
         image = Image.open(io.BytesIO(sample[ext]))
@@ -115,8 +116,8 @@ def test_resize_and_reencode(small_tar, tmp_path, fmt, ext):
 
 
 def test_reencode_sends_jpegs_at_size_through_the_encoder(small_tar, tmp_path):
-    settings = PrepareSettings(quality=90, reencode=True, limit=20)
-    prepare(str(small_tar), tmp_path, settings, progress=False)
+    settings = DataConfig(str(small_tar), quality=90, reencode=True, limit=20)
+    prepare(settings, tmp_path, progress=False)
     for sample in read_samples(tmp_path / "shard-000000.tar").values():
         meta = json.loads(sample["json"])
         assert meta["reencoded"] is True and meta["quality"] == 90
@@ -124,17 +125,17 @@ def test_reencode_sends_jpegs_at_size_through_the_encoder(small_tar, tmp_path):
 
 
 def test_shard_bytes_sizes_shards_near_the_target_and_stays_deterministic(small_tar, tmp_path):
-    settings = PrepareSettings(shard_bytes=60_000)
-    manifest, _ = prepare(str(small_tar), tmp_path / "a", settings, progress=False)
+    settings = DataConfig(str(small_tar), shard_bytes="60000")
+    manifest, _ = prepare(settings, tmp_path / "a", progress=False)
     assert len(manifest.shards) > 3 and manifest.num_samples == 200
     for shard in manifest.shards[:-1]:  # the last one holds what is left
         assert 0.8 * 60_000 <= shard.bytes <= 1.2 * 60_000
-    again, _ = prepare(str(small_tar), tmp_path / "b", settings, workers=2, progress=False)
+    again, _ = prepare(replace(settings, workers=2), tmp_path / "b", progress=False)
     assert [s.sha256 for s in again.shards] == [s.sha256 for s in manifest.shards]
 
 
 def test_the_progress_bar_counts_every_image_written_by_the_workers(small_tar, tmp_path, capsys):
-    prepare(str(small_tar), tmp_path, PrepareSettings(shard_size=60), workers=2, progress=True)
+    prepare(DataConfig(str(small_tar), shard_size=60, workers=2), tmp_path, progress=True)
     assert "200/200" in capsys.readouterr().err
 
 
@@ -145,7 +146,7 @@ def test_bad_images_are_skipped_with_reasons(tmp_path):
     members["test/cat/empty.jpg"] = b""
     members["test/dog/not-an-image.png"] = b"hello, world"
     source = write_tar(tmp_path / "mixed.tar", members)
-    manifest, _ = prepare(str(source), tmp_path / "out", PrepareSettings(), progress=False)
+    manifest, _ = prepare(DataConfig(str(source)), tmp_path / "out", progress=False)
     assert manifest.num_samples == 30
     assert {s["source"]: s["reason"] for s in manifest.skipped} == {
         "test/cat/empty.jpg": "empty file",
@@ -158,7 +159,7 @@ def test_a_source_with_no_usable_image_is_an_error(tmp_path):
     source = write_tar(tmp_path / "bad.tar", {"x/a/1.jpg": b"junk", "x/b/2.jpg": b"junk"})
     with pytest.raises(DataError, match=r"none of its 2 files could be used \(2 not an image; "
                                         r"e.g. x/./.\.jpg: not an image: text file\)"):
-        prepare(str(source), tmp_path / "out", PrepareSettings(), progress=False)
+        prepare(DataConfig(str(source)), tmp_path / "out", progress=False)
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
@@ -166,7 +167,7 @@ def test_an_unreadable_source_leaves_existing_shards_alone(small_shards, tmp_pat
     copy = tmp_path / "copy"
     shutil.copytree(small_shards, copy)
     with pytest.raises(DataError, match="does not exist"):
-        prepare(str(tmp_path / "typo.tar"), copy, PrepareSettings(shard_size=120), progress=False)
+        prepare(DataConfig(str(tmp_path / "typo.tar"), shard_size=120), copy, progress=False)
     assert read_manifest(copy).num_samples == 200
 
 
@@ -190,8 +191,8 @@ def test_a_shard_interrupted_mid_write_never_gets_a_final_name(tmp_path):
 
 
 def test_the_number_of_workers_does_not_change_the_shards(small_tar, tmp_path):
-    one, _ = prepare(str(small_tar), tmp_path / "one", PrepareSettings(shard_size=30), workers=1, progress=False)
-    two, _ = prepare(str(small_tar), tmp_path / "two", PrepareSettings(shard_size=30), workers=2, progress=False)
+    one, _ = prepare(DataConfig(str(small_tar), shard_size=30, workers=1), tmp_path / "one", progress=False)
+    two, _ = prepare(DataConfig(str(small_tar), shard_size=30, workers=2), tmp_path / "two", progress=False)
     assert len(one.shards) == 7
     assert [s.sha256 for s in one.shards] == [s.sha256 for s in two.shards]
     assert one.class_histogram == two.class_histogram and one.skipped == two.skipped == []
@@ -209,8 +210,8 @@ def test_keep_copies_rgb_images_at_size_and_writes_the_rest_as_png(tmp_path):
 
     files = {"d/cat/a.jpg": jpeg, "d/cat/b.png": save(rgb, "PNG"), "d/dog/c.webp": save(rgb, "WEBP"),
              "d/dog/grey.png": save(rgb.convert("L"), "PNG"), "d/dog/big.jpg": save(rgb.resize((48, 48)), "JPEG")}
-    manifest, _ = prepare(str(write_tar(tmp_path / "s.tar", files)), tmp_path / "o", PrepareSettings(format="keep"),
-                          progress=False)
+    source = write_tar(tmp_path / "s.tar", files)
+    manifest, _ = prepare(DataConfig(str(source), format="keep"), tmp_path / "o", progress=False)
     samples = {json.loads(s["json"])["source"]: s for s in read_samples(tmp_path / "o" / "shard-000000.tar").values()}
     assert samples["d/cat/a.jpg"]["jpg"] == jpeg
     assert samples["d/cat/b.png"]["png"] == files["d/cat/b.png"]
@@ -239,12 +240,12 @@ def _only_sample(out_dir: Path, source: str) -> dict[str, bytes]:
 def test_resize_policies_pad_and_reject(tmp_path):
     wide = Image.new("RGB", (64, 32), (200, 30, 30))
     source = str(_one_image_tar(tmp_path, wide))
-    prepare(source, tmp_path / "pad", PrepareSettings(resize="pad", format="png"), progress=False)
+    prepare(DataConfig(source, resize="pad", format="png"), tmp_path / "pad", progress=False)
     padded = np.asarray(Image.open(io.BytesIO(_only_sample(tmp_path / "pad", "d/cat/x.png")["png"])))
     assert padded.shape == (32, 32, 3)
     assert padded[0].max() == 0 and padded[-1].max() == 0  # black bars above and below
     assert abs(int(padded[16, 16, 0]) - 200) <= 2  # the picture itself in the middle
-    manifest, _ = prepare(source, tmp_path / "rej", PrepareSettings(resize="reject"), progress=False)
+    manifest, _ = prepare(DataConfig(source, resize="reject"), tmp_path / "rej", progress=False)
     assert manifest.num_samples == 1
     assert manifest.skipped == [{"source": "d/cat/x.png", "kind": "wrong size",
                                  "reason": "wrong size: 64x32 is not 32x32 (resize policy 'reject')"}]
@@ -253,23 +254,23 @@ def test_resize_policies_pad_and_reject(tmp_path):
 def test_encoder_options(tmp_path):
     image = Image.open(io.BytesIO(cifar_members("test", 1)["test/frog/0000.jpg"])).convert("RGB")
     source = str(_one_image_tar(tmp_path, image))
-    prepare(source, tmp_path / "j", PrepareSettings(jpeg_subsampling="4:4:4", quality=90), progress=False)
+    prepare(DataConfig(source, jpeg_subsampling="4:4:4", quality=90), tmp_path / "j", progress=False)
     jpeg = Image.open(io.BytesIO(_only_sample(tmp_path / "j", "d/cat/x.png")["jpg"]))
     assert JpegImagePlugin.get_sampling(jpeg) == 0  # 4:4:4
-    prepare(source, tmp_path / "w", PrepareSettings(format="webp", webp_lossless=True), progress=False)
+    prepare(DataConfig(source, format="webp", webp_lossless=True), tmp_path / "w", progress=False)
     sample = _only_sample(tmp_path / "w", "d/cat/x.png")
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(sample["webp"])).convert("RGB")), np.asarray(image))
     assert json.loads(sample["json"])["quality"] is None
     sizes = {}
     for level in (0, 9):
-        prepare(source, tmp_path / f"p{level}", PrepareSettings(format="png", png_compress_level=level), progress=False)
+        prepare(DataConfig(source, format="png", png_compress_level=level), tmp_path / f"p{level}", progress=False)
         sizes[level] = len(_only_sample(tmp_path / f"p{level}", "d/cat/x.png")["png"])
     assert sizes[0] > sizes[9]
 
 
 def test_multi_quality_writes_each_image_once_per_quality(small_tar, tmp_path):
-    settings = PrepareSettings(qualities=(10, 50, 90), shard_size=30, limit=20)
-    manifest, _ = prepare(str(small_tar), tmp_path, settings, progress=False)
+    settings = DataConfig(str(small_tar), qualities=[10, 50, 90], shard_size=30, limit=20)
+    manifest, _ = prepare(settings, tmp_path, progress=False)
     assert manifest.num_samples == 60 and [s.samples for s in manifest.shards] == [30, 30]
     assert manifest.quality_histogram == {"10": 20, "50": 20, "90": 20}
     by_source: dict[str, list[int]] = {}
@@ -280,40 +281,40 @@ def test_multi_quality_writes_each_image_once_per_quality(small_tar, tmp_path):
             assert int(key) % 3 == [10, 50, 90].index(meta["quality"])  # key = input position * 3 + variant
             by_source.setdefault(meta["source"], []).append(meta["quality"])
     assert len(by_source) == 20 and all(sorted(q) == [10, 50, 90] for q in by_source.values())
-    again, up_to_date = prepare(str(small_tar), tmp_path, settings, progress=False)
+    again, up_to_date = prepare(settings, tmp_path, progress=False)
     assert up_to_date
 
 
 def test_random_quality_mode_is_seeded_and_worker_independent(small_tar, tmp_path):
-    settings = PrepareSettings(qualities=(10, 30, 50, 75, 95), quality_mode="random", shard_size=40)
-    one, _ = prepare(str(small_tar), tmp_path / "a", settings, workers=1, progress=False)
-    two, _ = prepare(str(small_tar), tmp_path / "b", settings, workers=2, progress=False)
+    settings = DataConfig(str(small_tar), qualities=[10, 30, 50, 75, 95], quality_mode="random", shard_size=40)
+    one, _ = prepare(replace(settings, workers=1), tmp_path / "a", progress=False)
+    two, _ = prepare(replace(settings, workers=2), tmp_path / "b", progress=False)
     assert one.num_samples == 200 and len(one.quality_histogram) == 5
     assert [s.sha256 for s in one.shards] == [s.sha256 for s in two.shards]
 
 
-def test_several_qualities_need_a_lossy_format(small_tar, tmp_path):
-    with pytest.raises(ConfigError, match="need a lossy format"):
-        prepare(str(small_tar), tmp_path, PrepareSettings(format="png", qualities=(10, 20)), progress=False)
+def test_several_qualities_need_a_lossy_format():
+    with pytest.raises(ConfigError, match="data.qualities: several qualities need a lossy format"):
+        config_from_dict({"name": "t", "data": {"source": "x", "format": "png", "qualities": [10, 20]}})
 
 
 def test_ranks_write_their_own_shards_and_merge_into_one_set(small_tar, tmp_path):
-    settings = PrepareSettings(shard_size=30)
-    single, _ = prepare(str(small_tar), tmp_path / "single", settings, progress=False)
+    settings = DataConfig(str(small_tar), shard_size=30)
+    single, _ = prepare(settings, tmp_path / "single", progress=False)
     out = tmp_path / "ranks"
-    manifest, _ = prepare(str(small_tar), out, settings, rank=1, world_size=2, progress=False)
+    manifest, _ = prepare(settings, out, rank=1, world_size=2, progress=False)
     assert manifest is None
     assert sorted(p.name for p in out.glob("shard-*.tar")) == ["shard-000001.tar", "shard-000003.tar",
                                                                "shard-000005.tar"]
     with pytest.raises(DataError, match="4 of 7 shards are not written yet"):
         merge_shards(out)
-    prepare(str(small_tar), out, settings, rank=0, world_size=2, progress=False)  # leaves rank 1's shards be
+    prepare(settings, out, rank=0, world_size=2, progress=False)  # leaves rank 1's shards be
     merged = merge_shards(out)
     assert [s.sha256 for s in merged.shards] == [s.sha256 for s in single.shards]
     assert merged.settings == single.settings and merged.num_samples == 200
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "single").iterdir())
     with pytest.raises(ConfigError, match="rank 2 is not in 0..1"):
-        prepare(str(small_tar), out, settings, rank=2, world_size=2, progress=False)
+        prepare(settings, out, rank=2, world_size=2, progress=False)
 
 
 def test_under_torchrun_the_ranks_split_the_work_and_rank_0_writes_the_manifest(small_tar, tmp_path):
@@ -326,7 +327,7 @@ def test_under_torchrun_the_ranks_split_the_work_and_rank_0_writes_the_manifest(
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("200 samples in 7 shards") == 1  # rank 0 reports, once
-    single, _ = prepare(str(small_tar), tmp_path / "single", PrepareSettings(shard_size=30), progress=False)
+    single, _ = prepare(DataConfig(str(small_tar), shard_size=30), tmp_path / "single", progress=False)
     assert [s.sha256 for s in read_manifest(tmp_path / "out").shards] == [s.sha256 for s in single.shards]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == \
         sorted(p.name for p in (tmp_path / "single").iterdir())

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cgan_pipe.data.shards import PrepareSettings, prepare
+from cgan_pipe.config import DataConfig
+
+from cgan_pipe.data.shards import prepare
 from cgan_pipe.data.sources import CIFAR10_CLASSES, label_folders, open_source
 from cgan_pipe.data.verify import verify_shards
 from cgan_pipe.errors import DataError
@@ -112,8 +114,7 @@ def test_cifar_archive_with_code_in_its_pickle_is_refused(tmp_path):
 
 
 def test_a_shard_set_is_a_source_for_resharding(small_shards, tmp_path):
-    manifest, _ = prepare(str(small_shards), tmp_path / "re", PrepareSettings(format="png", shard_size=50),
-                          progress=False)
+    manifest, _ = prepare(DataConfig(str(small_shards), format="png", shard_size=50), tmp_path / "re", progress=False)
     assert manifest.num_samples == 200 and len(manifest.shards) == 4
     assert manifest.class_histogram == {c: 20 for c in CLASSES}  # class ids survive the round trip
     assert manifest.quality_histogram == {"None": 200}

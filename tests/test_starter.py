@@ -6,7 +6,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from cgan_pipe.cli import main
-from cgan_pipe.config import describe_keys, load_pipeline
+from cgan_pipe.config import PipelineConfig, load_pipeline
+from cgan_pipe.schema import describe_keys
 from cgan_pipe.starter import pipeline_name, starter_yaml, suggest, survey_source
 
 
@@ -20,7 +21,7 @@ def test_init_on_a_tar_of_class_folders_writes_a_commented_pipeline_that_loads(s
     assert cfg.data.resolution == 32 and cfg.data.format == "jpeg" and cfg.train.max_minutes == 15
     lines = out.read_text().splitlines()
     assert "# Found 200 images, 10 classes (airplane: 20," in "\n".join(lines)
-    for doc in describe_keys():  # every key, each under a comment saying what it means
+    for doc in describe_keys(PipelineConfig):  # every key, each under a comment saying what it means
         leaf = doc.key.rpartition(".")[2]
         indent = "  " if "." in doc.key else ""
         at = next(i for i, line in enumerate(lines) if line.startswith(f"{indent}{leaf}: "))

@@ -9,7 +9,8 @@ import tarfile
 import pytest
 
 from cgan_pipe.data import tars
-from cgan_pipe.data.shards import PrepareSettings, prepare
+from cgan_pipe.config import DataConfig
+from cgan_pipe.data.shards import prepare
 from cgan_pipe.data.sources import open_source
 from cgan_pipe.errors import DataError
 
@@ -100,7 +101,7 @@ def test_a_gzipped_tar_is_decompressed_once_and_read_in_place(tmp_path):
 def test_prepare_from_a_gzipped_tar_equals_the_plain_tar_and_cleans_up(small_tar, tmp_path):
     packed = tmp_path / "small.tar.gz"
     packed.write_bytes(gzip.compress(small_tar.read_bytes()))
-    from_plain, _ = prepare(str(small_tar), tmp_path / "plain", PrepareSettings(shard_size=120), progress=False)
-    from_gzip, _ = prepare(str(packed), tmp_path / "gz", PrepareSettings(shard_size=120), progress=False)
+    from_plain, _ = prepare(DataConfig(str(small_tar), shard_size=120), tmp_path / "plain", progress=False)
+    from_gzip, _ = prepare(DataConfig(str(packed), shard_size=120), tmp_path / "gz", progress=False)
     assert [s.sha256 for s in from_gzip.shards] == [s.sha256 for s in from_plain.shards]
     assert sorted(p.name for p in (tmp_path / "gz").iterdir()) == sorted(p.name for p in (tmp_path / "plain").iterdir())

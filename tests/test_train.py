@@ -16,7 +16,9 @@ from cgan_pipe.errors import ConfigError, DataError, TrainingError
 from cgan_pipe.train.checkpoint import list_checkpoints, load_checkpoint
 from cgan_pipe.train.loop import train
 
-from cgan_pipe.data.shards import PrepareSettings, prepare
+from cgan_pipe.config import DataConfig
+
+from cgan_pipe.data.shards import prepare
 
 from conftest import ROOT, cifar_members, small_config, write_tar
 
@@ -226,7 +228,7 @@ def test_condition_mode_trains_g_and_d_on_each_samples_recorded_quality(quality_
     assert state["dataset"]["qualities"] == [10, 50, 90]
     assert any(key.startswith("embed_quality.") for key in state["G"]) and \
         any(key.startswith("embed_quality.") for key in state["D"])
-    from cgan_pipe.export import generate, load_generator
+    from cgan_pipe.generation import generate, load_generator
 
     G, _, z_dim = load_generator(state, ema=True, device=torch.device("cpu"))
     labels = torch.zeros(4, dtype=torch.int64)
@@ -261,26 +263,26 @@ def test_condition_mismatch_shows_d_reals_with_wrong_qualities_and_changes_its_u
 
 
 def test_condition_mode_on_shards_without_qualities_says_how_to_make_them(small_tar, tmp_path):
-    from cgan_pipe.data.shards import PrepareSettings, prepare
+    from cgan_pipe.data.shards import prepare
 
     png = tmp_path / "png"
-    prepare(str(small_tar), png, PrepareSettings(format="png", shard_size=120), progress=False)
+    prepare(DataConfig(str(small_tar), format="png", shard_size=120), png, progress=False)
     cfg = small_config(tmp_path / "run", {"compression": {"mode": "condition"}}, steps=2)
     with pytest.raises(ConfigError, match=r"no JPEG quality .*cgan-pipe prepare SOURCE OUT --format jpeg"):
         train(cfg, png, tmp_path / "run", progress=False)
 
 
 def test_ambient_mode_compresses_fakes_at_the_drawn_quality_before_d_sees_them(small_shards, tmp_path, monkeypatch):
-    import cgan_pipe.train.loop as loop
+    import cgan_pipe.train.loss as loss
 
-    seen, simulate = [], loop.simulate_jpeg
+    seen, simulate = [], loss.simulate_jpeg
 
     def recording(images, quality, rounding):
         seen.append(quality.detach().round())
         assert rounding == "straight_through"
         return simulate(images, quality, rounding)
 
-    monkeypatch.setattr(loop, "simulate_jpeg", recording)
+    monkeypatch.setattr(loss, "simulate_jpeg", recording)
     cfg = small_config(tmp_path, {"compression": {"mode": "ambient", "ambient_rounding": "straight_through"},
                                   "loader": {"jpeg_distort": [20, 30]}}, steps=2)
     result = train(cfg, small_shards, tmp_path, progress=False)
@@ -294,15 +296,15 @@ def test_ambient_mode_compresses_fakes_at_the_drawn_quality_before_d_sees_them(s
 
 
 def test_ambient_recode_reals_passes_the_real_batch_through_the_same_codec(small_shards, tmp_path, monkeypatch):
-    import cgan_pipe.train.loop as loop
+    import cgan_pipe.train.loss as loss
 
-    coded, simulate = [], loop.simulate_jpeg
+    coded, simulate = [], loss.simulate_jpeg
 
     def recording(images, quality, rounding):
         coded.append(images.requires_grad)  # reals carry no gradient; fakes in the G phase do
         return simulate(images, quality, rounding)
 
-    monkeypatch.setattr(loop, "simulate_jpeg", recording)
+    monkeypatch.setattr(loss, "simulate_jpeg", recording)
     cfg = small_config(tmp_path, {"compression": {"mode": "ambient", "ambient_recode_reals": True},
                                   "loader": {"jpeg_distort": [20, 30]}}, steps=2)
     train(cfg, small_shards, tmp_path, progress=False)
@@ -358,7 +360,7 @@ def test_r1_under_fp16_loss_scaling_is_applied_not_overflowed(small_shards, tmp_
     if not labelled:
         members = {f"imgs/{i}.jpg": data for i, data in enumerate(cifar_members("test", 4).values())}
         small_shards = tmp_path / "unlabelled"
-        prepare(str(write_tar(tmp_path / "u.tar", members)), small_shards, PrepareSettings(), progress=False)
+        prepare(DataConfig(str(write_tar(tmp_path / "u.tar", members))), small_shards, progress=False)
 
     cfg = small_config(tmp_path / "run", steps=3, r1_gamma=1.0, r1_every=1, log_every=1)  # on_nonfinite: stop
     train(cfg, small_shards, tmp_path / "run", progress=False)  # a non-finite penalty raises TrainingError

@@ -6,14 +6,14 @@ import sys
 from pathlib import Path
 
 from cgan_pipe.config import load_pipeline
-from cgan_pipe.data.loader import open_loader, rank_and_world
+from cgan_pipe.data.loader import open_loader
 from cgan_pipe.devices import resolve_device
-from cgan_pipe.distributed import process_group
+from cgan_pipe.distributed import rank_and_world, ranks
 from cgan_pipe.train.loop import train
 
 pipeline, shards, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 cfg = load_pipeline(pipeline)
-with process_group("gloo"):
+with ranks("gloo"):
     rank, world = rank_and_world()
     result = train(cfg, shards, cfg.run_path, progress=False)
     # One epoch of this rank's training stream, exactly as train() opened it: which images come in.

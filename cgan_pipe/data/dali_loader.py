@@ -12,9 +12,10 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 from ..config import LoaderConfig
 from ..images import ANY_IMAGE_EXTENSION
 from ..devices import resolve_device
+from ..distributed import rank_and_world
 from ..errors import DataError
-from .loader import (Batch, DatasetInfo, dataset_info, known_qualities, parse_ascii_labels, parse_quality,
-                     rank_and_world, to_device)
+from .batch import (Batch, DatasetInfo, dataset_info, known_qualities, parse_ascii_labels, parse_quality,
+                    to_device)
 from .manifest import Manifest
 
 READER_NAME = "shards"

@@ -1,82 +1,21 @@
-"""The loader contract: shard set -> endless stream of training batches, whichever backend."""
+"""Open a shard set as an endless stream of training batches (data/batch.py's contract) with the chosen backend."""
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Iterator
 
 import torch
 
 from ..config import LoaderConfig, default_cache_dir
 from ..errors import ConfigError, DataError
-from .manifest import Manifest, read_manifest, read_remote_manifest
+from .batch import Batch, Loader
+from .manifest import Manifest, is_url, shard_set_manifest
 from .verify import check_checksums
 
 log = logging.getLogger(__name__)
 CHECKED_SHARDS = "checked-shards.json"  # in the cache folder: shards whose checksum matched, by size and mtime
-
-
-@dataclass
-class Batch:
-    """One training batch.
-
-    images: float NCHW in [-1, 1] on the training device; labels: int64 class ids
-    (zeros for unlabelled data); quality: float JPEG quality in [0, 1], or None.
-    N is the batch size, or fewer for the last batch of an epoch (no sample is dropped).
-    """
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    quality: torch.Tensor | None = None
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """What networks are built from: the data's shape and classes."""
-
-    resolution: int
-    channels: int
-    class_names: tuple[str, ...]
-    num_samples: int
-
-    @property
-    def num_classes(self) -> int:
-        """Number of classes (0 for unlabelled data)."""
-        return len(self.class_names)
-
-
-class Loader(Protocol):
-    """An endless iterator of batches plus the dataset's description and this rank's epoch size."""
-
-    info: DatasetInfo
-    samples_per_epoch: int
-
-    def __iter__(self) -> Iterator[Batch]: ...
-
-
-def rank_and_world() -> tuple[int, int]:
-    """This process's rank and the world size of its torch.distributed group ((0, 1) without one)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def dataset_info(manifest: Manifest) -> DatasetInfo:
-    """The DatasetInfo recorded in a shard set's manifest."""
-    return DatasetInfo(manifest.resolution, 3, tuple(manifest.class_names), manifest.num_samples)
-
-
-def is_url(shards: Path | str) -> bool:
-    """Whether `shards` names a shard set by URL (http(s)://, s3://, ...) rather than a local folder."""
-    return "://" in str(shards) and not str(shards).startswith("file://")
-
-
-def shard_set_manifest(shards: Path | str) -> Manifest:
-    """The checked manifest of the shard set in a folder or at a URL."""
-    return read_remote_manifest(str(shards)) if is_url(shards) else read_manifest(Path(shards))
 
 
 def open_loader(shards: Path | str, cfg: LoaderConfig, batch_size: int, seed: int, device: torch.device,
@@ -117,6 +56,21 @@ def open_loader(shards: Path | str, cfg: LoaderConfig, batch_size: int, seed: in
     return TorchLoader(shards, manifest, cfg, batch_size, seed, device, *part, with_quality=with_quality)
 
 
+def first_samples(shards: Path | str, cfg: LoaderConfig, n: int, device: torch.device) -> Iterator[Batch]:
+    """The first `n` samples (at most all) of the whole shard set's seeded stream (seed 0), in batches of up
+    to 250 on `device`, one pass at most: the fixed real images that metrics compare with."""
+    n = min(n, shard_set_manifest(shards).num_samples)
+    loader = open_loader(shards, cfg, min(250, n), seed=0, device=device, whole=True)
+    seen = 0
+    for batch in loader:
+        take = min(batch.images.shape[0], n - seen)
+        quality = batch.quality[:take] if batch.quality is not None else None
+        yield Batch(batch.images[:take], batch.labels[:take], quality)
+        seen += take
+        if seen >= n:
+            return
+
+
 def check_quality_metadata(manifest: Manifest, shards: Path | str) -> None:
     """Raise ConfigError unless every sample of the set records a JPEG quality (per its manifest)."""
     unknown = [q for q in manifest.quality_histogram if not q.isdigit()]
@@ -128,49 +82,3 @@ def check_quality_metadata(manifest: Manifest, shards: Path | str) -> None:
         )
 
 
-def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """`tensor` on `device` without making the host wait for it: a host tensor bound for a GPU goes through
-    page-locked memory with a non-blocking copy (from pageable memory the driver may wait for the stream, i.e.
-    for the training step queued before it). The source may be reused at once: the copy is of a pinned copy."""
-    if device.type != "cuda" or tensor.is_cuda:
-        return tensor.to(device, non_blocking=True)
-    return tensor.pin_memory().to(device, non_blocking=True)
-
-
-def parse_quality(meta: bytes | None) -> float:
-    """A sample's JPEG quality in [0, 1] from its `.json` bytes; NaN when it records none."""
-    try:
-        quality = json.loads(meta)["quality"] if meta else None
-    except (ValueError, KeyError, TypeError):
-        return float("nan")
-    return quality / 100 if isinstance(quality, (int, float)) else float("nan")
-
-
-def known_qualities(quality: torch.Tensor, shards: Path | str) -> torch.Tensor:
-    """`quality` (a batch's values from parse_quality) as float32; DataError naming the shard set when a
-    sample recorded none (NaN)."""
-    if quality.isnan().any():
-        raise DataError(f"{shards}: a sample's .json records no JPEG quality; run `cgan-pipe verify {shards}`")
-    return quality.to(torch.float32)
-
-
-def parse_ascii_labels(raw: torch.Tensor) -> torch.Tensor:
-    """Decimal class ids from `.cls` bytes, one zero-padded row of ASCII per sample -> int64.
-
-    DALI hands `.cls` members over as raw bytes ("3" arrives as 51). Whitespace and the zero
-    padding are ignored; a row with any other byte, or with no digit, raises DataError rather
-    than becoming a wrong label.
-    """
-    raw = raw.to(torch.int64)
-    digits = raw - ord("0")
-    valid = (digits >= 0) & (digits <= 9)
-    ignorable = (raw == 0) | (raw == ord(" ")) | (raw == ord("\n")) | (raw == ord("\r")) | (raw == ord("\t"))
-    bad = (~(valid | ignorable)).any(dim=1) | ~valid.any(dim=1)
-    if bad.any():
-        row = raw[int(bad.nonzero()[0])]
-        text = bytes(int(b) for b in row if b).decode("latin-1")
-        raise DataError(f"a sample's .cls holds {text!r}, not a class id; run `cgan-pipe verify` on the shards")
-    value = torch.zeros(raw.shape[0], dtype=torch.int64, device=raw.device)
-    for column in range(raw.shape[1]):
-        value = torch.where(valid[:, column], value * 10 + digits[:, column], value)
-    return value

@@ -182,3 +182,13 @@ def parse_dali_index(path: Path) -> list[list[IndexEntry]]:
             raise DataError(f"{path}:{number}: not a DALI index line (ext offset size name, per file): {line!r:.80}")
         samples.append(files)
     return samples
+
+
+def is_url(shards: Path | str) -> bool:
+    """Whether `shards` names a shard set by URL (http(s)://, s3://, ...) rather than a local folder."""
+    return "://" in str(shards) and not str(shards).startswith("file://")
+
+
+def shard_set_manifest(shards: Path | str) -> Manifest:
+    """The checked manifest of the shard set in a folder or at a URL."""
+    return read_remote_manifest(str(shards)) if is_url(shards) else read_manifest(Path(shards))

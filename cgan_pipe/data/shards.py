@@ -9,7 +9,6 @@ import logging
 import multiprocessing
 import os
 import random
-import re
 import tarfile
 import threading
 import warnings
@@ -26,9 +25,10 @@ from tqdm import tqdm
 from .. import images
 from ..atomic import TEMP_MARK, disk_full_explained, write_text_atomic
 from ..compression import estimate_jpeg_quality, estimate_jpeg_quality_zigzag
-from ..config import default_cache_dir
+from ..config import DataConfig, default_cache_dir, parse_byte_size
 from ..errors import ConfigError, DataError
 from ..processes import process_pool
+from ..resumable import ResumableParts
 from .fingerprint import source_fingerprint
 from .manifest import MANIFEST_NAME, Manifest, ShardInfo, read_manifest, write_manifest
 from . import tars
@@ -41,31 +41,17 @@ SHARD_NAME = "shard-{:06d}"
 DALI_INDEX_VERSION = "v1.2"
 EXIF_ORIENTATION = 0x0112
 _PLAN_NAME = ".prepare-plan.json"  # the settings an unfinished prepare in this folder was run with
-_DONE_SUFFIX = ".done.json"  # per finished shard of an unfinished prepare: its ShardInfo, skips, histograms
-_DONE_GLOB = f".shard-*{_DONE_SUFFIX}"
-_SHARD_NUMBER = re.compile(r"shard-(\d{6})")
 
 
-@dataclass(frozen=True)
-class PrepareSettings:
-    """How `prepare` turns raw images into shards (recorded in the manifest)."""
+def _parts(out_dir: Path) -> ResumableParts:
+    """An unfinished prepare's shards, and their done records (ShardInfo, skips, histograms), in `out_dir`."""
+    return ResumableParts(out_dir, out_dir, _PLAN_NAME, ".shard-")
 
-    resolution: int = 32
-    format: str = "jpeg"
-    quality: int = 95
-    shard_size: int = 5000
-    limit: int | None = None
-    seed: int = 0
-    split: str = "train"
-    max_pixels: int = 64_000_000  # larger images are skipped (decompression-bomb limit)
-    resize: str = "crop"  # off-size images: 'crop', 'pad' or 'reject'
-    jpeg_subsampling: str = "4:2:0"
-    png_compress_level: int = 6
-    webp_lossless: bool = False
-    qualities: tuple[int, ...] | None = None  # write each image at these JPEG/WebP qualities (no pass-through)
-    quality_mode: str = "all"  # 'all': one sample per quality; 'random': one seeded-random quality per image
-    reencode: bool = False  # re-encode JPEGs that could be passed through as they are
-    shard_bytes: int | None = None  # aim shards at about this size instead of shard_size samples
+
+# The data keys that decide a shard set's bytes, as its manifest records them (in this order).
+RECORDED_KEYS = ("resolution", "format", "quality", "shard_size", "limit", "seed", "split", "max_pixels", "resize",
+                 "jpeg_subsampling", "png_compress_level", "webp_lossless", "qualities", "quality_mode", "reencode",
+                 "shard_bytes")
 
 
 @dataclass
@@ -219,15 +205,14 @@ def dali_index(tar_path: Path) -> str:
     return f"{DALI_INDEX_VERSION} {len(lines)}\n" + "".join(lines)
 
 
-def prepare(source: str, out_dir: Path, settings: PrepareSettings, *, workers: int | None = None,
-            rank: int = 0, world_size: int = 1, download_dir: str = "~/.cache/cgan-pipe",
+def prepare(data: DataConfig, out_dir: Path, *, seed: int = 0, rank: int = 0, world_size: int = 1,
             progress: bool = True) -> tuple[Manifest | None, bool]:
-    """Turn the raw images at `source` into a complete shard set in `out_dir`.
+    """Turn the raw images at `data.source` into a complete shard set in `out_dir`.
 
-    Images are shuffled (seeded) before writing, since DALI only shuffles within
+    Images are shuffled (by `seed`) before writing, since DALI only shuffles within
     a buffer; shard i holds the i-th run of `shard_size` inputs, less the
     undecodable ones, which are skipped and listed with the reason. Shards are
-    written by `workers` processes (default: all cores) and the result does not
+    written by `data.workers` processes (default: all cores) and the result does not
     depend on their number. A killed run rerun with the same settings keeps the
     shards it finished and writes the rest. Returns the manifest and whether the
     existing shard set was already complete (in which case nothing is written).
@@ -239,11 +224,7 @@ def prepare(source: str, out_dir: Path, settings: PrepareSettings, *, workers: i
     if not 0 <= rank < world_size:
         raise ConfigError(f"rank {rank} is not in 0..{world_size - 1} (world size {world_size})")
     out_dir = Path(out_dir)
-    if settings.qualities and (settings.format not in ("jpeg", "webp") or settings.webp_lossless):
-        raise ConfigError(f"several qualities need a lossy format (jpeg or lossy webp), not {settings.format!r}")
-    if settings.qualities and not all(1 <= q <= 100 for q in settings.qualities):
-        raise ConfigError(f"qualities must be between 1 and 100, got {list(settings.qualities)}")
-    recorded = recorded_settings(source, settings)
+    recorded = recorded_settings(data, seed)
     if (out_dir / MANIFEST_NAME).exists():
         try:
             existing = read_manifest(out_dir)
@@ -252,7 +233,7 @@ def prepare(source: str, out_dir: Path, settings: PrepareSettings, *, workers: i
         except DataError:
             pass  # unusable manifest: rebuild below
 
-    workers = workers or os.cpu_count() or 1
+    workers = data.workers or os.cpu_count() or 1
     counter = multiprocessing.get_context("spawn").Value("q", 0)  # images written, by any process
     with contextlib.ExitStack() as stack:
         # The pool starts first, so that its processes start up while the source is listed.
@@ -260,20 +241,21 @@ def prepare(source: str, out_dir: Path, settings: PrepareSettings, *, workers: i
         if pool is None:  # written here: count here
             _count_into(counter)
             stack.callback(_count_into, None)
-        src = stack.enter_context(open_source(source, settings.split, download_dir, scratch_dir=out_dir))
+        src = stack.enter_context(open_source(data.source, data.split, data.download_dir, scratch_dir=out_dir))
         listing = src.items
-        inputs = min(len(listing), settings.limit or len(listing))  # the first of the seeded order
-        per_shard = _inputs_per_shard(listing, inputs, src.reader, src.class_names, settings)
+        inputs = min(len(listing), data.limit or len(listing))  # the first of the seeded order
+        per_shard = _inputs_per_shard(listing, inputs, src.reader, src.class_names, data, seed)
         jobs = [
             _ShardJob(index=i, first_key=first, count=min(per_shard, inputs - first), listing=listing,
-                      reader=src.reader, settings=settings, class_names=src.class_names, out_dir=out_dir)
+                      reader=src.reader, data=data, seed=seed, class_names=src.class_names, out_dir=out_dir)
             for i, first in enumerate(range(0, inputs, per_shard))
         ]
         plan = {"settings": recorded, "jobs": len(jobs), "inputs": inputs, "inputs_per_shard": per_shard,
                 "class_names": src.class_names, "rejected": src.rejected, "files": src.files}
         mine = {job.index for job in jobs if job.index % world_size == rank}
         # Only now that the source is known to be readable may an old shard set be touched.
-        done = _resume_state(out_dir, plan, rank, world_size)
+        (out_dir / MANIFEST_NAME).unlink(missing_ok=True)  # it no longer describes the folder
+        done = _parts(out_dir).resume(plan, mine=lambda number: number % world_size == rank)
         todo = [job for job in jobs if job.index in mine and job.index not in done]
         log.info(f"{src.description}: {inputs} of its {src.files} files to read into {len(jobs)} shards of up to "
                  f"{per_shard} images ({len(src.rejected)} left out unread); "
@@ -296,21 +278,24 @@ def prepare(source: str, out_dir: Path, settings: PrepareSettings, *, workers: i
         return merge_shards(out_dir), False
 
 
-def recorded_settings(source: str, settings: PrepareSettings) -> dict[str, Any]:
+def recorded_settings(data: DataConfig, seed: int) -> dict[str, Any]:
     """The settings as a manifest records them, with the content hash of the source's files: as
-    JSON gives them back (tuples become lists), so that a rerun compares equal."""
-    fingerprint = source_fingerprint(source, default_cache_dir())
-    return json.loads(json.dumps({"source": source, "source_sha256": fingerprint, **asdict(settings)}))
+    JSON gives them back, so that a rerun compares equal."""
+    fingerprint = source_fingerprint(data.source, default_cache_dir())
+    values = {key: getattr(data, key, None) for key in RECORDED_KEYS}
+    values.update(seed=seed, shard_bytes=_shard_bytes(data))
+    return json.loads(json.dumps({"source": data.source, "source_sha256": fingerprint, **values}))
 
 
-def prepare_status(source: str, out_dir: Path, settings: PrepareSettings) -> tuple[str, str]:
+def prepare_status(data: DataConfig, out_dir: Path, seed: int = 0) -> tuple[str, str]:
     """What `prepare` would do in `out_dir`, without doing it: ('up to date' | 'resume' | 'run', why)."""
+    source = data.source
     out_dir = Path(out_dir)
     try:
         manifest = read_manifest(out_dir)
     except DataError:
         manifest = None
-    recorded = recorded_settings(source, settings)
+    recorded = recorded_settings(data, seed)
     if recorded["source_sha256"] is None:
         return "run", f"the data source {source} does not exist: prepare will fail"
     if manifest is not None and manifest.settings == recorded:
@@ -342,7 +327,7 @@ def merge_shards(out_dir: Path) -> Manifest:
     except (OSError, ValueError):
         raise DataError(f"{out_dir}: no unfinished prepare to merge (no {_PLAN_NAME}); "
                         f"run `cgan-pipe prepare` there first") from None
-    done = _done_records(out_dir)
+    done = _parts(out_dir).done()
     missing = [SHARD_NAME.format(i) for i in range(plan["jobs"]) if i not in done]
     if missing:
         raise DataError(f"{out_dir}: {len(missing)} of {plan['jobs']} shards are not written yet "
@@ -371,9 +356,7 @@ def merge_shards(out_dir: Path) -> Manifest:
         quality_histogram=dict(sorted(qualities.items())), skipped=skipped, inputs=inputs,
     )
     write_manifest(out_dir, manifest)
-    for path in out_dir.glob(_DONE_GLOB):
-        path.unlink()
-    (out_dir / _PLAN_NAME).unlink(missing_ok=True)
+    _parts(out_dir).finish()
     for path in out_dir.glob(f"*{DECOMPRESSED_PREFIX}*"):  # a decompressed source, or a killed run's temp of it
         path.unlink()
     return manifest
@@ -428,29 +411,33 @@ def _progress_bar(counter: Any, total: int, enabled: bool) -> Iterator[None]:
         bar.close()
 
 
+def _shard_bytes(data: DataConfig) -> int | None:
+    return parse_byte_size(data.shard_bytes) if data.shard_bytes is not None else None
+
+
 def _inputs_per_shard(listing: Listing, inputs: int, reader: ItemReader, class_names: list[str],
-                      settings: PrepareSettings) -> int:
+                      data: DataConfig, seed: int) -> int:
     """Inputs per shard: from `shard_size` samples, or, with `shard_bytes`, from the mean tar size of
     the samples of up to 256 inputs spread evenly over the (seeded) order, so shards come out near it."""
-    variants = _variants_per_input(settings)
-    if settings.shard_bytes is None:
-        return max(1, settings.shard_size // variants)
+    variants = _variants_per_input(data)
+    if data.shard_bytes is None:
+        return max(1, data.shard_size // variants)
     sizes = []
     for position in range(0, inputs, max(1, inputs // _PROBE_INPUTS))[:_PROBE_INPUTS]:
-        item, duplicate = listing.entry(int(shuffled_positions(position, 1, len(listing), settings.seed)[0]))
+        item, duplicate = listing.entry(int(shuffled_positions(position, 1, len(listing), seed)[0]))
         if duplicate:
             continue
         try:
-            samples = encode_for_shard(reader.read(item), item, class_names, settings,
-                                       _qualities_for(settings, position))
+            samples = encode_for_shard(reader.read(item), item, class_names, data,
+                                       _qualities_for(data, seed, position))
         except (images.BadImage, DataError):
             continue
-        for data, ext, meta in samples:
-            files = sample_files(ShardSample(f"{position:08d}", data, ext, item.label, meta))
+        for image, ext, meta in samples:
+            files = sample_files(ShardSample(f"{position:08d}", image, ext, item.label, meta))
             sizes.append(sum(len(tars.member_bytes(name, content)) for name, content in files))
     if not sizes:
-        return max(1, settings.shard_size // variants)
-    return max(1, int(settings.shard_bytes / (sum(sizes) / len(sizes))) // variants)
+        return max(1, data.shard_size // variants)
+    return max(1, int(_shard_bytes(data) / (sum(sizes) / len(sizes))) // variants)
 
 
 @dataclass
@@ -463,7 +450,8 @@ class _ShardJob:
     count: int
     listing: Listing
     reader: ItemReader
-    settings: PrepareSettings
+    data: DataConfig
+    seed: int
     class_names: list[str]
     out_dir: Path
 
@@ -472,8 +460,8 @@ def _write_job(job: _ShardJob) -> dict[str, Any]:
     """Encode and write one shard (in a worker); record it as done; return its record."""
     classes, qualities = Counter(), Counter()
     skipped: list[dict[str, str]] = []
-    order = shuffled_positions(job.first_key, job.count, len(job.listing), job.settings.seed)
-    with ShardWriter(job.out_dir, job.count * _variants_per_input(job.settings), first_index=job.index) as writer, \
+    order = shuffled_positions(job.first_key, job.count, len(job.listing), job.seed)
+    with ShardWriter(job.out_dir, job.count * _variants_per_input(job.data), first_index=job.index) as writer, \
             warnings.catch_warnings():
         # Pillow warns about oddities of files it still decodes (corrupt EXIF, a malformed MPO): lines by
         # the thousand on a large archive, about images kept all the same
@@ -487,8 +475,8 @@ def _write_job(job: _ShardJob) -> dict[str, Any]:
                     skipped.append(left_out(item.path, DUPLICATE, "the first copy is used"))
                     continue
                 try:
-                    variants = encode_for_shard(job.reader.read(item), item, job.class_names, job.settings,
-                                                _qualities_for(job.settings, position))
+                    variants = encode_for_shard(job.reader.read(item), item, job.class_names, job.data,
+                                                _qualities_for(job.data, job.seed, position))
                 except (images.BadImage, DataError) as exc:
                     skipped.append(left_out_because(item.path, exc))
                     continue
@@ -506,65 +494,22 @@ def _write_job(job: _ShardJob) -> dict[str, Any]:
         shards = writer.close()
     record = {"shard": asdict(shards[0]) if shards else None, "skipped": skipped,
               "classes": dict(classes), "qualities": dict(qualities)}
-    write_text_atomic(job.out_dir / f".{SHARD_NAME.format(job.index)}{_DONE_SUFFIX}", json.dumps(record))
+    _parts(job.out_dir).mark_done(job.index, record)
     return record
 
 
-def _qualities_for(settings: PrepareSettings, position: int) -> list[int] | None:
-    """The qualities input number `position` is written at: all of `settings.qualities`, one of
+def _qualities_for(data: DataConfig, seed: int, position: int) -> list[int] | None:
+    """The qualities input number `position` is written at: all of `data.qualities`, one of
     them drawn from a generator seeded by (seed, position), or None for the single default sample."""
-    if not settings.qualities:
+    if not data.qualities:
         return None
-    if settings.quality_mode == "all":
-        return list(settings.qualities)
-    return [random.Random(f"{settings.seed}:{position}").choice(settings.qualities)]
+    if data.quality_mode == "all":
+        return list(data.qualities)
+    return [random.Random(f"{seed}:{position}").choice(data.qualities)]
 
 
-def _variants_per_input(settings: PrepareSettings) -> int:
-    return len(settings.qualities) if settings.qualities and settings.quality_mode == "all" else 1
-
-
-def _shard_number(name: str) -> int | None:
-    match = _SHARD_NUMBER.search(name)
-    return int(match.group(1)) if match else None
-
-
-def _done_records(out_dir: Path) -> dict[int, dict[str, Any]]:
-    """The finished-shard records in `out_dir` whose files are all present."""
-    done: dict[int, dict[str, Any]] = {}
-    for path in out_dir.glob(_DONE_GLOB):
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        shard = record.get("shard")
-        if shard is None or ((out_dir / shard["tar"]).is_file() and (out_dir / shard["index"]).is_file()
-                             and (out_dir / shard["tar"]).stat().st_size == shard["bytes"]):
-            done[_shard_number(path.name)] = record
-    return done
-
-
-def _resume_state(out_dir: Path, plan: dict[str, Any], rank: int, world_size: int) -> dict[int, dict[str, Any]]:
-    """Records of this rank's shards (numbers n with n % world_size == rank) that an
-    unfinished prepare with the same plan already wrote.
-
-    Anything else of this rank's in `out_dir` (shards of other settings, temp
-    files of a killed run) is removed; other ranks' files are left alone.
-    """
-    try:
-        same_plan = json.loads((out_dir / _PLAN_NAME).read_text()) == plan
-    except (OSError, ValueError):
-        same_plan = False
-    done = {i: r for i, r in _done_records(out_dir).items() if i % world_size == rank} if same_plan else {}
-    keep = {name for r in done.values() if r["shard"] for name in (r["shard"]["tar"], r["shard"]["index"])}
-    keep |= {f".{SHARD_NAME.format(i)}{_DONE_SUFFIX}" for i in done}
-    for path in [*out_dir.glob("shard-*.tar"), *out_dir.glob("shard-*.idx"), *out_dir.glob(".*shard-*")]:
-        number = _shard_number(path.name)
-        if number is not None and number % world_size == rank and path.name not in keep:
-            path.unlink()
-    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
-    write_text_atomic(out_dir / _PLAN_NAME, json.dumps(plan))
-    return done
+def _variants_per_input(data: DataConfig) -> int:
+    return len(data.qualities) if data.qualities and data.quality_mode == "all" else 1
 
 
 def _exif_rotated(image: Image.Image) -> bool:
@@ -578,7 +523,7 @@ def _exif_rotated(image: Image.Image) -> bool:
         return False
 
 
-def encode_for_shard(raw: RawImage, item: SourceItem, class_names: list[str], settings: PrepareSettings,
+def encode_for_shard(raw: RawImage, item: SourceItem, class_names: list[str], settings: DataConfig,
                      qualities: list[int] | None = None) -> list[tuple[bytes, str, dict[str, Any]]]:
     """Validate one raw image and return its shard samples as (bytes, member extension, metadata).
 

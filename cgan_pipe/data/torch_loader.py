@@ -18,9 +18,9 @@ from ..errors import ConfigError, DataError
 from ..images import ANY_IMAGE_EXTENSION
 from ..processes import child_initializer
 from ..devices import resolve_device
-from .loader import (Batch, DatasetInfo, dataset_info, is_url, known_qualities, parse_quality, rank_and_world,
-                     to_device)
-from .manifest import Manifest
+from ..distributed import rank_and_world
+from .batch import Batch, DatasetInfo, dataset_info, known_qualities, parse_quality, to_device
+from .manifest import Manifest, is_url
 
 
 def _augmentations(cfg: LoaderConfig, resolution: int) -> v2.Transform:

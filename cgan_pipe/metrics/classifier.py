@@ -11,8 +11,9 @@ from torch import nn
 from tqdm import tqdm
 
 from ..config import LoaderConfig
-from ..data.loader import open_loader, shard_set_manifest
+from ..data.loader import first_samples
 from ..devices import has_fast_bf16
+from ..images import from_uint8, to_uint8
 
 INPUT_SIZE = 32  # every image is resized to 32x32 before the classifier sees it
 MAX_TRAINING_IMAGES = 100_000  # held in memory as 32x32 bytes: 300 MB at most
@@ -80,33 +81,20 @@ def _at_input_size(images: torch.Tensor) -> torch.Tensor:
     return F.interpolate(images, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", antialias=True, align_corners=False)
 
 
-def _from_bytes(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images -> floats in [-1, 1]."""
-    return images.float().div(127.5).sub(1)
-
-
 def real_images(shards: Path | str, loader_cfg: LoaderConfig, device: torch.device,
                 limit: int = MAX_TRAINING_IMAGES) -> tuple[torch.Tensor, torch.Tensor]:
     """Up to `limit` real images of the shard set (the first of its seeded stream, one pass at most) as
     32x32 bytes on `device`, and their labels."""
-    n = min(shard_set_manifest(shards).num_samples, limit)
-    loader = open_loader(shards, loader_cfg, min(250, n), seed=0, device=device, whole=True)
-    images, labels, seen = [], [], 0
-    for batch in loader:
-        take = min(batch.images.shape[0], n - seen)
-        pixels = _at_input_size(batch.images[:take].float())
-        images.append(pixels.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8))
-        labels.append(batch.labels[:take])
-        seen += take
-        if seen >= n:
-            break
-    del loader
+    images, labels = [], []
+    for batch in first_samples(shards, loader_cfg, limit, device):
+        images.append(to_uint8(_at_input_size(batch.images.float())))
+        labels.append(batch.labels)
     return torch.cat(images), torch.cat(labels)
 
 
 def _augment(images: torch.Tensor) -> torch.Tensor:
     """Bytes -> [-1, 1], a random 4-pixel shift (reflected border) and a random horizontal flip per image."""
-    x = F.pad(_from_bytes(images), (4, 4, 4, 4), mode="reflect")
+    x = F.pad(from_uint8(images), (4, 4, 4, 4), mode="reflect")
     n = x.shape[0]
     rows = torch.randint(0, 9, (n,), device=x.device)[:, None] + torch.arange(INPUT_SIZE, device=x.device)
     cols = torch.randint(0, 9, (n,), device=x.device)[:, None] + torch.arange(INPUT_SIZE, device=x.device)
@@ -128,7 +116,7 @@ def train_classifier(shards: Path | str, loader_cfg: LoaderConfig, num_classes: 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(0)
         model = Classifier(num_classes).to(device)
-        model.fit_whitening(_from_bytes(images[torch.randperm(len(images), device=device)[:5000]]))
+        model.fit_whitening(from_uint8(images[torch.randperm(len(images), device=device)[:5000]]))
         model.train()
         weights = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
         others = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]

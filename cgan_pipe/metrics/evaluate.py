@@ -16,9 +16,12 @@ from tqdm import tqdm
 
 from ..atomic import atomic_path
 from ..config import EvalConfig, LoaderConfig, default_cache_dir
-from ..data.loader import DatasetInfo, dataset_info, open_loader, shard_set_manifest
+from ..data.batch import DatasetInfo, dataset_info
+from ..data.loader import first_samples
+from ..data.manifest import shard_set_manifest
 from ..errors import ConfigError
-from ..export import generate, load_generator
+from ..generation import generate, load_generator
+from ..images import from_uint8
 from ..train.checkpoint import load_checkpoint
 from .classifier import NAME as CLASSIFIER_NAME
 from .classifier import Classifier, train_classifier
@@ -134,8 +137,8 @@ class Evaluator:
         for start in tqdm(range(0, n, self.cfg.batch_size), desc="eval", unit="batch", disable=not progress,
                           leave=False):
             seeds = list(range(self.cfg.seed + start, self.cfg.seed + min(start + self.cfg.batch_size, n)))
-            images = generate(generator, z_dim, seeds, labels_all[start:start + len(seeds)], self.device,
-                              quality).float().div(127.5).sub(1)
+            images = from_uint8(generate(generator, z_dim, seeds, labels_all[start:start + len(seeds)],
+                                         self.device, quality))
             for key, value in self._outputs(images).items():
                 outputs.setdefault(key, []).append(value)
         return {key: np.concatenate(parts) for key, parts in outputs.items()}
@@ -216,21 +219,16 @@ def _cached_reference(path: Path, shards: Path | str, loader_cfg: LoaderConfig, 
                 return {key: stored[key] for key in stored.files}
         except (OSError, ValueError, EOFError):
             pass  # cut short or corrupt: compute it again
-    loader = open_loader(shards, loader_cfg, min(250, n), seed=0, device=device, whole=True)
     features: dict[str, list[np.ndarray]] = {}
     correct, seen = 0, 0
     with torch.no_grad():
-        for batch in loader:
-            take = min(batch.images.shape[0], n - seen)
-            for key, value in extract(batch.images[:take]).items():
+        for batch in first_samples(shards, loader_cfg, n, device):
+            for key, value in extract(batch.images).items():
                 if key.endswith("_features"):
                     features.setdefault(key, []).append(value)
                 elif key == "classifier_logits":
-                    correct += int((value.argmax(1) == batch.labels[:take].cpu().numpy()).sum())
-            seen += take
-            if seen >= n:
-                break
-    del loader
+                    correct += int((value.argmax(1) == batch.labels.cpu().numpy()).sum())
+            seen += len(batch.labels)
     arrays = {key: np.concatenate(parts).astype(np.float32) for key, parts in features.items()}
     if "classifier_features" in arrays:
         arrays["classifier_accuracy"] = np.array(correct / seen)

@@ -17,7 +17,9 @@ from tqdm import tqdm
 
 from ..compression import estimate_jpeg_quality, trained_qualities
 from ..config import LoaderConfig
-from ..data.loader import open_loader, shard_set_manifest
+from ..data.loader import open_loader
+from ..data.manifest import shard_set_manifest
+from ..images import from_uint8, to_uint8
 
 MIN_TRAINING_QUALITY = 5  # the regressor learns qualities MIN_TRAINING_QUALITY..100
 
@@ -63,9 +65,9 @@ def estimate_pixel_quality(model: QualityRegressor, images: torch.Tensor, batch_
 
 def recompress(images: torch.Tensor, qualities: torch.Tensor) -> torch.Tensor:
     """Images in [-1, 1] rounded to 8 bits, each JPEG-encoded with libjpeg at its quality and decoded."""
-    pixels = images.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8).cpu()
+    pixels = to_uint8(images).cpu()
     coded = [decode_jpeg(encode_jpeg(p, quality=int(q)), mode=ImageReadMode.RGB) for p, q in zip(pixels, qualities)]
-    return torch.stack(coded).to(images.device).float().div(127.5).sub(1)
+    return from_uint8(torch.stack(coded).to(images.device))
 
 
 def train_quality_regressor(shards: Path | str, loader_cfg: LoaderConfig, steps: int, device: torch.device,

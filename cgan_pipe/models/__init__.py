@@ -7,7 +7,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ..config import CompressionConfig, ModelConfig
-from ..data.loader import DatasetInfo
+from ..data.batch import DatasetInfo
 from . import dcgan, resnet
 
 

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from torch.nn.utils import spectral_norm
 
+from .projection import ProjectionDiscriminator
 from .quality import QualityEmbedding, check_quality_input, jpeg_output
 from .sizes import doublings_from_4x4
 
@@ -46,7 +47,7 @@ class Generator(nn.Module):
         return jpeg_output(images, quality) if self.jpeg else images
 
 
-class Discriminator(nn.Module):
+class Discriminator(ProjectionDiscriminator):
     """D(x, y[, q]): spectral-normalised strided convs -> features; logit = linear(f) + <embed(y), f>
     [+ <embed_quality(q), f>].
 
@@ -64,17 +65,10 @@ class Discriminator(nn.Module):
             layers += [spectral_norm(nn.Conv2d(c_in, c_out, 4, 2, 1)), nn.LeakyReLU(0.2, inplace=True)]
         self.features = nn.Sequential(*layers, nn.Flatten())
         feature_dim = widths[-1] * 4 * 4
-        self.linear = spectral_norm(nn.Linear(feature_dim, 1))
-        self.embed = spectral_norm(nn.Embedding(num_classes, feature_dim)) if num_classes else None
-        self.embed_quality = QualityEmbedding(feature_dim, spectral=True) if quality else None
+        self.build_head(feature_dim, num_classes, quality)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, quality: torch.Tensor | None = None) -> torch.Tensor:
         """One realness logit per image, shape (N,)."""
         check_quality_input(self, quality)
         f = self.features(images)
-        logit = self.linear(f).squeeze(1)
-        if self.embed is not None:
-            logit = logit + (self.embed(labels) * f).sum(dim=1)
-        if self.embed_quality is not None:
-            logit = logit + (self.embed_quality(quality) * f).sum(dim=1)
-        return logit
+        return self.head(f, labels, quality)

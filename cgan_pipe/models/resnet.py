@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils import spectral_norm
 
+from .projection import ProjectionDiscriminator
 from .quality import QualityEmbedding, check_quality_input, jpeg_output
 from .sizes import doublings_from_4x4
 
@@ -109,7 +110,7 @@ class DiscriminatorBlock(nn.Module):
         return (F.avg_pool2d(h, 2) if self.downsample else h) + skip
 
 
-class Discriminator(nn.Module):
+class Discriminator(ProjectionDiscriminator):
     """D(x, y[, q]): residual down-blocks to 4x4, one more block, ReLU, sum over space; logit =
     linear(f) + <embed(y), f> [+ <embed_quality(q), f>] (projection)."""
 
@@ -121,17 +122,10 @@ class Discriminator(nn.Module):
         blocks += [DiscriminatorBlock(width, width, downsample=True) for _ in range(doublings_from_4x4(resolution) - 1)]
         blocks += [DiscriminatorBlock(width, width, downsample=False)]
         self.blocks = nn.Sequential(*blocks)
-        self.linear = spectral_norm(nn.Linear(width, 1))
-        self.embed = spectral_norm(nn.Embedding(num_classes, width)) if num_classes else None
-        self.embed_quality = QualityEmbedding(width, spectral=True) if quality else None
+        self.build_head(width, num_classes, quality)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, quality: torch.Tensor | None = None) -> torch.Tensor:
         """One realness logit per image, shape (N,)."""
         check_quality_input(self, quality)
         f = F.relu(self.blocks(images)).sum(dim=(2, 3))
-        logit = self.linear(f).squeeze(1)
-        if self.embed is not None:
-            logit = logit + (self.embed(labels) * f).sum(dim=1)
-        if self.embed_quality is not None:
-            logit = logit + (self.embed_quality(quality) * f).sum(dim=1)
-        return logit
+        return self.head(f, labels, quality)

@@ -6,16 +6,22 @@ import pickle
 import re
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+from torch import nn
 
 from ..atomic import atomic_path
+from ..config import CompressionConfig, ModelConfig, PipelineConfig, to_dict
+from ..data.batch import DatasetInfo
 from ..errors import DataError
+from .ema import OWN_STATISTICS
 
 KIND = "cgan-pipe-checkpoint"
 VERSION = 1
 _NAME = re.compile(r"^ckpt-(\d{7})\.pt$")
+# what a key older checkpoints lack meant: its default
+_DEFAULTS = {"model": to_dict(ModelConfig()), "compression": to_dict(CompressionConfig())}
 
 
 def checkpoint_path(directory: Path, step: int) -> Path:
@@ -38,6 +44,25 @@ def save_checkpoint(directory: Path, step: int, state: dict[str, Any], keep: int
     for old in list_checkpoints(directory)[:-keep]:
         old.unlink()
     return path
+
+
+def training_state(cfg: PipelineConfig, networks: tuple[nn.Module, nn.Module, nn.Module],
+                   optimizers: tuple[torch.optim.Optimizer, torch.optim.Optimizer], info: DatasetInfo,
+                   qualities: list[int] | None, shards_sha256: str, device: torch.device, seconds: float) -> dict:
+    """What a training checkpoint holds: G, D and G_ema, their optimisers, the config, the data's shape and
+    classes (and trained qualities), the shard set's hash, the RNG states and the training time so far."""
+    (G, D, G_ema), (opt_g, opt_d) = networks, optimizers
+    return {
+        "G": G.state_dict(), "D": D.state_dict(), "G_ema": G_ema.state_dict(),
+        "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
+        "config": to_dict(cfg),
+        "dataset": {"resolution": info.resolution, "channels": info.channels,
+                    "class_names": list(info.class_names), "qualities": qualities},
+        "shards_sha256": shards_sha256,
+        "rng": rng_state(device),
+        "train_seconds": seconds,
+        "ema_batchnorm": OWN_STATISTICS,
+    }
 
 
 def list_checkpoints(directory: Path) -> list[Path]:
@@ -70,3 +95,58 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     if state.get("version") != VERSION:
         raise DataError(f"{path}: checkpoint version {state.get('version')!r}, this cgan-pipe reads {VERSION}")
     return state
+
+
+def trained_on_other_shards(state: dict, shards_sha256: str) -> bool:
+    """Whether the checkpoint `state` was trained on a shard set other than the one hashing to
+    `shards_sha256` (checkpoints from before the hash was recorded are taken as trained on it)."""
+    return state.get("shards_sha256", shards_sha256) != shards_sha256
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The random number generators' states to checkpoint: the CPU's, and the training GPU's."""
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(rng: dict[str, torch.Tensor], device: torch.device, fallback_seed: int) -> None:
+    """Restore the states `_rng_state` saved (CPU tensors). A checkpoint without the training GPU's (one
+    made on the CPU) seeds it with `fallback_seed`, so a resumed run does not draw the first run's latents."""
+    torch.set_rng_state(rng["torch"])
+    if device.type == "cuda":
+        if "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"], device)
+        else:
+            torch.cuda.manual_seed(fallback_seed)
+
+
+def newest_checkpoint(directory: Path, warn: Callable[[str], None]) -> tuple[Path | None, dict | None]:
+    """The newest checkpoint that loads, read on the CPU (the RNG states must be CPU tensors, and module
+    and optimizer states are copied to their device as they are loaded); unreadable newer ones are
+    reported and passed over."""
+    for path in reversed(list_checkpoints(directory)):
+        try:
+            return path, load_checkpoint(path)
+        except DataError as exc:
+            warn(f"{exc}; resuming from the checkpoint before it")
+    return None, None
+
+
+def check_compatible(state: dict, cfg: PipelineConfig, info: DatasetInfo, path: Path) -> None:
+    """Refuse to resume from a checkpoint of another model or dataset, naming what differs."""
+    differences = []
+    shaped_by = ["mode", "condition_output", "ambient_d_quality"]  # the compression keys that change G or D
+    for section, keys in (("model", list(_DEFAULTS["model"])), ("compression", shaped_by)):
+        stored, ours = state["config"].get(section, {}), to_dict(getattr(cfg, section))
+        differences += [f"{section}.{key}: {stored.get(key, '(unset)')!r} in the checkpoint, {ours[key]!r} now"
+                        for key in keys if stored.get(key, _DEFAULTS[section][key]) != ours[key]]
+    dataset = state["dataset"]
+    if dataset["class_names"] != list(info.class_names):
+        differences.append(f"classes: {len(dataset['class_names'])} in the checkpoint, {info.num_classes} now")
+    if dataset["resolution"] != info.resolution:
+        differences.append(f"resolution: {dataset['resolution']} in the checkpoint, {info.resolution} now")
+    if differences:
+        raise DataError(f"{path}: this checkpoint was made with a different model or dataset "
+                        f"({'; '.join(differences)}); to start afresh use a new run_dir (or delete {path.parent})")

@@ -7,6 +7,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
+# A checkpoint's "ema_batchnorm": its G_ema's BatchNorm statistics were measured on G_ema's own activations
+# (checkpoints without it hold G's, which load_generator replaces).
+OWN_STATISTICS = "own"
+
 
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, decay: float, step: int, warmup: int = 10) -> None:
@@ -42,11 +46,13 @@ def recompute_batchnorm(generator: nn.Module, inputs: Sequence[tuple]) -> None:
         generator.eval()
 
 
-def standing_inputs(z_dim: int, n_classes: int, batch_size: int, seed: int, device: torch.device,
+def standing_inputs(G: nn.Module, num_classes: int, batch_size: int, seed: int, device: torch.device,
                     qualities: list[int] | None, batches: int = 32) -> list[tuple]:
-    """Fixed generator inputs on which `recompute_batchnorm` measures the statistics: `batches` batches
-    of the training batch size, latents and classes drawn as in the G phase and, for a
-    quality-conditioned G, qualities drawn from those trained on."""
+    """Fixed inputs of generator `G` on which `recompute_batchnorm` measures the statistics: `batches`
+    batches of the training batch size, latents and classes drawn as in the G phase (class 0 for
+    unlabelled data) and, when G is quality-conditioned, qualities drawn from the trained `qualities`."""
+    z_dim, n_classes = G.z_dim, max(num_classes, 1)
+    qualities = qualities if G.quality_conditioned else None
     generator = torch.Generator().manual_seed(seed)
     levels = torch.tensor(qualities, dtype=torch.float32) / 100 if qualities is not None else None
     inputs = []

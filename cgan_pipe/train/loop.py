@@ -19,29 +19,29 @@ from torchvision.utils import save_image
 from tqdm import tqdm
 
 from ..atomic import atomic_path, remove_stale_temps, write_text_atomic
-from ..augment import diff_augment, parse_policy
-from ..compression import mismatched_qualities, simulate_jpeg, trained_qualities
-from ..config import CompressionConfig, ModelConfig, PipelineConfig, TrainConfig, to_dict
+from ..compression import trained_qualities
+from ..config import PipelineConfig, TrainConfig
 from ..data.fingerprint import shard_set_fingerprint
-from ..data.loader import DatasetInfo, dataset_info, open_loader, rank_and_world, shard_set_manifest
+from ..data.batch import DatasetInfo, dataset_info
+from ..data.loader import open_loader
+from ..data.manifest import shard_set_manifest
 from ..devices import has_fast_bf16, resolve_device
-from ..distributed import any_rank, broadcast_module, wait_for_all_ranks
+from ..distributed import any_rank, broadcast_module, rank_and_world, wait_for_all_ranks
 from ..errors import ConfigError, DataError, TrainingError
 from ..metrics.evaluate import Evaluator, check_eval_settings
 from ..models import build_networks
-from .checkpoint import checkpoint_path, list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import (check_compatible, checkpoint_path, newest_checkpoint, restore_rng, save_checkpoint,
+                         trained_on_other_shards, training_state)
 from .curves import plot_curves
 from .ema import recompute_batchnorm, standing_inputs, update_ema
 from .guard import GuardReport, StepGuard, load_optimizer_state, make_adam
-from .losses import discriminator_loss, fake_loss, generator_loss, r1_penalty
+from .loss import GANLoss, r1_adjusted
 
 log = logging.getLogger(__name__)
 MAX_SKIPPED_IN_A_ROW = 50
 SUPERSEDED = "superseded"  # in a run folder: outputs of trainings on earlier shard sets, one folder each
 TRAINING_OUTPUTS = ("checkpoints", "samples", "tensorboard", "curves.png", "metrics.jsonl", "eval.jsonl", "eval.json",
                     "export", "summary.json", "report.html")
-# what a key older checkpoints lack meant: its default
-_DEFAULTS = {"model": to_dict(ModelConfig()), "compression": to_dict(CompressionConfig())}
 
 
 @dataclass
@@ -91,9 +91,9 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
     info = dataset_info(manifest)
     if cfg.eval.every:
         check_eval_settings(cfg.eval, info)
-    path, state = _newest_checkpoint(ckpt_dir, warn)
+    path, state = newest_checkpoint(ckpt_dir, warn)
     shards_sha256 = shard_set_fingerprint(manifest)
-    if state is not None and _trained_on_other_shards(state, shards_sha256):
+    if state is not None and trained_on_other_shards(state, shards_sha256):
         if world > 1:
             wait_for_all_ranks()  # every rank has read the old checkpoint before rank 0 moves it
         if lead:
@@ -105,7 +105,7 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
             wait_for_all_ranks()
         path, state = None, None
     if state is not None:
-        _check_compatible(state, cfg, info, path)
+        check_compatible(state, cfg, info, path)
     start = state["step"] if state is not None else 0
     spent = state.get("train_seconds", 0.0) if state is not None else 0.0
     budget = tc.max_minutes * 60 if tc.max_minutes else None
@@ -128,13 +128,14 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
     memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
     G, D = G.to(device, memory_format=memory_format), D.to(device, memory_format=memory_format)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
-    opt_g, opt_d = make_adam(G, tc.lr_g, (tc.beta1, tc.beta2)), make_adam(D, tc.lr_d, (tc.beta1, tc.beta2))
+    opt_g = make_adam(G, tc.lr_g, (tc.beta1, tc.beta2))
+    opt_d = make_adam(D, *r1_adjusted(tc.lr_d, (tc.beta1, tc.beta2), tc.r1_every if tc.r1_gamma else None))
     if state is not None:  # read on the CPU: load_state_dict copies each tensor to where its module lives
         for module, key in ((G, "G"), (D, "D"), (G_ema, "G_ema")):
             module.load_state_dict(state[key])
         load_optimizer_state(opt_g, state["opt_g"])
         load_optimizer_state(opt_d, state["opt_d"])
-        _restore_rng(state["rng"], device, cfg.seed + start)
+        restore_rng(state["rng"], device, cfg.seed + start)
     for module in (G, D, G_ema):
         broadcast_module(module, world)
     if rank:  # other ranks draw other latents (on every device)
@@ -153,100 +154,39 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
                 kept = [json.dumps(row) + "\n" for row in read_metrics(rows_path) if row["step"] <= start]
                 write_text_atomic(rows_path, "".join(kept))
 
-    def checkpoint_state(seconds: float) -> dict:
-        return {
-            "G": G.state_dict(), "D": D.state_dict(), "G_ema": G_ema.state_dict(),
-            "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
-            "config": to_dict(cfg),
-            "dataset": {"resolution": info.resolution, "channels": info.channels,
-                        "class_names": list(info.class_names), "qualities": qualities},
-            "shards_sha256": shards_sha256,
-            "rng": _rng_state(device),
-            "train_seconds": seconds,
-            "ema_batchnorm": "own",  # G_ema's BatchNorm statistics were measured on its own activations
-        }
-
     board = _tensorboard_writer(run_dir / "tensorboard") if lead else None
     qualities = trained_qualities(manifest, cfg.loader) if mode != "none" else None
     fixed_z, fixed_labels, fixed_quality = _grid_inputs(info, cfg.model.z_dim, cfg.seed, device,
                                                         qualities if mode == "condition" else None)
     batches = iter(loader)
-    n_classes = max(info.num_classes, 1)
     local_batch = tc.batch_size // world
-    standing = standing_inputs(cfg.model.z_dim, n_classes, local_batch, cfg.seed, device,
-                               qualities if G.quality_conditioned else None)
+    standing = standing_inputs(G, info.num_classes, local_batch, cfg.seed, device, qualities)
+    loss = GANLoss(cfg, G, D, G_train, D_train, info.num_classes, qualities, device, autocast, memory_format)
     window_start, window_wait, window_images = time.perf_counter(), 0.0, 0
     total_time, total_wait, total_images = 0.0, 0.0, 0
     eval_seconds = 0.0
     evaluator: Evaluator | None = None
-    policy = parse_policy(tc.diffaugment)  # the same random transforms for every image D sees
-
-    def augment(images: torch.Tensor) -> torch.Tensor:
-        return diff_augment(images, policy)
-
-    null_weight = cfg.compression.ambient_null_weight
-    mismatch_weight = cfg.compression.condition_mismatch_weight if mode == "condition" else 0.0
-    levels = torch.tensor(qualities, device=device) / 100 if mismatch_weight else None  # as batch.quality
-
-    def conditioned(quality: torch.Tensor | None) -> torch.Tensor | None:
-        """The quality input of G: the qualities when build_networks made G take them, else none."""
-        return quality if G.quality_conditioned else None
-
-    def judged(quality: torch.Tensor | None) -> torch.Tensor | None:
-        """The quality input of D: the qualities when build_networks made D take them, else none."""
-        return quality if D.quality_conditioned else None
-
-    def measured(fake: torch.Tensor, quality: torch.Tensor | None) -> torch.Tensor:
-        """What D sees of a fake (or, with ambient_recode_reals, of a real): in ambient mode, the image
-        JPEG-compressed (differentiably) at `quality`."""
-        return simulate_jpeg(fake, quality * 100, cfg.compression.ambient_rounding) if mode == "ambient" else fake
 
     bar = tqdm(range(start + 1, tc.steps + 1), initial=start, total=tc.steps, desc="train",
                unit="step", disable=not (progress and lead), dynamic_ncols=True)
     step = start
     for step in bar:
-        # D phase: real batch vs. fakes of the same classes (and qualities), and in condition mode every real
-        # again with a wrong quality, in one forward pass of a fixed size (no host read, no recompilation).
+        # D phase: n_dis updates, each on the next real batch and fakes of its classes (and qualities).
         for _ in range(tc.n_dis):
             t0 = time.perf_counter()
             batch = next(batches)
             window_wait += time.perf_counter() - t0
             window_images += batch.images.shape[0] * world
-            reals = batch.images.contiguous(memory_format=memory_format)
-            n, q = reals.shape[0], batch.quality
-            if mode == "ambient" and cfg.compression.ambient_recode_reals:
-                reals = measured(reals, q).to(reals.dtype).contiguous(memory_format=memory_format)
-            with torch.no_grad(), autocast():
-                fake = G_train(torch.randn(n, cfg.model.z_dim, device=device), batch.labels, conditioned(q))
-                fake = measured(fake, q)
-            d_images, d_labels, d_qualities = [reals, fake.to(reals.dtype)], [batch.labels] * 2, [q, q]
-            if mismatch_weight:  # reals paired with a wrong quality: D must call them fake
-                wrong, has_one = mismatched_qualities(q, levels)
-                d_images, d_labels, d_qualities = d_images + [reals], d_labels + [batch.labels], d_qualities + [wrong]
-            with autocast():
-                logits = D_train(augment(torch.cat(d_images)), torch.cat(d_labels),
-                                 judged(torch.cat(d_qualities)) if q is not None else None)
-                loss_d = discriminator_loss(tc.loss, logits[:n], logits[n:2 * n])
-                if mismatch_weight:  # the mismatched reals, those with a level far enough from their own
-                    loss_d = loss_d + mismatch_weight * fake_loss(tc.loss, logits[2 * n:], keep=has_one)
+            loss_d, reals = loss.discriminator_main(batch)
             guard.step(loss_d, D, opt_d, "the discriminator loss", step)
 
-        # R1 on reals, every r1_every steps with its weight scaled to match (lazy regularisation); through D
-        # itself, since a compiled D has no double backward.
+        # R1 on the last reals, every r1_every steps (lazy regularisation).
         if tc.r1_gamma and step % tc.r1_every == 0:
-            penalty = r1_penalty(D, augment(reals), batch.labels, judged(q), autocast, tc.r1_gamma, tc.r1_every)
-            guard.step(penalty, D, opt_d, "the R1 penalty", step)
+            guard.step(loss.r1(reals, batch.labels, batch.quality), D, opt_d, "the R1 penalty", step)
 
-        # G phase: fresh latents, uniformly drawn classes, qualities drawn from the last real batch's; D is frozen.
+        # G phase, with D frozen: qualities are drawn from the last real batch's.
         D.requires_grad_(False)
-        labels = torch.randint(0, n_classes, (local_batch,), device=device)
-        q = q[torch.randint(0, n, (local_batch,), device=device)] if q is not None else None
-        with autocast():
-            fake = G_train(torch.randn(local_batch, cfg.model.z_dim, device=device), labels, conditioned(q))
-            fake_seen = measured(fake, q)
-            loss_g = generator_loss(tc.loss, D_train(augment(fake_seen), labels, judged(q)))
-            if mode == "ambient" and null_weight:  # what the measurement discards, D cannot judge: keep it small
-                loss_g = loss_g + null_weight * (fake.float() - fake_seen.float()).square().mean()
+        loss_g = loss.generator_main(local_batch, batch.quality)
         guard.step(loss_g, G, opt_g, "the generator loss", step)
         D.requires_grad_(True)
         guard.end_step()
@@ -305,9 +245,12 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
             eval_seconds += time.perf_counter() - t0
         if sampling:
             _save_grid(G_ema, fixed_z, fixed_labels, fixed_quality, samples_dir / f"step-{step:07d}.png")
+        if lead and (evaluating or last):  # a drawing takes ~0.5 s: not at every sample grid (TensorBoard is live)
             plot_curves(read_metrics(metrics_path), read_metrics(eval_path), run_dir / "curves.png")
         if saving:
-            path = save_checkpoint(ckpt_dir, step, checkpoint_state(seconds), keep=tc.keep_checkpoints)
+            trained = training_state(cfg, (G, D, G_ema), (opt_g, opt_d), info, qualities, shards_sha256, device,
+                                     seconds)
+            path = save_checkpoint(ckpt_dir, step, trained, keep=tc.keep_checkpoints)
             log.debug(f"wrote {path}")
         if last:
             break
@@ -359,23 +302,17 @@ def _log_scalars(board, group: str, row: dict) -> None:
 def train_status(cfg: PipelineConfig, run_dir: Path, shards: Path | str) -> tuple[str, str]:
     """What `train` would do in `run_dir` on the shard set `shards`, without doing it:
     ('up to date' | 'resume' | 'run', why)."""
-    path, state = _newest_checkpoint(run_dir / "checkpoints", lambda message: None)
+    path, state = newest_checkpoint(run_dir / "checkpoints", lambda message: None)
     budget = f" or {cfg.train.max_minutes} minutes" if cfg.train.max_minutes else ""
     if state is None:
         return "run", f"no checkpoint yet: {cfg.train.steps} steps{budget} from scratch"
-    if _trained_on_other_shards(state, shard_set_fingerprint(shard_set_manifest(shards))):
+    if trained_on_other_shards(state, shard_set_fingerprint(shard_set_manifest(shards))):
         return "run", (f"the shards changed since {path.name} was trained: its outputs will be moved to "
                        f"{run_dir / SUPERSEDED}/, then {cfg.train.steps} steps{budget} from scratch")
     finished = _finished(state, cfg.train)
     if finished:
         return "up to date", f"{path.name} {finished}"
     return "resume", f"from {path.name} (step {state['step']} of {cfg.train.steps})"
-
-
-def _trained_on_other_shards(state: dict, shards_sha256: str) -> bool:
-    """Whether the checkpoint `state` was trained on a shard set other than the one hashing to
-    `shards_sha256` (checkpoints from before the hash was recorded are taken as trained on it)."""
-    return state.get("shards_sha256", shards_sha256) != shards_sha256
 
 
 def supersede(run_dir: Path) -> Path:
@@ -400,7 +337,7 @@ def _finished(state: dict, tc: TrainConfig) -> str | None:
 
 def trained_so_far(run_dir: Path) -> TrainResult:
     """What an earlier training left in `run_dir`: its newest checkpoint (DataError when there is none)."""
-    path, state = _newest_checkpoint(Path(run_dir) / "checkpoints", lambda message: None)
+    path, state = newest_checkpoint(Path(run_dir) / "checkpoints", lambda message: None)
     if state is None:
         raise DataError(f"{Path(run_dir) / 'checkpoints'}: no checkpoint; run the train stage first")
     return TrainResult(path, state["step"], None, None, Path(run_dir) / "metrics.jsonl", Path(run_dir) / "samples",
@@ -420,25 +357,6 @@ def _check_guard(report: GuardReport, on_nonfinite: str, step: int, path: Path |
                             f"training stopped and {kept}")
 
 
-def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
-    """The random number generators' states to checkpoint: the CPU's, and the training GPU's."""
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _restore_rng(rng: dict[str, torch.Tensor], device: torch.device, fallback_seed: int) -> None:
-    """Restore the states `_rng_state` saved (CPU tensors). A checkpoint without the training GPU's (one
-    made on the CPU) seeds it with `fallback_seed`, so a resumed run does not draw the first run's latents."""
-    torch.set_rng_state(rng["torch"])
-    if device.type == "cuda":
-        if "cuda" in rng:
-            torch.cuda.set_rng_state(rng["cuda"], device)
-        else:
-            torch.cuda.manual_seed(fallback_seed)
-
-
 def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for train.precision on `device` (None: full fp32, no autocast)."""
     if precision == "auto":
@@ -446,36 +364,6 @@ def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError("train.precision: fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def _newest_checkpoint(directory: Path, warn: Callable[[str], None]) -> tuple[Path | None, dict | None]:
-    """The newest checkpoint that loads, read on the CPU (the RNG states must be CPU tensors, and module
-    and optimizer states are copied to their device as they are loaded); unreadable newer ones are
-    reported and passed over."""
-    for path in reversed(list_checkpoints(directory)):
-        try:
-            return path, load_checkpoint(path)
-        except DataError as exc:
-            warn(f"{exc}; resuming from the checkpoint before it")
-    return None, None
-
-
-def _check_compatible(state: dict, cfg: PipelineConfig, info: DatasetInfo, path: Path) -> None:
-    """Refuse to resume from a checkpoint of another model or dataset, naming what differs."""
-    differences = []
-    shaped_by = ["mode", "condition_output", "ambient_d_quality"]  # the compression keys that change G or D
-    for section, keys in (("model", list(_DEFAULTS["model"])), ("compression", shaped_by)):
-        stored, ours = state["config"].get(section, {}), to_dict(getattr(cfg, section))
-        differences += [f"{section}.{key}: {stored.get(key, '(unset)')!r} in the checkpoint, {ours[key]!r} now"
-                        for key in keys if stored.get(key, _DEFAULTS[section][key]) != ours[key]]
-    dataset = state["dataset"]
-    if dataset["class_names"] != list(info.class_names):
-        differences.append(f"classes: {len(dataset['class_names'])} in the checkpoint, {info.num_classes} now")
-    if dataset["resolution"] != info.resolution:
-        differences.append(f"resolution: {dataset['resolution']} in the checkpoint, {info.resolution} now")
-    if differences:
-        raise DataError(f"{path}: this checkpoint was made with a different model or dataset "
-                        f"({'; '.join(differences)}); to start afresh use a new run_dir (or delete {path.parent})")
 
 
 def _grid_inputs(info: DatasetInfo, z_dim: int, seed: int, device: torch.device, qualities: list[int] | None,

@@ -1,4 +1,5 @@
-"""GAN losses on raw discriminator logits, and the R1 penalty on D's gradient at real images."""
+"""The GAN objective, phase by phase: D main (with condition mode's mismatched pairs), R1, G main (with
+ambient mode's null-space penalty); the losses on raw logits those phases use."""
 
 from __future__ import annotations
 
@@ -7,6 +8,101 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from ..augment import diff_augment, parse_policy
+from ..compression import mismatched_qualities, simulate_jpeg
+from ..config import PipelineConfig
+from ..data.batch import Batch
+
+
+class GANLoss:
+    """The loss of each phase of a training step, for the networks and compression mode of one run (the
+    shape of StyleGAN2-ADA's training/loss.py). The loop backpropagates and steps what these return.
+
+    `G_train`/`D_train` are what the phases run (a torch.compile wrapper, or the modules themselves); `D`
+    is the module itself, for R1's double backward. Every image D sees, real or fake, goes through the
+    same DiffAugment policy.
+    """
+
+    def __init__(self, cfg: PipelineConfig, G: nn.Module, D: nn.Module, G_train: nn.Module, D_train: nn.Module,
+                 num_classes: int, qualities: list[int] | None, device: torch.device,
+                 autocast: Callable[[], contextlib.AbstractContextManager], memory_format: torch.memory_format):
+        self.G, self.D, self.G_train, self.D_train = G, D, G_train, D_train
+        self.kind, self.z_dim, self.device = cfg.train.loss, cfg.model.z_dim, device
+        self.num_classes = max(num_classes, 1)  # unlabelled data: every image is class 0
+        self.autocast, self.memory_format = autocast, memory_format
+        self.r1_gamma, self.r1_every = cfg.train.r1_gamma, cfg.train.r1_every
+        self.compression = cfg.compression
+        self.mode = cfg.compression.mode
+        self.policy = parse_policy(cfg.train.diffaugment)
+        self.mismatch_weight = cfg.compression.condition_mismatch_weight if self.mode == "condition" else 0.0
+        # the trained qualities in [0, 1], as batch.quality, from which condition mode draws wrong ones
+        self.levels = torch.tensor(qualities, device=device) / 100 if self.mismatch_weight else None
+
+    def discriminator_main(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """D's loss on a real batch and fakes of the same classes (and qualities), and in condition mode on
+        every real again with a wrong quality, all in one forward pass of a fixed size (no host read, no
+        recompilation). Returns (loss, the reals as D saw them before augmentation, for R1)."""
+        reals = batch.images.contiguous(memory_format=self.memory_format)
+        n, q, labels = reals.shape[0], batch.quality, batch.labels
+        if self.mode == "ambient" and self.compression.ambient_recode_reals:
+            reals = self._measured(reals, q).to(reals.dtype).contiguous(memory_format=self.memory_format)
+        with torch.no_grad(), self.autocast():
+            fake = self.G_train(torch.randn(n, self.z_dim, device=self.device), labels, self._g_quality(q))
+            fake = self._measured(fake, q)
+        images, d_labels, d_qualities = [reals, fake.to(reals.dtype)], [labels] * 2, [q, q]
+        if self.mismatch_weight:  # reals paired with a wrong quality: D must call them fake
+            wrong, has_one = mismatched_qualities(q, self.levels)
+            images, d_labels, d_qualities = images + [reals], d_labels + [labels], d_qualities + [wrong]
+        with self.autocast():
+            logits = self.D_train(self._augment(torch.cat(images)), torch.cat(d_labels),
+                                  self._d_quality(torch.cat(d_qualities)) if q is not None else None)
+            loss = discriminator_loss(self.kind, logits[:n], logits[n:2 * n])
+            if self.mismatch_weight:  # the mismatched reals, those with a level far enough from their own
+                loss = loss + self.mismatch_weight * fake_loss(self.kind, logits[2 * n:], keep=has_one)
+        return loss, reals
+
+    def r1(self, reals: torch.Tensor, labels: torch.Tensor, quality: torch.Tensor | None) -> torch.Tensor:
+        """The R1 penalty at `reals` (as `discriminator_main` returned them), weighted for lazy
+        regularisation every `train.r1_every` steps; through D itself (see r1_penalty)."""
+        return r1_penalty(self.D, self._augment(reals), labels, self._d_quality(quality), self.autocast,
+                          self.r1_gamma, self.r1_every)
+
+    def generator_main(self, batch_size: int, real_quality: torch.Tensor | None) -> torch.Tensor:
+        """G's loss on fresh latents of uniformly drawn classes, with qualities drawn from a real batch's
+        `real_quality`; in ambient mode plus the penalty on what the JPEG measurement discards. D's
+        parameters must be frozen by the caller."""
+        labels = torch.randint(0, self.num_classes, (batch_size,), device=self.device)
+        q = real_quality
+        if q is not None:
+            q = q[torch.randint(0, q.shape[0], (batch_size,), device=self.device)]
+        with self.autocast():
+            fake = self.G_train(torch.randn(batch_size, self.z_dim, device=self.device), labels, self._g_quality(q))
+            fake_seen = self._measured(fake, q)
+            loss = generator_loss(self.kind, self.D_train(self._augment(fake_seen), labels, self._d_quality(q)))
+            weight = self.compression.ambient_null_weight
+            if self.mode == "ambient" and weight:  # what the measurement discards, D cannot judge: keep it small
+                loss = loss + weight * (fake.float() - fake_seen.float()).square().mean()
+        return loss
+
+    def _augment(self, images: torch.Tensor) -> torch.Tensor:
+        return diff_augment(images, self.policy)
+
+    def _g_quality(self, quality: torch.Tensor | None) -> torch.Tensor | None:
+        """The quality input of G: the qualities when build_networks made G take them, else none."""
+        return quality if self.G.quality_conditioned else None
+
+    def _d_quality(self, quality: torch.Tensor | None) -> torch.Tensor | None:
+        """The quality input of D: the qualities when build_networks made D take them, else none."""
+        return quality if self.D.quality_conditioned else None
+
+    def _measured(self, images: torch.Tensor, quality: torch.Tensor | None) -> torch.Tensor:
+        """What D sees of a fake (or, with ambient_recode_reals, of a real): in ambient mode, the image
+        JPEG-compressed (differentiably) at `quality`."""
+        if self.mode != "ambient":
+            return images
+        return simulate_jpeg(images, quality * 100, self.compression.ambient_rounding)
 
 
 def discriminator_loss(kind: str, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
@@ -36,6 +132,16 @@ def generator_loss(kind: str, fake_logits: torch.Tensor) -> torch.Tensor:
     if kind == "nonsaturating":
         return F.softplus(-fake_logits).mean()
     raise ValueError(f"unknown loss {kind!r}")
+
+
+def r1_adjusted(lr: float, betas: tuple[float, float], every: int | None) -> tuple[float, tuple[float, float]]:
+    """D's Adam learning rate and betas when R1 is a step of its own every `every` steps (None: no R1):
+    both scaled by every / (every + 1), as StyleGAN2-ADA does (training_loop.py, `mb_ratio`), so that D's
+    optimiser moves as far per image as it would without the extra steps."""
+    if every is None:
+        return lr, betas
+    ratio = every / (every + 1)
+    return lr * ratio, (betas[0] ** ratio, betas[1] ** ratio)
 
 
 def r1_penalty(D: torch.nn.Module, reals: torch.Tensor, labels: torch.Tensor, quality: torch.Tensor | None,

@@ -1,0 +1,30 @@
+"""The head both discriminators share: a realness logit from features by projection (Miyato & Koyama 2018)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils import spectral_norm
+
+from .quality import QualityEmbedding
+
+
+class ProjectionDiscriminator(nn.Module):
+    """A discriminator whose logit is linear(f) + <embed(y), f> [+ <embed_quality(q), f>] for features f
+    (https://arxiv.org/abs/1802.05637): subclasses compute f and call `build_head` once, after their own
+    layers, then `head` in forward."""
+
+    def build_head(self, feature_dim: int, num_classes: int, quality: bool) -> None:
+        """Create the spectral-normalised linear, class and quality embeddings (none for 0 classes / no quality)."""
+        self.linear = spectral_norm(nn.Linear(feature_dim, 1))
+        self.embed = spectral_norm(nn.Embedding(num_classes, feature_dim)) if num_classes else None
+        self.embed_quality = QualityEmbedding(feature_dim, spectral=True) if quality else None
+
+    def head(self, f: torch.Tensor, labels: torch.Tensor, quality: torch.Tensor | None) -> torch.Tensor:
+        """One realness logit per row of the features `f` (N, feature_dim), shape (N,)."""
+        logit = self.linear(f).squeeze(1)
+        if self.embed is not None:
+            logit = logit + (self.embed(labels) * f).sum(dim=1)
+        if self.embed_quality is not None:
+            logit = logit + (self.embed_quality(quality) * f).sum(dim=1)
+        return logit
