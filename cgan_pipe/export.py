@@ -25,7 +25,7 @@ from .config import ExportConfig
 from .data.batch import DatasetInfo
 from .data.manifest import Manifest, ShardInfo, write_manifest
 from .data.fingerprint import file_sha256
-from .data.shards import ShardSample, ShardWriter
+from .data.shard_format import ShardSample, ShardWriter
 from .distributed import wait_for_all_ranks
 from .errors import ConfigError, DataError
 from .resumable import ResumableParts

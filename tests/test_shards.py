@@ -22,7 +22,8 @@ from cgan_pipe.config import DataConfig, LoaderConfig, config_from_dict
 from cgan_pipe.data.loader import open_loader
 from cgan_pipe.data.manifest import read_manifest
 from cgan_pipe.data.fingerprint import file_sha256
-from cgan_pipe.data.shards import ShardSample, ShardWriter, dali_index, merge_shards, prepare
+from cgan_pipe.data.shard_format import ShardSample, ShardWriter, dali_index
+from cgan_pipe.data.shards import merge_shards, prepare
 from cgan_pipe.data.verify import verify_shards
 from cgan_pipe.errors import ConfigError, DataError
 

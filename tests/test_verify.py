@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from cgan_pipe.data.manifest import Manifest, write_manifest
-from cgan_pipe.data.shards import ShardSample, ShardWriter
+from cgan_pipe.data.shard_format import ShardSample, ShardWriter
 from cgan_pipe.data.verify import contact_sheet, inspect_shards, verify_shards
 from cgan_pipe.errors import DataError
 

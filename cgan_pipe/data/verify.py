@@ -22,7 +22,7 @@ from ..processes import process_pool
 from .inputs import count_by_kind
 from .manifest import Manifest, ShardInfo, parse_dali_index, read_manifest
 from .fingerprint import file_sha256
-from .shards import dali_index, member_extension, sample_members
+from .shard_format import dali_index, member_extension, sample_members
 
 log = logging.getLogger(__name__)
 DECODE_BATCH = 256
