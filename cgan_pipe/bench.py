@@ -65,7 +65,8 @@ def bench_prepare(source: Path, *, quality: int = 90, workers: int | None = None
     JPEG at `quality` (both with `workers`), a single-process Pillow loop doing the same re-encode
     into a tar, and, when given the path of StyleGAN2-ADA's `dataset_tool.py`, that tool
     converting the same images from an extracted folder. Fresh output folders each time; the
-    source is read once first so every method starts from a warm page cache."""
+    source is read once first so every method starts from a warm page cache. Echoes a line per
+    method, then the ratios."""
     if not tarfile.is_tarfile(source):
         raise DataError(f"{source}: bench prepare takes a tar of an image-folder tree")
     with open_source(str(source)) as src:
@@ -94,6 +95,11 @@ def bench_prepare(source: Path, *, quality: int = 90, workers: int | None = None
                             *([f"--max-images={limit}"] if limit else [])], check=True, capture_output=True)
             records.append(BenchRecord("stylegan2-ada-dataset_tool", count, time.perf_counter() - start))
             echo(records[-1].line())
+    rate = {r.method: r.images_per_s for r in records}
+    encode = f"prepare-jpeg-q{quality}", f"pil-loop-jpeg-q{quality}"
+    echo(f"re-encode: prepare / Pillow loop = {rate[encode[0]] / rate[encode[1]]:.2f}x")
+    if "stylegan2-ada-dataset_tool" in rate:
+        echo(f"keep: prepare / dataset_tool = {rate['prepare-keep'] / rate['stylegan2-ada-dataset_tool']:.2f}x")
     return records
 
 
@@ -180,6 +186,14 @@ def bench_loader(shards: Path, *, batch_size: int = 256, batches: int = 100, war
         records.append(LoaderRecord(backend, device, batches * batch_size, time.perf_counter() - start))
         echo(records[-1].line())
         del batches_iter
+    baseline = next((r.images_per_s for r in records if r.backend == "baseline"), None)
+    for record in records if baseline else []:
+        echo(f"{record.backend}/{record.device}: {record.images_per_s / baseline:.2f}x the baseline")
+    for record in (r for r in records if r.backend.endswith("+jpeg_distort")):
+        backend = record.backend.removesuffix("+jpeg_distort")
+        plain = next(r for r in records if r.backend == backend and r.device == record.device)
+        echo(f"jpeg_distort on {backend}/{record.device} costs {1 - record.images_per_s / plain.images_per_s:.1%} "
+             f"of its throughput")
     return records
 
 
@@ -372,6 +386,12 @@ def bench_export(checkpoint: Path, *, n: int = 10_000, batch_size: int = 250, qu
         difference = _decoded_difference(sorted((out / "plain").iterdir()),
                                          sorted((out / "export" / "files").rglob("*.jpg")))
         echo(f"export vs plain, decoded: mean absolute difference {difference * 255:.3f}/255 per pixel value")
+    rate = {r.method: r.images_per_s for r in records}
+    seconds = {r.method: r.seconds for r in records}
+    echo(f"export / plain = {rate['export'] / rate['plain']:.2f}x; export-shards / plain = "
+         f"{rate['export-shards'] / rate['plain']:.2f}x; generator: {rate['generate'] / rate['generate-plain']:.2f}x")
+    echo(f"encoding and writing add {seconds['export'] / seconds['generate'] - 1:.0%} (files) and "
+         f"{seconds['export-shards'] / seconds['generate'] - 1:.0%} (shards) to generation")
     return records
 
 

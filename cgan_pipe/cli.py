@@ -574,11 +574,6 @@ def bench_prepare_command(source: str, quality: int, workers: int | None, limit:
 
     records = bench_prepare(Path(source), quality=quality, workers=workers, limit=limit,
                             dataset_tool=Path(dataset_tool) if dataset_tool else None, echo=click.echo)
-    rate = {r.method: r.images_per_s for r in records}
-    click.echo(f"re-encode: prepare / Pillow loop = "
-               f"{rate[f'prepare-jpeg-q{quality}'] / rate[f'pil-loop-jpeg-q{quality}']:.2f}x")
-    if "stylegan2-ada-dataset_tool" in rate:
-        click.echo(f"keep: prepare / dataset_tool = {rate['prepare-keep'] / rate['stylegan2-ada-dataset_tool']:.2f}x")
     if json_path:
         write_text_atomic(Path(json_path), json.dumps([r.to_dict() for r in records], indent=2) + "\n")
 
@@ -612,14 +607,6 @@ def bench_loader_command(shards: str, batch_size: int, batches: int, workers: in
     records = bench_loader(Path(shards), batch_size=batch_size, batches=batches, workers=workers,
                            jpeg_distort=tuple(jpeg_distort) if jpeg_distort else None, backends=backends,
                            echo=click.echo)
-    baseline = next((r.images_per_s for r in records if r.backend == "baseline"), None)
-    for record in records if baseline else []:
-        click.echo(f"{record.backend}/{record.device}: {record.images_per_s / baseline:.2f}x the baseline")
-    for record in (r for r in records if r.backend.endswith("+jpeg_distort")):
-        backend = record.backend.removesuffix("+jpeg_distort")
-        plain = next(r for r in records if r.backend == backend and r.device == record.device)
-        click.echo(f"jpeg_distort on {backend}/{record.device} costs "
-                   f"{1 - record.images_per_s / plain.images_per_s:.1%} of its throughput")
     if json_path:
         write_text_atomic(Path(json_path), json.dumps([r.to_dict() for r in records], indent=2) + "\n")
 
@@ -689,12 +676,5 @@ def bench_export_command(checkpoint: str, n: int, batch_size: int, quality: int,
 
     records = bench_export(Path(checkpoint), n=n, batch_size=batch_size, quality=quality, device=device,
                            scratch=Path(scratch) if scratch else None, echo=click.echo)
-    rate = {r.method: r.images_per_s for r in records}
-    seconds = {r.method: r.seconds for r in records}
-    click.echo(f"export / plain = {rate['export'] / rate['plain']:.2f}x; "
-               f"export-shards / plain = {rate['export-shards'] / rate['plain']:.2f}x; "
-               f"generator: {rate['generate'] / rate['generate-plain']:.2f}x")
-    click.echo(f"encoding and writing add {seconds['export'] / seconds['generate'] - 1:.0%} (files) and "
-               f"{seconds['export-shards'] / seconds['generate'] - 1:.0%} (shards) to generation")
     if json_path:
         write_text_atomic(Path(json_path), json.dumps([r.to_dict() for r in records], indent=2) + "\n")
