@@ -91,21 +91,8 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
     info = dataset_info(manifest)
     if cfg.eval.every:
         check_eval_settings(cfg.eval, info)
-    path, state = newest_checkpoint(ckpt_dir, warn)
     shards_sha256 = shard_set_fingerprint(manifest)
-    if state is not None and trained_on_other_shards(state, shards_sha256):
-        if world > 1:
-            wait_for_all_ranks()  # every rank has read the old checkpoint before rank 0 moves it
-        if lead:
-            moved = supersede(run_dir)
-            samples_dir.mkdir(parents=True)
-            warn(f"the shards changed since {path} was trained; the outputs trained on the old ones were moved to "
-                 f"{moved}, and training starts afresh")
-        if world > 1:
-            wait_for_all_ranks()
-        path, state = None, None
-    if state is not None:
-        check_compatible(state, cfg, info, path)
+    path, state = _checkpoint_to_resume(cfg, run_dir, info, shards_sha256, warn, world)
     start = state["step"] if state is not None else 0
     spent = state.get("train_seconds", 0.0) if state is not None else 0.0
     budget = tc.max_minutes * 60 if tc.max_minutes else None
@@ -260,6 +247,28 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
     path = path if lead else checkpoint_path(ckpt_dir, step)
     return TrainResult(path, step, total_images / total_time, total_wait / total_time,
                        metrics_path, samples_dir, start, _weights_sha256(G, D, G_ema))
+
+
+def _checkpoint_to_resume(cfg: PipelineConfig, run_dir: Path, info: DatasetInfo, shards_sha256: str,
+                          warn: Callable[[str], None], world: int) -> tuple[Path | None, dict | None]:
+    """The newest readable checkpoint in run_dir/checkpoints and its state, or (None, None) to start afresh.
+    One trained on other shards is not resumed: rank 0 moves its run's outputs aside (`supersede`); one of
+    another model or dataset is refused (DataError)."""
+    path, state = newest_checkpoint(run_dir / "checkpoints", warn)
+    if state is not None and trained_on_other_shards(state, shards_sha256):
+        if world > 1:
+            wait_for_all_ranks()  # every rank has read the old checkpoint before rank 0 moves it
+        if rank_and_world()[0] == 0:
+            moved = supersede(run_dir)
+            (run_dir / "samples").mkdir(parents=True)
+            warn(f"the shards changed since {path} was trained; the outputs trained on the old ones were moved to "
+                 f"{moved}, and training starts afresh")
+        if world > 1:
+            wait_for_all_ranks()
+        return None, None
+    if state is not None:
+        check_compatible(state, cfg, info, path)
+    return path, state
 
 
 def _weights_sha256(*modules: nn.Module) -> str:
