@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..atomic import atomic_path
 
-METRICS = ("classifier_fd", "class_accuracy", "classifier_score", "fid", "kid", "inception_score",
+PLOTTED_METRICS = ("classifier_fd", "class_accuracy", "classifier_score", "fid", "kid", "inception_score",
            "estimated_quality", "quality_spearman")
 
 
@@ -21,7 +21,7 @@ def plot_curves(rows: list[dict], eval_rows: list[dict], path: Path) -> Path | N
 
     panels = [("losses", rows, ["loss_d", "loss_g"]), ("images/s", rows, ["images_per_s"]),
               ("data wait (fraction of step time)", rows, ["data_wait"])]
-    panels += [(key, eval_rows, [key]) for key in METRICS if any(key in row for row in eval_rows)]
+    panels += [(key, eval_rows, [key]) for key in PLOTTED_METRICS if any(key in row for row in eval_rows)]
     columns = 2
     figure = Figure(figsize=(11, 3.2 * math.ceil(len(panels) / columns)), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)  # the off-screen canvas: no display, and no pyplot state in the caller's process
