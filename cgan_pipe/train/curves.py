@@ -8,7 +8,7 @@ from pathlib import Path
 from ..atomic import atomic_path
 
 PLOTTED_METRICS = ("classifier_fd", "class_accuracy", "classifier_score", "fid", "kid", "inception_score",
-           "estimated_quality", "quality_spearman")
+                   "estimated_quality", "quality_spearman")
 
 
 def plot_curves(rows: list[dict], eval_rows: list[dict], path: Path) -> Path | None:
