@@ -259,7 +259,10 @@ class TrainConfig:
 
     steps: int = option(5000, "Generator steps to train for.", _positive)
     batch_size: int = option(64, "Images per batch.", _positive)
-    loss: Literal["hinge", "nonsaturating"] = option("hinge", "GAN loss.")
+    loss: Literal["hinge", "nonsaturating", "rpgan"] = option(
+        "hinge", "GAN loss: 'hinge', 'nonsaturating' (logistic), or 'rpgan', R3GAN's relativistic pairing loss, in "
+        "which each fake is judged against a real of its class (use it with r1_gamma and r2_gamma)."
+    )
     diffaugment: str = option(
         "", "DiffAugment transforms applied to every image D sees, real or fake, e.g. "
         "'color,translation,cutout' (differentiable, on the training device). '': none.", _diffaugment_policy
@@ -273,9 +276,13 @@ class TrainConfig:
         0.0, "Weight of the R1 gradient penalty on real images (Mescheder et al. 2018); 0: off.", _non_negative
     )
     r1_every: int = option(
-        16, "Apply R1 every this many steps, as a D update of its own with the penalty scaled up to match; D's "
-        "Adam lr and betas are then scaled by r1_every / (r1_every + 1), as in StyleGAN2 (lazy regularisation).",
+        16, "Apply R1 (and R2) every this many steps, as a D update of its own with the penalty scaled up to match; "
+        "D's Adam lr and betas are then scaled by r1_every / (r1_every + 1), as in StyleGAN2 (lazy regularisation).",
         _positive,
+    )
+    r2_gamma: float = option(
+        0.0, "Weight of the R2 gradient penalty on generated images (R3GAN: the same as r1_gamma); applied with "
+        "R1, every r1_every steps. 0: off.", _non_negative
     )
     ema_decay: float = option(0.999, "Decay of the generator's exponential moving average.", _unit_interval)
     ema_warmup: int = option(

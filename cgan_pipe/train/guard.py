@@ -11,7 +11,7 @@ from torch import nn
 from ..distributed import any_rank_on_device, average_gradients
 
 # What each guarded step optimises, as named in error messages; a loss's index here is how the device records it.
-PHASES = ("the discriminator loss", "the R1 penalty", "the generator loss")
+PHASES = ("the discriminator loss", "the R1/R2 penalty", "the generator loss")
 
 
 def make_adam(module: nn.Module, lr: float, betas: tuple[float, float]) -> torch.optim.Adam:

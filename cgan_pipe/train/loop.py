@@ -116,7 +116,8 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
     G, D = G.to(device, memory_format=memory_format), D.to(device, memory_format=memory_format)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
     opt_g = make_adam(G, tc.lr_g, (tc.beta1, tc.beta2))
-    opt_d = make_adam(D, *r1_adjusted(tc.lr_d, (tc.beta1, tc.beta2), tc.r1_every if tc.r1_gamma else None))
+    penalised = bool(tc.r1_gamma or tc.r2_gamma)
+    opt_d = make_adam(D, *r1_adjusted(tc.lr_d, (tc.beta1, tc.beta2), tc.r1_every if penalised else None))
     if state is not None:  # read on the CPU: load_state_dict copies each tensor to where its module lives
         for module, key in ((G, "G"), (D, "D"), (G_ema, "G_ema")):
             module.load_state_dict(state[key])
@@ -164,16 +165,16 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
             batch = next(batches)
             window_wait += time.perf_counter() - t0
             window_images += batch.images.shape[0] * world
-            loss_d, reals = loss.discriminator_main(batch)
+            loss_d, reals, fakes = loss.discriminator_main(batch)
             guard.step(loss_d, D, opt_d, "the discriminator loss", step)
 
-        # R1 on the last reals, every r1_every steps (lazy regularisation).
-        if tc.r1_gamma and step % tc.r1_every == 0:
-            guard.step(loss.r1(reals, batch.labels, batch.quality), D, opt_d, "the R1 penalty", step)
+        # R1 on the last reals and R2 on their fakes, every r1_every steps (lazy regularisation).
+        if penalised and step % tc.r1_every == 0:
+            guard.step(loss.penalties(reals, fakes, batch.labels, batch.quality), D, opt_d, "the R1/R2 penalty", step)
 
-        # G phase, with D frozen: qualities are drawn from the last real batch's.
+        # G phase, with D frozen: classes and qualities come from the last real batch (see generator_main).
         D.requires_grad_(False)
-        loss_g = loss.generator_main(local_batch, batch.quality)
+        loss_g = loss.generator_main(local_batch, batch, reals)
         guard.step(loss_g, G, opt_g, "the generator loss", step)
         D.requires_grad_(True)
         guard.end_step()

@@ -1,5 +1,5 @@
-"""The GAN objective, phase by phase: D main (with condition mode's mismatched pairs), R1, G main (with
-ambient mode's null-space penalty); the losses on raw logits those phases use."""
+"""The GAN objective, phase by phase: D main (with condition mode's mismatched pairs), the gradient penalties
+(R1 on reals, R2 on fakes), G main (with ambient mode's null-space penalty); the losses on raw logits."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ class GANLoss:
         self.kind, self.z_dim, self.device = cfg.train.loss, cfg.model.z_dim, device
         self.num_classes = max(num_classes, 1)  # unlabelled data: every image is class 0
         self.autocast, self.memory_format = autocast, memory_format
-        self.r1_gamma, self.r1_every = cfg.train.r1_gamma, cfg.train.r1_every
+        self.r1_gamma, self.r2_gamma, self.every = cfg.train.r1_gamma, cfg.train.r2_gamma, cfg.train.r1_every
         self.compression = cfg.compression
         self.mode = cfg.compression.mode
         self.policy = parse_policy(cfg.train.diffaugment)
@@ -40,10 +40,11 @@ class GANLoss:
         # the trained qualities in [0, 1], as batch.quality, from which condition mode draws wrong ones
         self.levels = torch.tensor(qualities, device=device) / 100 if self.mismatch_weight else None
 
-    def discriminator_main(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """D's loss on a real batch and fakes of the same classes (and qualities), and in condition mode on
-        every real again with a wrong quality, all in one forward pass of a fixed size (no host read, no
-        recompilation). Returns (loss, the reals as D saw them before augmentation, for R1)."""
+    def discriminator_main(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """D's loss on a real batch and fakes of the same classes (and qualities), fake i paired with real i
+        (the pairs of the relativistic loss), and in condition mode on every real again with a wrong quality,
+        all in one forward pass of a fixed size (no host read, no recompilation). Returns (loss, the reals and
+        the fakes as D saw them before augmentation, for the penalties and the G phase)."""
         reals = batch.images.contiguous(memory_format=self.memory_format)
         n, q, labels = reals.shape[0], batch.quality, batch.labels
         if self.mode == "ambient" and self.compression.ambient_recode_reals:
@@ -61,29 +62,53 @@ class GANLoss:
             loss = discriminator_loss(self.kind, logits[:n], logits[n:2 * n])
             if self.mismatch_weight:  # the mismatched reals, those with a level far enough from their own
                 loss = loss + self.mismatch_weight * fake_loss(self.kind, logits[2 * n:], keep=has_one)
-        return loss, reals
+        return loss, reals, fake.to(reals.dtype)
 
-    def r1(self, reals: torch.Tensor, labels: torch.Tensor, quality: torch.Tensor | None) -> torch.Tensor:
-        """The R1 penalty at `reals` (as `discriminator_main` returned them), weighted for lazy
-        regularisation every `train.r1_every` steps; through D itself (see r1_penalty)."""
-        return r1_penalty(self.D, self._augment(reals), labels, self._d_quality(quality), self.autocast,
-                          self.r1_gamma, self.r1_every)
+    def penalties(self, reals: torch.Tensor, fakes: torch.Tensor, labels: torch.Tensor,
+                  quality: torch.Tensor | None) -> torch.Tensor:
+        """gamma_1 / 2 * E ||grad D(real)||^2 (R1) + gamma_2 / 2 * E ||grad D(fake)||^2 (R2), at the images
+        `discriminator_main` returned, times `train.r1_every` (lazy regularisation: applied every that many
+        steps); through D itself (see gradient_penalty)."""
+        q = self._d_quality(quality)
+        total = torch.zeros((), device=self.device)
+        for gamma, images in ((self.r1_gamma, reals), (self.r2_gamma, fakes)):
+            if gamma:
+                total = total + gamma / 2 * gradient_penalty(self.D, self._augment(images), labels, q, self.autocast)
+        return total * self.every
 
-    def generator_main(self, batch_size: int, real_quality: torch.Tensor | None) -> torch.Tensor:
-        """G's loss on fresh latents of uniformly drawn classes, with qualities drawn from a real batch's
-        `real_quality`; in ambient mode plus the penalty on what the JPEG measurement discards. D's
-        parameters must be frozen by the caller."""
+    def generator_main(self, batch_size: int, real: Batch, reals_seen: torch.Tensor) -> torch.Tensor:
+        """G's loss on fresh latents; in ambient mode plus the penalty on what the JPEG measurement discards.
+        With the relativistic loss ('rpgan') each fake is paired with a real of `real` (the last real batch,
+        `reals_seen` as D saw it) and takes its class and quality; otherwise `batch_size` fakes of uniformly
+        drawn classes, with qualities drawn from the real batch's. D's parameters must be frozen by the caller."""
+        if self.kind == "rpgan":
+            return self._relativistic_generator(real, reals_seen)
         labels = torch.randint(0, self.num_classes, (batch_size,), device=self.device)
-        q = real_quality
+        q = real.quality
         if q is not None:
             q = q[torch.randint(0, q.shape[0], (batch_size,), device=self.device)]
         with self.autocast():
             fake = self.G_train(torch.randn(batch_size, self.z_dim, device=self.device), labels, self._g_quality(q))
             fake_seen = self._measured(fake, q)
             loss = generator_loss(self.kind, self.D_train(self._augment(fake_seen), labels, self._d_quality(q)))
-            weight = self.compression.ambient_null_weight
-            if self.mode == "ambient" and weight:  # what the measurement discards, D cannot judge: keep it small
-                loss = loss + weight * (fake.float() - fake_seen.float()).square().mean()
+            return self._with_null_space_penalty(loss, fake, fake_seen)
+
+    def _relativistic_generator(self, real: Batch, reals_seen: torch.Tensor) -> torch.Tensor:
+        n, labels, q = reals_seen.shape[0], real.labels, real.quality
+        with self.autocast():
+            fake = self.G_train(torch.randn(n, self.z_dim, device=self.device), labels, self._g_quality(q))
+            fake_seen = self._measured(fake, q)
+            both = torch.cat([fake_seen.to(reals_seen.dtype), reals_seen.detach()])
+            logits = self.D_train(self._augment(both), torch.cat([labels, labels]),
+                                  self._d_quality(torch.cat([q, q])) if q is not None else None)
+            return self._with_null_space_penalty(generator_loss(self.kind, logits[:n], logits[n:]), fake, fake_seen)
+
+    def _with_null_space_penalty(self, loss: torch.Tensor, fake: torch.Tensor, fake_seen: torch.Tensor) -> torch.Tensor:
+        """`loss`, plus in ambient mode the weighted mean square of the part of each fake that its JPEG
+        measurement discards: D cannot judge that part, so it is kept small."""
+        weight = self.compression.ambient_null_weight
+        if self.mode == "ambient" and weight:
+            return loss + weight * (fake.float() - fake_seen.float()).square().mean()
         return loss
 
     def _augment(self, images: torch.Tensor) -> torch.Tensor:
@@ -106,7 +131,11 @@ class GANLoss:
 
 
 def discriminator_loss(kind: str, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
-    """D's loss: 'hinge' (Lim & Ye 2017) or 'nonsaturating' (Goodfellow et al. 2014, logistic)."""
+    """D's loss: 'hinge' (Lim & Ye 2017), 'nonsaturating' (Goodfellow et al. 2014, logistic), or 'rpgan',
+    the relativistic pairing loss E softplus(D(fake_i) - D(real_i)) of R3GAN (Huang et al. 2024,
+    https://arxiv.org/abs/2501.05441), real i and fake i being a pair."""
+    if kind == "rpgan":
+        return F.softplus(fake_logits - real_logits).mean()
     return fake_loss(kind, -real_logits) + fake_loss(kind, fake_logits)  # judged real: the negated logit judged fake
 
 
@@ -116,7 +145,7 @@ def fake_loss(kind: str, logits: torch.Tensor, keep: torch.Tensor | None = None)
     none is), without the host read that selecting them would take."""
     if kind == "hinge":
         losses = F.relu(1.0 + logits)
-    elif kind == "nonsaturating":
+    elif kind in ("nonsaturating", "rpgan"):  # rpgan: an unpaired logit is judged as the logistic loss does
         losses = F.softplus(logits)
     else:
         raise ValueError(f"unknown loss {kind!r}")
@@ -125,17 +154,21 @@ def fake_loss(kind: str, logits: torch.Tensor, keep: torch.Tensor | None = None)
     return (losses * keep).sum() / keep.sum().clamp(min=1)
 
 
-def generator_loss(kind: str, fake_logits: torch.Tensor) -> torch.Tensor:
-    """G's loss for the same two kinds."""
+def generator_loss(kind: str, fake_logits: torch.Tensor, real_logits: torch.Tensor | None = None) -> torch.Tensor:
+    """G's loss for the same kinds; 'rpgan' needs the logits of the reals paired with the fakes:
+    E softplus(D(real_i) - D(fake_i))."""
     if kind == "hinge":
         return -fake_logits.mean()
     if kind == "nonsaturating":
         return F.softplus(-fake_logits).mean()
+    if kind == "rpgan":
+        return F.softplus(real_logits - fake_logits).mean()
     raise ValueError(f"unknown loss {kind!r}")
 
 
 def r1_adjusted(lr: float, betas: tuple[float, float], every: int | None) -> tuple[float, tuple[float, float]]:
-    """D's Adam learning rate and betas when R1 is a step of its own every `every` steps (None: no R1):
+    """D's Adam learning rate and betas when the penalties are a step of their own every `every` steps
+    (None: no penalty):
     both scaled by every / (every + 1), as StyleGAN2-ADA does (training_loop.py, `mb_ratio`), so that D's
     optimiser moves as far per image as it would without the extra steps."""
     if every is None:
@@ -144,12 +177,10 @@ def r1_adjusted(lr: float, betas: tuple[float, float], every: int | None) -> tup
     return lr * ratio, (betas[0] ** ratio, betas[1] ** ratio)
 
 
-def r1_penalty(D: torch.nn.Module, reals: torch.Tensor, labels: torch.Tensor, quality: torch.Tensor | None,
-               autocast: Callable[[], contextlib.AbstractContextManager], gamma: float,
-               every: int) -> torch.Tensor:
-    """R1 (Mescheder et al. 2018, https://arxiv.org/abs/1801.04406): gamma / 2 * E ||grad_x D(x)||^2 over the
-    real images `reals` (as D sees them, augmented), times `every` when applied every `every` steps (lazy
-    regularisation, StyleGAN2).
+def gradient_penalty(D: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, quality: torch.Tensor | None,
+                     autocast: Callable[[], contextlib.AbstractContextManager]) -> torch.Tensor:
+    """E ||grad_x D(x)||^2 over `images` (as D sees them, augmented): R1 at real images (Mescheder et al.
+    2018, https://arxiv.org/abs/1801.04406), R2 at fakes (R3GAN).
 
     `D` must be the module itself, not its torch.compile wrapper: compiled graphs have no double backward
     ("torch.compile with aot_autograd does not currently support double backward"). The gradient of the
@@ -157,8 +188,8 @@ def r1_penalty(D: torch.nn.Module, reals: torch.Tensor, labels: torch.Tensor, qu
     where a GradScaler's 2**16 would overflow float16 (max 65504) and make the penalty inf at its first step.
     The penalty itself is scaled like any loss when it is backpropagated.
     """
-    seen = reals.detach().requires_grad_(True)
+    seen = images.detach().requires_grad_(True)
     with autocast():
         logits = D(seen, labels, quality)
     (grad,) = torch.autograd.grad(logits.float().sum(), seen, create_graph=True)
-    return grad.float().square().sum(dim=(1, 2, 3)).mean() * (gamma / 2) * every
+    return grad.float().square().flatten(1).sum(dim=1).mean()
