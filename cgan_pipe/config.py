@@ -247,10 +247,14 @@ class ModelConfig:
         "blocks, class-conditional BatchNorm in G with a shared class embedding, projection D)."
     )
     z_dim: int = option(128, "Latent size.", _positive)
-    g_width: int = option(128, "Channels of the generator's first (4x4) feature map (resnet: of every block; "
-                        "256+ on a GPU).", _positive)
-    d_width: int = option(128, "Channels of the discriminator's last (4x4) feature map (resnet: of every block; "
-                        "256+ on a GPU).", _positive)
+    g_width: int = option(
+        128, "Channels of the generator's 4x4 feature map, its widest; larger maps get fewer, halving with each "
+        "doubling (dcgan: from 8x8 on; resnet: above 32x32), never below 32. 256+ on a GPU.", _positive
+    )
+    d_width: int = option(
+        128, "Channels of the discriminator's 4x4 feature map, narrowing towards the image as g_width does.",
+        _positive
+    )
 
 
 @dataclass

@@ -13,6 +13,7 @@ from .data.batch import DatasetInfo
 from .errors import ConfigError
 from .images import to_uint8
 from .models import build_networks, for_inference
+from .train.checkpoint import load_weights
 from .train.ema import OWN_STATISTICS, recompute_batchnorm, standing_inputs
 
 
@@ -25,7 +26,7 @@ def load_generator(state: dict, ema: bool, device: torch.device,
     cfg = config_from_dict(state["config"], origin="checkpoint config")
     info = checkpoint_dataset(state)
     generator, _ = build_networks(cfg.model, info, cfg.compression)
-    generator.load_state_dict(state["G_ema" if ema else "G"])
+    load_weights(generator, state, "G_ema" if ema else "G", "the checkpoint")
     generator = generator.to(device).eval().requires_grad_(False)
     if ema and state.get("ema_batchnorm") != OWN_STATISTICS:  # written before the EMA had statistics of its own
         recompute_batchnorm(generator, standing_inputs(generator, info.num_classes, cfg.train.batch_size, cfg.seed,

@@ -56,7 +56,8 @@ def test_asking_for_a_quality_without_quality_conditioning_is_refused_before_any
 
 def test_set_overrides_are_typed_and_win(tmp_path):
     path = write(tmp_path, "name: x\ndata: {source: a.tar}\n")
-    cfg = load_pipeline(path, ["train.steps=300", "loader.backend=torch", "train.lr_g=1e-3", "export.classes=[cat, dog]"])
+    cfg = load_pipeline(path, ["train.steps=300", "loader.backend=torch", "train.lr_g=1e-3",
+                               "export.classes=[cat, dog]"])
     assert cfg.train.steps == 300 and isinstance(cfg.train.steps, int)
     assert cfg.loader.backend == "torch"
     assert cfg.train.lr_g == pytest.approx(1e-3)

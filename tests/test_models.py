@@ -1,4 +1,4 @@
-"""DCGAN networks: shapes for each resolution, conditional and unconditional."""
+"""The network families: shapes for each resolution, conditional and unconditional, and their channel plans."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ from cgan_pipe.config import CompressionConfig, ModelConfig
 from cgan_pipe.data.batch import DatasetInfo
 from cgan_pipe.models import build_networks
 from cgan_pipe.models.resnet import ConditionalBatchNorm
+from cgan_pipe.models.sizes import channel_plan
 
 
 @pytest.mark.parametrize("arch", ["dcgan", "resnet"])
-@pytest.mark.parametrize("resolution", [8, 32, 64])
+@pytest.mark.parametrize("resolution", [8, 32, 64, 128, 256])
 @pytest.mark.parametrize("classes", [0, 10])
 def test_generator_and_discriminator_shapes(arch, resolution, classes):
     info = DatasetInfo(resolution, 3, tuple(f"c{i}" for i in range(classes)), 100)
@@ -89,3 +90,30 @@ def test_a_jpeg_output_generator_is_its_network_followed_by_the_differentiable_c
     assert torch.allclose(coded, simulate_jpeg(G(z, labels, quality), quality * 100), atol=1e-5)
     coded.sum().backward()  # the codec passes gradients back to the network
     assert G.to_rgb[0].weight.grad is not None if arch == "dcgan" else G.to_rgb[2].weight.grad is not None
+
+
+def test_channel_plans_narrow_as_the_resolution_grows():
+    assert channel_plan("dcgan", 128, 32) == [128, 64, 32, 32]
+    assert channel_plan("resnet", 256, 32) == [256, 256, 256, 256]  # CIFAR-10's networks are unchanged
+    assert channel_plan("resnet", 256, 256) == [256, 256, 256, 256, 128, 64, 32]
+    assert channel_plan("resnet", 64, 256)[-1] == 32  # never below 32
+
+
+@pytest.mark.parametrize("arch", ["dcgan", "resnet"])
+def test_networks_follow_their_channel_plan(arch):
+    plan = channel_plan(arch, 128, 128)
+    G, D = build_networks(ModelConfig(arch=arch, g_width=128, d_width=128), DatasetInfo(128, 3, (), 100))
+    to_rgb = [m for m in G.to_rgb.modules() if isinstance(m, torch.nn.Conv2d)][0]
+    assert to_rgb.in_channels == plan[-1] < plan[0]  # the full-size maps are the narrow ones
+    first = [m for m in D.modules() if isinstance(m, torch.nn.Conv2d)][0]
+    assert first.in_channels == 3 and first.out_channels <= plan[1]
+
+
+def test_a_checkpoint_of_other_shapes_is_refused_naming_the_file(tmp_path):
+    from cgan_pipe.errors import DataError
+    from cgan_pipe.train.checkpoint import load_weights
+
+    narrow, _ = build_networks(ModelConfig(g_width=32), DatasetInfo(32, 3, (), 100))
+    wide, _ = build_networks(ModelConfig(g_width=64), DatasetInfo(32, 3, (), 100))
+    with pytest.raises(DataError, match=r"ckpt.pt: its G does not fit the network this config builds \(.*size"):
+        load_weights(wide, {"G": narrow.state_dict()}, "G", tmp_path / "ckpt.pt")

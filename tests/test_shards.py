@@ -228,7 +228,8 @@ def test_keep_copies_rgb_images_at_size_and_writes_the_rest_as_png(tmp_path):
 def _one_image_tar(tmp_path, image: Image.Image, name: str = "d/cat/x.png") -> Path:
     out = io.BytesIO()
     image.save(out, "PNG")
-    return write_tar(tmp_path / "one.tar", {name: out.getvalue(), "d/dog/y.jpg": cifar_members("test", 1)["test/dog/0000.jpg"]})
+    dog = cifar_members("test", 1)["test/dog/0000.jpg"]
+    return write_tar(tmp_path / "one.tar", {name: out.getvalue(), "d/dog/y.jpg": dog})
 
 
 def _only_sample(out_dir: Path, source: str) -> dict[str, bytes]:

@@ -47,7 +47,8 @@ def _shard_pipeline(paths: list[str], index_paths: list[str], labelled: bool, au
         side = resolution + 2 * augment.pad_crop  # a centred window larger than the image pads it
         decoded = fn.crop(decoded, crop=(side, side), out_of_bounds_policy="pad", fill_values=0)
         decoded = fn.crop(decoded, crop=(resolution, resolution),
-                          crop_pos_x=fn.random.uniform(range=(0.0, 1.0)), crop_pos_y=fn.random.uniform(range=(0.0, 1.0)))
+                          crop_pos_x=fn.random.uniform(range=(0.0, 1.0)),
+                          crop_pos_y=fn.random.uniform(range=(0.0, 1.0)))
     if augment.color_jitter:
         jitter = (1.0 - augment.color_jitter, 1.0 + augment.color_jitter)
         decoded = fn.color_twist(decoded, brightness=fn.random.uniform(range=jitter),

@@ -8,7 +8,7 @@ from torch.nn.utils import spectral_norm
 
 from .projection import ProjectionDiscriminator
 from .quality import QualityEmbedding, check_quality_input, jpeg_output
-from .sizes import doublings_from_4x4
+from .sizes import channel_plan
 
 
 class Generator(nn.Module):
@@ -29,13 +29,12 @@ class Generator(nn.Module):
             nn.BatchNorm2d(width),
             nn.ReLU(inplace=True),
         )
-        blocks, c = [], width
-        for _ in range(doublings_from_4x4(resolution)):
-            out = max(c // 2, 32)
-            blocks += [nn.ConvTranspose2d(c, out, 4, 2, 1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
-            c = out
+        plan, blocks = channel_plan("dcgan", width, resolution), []
+        for c_in, c_out in zip(plan[:-1], plan[1:]):
+            blocks += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out),
+                       nn.ReLU(inplace=True)]
         self.blocks = nn.Sequential(*blocks)
-        self.to_rgb = nn.Sequential(nn.Conv2d(c, channels, 3, 1, 1), nn.Tanh())
+        self.to_rgb = nn.Sequential(nn.Conv2d(plan[-1], channels, 3, 1, 1), nn.Tanh())
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor, quality: torch.Tensor | None = None) -> torch.Tensor:
         """Images in [-1, 1], NCHW, for latents `z` (N, z_dim), class ids `labels` (N,) and, when
@@ -58,8 +57,7 @@ class Discriminator(ProjectionDiscriminator):
                  quality: bool = False):
         super().__init__()
         self.quality_conditioned = quality
-        steps = doublings_from_4x4(resolution)
-        widths = [max(width // 2 ** (steps - i), 32) for i in range(steps + 1)]  # ends at `width`
+        widths = channel_plan("dcgan", width, resolution)[::-1]  # from the image's size down to 4x4
         layers = [spectral_norm(nn.Conv2d(channels, widths[0], 3, 1, 1)), nn.LeakyReLU(0.2, inplace=True)]
         for c_in, c_out in zip(widths[:-1], widths[1:]):
             layers += [spectral_norm(nn.Conv2d(c_in, c_out, 4, 2, 1)), nn.LeakyReLU(0.2, inplace=True)]

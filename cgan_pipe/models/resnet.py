@@ -15,7 +15,7 @@ from torch.nn.utils import spectral_norm
 
 from .projection import ProjectionDiscriminator
 from .quality import QualityEmbedding, check_quality_input, jpeg_output
-from .sizes import doublings_from_4x4
+from .sizes import channel_plan
 
 
 class ConditionalBatchNorm(nn.Module):
@@ -68,8 +68,10 @@ class Generator(nn.Module):
         self.embed_quality = QualityEmbedding(embed_dim) if quality else None
         embed_dim = embed_dim if num_classes or quality else 0
         self.stem = nn.Linear(z_dim, 4 * 4 * width)
-        self.blocks = nn.ModuleList(GeneratorBlock(width, width, embed_dim) for _ in range(doublings_from_4x4(resolution)))
-        self.to_rgb = nn.Sequential(nn.BatchNorm2d(width), nn.ReLU(), nn.Conv2d(width, channels, 3, 1, 1), nn.Tanh())
+        plan = channel_plan("resnet", width, resolution)
+        self.blocks = nn.ModuleList(GeneratorBlock(c_in, c_out, embed_dim) for c_in, c_out in zip(plan[:-1], plan[1:]))
+        self.to_rgb = nn.Sequential(nn.BatchNorm2d(plan[-1]), nn.ReLU(), nn.Conv2d(plan[-1], channels, 3, 1, 1),
+                                    nn.Tanh())
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor,
                 quality: torch.Tensor | None = None) -> torch.Tensor:
@@ -118,8 +120,11 @@ class Discriminator(ProjectionDiscriminator):
                  quality: bool = False):
         super().__init__()
         self.quality_conditioned = quality
-        blocks = [DiscriminatorBlock(channels, width, downsample=True, first=True)]
-        blocks += [DiscriminatorBlock(width, width, downsample=True) for _ in range(doublings_from_4x4(resolution) - 1)]
+        # block k takes the features at resolution / 2**k to resolution / 2**(k+1), with the plan's channels there
+        outs = channel_plan("resnet", width, resolution)[-2::-1]
+        ins = [channels] + outs[:-1]
+        blocks = [DiscriminatorBlock(c_in, c_out, downsample=True, first=k == 0)
+                  for k, (c_in, c_out) in enumerate(zip(ins, outs))]
         blocks += [DiscriminatorBlock(width, width, downsample=False)]
         self.blocks = nn.Sequential(*blocks)
         self.build_head(width, num_classes, quality)

@@ -65,6 +65,19 @@ def training_state(cfg: PipelineConfig, networks: tuple[nn.Module, nn.Module, nn
     }
 
 
+def load_weights(module: nn.Module, state: dict, key: str, path: Path | str) -> None:
+    """Load network `key` ("G", "D" or "G_ema") of the checkpoint `state` read from `path` into `module`;
+    DataError naming the file when the shapes differ (a checkpoint of a network made another way, e.g. by a
+    cgan-pipe whose channel plan for this family and resolution was another)."""
+    try:
+        module.load_state_dict(state[key])
+    except RuntimeError as exc:
+        first = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line or "Missing" in line),
+                     str(exc).splitlines()[0])
+        raise DataError(f"{path}: its {key} does not fit the network this config builds ({first}); it was made "
+                        f"with other model settings or by an older cgan-pipe: train in a new run_dir") from None
+
+
 def list_checkpoints(directory: Path) -> list[Path]:
     """Complete checkpoints in `directory`, oldest first (temp files are never listed)."""
     directory = Path(directory)

@@ -30,8 +30,8 @@ from ..distributed import any_rank, broadcast_module, rank_and_world, wait_for_a
 from ..errors import ConfigError, DataError, TrainingError
 from ..metrics.evaluate import Evaluator, check_eval_settings
 from ..models import build_networks
-from .checkpoint import (check_compatible, checkpoint_path, newest_checkpoint, restore_rng, save_checkpoint,
-                         trained_on_other_shards, training_state)
+from .checkpoint import (check_compatible, checkpoint_path, load_weights, newest_checkpoint, restore_rng,
+                         save_checkpoint, trained_on_other_shards, training_state)
 from .curves import plot_curves
 from .ema import recompute_batchnorm, standing_inputs, update_ema
 from .guard import GuardReport, StepGuard, load_optimizer_state, make_adam
@@ -120,7 +120,7 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
     opt_d = make_adam(D, *r1_adjusted(tc.lr_d, (tc.beta1, tc.beta2), tc.r1_every if penalised else None))
     if state is not None:  # read on the CPU: load_state_dict copies each tensor to where its module lives
         for module, key in ((G, "G"), (D, "D"), (G_ema, "G_ema")):
-            module.load_state_dict(state[key])
+            load_weights(module, state, key, path)
         load_optimizer_state(opt_g, state["opt_g"])
         load_optimizer_state(opt_d, state["opt_d"])
         restore_rng(state["rng"], device, cfg.seed + start)
