@@ -242,9 +242,11 @@ class LoaderConfig:
 class ModelConfig:
     """Generator and discriminator."""
 
-    arch: Literal["dcgan", "resnet"] = option(
-        "dcgan", "Network family: 'dcgan' (strided convs, projection D) or 'resnet' (SNGAN/BigGAN-style residual "
-        "blocks, class-conditional BatchNorm in G with a shared class embedding, projection D)."
+    arch: Literal["dcgan", "resnet", "r3gan"] = option(
+        "dcgan", "Network family: 'dcgan' (strided convs, projection D), 'resnet' (SNGAN/BigGAN-style residual "
+        "blocks, class-conditional BatchNorm in G with a shared class embedding, projection D) or 'r3gan' (R3GAN's "
+        "normalisation-free ResNeXt-style blocks, each starting as the identity; train it with train.loss: rpgan, "
+        "r1_gamma and r2_gamma)."
     )
     z_dim: int = option(128, "Latent size.", _positive)
     g_width: int = option(

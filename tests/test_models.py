@@ -12,7 +12,7 @@ from cgan_pipe.models.resnet import ConditionalBatchNorm
 from cgan_pipe.models.sizes import channel_plan
 
 
-@pytest.mark.parametrize("arch", ["dcgan", "resnet"])
+@pytest.mark.parametrize("arch", ["dcgan", "resnet", "r3gan"])
 @pytest.mark.parametrize("resolution", [8, 32, 64, 128, 256])
 @pytest.mark.parametrize("classes", [0, 10])
 def test_generator_and_discriminator_shapes(arch, resolution, classes):
@@ -26,7 +26,7 @@ def test_generator_and_discriminator_shapes(arch, resolution, classes):
     assert logits.shape == (4,)
 
 
-@pytest.mark.parametrize("arch", ["dcgan", "resnet"])
+@pytest.mark.parametrize("arch", ["dcgan", "resnet", "r3gan"])
 def test_discriminator_uses_the_class(arch):
     info = DatasetInfo(32, 3, tuple("abc"), 100)
     _, D = build_networks(ModelConfig(arch=arch, d_width=64), info)
@@ -117,3 +117,15 @@ def test_a_checkpoint_of_other_shapes_is_refused_naming_the_file(tmp_path):
     wide, _ = build_networks(ModelConfig(g_width=64), DatasetInfo(32, 3, (), 100))
     with pytest.raises(DataError, match=r"ckpt.pt: its G does not fit the network this config builds \(.*size"):
         load_weights(wide, {"G": narrow.state_dict()}, "G", tmp_path / "ckpt.pt")
+
+
+def test_every_r3gan_residual_block_starts_as_the_identity():
+    from cgan_pipe.models.r3gan import ResidualBlock
+
+    G, D = build_networks(ModelConfig(arch="r3gan", z_dim=16, g_width=64, d_width=64), DatasetInfo(32, 3, ("a",), 10))
+    blocks = [m for m in (*G.modules(), *D.modules()) if isinstance(m, ResidualBlock)]
+    assert len(blocks) == 2 * 2 * 4  # two per stage, four stages (4 to 32 px), in G and in D
+    x = torch.randn(2, 64, 8, 8)
+    assert all(torch.equal(block(x), x) for block in blocks)
+    assert not any(isinstance(m, (torch.nn.BatchNorm2d, torch.nn.GroupNorm, torch.nn.LayerNorm))
+                   for m in (*G.modules(), *D.modules()))  # normalisation-free

@@ -121,6 +121,22 @@ def test_the_resnet_model_trains_and_records_its_architecture(small_shards, tmp_
     assert result.steps == 2 and load_checkpoint(result.checkpoint)["config"]["model"]["arch"] == "resnet"
 
 
+def test_the_r3gan_model_trains_with_its_loss_conditioned_on_quality_and_exports(quality_shards, tmp_path):
+    from cgan_pipe.config import ExportConfig
+    from cgan_pipe.export import export
+    from cgan_pipe.schema import from_options
+
+    cfg = small_config(tmp_path, {"model": {"arch": "r3gan", "g_width": 32, "d_width": 32},
+                                  "compression": {"mode": "condition"}},
+                       steps=2, loss="rpgan", r1_gamma=0.5, r2_gamma=0.5, r1_every=1, log_every=1)
+    result = train(cfg, quality_shards, tmp_path, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert result.steps == 2 and rows[-1]["skipped"] == 0 and math.isfinite(rows[-1]["loss_d"])
+    settings = from_options(ExportConfig, {"n": ("--n", 4), "quality_cond": ("--quality-cond", 50)})
+    out = export(result.checkpoint, tmp_path / "out", settings, device=torch.device("cpu"), progress=False)
+    assert len(list(out.files.rglob("*-qc50.jpg"))) == 4
+
+
 def test_a_corrupt_newest_checkpoint_is_named_and_resume_falls_back_to_the_one_before(small_shards, tmp_path):
     train(small_config(tmp_path), small_shards, tmp_path, progress=False)
     newest = tmp_path / "checkpoints" / "ckpt-0000004.pt"

@@ -8,7 +8,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ..config import CompressionConfig, ModelConfig
 from ..data.batch import DatasetInfo
-from . import dcgan, resnet
+from . import dcgan, r3gan, resnet
 
 
 def build_networks(cfg: ModelConfig, info: DatasetInfo,
@@ -21,8 +21,9 @@ def build_networks(cfg: ModelConfig, info: DatasetInfo,
     judges_quality = quality or (compression is not None and compression.mode == "ambient"
                                  and compression.ambient_d_quality)
     jpeg = quality and compression.condition_output == "jpeg"
-    if cfg.arch in ("dcgan", "resnet"):
-        family = dcgan if cfg.arch == "dcgan" else resnet
+    families = {"dcgan": dcgan, "resnet": resnet, "r3gan": r3gan}
+    if cfg.arch in families:
+        family = families[cfg.arch]
         generator = family.Generator(cfg.z_dim, info.num_classes, info.resolution, info.channels, cfg.g_width,
                                      quality=quality, jpeg=jpeg)
         discriminator = family.Discriminator(info.num_classes, info.resolution, info.channels, cfg.d_width,

@@ -14,11 +14,13 @@ class ProjectionDiscriminator(nn.Module):
     (https://arxiv.org/abs/1802.05637): subclasses compute f and call `build_head` once, after their own
     layers, then `head` in forward."""
 
-    def build_head(self, feature_dim: int, num_classes: int, quality: bool) -> None:
-        """Create the spectral-normalised linear, class and quality embeddings (none for 0 classes / no quality)."""
-        self.linear = spectral_norm(nn.Linear(feature_dim, 1))
-        self.embed = spectral_norm(nn.Embedding(num_classes, feature_dim)) if num_classes else None
-        self.embed_quality = QualityEmbedding(feature_dim, spectral=True) if quality else None
+    def build_head(self, feature_dim: int, num_classes: int, quality: bool, spectral: bool = True) -> None:
+        """Create the linear, class and quality embeddings (none for 0 classes / no quality), spectral-normalised
+        unless `spectral` is False (a discriminator without normalisation, kept in bounds by R1/R2)."""
+        wrap = spectral_norm if spectral else (lambda layer: layer)
+        self.linear = wrap(nn.Linear(feature_dim, 1))
+        self.embed = wrap(nn.Embedding(num_classes, feature_dim)) if num_classes else None
+        self.embed_quality = QualityEmbedding(feature_dim, spectral=spectral) if quality else None
 
     def head(self, f: torch.Tensor, labels: torch.Tensor, quality: torch.Tensor | None) -> torch.Tensor:
         """One realness logit per row of the features `f` (N, feature_dim), shape (N,)."""

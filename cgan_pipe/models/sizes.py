@@ -17,7 +17,7 @@ def doublings_from_4x4(resolution: int) -> int:
 # doubling. DCGAN halves from the start (its G's transposed convs); the residual families hold the width to
 # 32x32, where CIFAR-10 is trained, and narrow above it, as BigGAN's and StyleGAN's channel plans do: the
 # cost of a layer grows with its map's area, so wide layers are kept where maps are small.
-FULL_WIDTH_UP_TO = {"dcgan": 4, "resnet": 32}
+FULL_WIDTH_UP_TO = {"dcgan": 4, "resnet": 32, "r3gan": 32}
 MIN_CHANNELS = 32
 
 
