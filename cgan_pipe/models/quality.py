@@ -30,6 +30,17 @@ class QualityEmbedding(nn.Module):
         return self.net(torch.cat([q, angles.sin(), angles.cos()], dim=1))
 
 
+def condition_embedding(module: nn.Module, labels: torch.Tensor, quality: torch.Tensor | None
+                        ) -> torch.Tensor | None:
+    """What a generator is conditioned on: its class embedding of `labels` (`module.embed`) plus, when
+    quality-conditioned, its embedding of `quality` (`module.embed_quality`); None when it has neither."""
+    embedding = module.embed(labels) if module.embed is not None else None
+    if module.embed_quality is not None:
+        q = module.embed_quality(quality)
+        embedding = q if embedding is None else embedding + q
+    return embedding
+
+
 def jpeg_output(images: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
     """A generator's images JPEG-compressed (differentiably) at its requested qualities in [0, 1]."""
     return simulate_jpeg(images, quality * 100)

@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .projection import ProjectionDiscriminator
-from .quality import QualityEmbedding, check_quality_input, jpeg_output
+from .quality import QualityEmbedding, check_quality_input, condition_embedding, jpeg_output
 from .sizes import channel_plan
 
 EXPANSION = 2  # hidden channels of a block, per channel
@@ -88,10 +88,7 @@ class Generator(nn.Module):
         """Images in [-1, 1], NCHW, for latents `z` (N, z_dim), class ids `labels` (N,) and, when
         quality-conditioned, JPEG qualities in [0, 1] (N,)."""
         check_quality_input(self, quality)
-        condition = self.embed(labels) if self.embed is not None else None
-        if self.embed_quality is not None:
-            q = self.embed_quality(quality)
-            condition = q if condition is None else condition + q
+        condition = condition_embedding(self, labels, quality)
         x = torch.cat([z, condition], dim=1) if condition is not None else z
         h = self.basis[None] * self.scale(x)[:, :, None, None]
         h = self.stages[0](h)

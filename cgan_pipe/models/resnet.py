@@ -14,7 +14,7 @@ from torch.nn import functional as F
 from torch.nn.utils import spectral_norm
 
 from .projection import ProjectionDiscriminator
-from .quality import QualityEmbedding, check_quality_input, jpeg_output
+from .quality import QualityEmbedding, check_quality_input, condition_embedding, jpeg_output
 from .sizes import channel_plan
 
 
@@ -78,10 +78,7 @@ class Generator(nn.Module):
         """Images in [-1, 1], NCHW, for latents `z` (N, z_dim), class ids `labels` (N,) and, when
         quality-conditioned, JPEG qualities in [0, 1] (N,)."""
         check_quality_input(self, quality)
-        embedding = self.embed(labels) if self.embed is not None else None
-        if self.embed_quality is not None:
-            q = self.embed_quality(quality)
-            embedding = q if embedding is None else embedding + q
+        embedding = condition_embedding(self, labels, quality)
         h = self.stem(z).view(z.shape[0], self.width, 4, 4)
         for block in self.blocks:
             h = block(h, embedding)
