@@ -127,5 +127,7 @@ def test_every_r3gan_residual_block_starts_as_the_identity():
     assert len(blocks) == 2 * 2 * 4  # two per stage, four stages (4 to 32 px), in G and in D
     x = torch.randn(2, 64, 8, 8)
     assert all(torch.equal(block(x), x) for block in blocks)
+    odd, _ = build_networks(ModelConfig(arch="r3gan", z_dim=16, g_width=50), DatasetInfo(16, 3, (), 10))
+    assert odd(torch.randn(2, 16), torch.zeros(2, dtype=torch.int64)).shape == (2, 3, 16, 16)  # any width
     assert not any(isinstance(m, (torch.nn.BatchNorm2d, torch.nn.GroupNorm, torch.nn.LayerNorm))
                    for m in (*G.modules(), *D.modules()))  # normalisation-free

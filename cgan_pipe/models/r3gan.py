@@ -45,7 +45,8 @@ class ResidualBlock(nn.Module):
         hidden = channels * EXPANSION
         scale = total_blocks ** -0.25  # fix-up: L ** (-1 / (2m - 2)) for m = 3 layers per branch
         self.widen = _he(nn.Conv2d(channels, hidden, 1), GAIN * scale)
-        self.mix = _he(nn.Conv2d(hidden, hidden, 3, 1, 1, groups=max(hidden // GROUP_CHANNELS, 1)), GAIN * scale)
+        groups = math.gcd(hidden, max(hidden // GROUP_CHANNELS, 1))  # a divisor of hidden, for any width
+        self.mix = _he(nn.Conv2d(hidden, hidden, 3, 1, 1, groups=groups), GAIN * scale)
         self.narrow = nn.Conv2d(hidden, channels, 1, bias=False)
         nn.init.zeros_(self.narrow.weight)
 
