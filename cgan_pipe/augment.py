@@ -23,11 +23,18 @@ def parse_policy(text: str) -> tuple[str, ...]:
     return names
 
 
-def diff_augment(images: torch.Tensor, policy: tuple[str, ...]) -> torch.Tensor:
+def diff_augment(images: torch.Tensor, policy: tuple[str, ...], p: float = 1.0) -> torch.Tensor:
     """Apply the transforms of `policy`, in order, each with fresh randomness per image, to NCHW
-    images in [-1, 1]; differentiable in `images`."""
+    images in [-1, 1]; differentiable in `images`. With p < 1 each transform is applied to each image
+    with probability p, drawn per image and transform (ADA's augmentation probability)."""
+    if p <= 0:
+        return images
     for name in policy:
-        images = _TRANSFORMS[name](images)
+        changed = _TRANSFORMS[name](images)
+        if p < 1:
+            applied = torch.rand(images.shape[0], 1, 1, 1, device=images.device) < p
+            changed = torch.where(applied, changed, images)
+        images = changed
     return images
 
 

@@ -17,6 +17,7 @@ from .schema import Where, describe_keys, from_dict, from_yaml, option, required
 Device = Literal["auto", "cpu", "cuda"]
 ImageFormat = Literal["jpeg", "png", "webp"]
 ShardFormat = Literal["jpeg", "png", "webp", "keep"]
+ScheduledKey = Literal["lr_g", "lr_d", "r1_gamma", "r2_gamma", "beta2", "augment_p"]  # the keys schedule_to may name
 
 
 # ---------------------------------------------------------------------------
@@ -59,6 +60,10 @@ def _png_level(value: int) -> str | None:
 
 def _unit_interval(value: float) -> str | None:
     return None if 0.0 <= value < 1.0 else "must be in [0, 1)"
+
+
+def _probability(value: float) -> str | None:
+    return None if 0.0 <= value <= 1.0 else "must be in [0, 1]"
 
 
 def _export_classes(value: list[str] | dict[str, int]) -> str | None:
@@ -273,6 +278,10 @@ class TrainConfig:
         "", "DiffAugment transforms applied to every image D sees, real or fake, e.g. "
         "'color,translation,cutout' (differentiable, on the training device). '': none.", _diffaugment_policy
     )
+    augment_p: float = option(
+        1.0, "Probability that each diffaugment transform is applied to an image, drawn per image and transform "
+        "(ADA's augmentation probability p); 1: always.", _probability
+    )
     lr_g: float = option(2e-4, "Generator Adam learning rate.", _positive)
     lr_d: float = option(4e-4, "Discriminator Adam learning rate (twice G's: TTUR).", _positive)
     beta1: float = option(0.0, "Adam beta1 (GAN practice: 0 or 0.5; docs/benchmarks.md compares them).", _unit_interval)
@@ -294,6 +303,16 @@ class TrainConfig:
     ema_warmup: int = option(
         10, "EMA warm-up: the decay used at step s is min(ema_decay, (1 + s) / (ema_warmup + s)); 0: none.",
         _non_negative,
+    )
+    schedule_kimg: Optional[float] = option(
+        None, "Horizon of the schedules, in thousands of real images: over it each key named in schedule_to moves "
+        "from its own value to the one given there along a half cosine, then holds (R3GAN's schedules). The "
+        "position is the images trained on, so a resumed run continues its schedules. null: no schedule.", _positive
+    )
+    schedule_to: Optional[dict[ScheduledKey, float]] = option(
+        None, "The values reached at schedule_kimg, for any of lr_g, lr_d, r1_gamma, r2_gamma, beta2 and augment_p, "
+        "e.g. {lr_g: 5.0e-5, lr_d: 5.0e-5, r1_gamma: 0.005, r2_gamma: 0.005, beta2: 0.99}; each is checked as its "
+        "own key. The values in use are logged in metrics.jsonl. null: every value stays as set."
     )
     max_minutes: Optional[float] = option(
         None, "Wall-clock budget of training, over all resumes (evaluations not counted): training stops "
@@ -318,6 +337,23 @@ class TrainConfig:
     checkpoint_every: int = option(500, "Steps between checkpoints.", _positive)
     keep_checkpoints: int = option(3, "How many of the newest checkpoints are kept; older ones are deleted.", _positive)
     device: Device = option("auto", "Training device: 'cuda', 'cpu' or 'auto'.")
+
+    def check(self, where: Where) -> None:
+        """Keys that must agree: a schedule's horizon and end values, the augmentation probability and its
+        transforms."""
+        if (self.schedule_kimg is None) != (self.schedule_to is None):
+            given, missing = ("schedule_to", "schedule_kimg") if self.schedule_kimg is None else \
+                ("schedule_kimg", "schedule_to")
+            raise ConfigError(f"{where(given)}: a schedule needs both {where.name('schedule_kimg')} (its horizon) and "
+                              f"{where.name('schedule_to')} (the values reached there); set {where.name(missing)}")
+        checks = {f.name: f.metadata["check"] for f in dataclasses.fields(self)}
+        for key, value in (self.schedule_to or {}).items():
+            problem = checks[key](value)
+            if problem:
+                raise ConfigError(f"{where('schedule_to')}.{key}: {problem} (got {value!r})")
+        if (self.augment_p != 1.0 or "augment_p" in (self.schedule_to or {})) and not self.diffaugment:
+            raise ConfigError(f"{where('augment_p')}: an augmentation probability needs transforms to apply; set "
+                              f"{where.name('diffaugment')} (e.g. 'color,translation,cutout')")
 
 
 @dataclass

@@ -13,7 +13,8 @@ from torch import nn
 
 from cgan_pipe.train.checkpoint import load_checkpoint
 from cgan_pipe.train.loop import train
-from cgan_pipe.train.loss import discriminator_loss, fake_loss, generator_loss, gradient_penalty, r1_adjusted
+from cgan_pipe.train.loss import discriminator_loss, fake_loss, generator_loss, gradient_penalty
+from cgan_pipe.train.schedule import r1_adjusted
 
 from conftest import small_config
 

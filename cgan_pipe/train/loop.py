@@ -35,7 +35,8 @@ from .checkpoint import (check_compatible, checkpoint_path, load_weights, newest
 from .curves import plot_curves
 from .ema import recompute_batchnorm, standing_inputs, update_ema
 from .guard import GuardReport, StepGuard, load_optimizer_state, make_adam
-from .loss import GANLoss, r1_adjusted
+from .loss import GANLoss
+from .schedule import kimg_before, optimiser_settings, penalised, set_optimisers, values_at
 
 log = logging.getLogger(__name__)
 MAX_SKIPPED_IN_A_ROW = 50
@@ -115,9 +116,8 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
     memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
     G, D = G.to(device, memory_format=memory_format), D.to(device, memory_format=memory_format)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
-    opt_g = make_adam(G, tc.lr_g, (tc.beta1, tc.beta2))
-    penalised = bool(tc.r1_gamma or tc.r2_gamma)
-    opt_d = make_adam(D, *r1_adjusted(tc.lr_d, (tc.beta1, tc.beta2), tc.r1_every if penalised else None))
+    g_settings, d_settings = optimiser_settings(tc, values_at(tc, 0.0))
+    opt_g, opt_d = make_adam(G, *g_settings), make_adam(D, *d_settings)
     if state is not None:  # read on the CPU: load_state_dict copies each tensor to where its module lives
         for module, key in ((G, "G"), (D, "D"), (G_ema, "G_ema")):
             load_weights(module, state, key, path)
@@ -159,6 +159,10 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
                unit="step", disable=not (progress and lead), dynamic_ncols=True)
     step = start
     for step in bar:
+        # The scheduled values of this step: learning rates, betas, penalty weights, augmentation probability.
+        loss.now = values_at(tc, kimg_before(tc, step))
+        set_optimisers(tc, loss.now, opt_g, opt_d)
+
         # D phase: n_dis updates, each on the next real batch and fakes of its classes (and qualities).
         for _ in range(tc.n_dis):
             t0 = time.perf_counter()
@@ -169,7 +173,7 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
             guard.step(loss_d, D, opt_d, "the discriminator loss", step)
 
         # R1 on the last reals and R2 on their fakes, every r1_every steps (lazy regularisation).
-        if penalised and step % tc.r1_every == 0:
+        if penalised(tc) and step % tc.r1_every == 0:
             guard.step(loss.penalties(reals, fakes, batch.labels, batch.quality), D, opt_d, "the R1/R2 penalty", step)
 
         # G phase, with D frozen: classes and qualities come from the last real batch (see generator_main).
@@ -205,6 +209,7 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
                 "images_per_s": round(window_images / elapsed, 1),
                 "data_wait": round(window_wait / elapsed, 4), "skipped": report.skipped,
                 "minutes": round(seconds / 60, 3), "time": round(time.time(), 3),
+                **({key: float(f"{getattr(loss.now, key):.6g}") for key in tc.schedule_to} if tc.schedule_to else {}),
             }
             if lead:
                 with open(metrics_path, "a") as handle:

@@ -14,6 +14,7 @@ from ..augment import diff_augment, parse_policy
 from ..compression import mismatched_qualities, simulate_jpeg
 from ..config import PipelineConfig
 from ..data.batch import Batch
+from .schedule import Scheduled, values_at
 
 
 class GANLoss:
@@ -22,7 +23,8 @@ class GANLoss:
 
     `G_train`/`D_train` are what the phases run (a torch.compile wrapper, or the modules themselves); `D`
     is the module itself, for R1's double backward. Every image D sees, real or fake, goes through the
-    same DiffAugment policy.
+    same DiffAugment policy. `now` holds the scheduled values the phases use (the penalty weights and
+    augment_p), which the loop sets at each step.
     """
 
     def __init__(self, cfg: PipelineConfig, G: nn.Module, D: nn.Module, G_train: nn.Module, D_train: nn.Module,
@@ -32,7 +34,8 @@ class GANLoss:
         self.kind, self.z_dim, self.device = cfg.train.loss, cfg.model.z_dim, device
         self.num_classes = max(num_classes, 1)  # unlabelled data: every image is class 0
         self.autocast, self.memory_format = autocast, memory_format
-        self.r1_gamma, self.r2_gamma, self.every = cfg.train.r1_gamma, cfg.train.r2_gamma, cfg.train.r1_every
+        self.every = cfg.train.r1_every
+        self.now: Scheduled = values_at(cfg.train, 0.0)  # the penalty weights and augment_p; the loop moves it
         self.compression = cfg.compression
         self.mode = cfg.compression.mode
         self.policy = parse_policy(cfg.train.diffaugment)
@@ -71,7 +74,7 @@ class GANLoss:
         steps); through D itself (see gradient_penalty)."""
         q = self._d_quality(quality)
         total = torch.zeros((), device=self.device)
-        for gamma, images in ((self.r1_gamma, reals), (self.r2_gamma, fakes)):
+        for gamma, images in ((self.now.r1_gamma, reals), (self.now.r2_gamma, fakes)):
             if gamma:
                 total = total + gamma / 2 * gradient_penalty(self.D, self._augment(images), labels, q, self.autocast)
         return total * self.every
@@ -112,7 +115,7 @@ class GANLoss:
         return loss
 
     def _augment(self, images: torch.Tensor) -> torch.Tensor:
-        return diff_augment(images, self.policy)
+        return diff_augment(images, self.policy, self.now.augment_p)
 
     def _g_quality(self, quality: torch.Tensor | None) -> torch.Tensor | None:
         """The quality input of G: the qualities when build_networks made G take them, else none."""
@@ -164,17 +167,6 @@ def generator_loss(kind: str, fake_logits: torch.Tensor, real_logits: torch.Tens
     if kind == "rpgan":
         return F.softplus(real_logits - fake_logits).mean()
     raise ValueError(f"unknown loss {kind!r}")
-
-
-def r1_adjusted(lr: float, betas: tuple[float, float], every: int | None) -> tuple[float, tuple[float, float]]:
-    """D's Adam learning rate and betas when the penalties are a step of their own every `every` steps
-    (None: no penalty):
-    both scaled by every / (every + 1), as StyleGAN2-ADA does (training_loop.py, `mb_ratio`), so that D's
-    optimiser moves as far per image as it would without the extra steps."""
-    if every is None:
-        return lr, betas
-    ratio = every / (every + 1)
-    return lr * ratio, (betas[0] ** ratio, betas[1] ** ratio)
 
 
 def gradient_penalty(D: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, quality: torch.Tensor | None,
