@@ -42,8 +42,9 @@ def write_report(run_dir: Path) -> Path:
         count = min(GRIDS_SHOWN, len(grids))
         shown = [grids[round(i * (len(grids) - 1) / max(count - 1, 1))] for i in range(count)]
         parts += ["<h2>Samples over training</h2>",
-                  "<p>EMA generator, the same latents at every step; one row per class "
-                  "(per requested JPEG quality for a quality-conditioned model).</p>"]
+                  "<p>EMA generator, the same latents at every step; one row per class (20 classes spread "
+                  "over the labels when there are more), a requested JPEG quality per column for a "
+                  "quality-conditioned model.</p>"]
         parts += [_figure(grid, f"step {int(grid.stem.split('-')[1])}") for grid in dict.fromkeys(shown)]
     export = Path(summary["export_dir"]) if summary.get("export_dir") else None
     if export is not None and export.is_dir():

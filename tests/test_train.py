@@ -427,3 +427,15 @@ def test_compiled_training_compiles_in_its_first_epoch_only(small_shards, tmp_pa
         graphs[steps] = counters["stats"]["unique_graphs"]
     torch.compiler.reset()
     assert graphs == {12: 4, 40: 6}  # G and D with and without gradients; then each once for a partial batch
+
+
+def test_sample_grids_show_twenty_classes_spread_over_many():
+    from cgan_pipe.data.batch import DatasetInfo
+    from cgan_pipe.train.loop import _grid_inputs
+
+    many = DatasetInfo(64, 3, tuple(f"c{i}" for i in range(100)), 0)
+    _, labels, _ = _grid_inputs(many, 8, 0, torch.device("cpu"), None)
+    rows = labels[::10].tolist()
+    assert len(labels) == 200 and len(rows) == 20 and rows[0] == 0 and rows[-1] == 99 and rows == sorted(set(rows))
+    few = DatasetInfo(32, 3, tuple("abc"), 0)
+    assert _grid_inputs(few, 8, 0, torch.device("cpu"), None)[1][::10].tolist() == [0, 1, 2]

@@ -40,6 +40,7 @@ from .schedule import kimg_before, optimiser_settings, penalised, set_optimisers
 
 log = logging.getLogger(__name__)
 MAX_SKIPPED_IN_A_ROW = 50
+GRID_ROWS = 20  # classes shown in a sample grid, at most
 SUPERSEDED = "superseded"  # in a run folder: outputs of trainings on earlier shard sets, one folder each
 TRAINING_OUTPUTS = ("checkpoints", "samples", "tensorboard", "curves.png", "metrics.jsonl", "eval.jsonl", "eval.json",
                     "export", "summary.json", "report.html")
@@ -383,12 +384,15 @@ def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 def _grid_inputs(info: DatasetInfo, z_dim: int, seed: int, device: torch.device, qualities: list[int] | None,
                  per_class: int = 10) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Fixed inputs for sample grids: one row per class (8 rows when unlabelled). For a quality-conditioned
-    G, a row is one latent at 10 qualities from the lowest to the highest trained, left to right."""
-    rows = info.num_classes or 8
+    """Fixed inputs for sample grids: one row per class, or per GRID_ROWS classes spread evenly over the labels
+    when there are more (8 rows when unlabelled). For a quality-conditioned G, a row is one latent at 10
+    qualities from the lowest to the highest trained, left to right."""
+    classes = torch.linspace(0, info.num_classes - 1, min(info.num_classes, GRID_ROWS)).round().long() \
+        if info.num_classes else torch.zeros(8, dtype=torch.long)
+    rows = len(classes)
     generator = torch.Generator().manual_seed(seed)
     z = torch.randn(rows * per_class, z_dim, generator=generator)
-    labels = torch.arange(rows).repeat_interleave(per_class) if info.num_classes else torch.zeros(rows * per_class)
+    labels = classes.repeat_interleave(per_class)
     quality = None
     if qualities is not None:
         z = z[::per_class].repeat_interleave(per_class, dim=0)
