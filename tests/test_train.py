@@ -311,6 +311,26 @@ def test_ambient_mode_compresses_fakes_at_the_drawn_quality_before_d_sees_them(s
         train(resumed, small_shards, tmp_path, progress=False)
 
 
+@pytest.mark.parametrize("arch", ["resnet", "r3gan"])
+def test_ambient_mode_trains_the_residual_families_with_a_clean_g(small_shards, tmp_path, arch):
+    cfg = small_config(tmp_path, {"model": {"arch": arch, "g_width": 32, "d_width": 32},
+                                  "compression": {"mode": "ambient", "ambient_d_quality": True},
+                                  "loader": {"jpeg_distort": [20, 30]}},
+                       steps=2, loss="rpgan" if arch == "r3gan" else "hinge", r1_gamma=0.5, r2_gamma=0.5, r1_every=1,
+                       log_every=1)
+    result = train(cfg, small_shards, tmp_path, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["skipped"] == 0 and math.isfinite(rows[-1]["loss_d"]) and math.isfinite(rows[-1]["loss_g"])
+    state = load_checkpoint(result.checkpoint)
+    assert not any(key.startswith("embed_quality.") for key in state["G"])  # G clean, unconditioned on quality
+    assert any(key.startswith("embed_quality.") for key in state["D"])  # D told each image's quality
+    from cgan_pipe.generation import generate, load_generator
+
+    G, _, z_dim = load_generator(state, ema=True, device=torch.device("cpu"))
+    images = generate(G, z_dim, [0, 1], torch.zeros(2, dtype=torch.int64), torch.device("cpu"), None)
+    assert images.shape[-3:] == (3, 32, 32)
+
+
 def test_ambient_recode_reals_passes_the_real_batch_through_the_same_codec(small_shards, tmp_path, monkeypatch):
     import cgan_pipe.train.loss as loss
 
