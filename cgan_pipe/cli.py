@@ -137,19 +137,18 @@ def main() -> None:
 @_reports_errors
 def init(source: str, out: str | None, name: str | None, force: bool) -> None:
     """Write a starter pipeline for SOURCE (an image folder, a tar of one, a list file or the CIFAR-10
-    archive): lists it, opens a sample of its images, and sets the resolution, format, model width,
-    batch size and time budget for this data and this machine. Every key is written with its
-    meaning as a comment; edit, then `cgan-pipe run` the file."""
-    import torch
-
-    from .starter import pipeline_name, write_starter
+    archive): lists it, opens a sample of its images, and sets the resolution, format, network family,
+    widths, batch size and time budget for this data and this machine (its GPU or CPU, and their
+    memory). Every key is written with its meaning as a comment; edit, then `cgan-pipe run` the file."""
+    from .starter import pipeline_name, this_machine, write_starter
 
     name = name or pipeline_name(source)
     path = Path(out) if out else Path(f"{name}.yaml")
-    survey, values = write_starter(source, path, name, cuda=torch.cuda.is_available(), force=force)
+    survey, values = write_starter(source, path, name, machine=this_machine(), force=force)
     classes = len(survey.class_counts)
     click.echo(f"{survey.images} images, {classes or 'no'} classes; resolution {values['data.resolution']}, "
-               f"batch {values['train.batch_size']}, {values['train.max_minutes']} minutes")
+               f"{values['model.arch']} of width {values['model.g_width']}, batch {values['train.batch_size']}, "
+               f"{values['train.max_minutes']} minutes")
     click.echo(f"wrote {path}; next: cgan-pipe run {path}")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import re
 import textwrap
@@ -59,30 +60,107 @@ def survey_source(spec: str, sampled: int = SAMPLED, seed: int = 0) -> Survey:
         return Survey(spec, len(src.items), counts, sizes, formats, unreadable, count_by_kind(src.rejected))
 
 
-def suggest(survey: Survey, cuda: bool) -> tuple[dict[str, Any], dict[str, str]]:
+@dataclass(frozen=True)
+class Machine:
+    """Where training will run: a CUDA GPU or the CPU, and the memory it has there."""
+
+    cuda: bool
+    memory_bytes: int  # the GPU's memory, or the host's RAM for a CPU
+    name: str  # e.g. 'NVIDIA H200' or 'a CPU with 2 cores'
+
+
+def this_machine() -> Machine:
+    """The machine `init` runs on: its first CUDA GPU if there is one, else its CPU and RAM."""
+    import torch
+
+    if torch.cuda.is_available():
+        gpu = torch.cuda.get_device_properties(0)
+        return Machine(True, gpu.total_memory, gpu.name)
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return Machine(False, ram, f"a CPU with {os.cpu_count()} cores")
+
+
+# Training memory per image of the batch at width 128 (bf16, channels-last), MiB: the peak resident memory of
+# `cgan-pipe bench train` on the CPU at batch 64 (16 for resnet and r3gan at 256 px, which do not fit 24 GiB at
+# 64) less the process's 0.8 GiB without a batch, over the batch (docs/benchmarks.md, "Training speed per
+# family and resolution on the CPU"). Activations, and so this, grow about linearly with the width. An
+# estimate, within about 20% (dcgan at 256 px: 258 MiB an image at batch 64, 211 at batch 16).
+MIB_PER_IMAGE = {
+    32: {"dcgan": 3.2, "resnet": 9.6, "r3gan": 17.6},
+    64: {"dcgan": 19, "resnet": 110, "r3gan": 139},
+    128: {"dcgan": 67, "resnet": 214, "r3gan": 275},
+    256: {"dcgan": 258, "resnet": 565, "r3gan": 894},
+}
+BASE_MIB = 800
+MEMORY_SHARE = 0.6  # of the machine's memory a suggested run may use: the rest for the loader, the OS, ...
+CPU_FAMILY = "dcgan"  # the best at 15 CPU minutes, at 32 and 64 px (docs/benchmarks.md)
+
+# What a GPU run gets, after R3GAN (Huang et al. 2024): its loss and penalties, the R1/R2 weight of its
+# presets at each resolution (CIFAR-10 0.05, ImageNet-64 1, FFHQ-256 150; 128 px between 64 and 256, on a
+# geometric scale), and its schedules' ends over 20 million images.
+R3GAN_GAMMA = {32: 0.05, 64: 1.0, 128: 12.0, 256: 150.0}
+
+
+def training_memory_mib(arch: str, resolution: int, width: int, batch: int) -> float:
+    """Estimated peak memory of training `arch` at `resolution`, `width` and `batch` (MiB)."""
+    return BASE_MIB + MIB_PER_IMAGE[resolution][arch] * batch * width / 128
+
+
+def model_and_batch(arch: str, resolution: int, machine: Machine) -> tuple[int, int, str]:
+    """(width, batch, why): the widest of the family's widths for the machine, then the largest batch, whose
+    estimated training memory fits MEMORY_SHARE of the machine's."""
+    budget = machine.memory_bytes / 2**20 * MEMORY_SHARE
+    widths = (512, 256, 128, 64) if machine.cuda and arch == "r3gan" else (256, 128, 64) if machine.cuda \
+        else (128, 64)
+    batches = (128, 64, 32, 16) if machine.cuda else (64, 32, 16)
+    for width in widths:
+        for batch in batches:
+            need = training_memory_mib(arch, resolution, width, batch)
+            if need <= budget:
+                return width, batch, (f"about {need / 1024:.1f} GiB to train, within {MEMORY_SHARE:.0%} of the "
+                                      f"{machine.memory_bytes / 2**30:.0f} GiB of {machine.name}")
+    return widths[-1], batches[-1], (f"the smallest settings; they may not fit the {machine.memory_bytes / 2**30:.0f}"
+                                     f" GiB of {machine.name}")
+
+
+def suggest(survey: Survey, machine: Machine) -> tuple[dict[str, Any], dict[str, str]]:
     """Settings for a first run on this data and this machine: {key: value}, and why, per key."""
     short_sides = sorted(min(size) for size in survey.sizes) or [32]
     median = short_sides[len(short_sides) // 2]
     resolution = 2 ** max(5, min(8, median.bit_length() - 1))  # the largest power of two that fits, 32..256
     why = {"data.resolution": f"the median image's short side is {median} px"}
-    if not cuda and resolution > 64:
+    if not machine.cuda and resolution > 64:
         resolution, why["data.resolution"] = 64, f"{why['data.resolution']}; 64 at most on a CPU"
     stored = {"JPEG": "jpeg", "PNG": "png", "WEBP": "webp"}
     common = survey.formats.most_common(1)[0][0] if survey.formats else "JPEG"
-    values = {
+    arch = "r3gan" if machine.cuda else CPU_FAMILY
+    width, batch, fits = model_and_batch(arch, resolution, machine)
+    values: dict[str, Any] = {
         "data.resolution": resolution,
         "data.format": stored.get(common, "jpeg"),
-        "model.g_width": 256 if cuda else 128,
-        "model.d_width": 256 if cuda else 128,
-        "train.batch_size": (128 if resolution <= 64 else 64) if cuda else (64 if resolution <= 32 else 32),
-        "train.max_minutes": 60 if cuda else 15,
+        "model.arch": arch,
+        "model.g_width": width,
+        "model.d_width": width,
+        "train.batch_size": batch,
+        "train.max_minutes": 60 if machine.cuda else 15,
         "train.steps": 100_000,
     }
     why["data.format"] = f"most sampled images are {common}"
-    machine = "a CUDA GPU" if cuda else "a CPU only"
-    for key in ("model.g_width", "model.d_width", "train.batch_size", "train.max_minutes"):
-        why[key] = f"this machine has {machine}"
+    why["model.arch"] = ("R3GAN's architecture, loss and schedules, the strongest baseline given time on a GPU"
+                         if machine.cuda else "the best family in 15 minutes on a CPU (docs/benchmarks.md)")
+    for key in ("model.g_width", "model.d_width", "train.batch_size"):
+        why[key] = fits
+    why["train.max_minutes"] = f"this machine has {'a CUDA GPU' if machine.cuda else 'a CPU only'}"
     why["train.steps"] = "an upper bound: train.max_minutes ends the run first"
+    if arch == "r3gan":
+        gamma = R3GAN_GAMMA[resolution]
+        values.update({"train.loss": "rpgan", "train.r1_gamma": gamma, "train.r2_gamma": gamma,
+                       "train.lr_g": 2e-4, "train.lr_d": 2e-4, "train.beta2": 0.9, "train.schedule_kimg": 20_000,
+                       "train.schedule_to": {"lr_g": 5e-5, "lr_d": 5e-5, "r1_gamma": gamma / 10,
+                                             "r2_gamma": gamma / 10, "beta2": 0.99}})
+        for key in ("train.loss", "train.r1_gamma", "train.r2_gamma", "train.lr_g", "train.lr_d", "train.beta2",
+                    "train.schedule_kimg", "train.schedule_to"):
+            why[key] = f"R3GAN's setting for {resolution} px"
     return values, why
 
 
@@ -127,7 +205,7 @@ def pipeline_name(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "-", stem).strip("-") or "my-images"
 
 
-def write_starter(source: str, path: Path, name: str, *, cuda: bool, force: bool = False) -> tuple[Survey, dict]:
+def write_starter(source: str, path: Path, name: str, *, machine: Machine, force: bool = False) -> tuple[Survey, dict]:
     """Survey `source` and write the starter pipeline `name` to `path` (refused when it exists, unless
     `force`), checked to load; returns the survey and the settings chosen."""
     if path.exists() and not force:
@@ -135,7 +213,7 @@ def write_starter(source: str, path: Path, name: str, *, cuda: bool, force: bool
     if not source.startswith("download:"):  # the file may be run from another folder
         source = str(Path(source).expanduser().resolve())
     survey = survey_source(source)
-    values, why = suggest(survey, cuda)
+    values, why = suggest(survey, machine)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, starter_yaml(name, survey, values, why))
     load_pipeline(path)  # what was written must load

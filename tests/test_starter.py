@@ -8,7 +8,11 @@ from PIL import Image
 from cgan_pipe.cli import main
 from cgan_pipe.config import PipelineConfig, load_pipeline
 from cgan_pipe.schema import describe_keys
-from cgan_pipe.starter import pipeline_name, starter_yaml, suggest, survey_source
+from cgan_pipe.starter import Machine, pipeline_name, starter_yaml, suggest, survey_source, training_memory_mib
+
+GIB = 2**30
+GPU_80 = Machine(True, 80 * GIB, "a GPU")
+CPU_24 = Machine(False, 24 * GIB, "a CPU with 2 cores")
 
 
 def test_init_on_a_tar_of_class_folders_writes_a_commented_pipeline_that_loads(small_tar, tmp_path):
@@ -44,15 +48,45 @@ def test_sizes_formats_and_the_machine_set_the_suggestions(tmp_path):
     assert survey.images == 13 and survey.class_counts == {"cats": 6, "dogs": 7} and survey.unreadable == 1
     assert survey.formats == {"PNG": 12} and survey.left_out == {"companion file": 1, "not an image": 1}
     assert "# Left out: 1 not an image, 1 companion file (prepare lists each file" in starter_yaml("p", survey, {}, {})
-    on_gpu, why = suggest(survey, cuda=True)
-    assert on_gpu["data.resolution"] == 64 and on_gpu["data.format"] == "png" and on_gpu["model.g_width"] == 256
+    on_gpu, why = suggest(survey, GPU_80)
+    assert on_gpu["data.resolution"] == 64 and on_gpu["data.format"] == "png"
     assert "short side is 10" in why["data.resolution"]
     big = survey_source(str(tmp_path / "photos"))
     big.sizes = [(600, 400)] * 10
-    assert suggest(big, cuda=True)[0]["data.resolution"] == 256
-    on_cpu, why = suggest(big, cuda=False)
+    assert suggest(big, GPU_80)[0]["data.resolution"] == 256
+    on_cpu, why = suggest(big, CPU_24)
     assert on_cpu["data.resolution"] == 64 and "64 at most on a CPU" in why["data.resolution"]
-    assert on_cpu["train.batch_size"] == 32
+
+
+def test_the_family_widths_and_batch_follow_the_machine_and_its_memory(tmp_path):
+    survey = survey_source(str(_photos(tmp_path, 300)))
+    on_cpu, why = suggest(survey, CPU_24)
+    assert (on_cpu["model.arch"], on_cpu["model.g_width"], on_cpu["train.batch_size"]) == ("dcgan", 128, 64)
+    assert "of the 24 GiB of a CPU with 2 cores" in why["train.batch_size"] and "train.loss" not in on_cpu
+    small_cpu, _ = suggest(survey, Machine(False, 2 * GIB, "a small CPU"))
+    assert small_cpu["train.batch_size"] < 64 and training_memory_mib(
+        "dcgan", 64, small_cpu["model.g_width"], small_cpu["train.batch_size"]) <= 2 * 1024 * 0.6
+    on_gpu, why = suggest(survey, GPU_80)  # 256 px on a GPU: R3GAN, with its loss, penalties and schedules
+    assert on_gpu["data.resolution"] == 256 and on_gpu["model.arch"] == "r3gan" and on_gpu["train.loss"] == "rpgan"
+    assert on_gpu["train.r1_gamma"] == on_gpu["train.r2_gamma"] == 150 and on_gpu["train.schedule_kimg"] == 20_000
+    assert on_gpu["train.schedule_to"]["r1_gamma"] == 15
+    fits = training_memory_mib("r3gan", 256, on_gpu["model.g_width"], on_gpu["train.batch_size"])
+    assert fits <= 80 * 1024 * 0.6
+    small_gpu, _ = suggest(survey, Machine(True, 16 * GIB, "a small GPU"))
+    assert (small_gpu["model.g_width"], small_gpu["train.batch_size"]) < (on_gpu["model.g_width"],
+                                                                          on_gpu["train.batch_size"])
+    path = tmp_path / "gpu.yaml"  # what init writes for a GPU loads, schedules included
+    path.write_text(starter_yaml("gpu", survey, on_gpu, why))
+    cfg = load_pipeline(path)
+    assert cfg.train.schedule_to == {"lr_g": 5e-5, "lr_d": 5e-5, "r1_gamma": 15.0, "r2_gamma": 15.0, "beta2": 0.99}
+
+
+def _photos(tmp_path, side):
+    folder = tmp_path / "big" / "things"
+    folder.mkdir(parents=True)
+    for i in range(4):
+        Image.new("RGB", (side, side), (i * 50, 0, 0)).save(folder / f"{i}.jpg")
+    return tmp_path / "big"
 
 
 def test_pipeline_names_come_from_the_source():
