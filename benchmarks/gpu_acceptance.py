@@ -5,7 +5,8 @@ still leaves what it measured: prepare shards from the CIFAR-10 test tar; the to
 (loader images/s, training kimg/s per architecture with torch.compile off and on, data wait, host syncs per
 step, peak memory), a short training for a checkpoint, export images/s (JPEG 4:2:0 and 4:4:4); the tests
 marked gpu (train, kill -9, resume on both backends in bf16 and fp16, compiled or not; GPU decode; export
-subsampling); then, where DALI is installed, DALI's loader and training figures. Without a GPU the same
+subsampling); training kimg/s of every family at 64 and 128 px (the same images upscaled); then, where DALI
+is installed, DALI's loader and training figures. Without a GPU the same
 steps run on the CPU (the figures then say cpu). `--dry-run` writes the plan with the same JSON schema and
 runs nothing; `--small` runs every step at a tiny size (the test suite does, on the CPU).
 
@@ -29,6 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "cgan_pipe"]
+FAMILIES = "dcgan,resnet,r3gan"
 GPU_TEST_FILES = ["tests/test_gpu.py", "tests/test_loaders.py", "tests/test_images.py", "tests/test_export.py"]
 
 
@@ -41,6 +43,7 @@ class Step:
     kind: str | None = None  # 'loader' | 'train' | 'export' | 'tests' | None
     records: Path | None = None  # where the command writes its records
     backend: str | None = None  # the loader backend of a train step's records
+    resolution: int = 32  # of a train step's images
     rc: int | None = None
     seconds: float | None = None
     skipped: str | None = None  # why it did not run
@@ -79,9 +82,16 @@ def plan(data: Path, work: Path, sizes: Sizes, cuda: bool, dali: bool) -> list[S
     checkpoint = work / "run" / "checkpoints" / f"ckpt-{sizes.checkpoint_steps:07d}.pt"
     keywords = [k for k in (sizes.tests_keyword, None if dali else "not dali") if k]
 
-    def bench(kind: str, name: str, *args: str, backend: str | None = None) -> Step:
+    def bench(kind: str, name: str, *args: str, backend: str | None = None, resolution: int = 32) -> Step:
         path = records / f"{name}.json"
-        return Step(name, CLI + ["bench", kind, *args, "--json", str(path)], kind, path, backend)
+        return Step(name, CLI + ["bench", kind, *args, "--json", str(path)], kind, path, backend, resolution)
+
+    def larger(resolution: int) -> list[Step]:  # every family's training speed on the images upscaled
+        upscaled = work / f"shards-{resolution}"
+        return [Step(f"prepare-{resolution}", CLI + ["prepare", str(data), str(upscaled), "--resolution",
+                                                     str(resolution), "--limit", str(sizes.limit or 2000), "-q"]),
+                bench("train", f"train-torch-{resolution}", str(upscaled), "--backend", "torch", "--arch", FAMILIES,
+                      "--compile", compiles, *train, backend="torch", resolution=resolution)]
 
     loader = ["--batch-size", str(sizes.loader_batch), "--batches", str(sizes.loader_batches),
               "--jpeg-distort", "10,40"]
@@ -91,7 +101,7 @@ def plan(data: Path, work: Path, sizes: Sizes, cuda: bool, dali: bool) -> list[S
         Step("prepare", CLI + ["prepare", str(data), str(shards), "--shard-size", str(sizes.shard_size), "-q",
                                *(["--limit", str(sizes.limit)] if sizes.limit else [])]),
         bench("loader", "loader-torch", str(shards), "--backends", "torch,baseline", *loader),
-        bench("train", "train-torch", str(shards), "--backend", "torch", "--arch", "dcgan,resnet", "--compile",
+        bench("train", "train-torch", str(shards), "--backend", "torch", "--arch", FAMILIES, "--compile",
               compiles, *train, backend="torch"),
         Step("checkpoint", CLI + ["train", str(pipeline), "-q"]),
         bench("export", "export", str(checkpoint), "--n", str(sizes.export_n), "--batch-size", str(sizes.export_batch),
@@ -99,6 +109,8 @@ def plan(data: Path, work: Path, sizes: Sizes, cuda: bool, dali: bool) -> list[S
         Step("tests", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", sizes.tests_marker,
                        *(["-k", " and ".join(f"({k})" for k in keywords)] if keywords else []),
                        "--junitxml", str(records / "tests.xml"), *GPU_TEST_FILES], "tests", records / "tests.xml"),
+        *larger(64),
+        *larger(128),
         bench("loader", "loader-dali", str(shards), "--backends", "dali", *loader),
         bench("train", "train-dali", str(shards), "--backend", "dali", "--arch", "dcgan", "--compile", "off", *train,
               backend="dali"),
@@ -144,7 +156,8 @@ def result(steps: list[Step], device: str, dry_run: bool, small: bool, dali: boo
             continue
         for record in json.loads(step.records.read_text()):
             if step.kind == "train":
-                record = {**record, "backend": step.backend, "kimg_per_s": round(record["images_per_s"] / 1000, 3)}
+                record = {**record, "backend": step.backend, "resolution": step.resolution,
+                          "kimg_per_s": round(record["images_per_s"] / 1000, 3)}
             out[step.kind].append(record)
     return out
 
@@ -157,7 +170,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("gpu-acceptance.json"))
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp folder)")
     parser.add_argument("--step-timeout", type=float, default=300, help="seconds allowed to one step")
-    parser.add_argument("--budget", type=float, default=480, help="seconds for the whole run; later steps skip")
+    parser.add_argument("--budget", type=float, default=540, help="seconds for the whole run; later steps skip")
     parser.add_argument("--dry-run", action="store_true", help="write the plan only, run nothing")
     parser.add_argument("--small", action="store_true", help="every step at a tiny size")
     args = parser.parse_args()

@@ -11,7 +11,8 @@ import torch
 from conftest import ROOT, cifar_members, write_tar
 
 SCRIPT = ROOT / "benchmarks" / "gpu_acceptance.py"
-STEPS = ["prepare", "loader-torch", "train-torch", "checkpoint", "export", "tests", "loader-dali", "train-dali"]
+STEPS = ["prepare", "loader-torch", "train-torch", "checkpoint", "export", "tests", "prepare-64", "train-torch-64",
+         "prepare-128", "train-torch-128", "loader-dali", "train-dali"]
 KEYS = {"device", "date", "dry_run", "small", "versions", "steps", "loader", "train", "export", "tests"}
 
 
@@ -40,8 +41,9 @@ def test_a_small_run_on_the_cpu_fills_every_section(tmp_path):
     assert [(s["name"], s["rc"]) for s in result["steps"]] == [(name, 0) for name in STEPS]
     loaders = {(r["backend"], r["device"]) for r in result["loader"]}
     assert {("torch", "cpu"), ("torch+jpeg_distort", "cpu"), ("baseline", "cpu"), ("dali", "cpu")} <= loaders
-    assert {(r["backend"], r["arch"]) for r in result["train"]} == {("torch", "dcgan"), ("torch", "resnet"),
-                                                                    ("dali", "dcgan")}
+    assert {(r["backend"], r["arch"], r["resolution"]) for r in result["train"]} == {
+        *(("torch", arch, size) for arch in ("dcgan", "resnet", "r3gan") for size in (32, 64, 128)),
+        ("dali", "dcgan", 32)}
     assert all(r["kimg_per_s"] > 0 and 0 <= r["data_wait"] < 1 for r in result["train"])
     assert {r["method"] for r in result["export"]} >= {"export", "export-444"}
     assert result["tests"]["tests"] > 0 and result["tests"]["failures"] == result["tests"]["errors"] == 0
