@@ -93,7 +93,7 @@ MIB_PER_IMAGE = {
 }
 BASE_MIB = 800
 MEMORY_SHARE = 0.6  # of the machine's memory a suggested run may use: the rest for the loader, the OS, ...
-CPU_FAMILY = "dcgan"  # the best at 15 CPU minutes, at 32 and 64 px (docs/benchmarks.md)
+CPU_FAMILY = "dcgan"  # after 15 CPU minutes the best at 64 px, and by class accuracy at 32 px (docs/benchmarks.md)
 
 # What a GPU run gets, after R3GAN (Huang et al. 2024): its loss and penalties, the R1/R2 weight of its
 # presets at each resolution (CIFAR-10 0.05, ImageNet-64 1, FFHQ-256 150; 128 px between 64 and 256, on a
@@ -147,7 +147,7 @@ def suggest(survey: Survey, machine: Machine) -> tuple[dict[str, Any], dict[str,
     }
     why["data.format"] = f"most sampled images are {common}"
     why["model.arch"] = ("R3GAN's architecture, loss and schedules, the strongest baseline given time on a GPU"
-                         if machine.cuda else "the best family in 15 minutes on a CPU (docs/benchmarks.md)")
+                         if machine.cuda else "the family that does most in 15 minutes on a CPU (docs/models.md)")
     for key in ("model.g_width", "model.d_width", "train.batch_size"):
         why[key] = fits
     why["train.max_minutes"] = f"this machine has {'a CUDA GPU' if machine.cuda else 'a CPU only'}"
