@@ -36,7 +36,7 @@ from .curves import plot_curves
 from .ema import recompute_batchnorm, standing_inputs, update_ema
 from .guard import GuardReport, StepGuard, load_optimizer_state, make_adam
 from .loss import GANLoss
-from .schedule import kimg_before, optimiser_settings, penalised, set_optimisers, values_at
+from .schedule import kimg_trained, optimiser_settings, penalised, set_optimisers, values_at
 
 log = logging.getLogger(__name__)
 MAX_SKIPPED_IN_A_ROW = 50
@@ -118,6 +118,7 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
     G, D = G.to(device, memory_format=memory_format), D.to(device, memory_format=memory_format)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
     g_settings, d_settings = optimiser_settings(tc, values_at(tc, 0.0))
+    penalty_steps = penalised(tc)  # whether the R1/R2 step runs at all
     opt_g, opt_d = make_adam(G, *g_settings), make_adam(D, *d_settings)
     if state is not None:  # read on the CPU: load_state_dict copies each tensor to where its module lives
         for module, key in ((G, "G"), (D, "D"), (G_ema, "G_ema")):
@@ -161,7 +162,7 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
     step = start
     for step in bar:
         # The scheduled values of this step: learning rates, betas, penalty weights, augmentation probability.
-        loss.now = values_at(tc, kimg_before(tc, step))
+        loss.now = values_at(tc, kimg_trained(tc, step - 1))
         set_optimisers(tc, loss.now, opt_g, opt_d)
 
         # D phase: n_dis updates, each on the next real batch and fakes of its classes (and qualities).
@@ -174,7 +175,7 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
             guard.step(loss_d, D, opt_d, "the discriminator loss", step)
 
         # R1 on the last reals and R2 on their fakes, every r1_every steps (lazy regularisation).
-        if penalised(tc) and step % tc.r1_every == 0:
+        if penalty_steps and step % tc.r1_every == 0:
             guard.step(loss.penalties(reals, fakes, batch.labels, batch.quality), D, opt_d, "the R1/R2 penalty", step)
 
         # G phase, with D frozen: classes and qualities come from the last real batch (see generator_main).
@@ -199,7 +200,7 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
             continue
         report, (d_value, g_value) = guard.read(loss_d, loss_g)
         _check_guard(report, tc.on_nonfinite, step, path)
-        kimg = round(step * tc.n_dis * tc.batch_size / 1000, 3)
+        kimg = round(kimg_trained(tc, step), 3)
         if step % tc.log_every == 0 or last:
             elapsed = time.perf_counter() - window_start
             row = {

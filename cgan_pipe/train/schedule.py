@@ -42,9 +42,9 @@ def values_at(tc: TrainConfig, kimg: float) -> Scheduled:
                         else getattr(tc, key) for key in SCHEDULED})
 
 
-def kimg_before(tc: TrainConfig, step: int) -> float:
-    """Thousands of real images D trained on before step `step` (counted from 1), over all ranks."""
-    return (step - 1) * tc.n_dis * tc.batch_size / 1000
+def kimg_trained(tc: TrainConfig, steps: int) -> float:
+    """Thousands of real images D has trained on after `steps` steps, over all ranks."""
+    return steps * tc.n_dis * tc.batch_size / 1000
 
 
 def penalised(tc: TrainConfig) -> bool:
