@@ -21,6 +21,7 @@ from .data.shards import prepare
 from .data.sources import open_source
 from .processes import child_initializer, run_tied
 from .errors import DataError
+from .locations import is_url
 
 
 class _Timed:
@@ -140,9 +141,9 @@ class LoaderRecord(_Timed):
         return f"{self.backend} {self.device}"
 
 
-def bench_loader(shards: Path, *, batch_size: int = 256, batches: int = 100, warmup: int = 10,
+def bench_loader(shards: Path | str, *, batch_size: int = 256, batches: int = 100, warmup: int = 10,
                  workers: int | None = None, jpeg_distort: tuple[int, int] | None = None,
-                 backends: tuple[str, ...] = ("dali", "torch", "baseline"),
+                 backends: tuple[str, ...] = ("dali", "torch", "baseline"), bucket_reads: str = "shards",
                  echo: Callable[[str], None] = print) -> list[LoaderRecord]:
     """Time `batches` batches (after `warmup`) of each loader on the shard set `shards`, all with a
     random horizontal flip and normalisation to [-1, 1]: DALI and the torch backend, each decoding on
@@ -151,7 +152,8 @@ def bench_loader(shards: Path, *, batch_size: int = 256, batches: int = 100, war
     torchvision transforms in a DataLoader, batches on the CPU). Each uses `workers`
     threads/processes (default: one per core). With `jpeg_distort` (lo, hi), each loader is timed
     again with on-the-fly JPEG distortion at a quality drawn from lo..hi ('dali+jpeg_distort', ...).
-    `backends` picks which of 'dali', 'torch' and 'baseline' run (DALI is imported only for its rows)."""
+    `backends` picks which of 'dali', 'torch' and 'baseline' run (DALI is imported only for its rows). A shard
+    set at a URL is read as training reads it (DALI as `bucket_reads` says); the baseline reads folders only."""
     import torch
 
     from .config import LoaderConfig
@@ -160,7 +162,8 @@ def bench_loader(shards: Path, *, batch_size: int = 256, batches: int = 100, war
     workers = workers or os.cpu_count() or 1
 
     def loader(backend: str, device: str, distort: list[int] | None) -> Callable[[], Iterator[object]]:
-        cfg = LoaderConfig(backend=backend, device=device, threads=workers, jpeg_distort=distort)
+        cfg = LoaderConfig(backend=backend, device=device, threads=workers, jpeg_distort=distort,
+                           bucket_reads=bucket_reads)
         return lambda: iter(open_loader(shards, cfg, batch_size, 0, torch.device(device), with_quality=bool(distort)))
 
     runs: list[tuple[str, str, Callable[[], Iterator[object]]]] = []
@@ -169,7 +172,9 @@ def bench_loader(shards: Path, *, batch_size: int = 256, batches: int = 100, war
             runs.append((backend, device, loader(backend, device, None)))
             if jpeg_distort:
                 runs.append((f"{backend}+jpeg_distort", device, loader(backend, device, list(jpeg_distort))))
-    if "baseline" in backends:
+    if "baseline" in backends and is_url(shards):
+        echo(f"baseline: left out, it reads shard folders only, not {shards}")
+    elif "baseline" in backends:
         runs.append(("baseline", "cpu", lambda: _baseline_batches(shards, batch_size, workers)))
     records = []
     for backend, device, start_loader in runs:

@@ -16,7 +16,8 @@ from . import __version__
 from .atomic import DISK_FULL
 from .config import METRICS, DataConfig, ExportConfig, ModelConfig, load_pipeline, to_dict
 from .errors import ConfigError, UserError
-from .params import ClassRequest, IntList, SeedRange, WordList
+from .locations import join, local_path
+from .params import ClassRequest, IntList, LocalPath, SeedRange, ShardLocation, WordList
 from .schema import from_options, key_choices, key_default
 
 if TYPE_CHECKING:
@@ -129,7 +130,7 @@ def main() -> None:
 
 @main.command(epilog=f"Example: {EXAMPLES['init']}")
 @click.argument("source")
-@click.option("--out", type=click.Path(dir_okay=False), default=None,
+@click.option("--out", type=LocalPath(dir_okay=False), default=None,
               help="Pipeline file to write [default: <source name>.yaml here].")
 @click.option("--name", default=None, help="Pipeline name (and runs/<name>) [default: from the source].")
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
@@ -153,7 +154,7 @@ def init(source: str, out: str | None, name: str | None, force: bool) -> None:
 
 
 @main.command(epilog=f"Example: {EXAMPLES['run']}")
-@click.argument("pipeline", type=click.Path(dir_okay=False))
+@click.argument("pipeline", type=LocalPath(dir_okay=False))
 @set_option
 @click.option("--only", "only", default=None, metavar="STAGE[,STAGE..]",
               help="Run only these stages (prepare, train, eval, export); the others' earlier outputs are used.")
@@ -205,7 +206,7 @@ def _section(cls: type, values: dict[str, Any], given_as: dict[str, str] | None 
 
 @main.command(epilog=f"Example: {EXAMPLES['prepare']}")
 @click.argument("source")
-@click.argument("out", type=click.Path(file_okay=False))
+@click.argument("out", type=ShardLocation(write=True))
 @_keyed(DataConfig, "format", "--format", help="Image format in the shards (JPEGs already at the resolution are "
         "copied untouched); 'keep' copies any RGB JPEG/PNG/WebP at the resolution, else writes PNG.")
 @click.option("--quality", "qualities", type=IntList(1, 100), default=str(key_default(DataConfig, "quality")),
@@ -239,7 +240,7 @@ def _section(cls: type, values: dict[str, Any], given_as: dict[str, str] | None 
 @_keyed(DataConfig, "split", "--split", help="Split of a CIFAR-10 python archive.")
 @verbosity_options
 @_reports_errors
-def prepare(out: str, qualities: list[int], seed: int, rank: int, world_size: int, merge: bool,
+def prepare(out: Path | str, qualities: list[int], seed: int, rank: int, world_size: int, merge: bool,
             **data_keys: Any) -> None:
     """Turn raw images at SOURCE into webdataset shards in OUT.
 
@@ -256,19 +257,20 @@ def prepare(out: str, qualities: list[int], seed: int, rank: int, world_size: in
     from .distributed import ranks, wait_for_all_ranks
 
     if merge:
-        manifest = merge_shards(Path(out))
+        folder = local_path(out, "prepare --merge OUT")
+        manifest = merge_shards(folder)
         click.echo(f"merged {len(manifest.shards)} shards, {manifest.num_samples} samples -> "
-                   f"{Path(out) / 'manifest.json'}")
+                   f"{folder / 'manifest.json'}")
         return
     data = _section(DataConfig, {**data_keys, "quality": qualities[0],
                                  "qualities": qualities if len(qualities) > 1 else None},
                     {"quality": "--quality", "qualities": "--quality"})
     with ranks() as (_, group):  # under torchrun every rank writes its shards, then rank 0 writes the manifest
-        manifest, up_to_date = prepare_shards(data, Path(out), seed=seed, rank=rank, world_size=world_size,
+        manifest, up_to_date = prepare_shards(data, out, seed=seed, rank=rank, world_size=world_size,
                                               progress=_progress() and rank == 0)
         if group > 1 and not up_to_date:  # every rank read the same manifest before any wrote, so all agree
             wait_for_all_ranks()
-            manifest = merge_shards(Path(out)) if rank == 0 else None
+            manifest = merge_shards(out) if rank == 0 else None
             wait_for_all_ranks()
     if group > 1 and rank != 0:
         return
@@ -279,7 +281,7 @@ def prepare(out: str, qualities: list[int], seed: int, rank: int, world_size: in
     if up_to_date:
         click.echo(f"{out}: already complete for these settings; nothing to do")
     click.echo(f"{manifest.num_samples} samples in {len(manifest.shards)} shards, "
-               f"{len(manifest.skipped)} skipped -> {Path(out) / 'manifest.json'}")
+               f"{len(manifest.skipped)} skipped -> {join(out, 'manifest.json')}")
     _report_skipped(manifest)
 
 
@@ -308,7 +310,7 @@ def _report_skipped(manifest: Manifest) -> None:
 
 
 @main.command(epilog=f"Example: {EXAMPLES['train']}")
-@click.argument("pipeline", type=click.Path(dir_okay=False))
+@click.argument("pipeline", type=LocalPath(dir_okay=False))
 @set_option
 @dry_run_option
 @verbosity_options
@@ -343,8 +345,8 @@ def train(pipeline: str, overrides: tuple[str, ...], dry_run: bool) -> None:
 
 
 @main.command(epilog=f"Example: {EXAMPLES['generate']}")
-@click.argument("checkpoint", type=click.Path(dir_okay=False))
-@click.argument("out", type=click.Path(file_okay=False))
+@click.argument("checkpoint", type=LocalPath(dir_okay=False))
+@click.argument("out", type=ShardLocation(write=True))
 @_keyed(ExportConfig, "n", "--n", type=int,
         help="Number of images [default: 1000, or the sum of the --classes counts, or the --seeds range].")
 @click.option("--seeds", "seed_range", type=SeedRange(), default=None,
@@ -374,7 +376,7 @@ def train(pipeline: str, overrides: tuple[str, ...], dry_run: bool) -> None:
               "other settings.")
 @verbosity_options
 @_reports_errors
-def generate(checkpoint: str, out: str, seed_range: tuple[int, int] | None, raw: bool, device: str,
+def generate(checkpoint: str, out: Path | str, seed_range: tuple[int, int] | None, raw: bool, device: str,
              overwrite: bool, **export_keys: Any) -> None:
     """Generate images from CHECKPOINT into OUT as files and/or webdataset shards.
 
@@ -400,7 +402,7 @@ def generate(checkpoint: str, out: str, seed_range: tuple[int, int] | None, raw:
     settings = _section(ExportConfig, {**export_keys, "ema": not raw}, {"ema": "--raw"})
     target = rank_device(resolve_device(device, "--device"))
     with ranks() as (rank, world):  # under torchrun the ranks share the parts and rank 0 finishes the folder
-        result = export(Path(checkpoint), Path(out), settings, device=target, overwrite=overwrite,
+        result = export(Path(checkpoint), out, settings, device=target, overwrite=overwrite,
                         progress=_progress() and rank == 0, rank=rank, world_size=world)
     if rank != 0:
         return
@@ -415,15 +417,15 @@ def generate(checkpoint: str, out: str, seed_range: tuple[int, int] | None, raw:
 
 
 @main.command("eval", epilog=f"Example: {EXAMPLES['eval']}")
-@click.argument("checkpoint", type=click.Path(dir_okay=False))
-@click.option("--shards", default=None, help="Real shard set to compare with (default: the run's shards beside "
-              "the checkpoint, else the checkpoint config's loader.shards).")
+@click.argument("checkpoint", type=LocalPath(dir_okay=False))
+@click.option("--shards", type=ShardLocation(), default=None, help="Real shard set to compare with, a folder or "
+              "URL (default: the run's shards beside the checkpoint, else the checkpoint config's loader.shards).")
 @click.option("--metrics", "metric_names", type=WordList(METRICS), default=None, metavar="M[,M..]",
               help="classifier, fid, kid, is, quality (default: the checkpoint config's eval.metrics).")
 @click.option("--n", "n_samples", type=click.IntRange(min=2), default=None, help="Generated images to score.")
-@click.option("--inception-weights", default=None, type=click.Path(dir_okay=False),
+@click.option("--inception-weights", default=None, type=LocalPath(dir_okay=False),
               help="Local pt_inception-2015-12-05-6726825d.pth for fid/kid/is.")
-@click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
+@click.option("--cache-dir", default=None, type=LocalPath(file_okay=False),
               help="Where the classifier and reference features are cached.")
 @click.option("--classifier-steps", type=click.IntRange(min=1), default=None,
               help="Training batches of the feature classifier (default: eval.classifier_steps).")
@@ -470,7 +472,7 @@ def evaluate(checkpoint: str, shards: str | None, metric_names: tuple[str, ...] 
 
 
 @main.command(epilog=f"Example: {EXAMPLES['report']}")
-@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.argument("run_dir", type=LocalPath(file_okay=False))
 @verbosity_options
 @_reports_errors
 def report(run_dir: str) -> None:
@@ -483,11 +485,11 @@ def report(run_dir: str) -> None:
 
 
 @main.command(epilog=f"Example: {EXAMPLES['verify']}")
-@click.argument("shards", type=click.Path(file_okay=False))
+@click.argument("shards", type=ShardLocation())
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @verbosity_options
 @_reports_errors
-def verify(shards: str, as_json: bool) -> None:
+def verify(shards: Path | str, as_json: bool) -> None:
     """Check the shard set in SHARDS; exit 0 when sound, 1 when anything is wrong.
 
     Compares each shard's sha256, sample count and DALI index with the manifest,
@@ -499,7 +501,7 @@ def verify(shards: str, as_json: bool) -> None:
 
     from .data.verify import verify_shards
 
-    report = verify_shards(Path(shards), progress=_progress())
+    report = verify_shards(shards, progress=_progress())
     if as_json:
         click.echo(json.dumps({"ok": report.ok, "shards": report.shards, "samples": report.samples,
                                "problems": [asdict(p) for p in report.problems]}, indent=2))
@@ -513,15 +515,15 @@ def verify(shards: str, as_json: bool) -> None:
 
 
 @main.command("inspect", epilog=f"Example: {EXAMPLES['inspect']}")
-@click.argument("shards", type=click.Path(file_okay=False))
+@click.argument("shards", type=ShardLocation())
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-@click.option("--sheet", type=click.Path(dir_okay=False), default=None,
+@click.option("--sheet", type=LocalPath(dir_okay=False), default=None,
               help="Where to write the contact sheet PNG [default: SHARDS/contact-sheet.png].")
 @click.option("--per-class", type=click.IntRange(1, 64), default=8, show_default=True,
               help="Samples per class on the contact sheet.")
 @verbosity_options
 @_reports_errors
-def inspect_shard_set(shards: str, as_json: bool, sheet: str | None, per_class: int) -> None:
+def inspect_shard_set(shards: Path | str, as_json: bool, sheet: str | None, per_class: int) -> None:
     """Summarise the shard set in SHARDS and write a contact sheet (one row per class).
 
     Shows sample and shard counts, resolution, format, class and quality
@@ -529,8 +531,10 @@ def inspect_shard_set(shards: str, as_json: bool, sheet: str | None, per_class: 
     """
     from .data.verify import contact_sheet, inspect_shards
 
-    summary = inspect_shards(Path(shards))
-    summary["contact_sheet"] = str(contact_sheet(Path(shards), Path(sheet or Path(shards) / "contact-sheet.png"),
+    if sheet is None and isinstance(shards, str):
+        raise ConfigError(f"{shards} is a URL: give --sheet PATH, a local file for the contact sheet")
+    summary = inspect_shards(shards)
+    summary["contact_sheet"] = str(contact_sheet(shards, Path(sheet or Path(shards) / "contact-sheet.png"),
                                                  per_class=per_class))
     if as_json:
         click.echo(json.dumps(summary, indent=2))
@@ -549,15 +553,15 @@ def bench() -> None:
 
 
 @bench.command("prepare", epilog=f"Example: {EXAMPLES['bench prepare']}")
-@click.argument("source", type=click.Path(exists=True, dir_okay=False))
+@click.argument("source", type=LocalPath(exists=True, dir_okay=False))
 @click.option("--quality", type=click.IntRange(1, 100), default=90, show_default=True,
               help="JPEG quality of the re-encode runs.")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="prepare's processes [default: one per core].")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use the first N images only.")
-@click.option("--dataset-tool", type=click.Path(exists=True, dir_okay=False), default=None,
+@click.option("--dataset-tool", type=LocalPath(exists=True, dir_okay=False), default=None,
               help="Path of StyleGAN2-ADA's dataset_tool.py, to time it on the same images (extracted first).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+@click.option("--json", "json_path", type=LocalPath(dir_okay=False), default=None,
               help="Also write the records [{method, images, seconds, images_per_s}] to this file.")
 @verbosity_options
 @_reports_errors
@@ -578,7 +582,7 @@ def bench_prepare_command(source: str, quality: int, workers: int | None, limit:
 
 
 @bench.command("loader", epilog=f"Example: {EXAMPLES['bench loader']}")
-@click.argument("shards", type=click.Path(exists=True, file_okay=False))
+@click.argument("shards", type=ShardLocation(exists=True))
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--batches", type=click.IntRange(min=1), default=100, show_default=True,
               help="Batches timed per loader, after 10 of warm-up.")
@@ -590,12 +594,15 @@ def bench_prepare_command(source: str, quality: int, workers: int | None, limit:
 @click.option("--backends", type=WordList(("dali", "torch", "baseline")), default="dali,torch,baseline",
               show_default=True,
               help="Which loaders to time, comma-separated (the ratios need the baseline).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+@click.option("--bucket-reads", type=click.Choice(["shards", "samples"]), default="shards", show_default=True,
+              help="How DALI reads a shard set in a bucket (loader.bucket_reads).")
+@click.option("--json", "json_path", type=LocalPath(dir_okay=False), default=None,
               help="Also write the records [{backend, device, images, seconds, images_per_s}] to this file.")
 @verbosity_options
 @_reports_errors
-def bench_loader_command(shards: str, batch_size: int, batches: int, workers: int | None,
-                         jpeg_distort: list[int] | None, backends: tuple[str, ...], json_path: str | None) -> None:
+def bench_loader_command(shards: Path | str, batch_size: int, batches: int, workers: int | None,
+                         jpeg_distort: list[int] | None, backends: tuple[str, ...], bucket_reads: str,
+                         json_path: str | None) -> None:
     """Time the loaders on the shard set SHARDS with flip + normalise: DALI and the torch backend
     (decoding on the CPU, and on the GPU when present), and a baseline (webdataset + Pillow +
     torchvision transforms in a DataLoader with a worker per core); prints images/s and each
@@ -603,15 +610,15 @@ def bench_loader_command(shards: str, batch_size: int, batches: int, workers: in
     from .atomic import write_text_atomic
     from .bench import bench_loader
 
-    records = bench_loader(Path(shards), batch_size=batch_size, batches=batches, workers=workers,
+    records = bench_loader(shards, batch_size=batch_size, batches=batches, workers=workers,
                            jpeg_distort=tuple(jpeg_distort) if jpeg_distort else None, backends=backends,
-                           echo=click.echo)
+                           bucket_reads=bucket_reads, echo=click.echo)
     if json_path:
         write_text_atomic(Path(json_path), json.dumps([r.to_dict() for r in records], indent=2) + "\n")
 
 
 @bench.command("train", epilog=f"Example: {EXAMPLES['bench train']}")
-@click.argument("shards", type=click.Path(exists=True, file_okay=False))
+@click.argument("shards", type=LocalPath(exists=True, file_okay=False))
 @click.option("--arch", "archs", type=WordList(tuple(key_choices(ModelConfig, "arch"))), default="dcgan,resnet",
               show_default=True, help="Architectures, comma-separated.")
 @click.option("--batch-size", "batch_sizes", type=IntList(1), default="64,256", show_default=True,
@@ -629,7 +636,7 @@ def bench_loader_command(shards: str, batch_size: int, batches: int, workers: in
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--backend", type=click.Choice(["dali", "torch"]), default="dali", show_default=True,
               help="Loader backend.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+@click.option("--json", "json_path", type=LocalPath(dir_okay=False), default=None,
               help="Also write the records [{arch, batch_size, precision, compile, channels_last, device, images, "
               "seconds, images_per_s, data_wait, peak_memory_mib, host_syncs_per_step}] to this file.")
 @verbosity_options
@@ -653,14 +660,14 @@ def bench_train_command(shards: str, archs: tuple[str, ...], batch_sizes: list[i
 
 
 @bench.command("export", epilog=f"Example: {EXAMPLES['bench export']}")
-@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@click.argument("checkpoint", type=LocalPath(exists=True, dir_okay=False))
 @click.option("--n", type=click.IntRange(min=1), default=10_000, show_default=True, help="Images per method.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=250, show_default=True)
 @click.option("--quality", type=click.IntRange(1, 100), default=95, show_default=True, help="JPEG quality.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--scratch", type=click.Path(file_okay=False), default=None,
+@click.option("--scratch", type=LocalPath(file_okay=False), default=None,
               help="Folder to write into (on the disk to measure) [default: the system's temp folder].")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+@click.option("--json", "json_path", type=LocalPath(dir_okay=False), default=None,
               help="Also write the records [{method, images, seconds, images_per_s}] to this file.")
 @verbosity_options
 @_reports_errors

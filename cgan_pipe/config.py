@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 from .errors import ConfigError
+from .locations import is_url, location
 from .schema import Where, describe_keys, from_dict, from_yaml, option, required
 
 Device = Literal["auto", "cpu", "cuda"]
@@ -130,6 +131,25 @@ def _non_empty(value: str) -> str | None:
     return None if value.strip() else "must not be empty"
 
 
+def _local_source(value: str) -> str | None:
+    if not value.strip():
+        return "must not be empty"
+    return (f"{value} is a URL; raw images are read from local paths only (copy them here first; a shard set "
+            f"can be written to a bucket: `cgan-pipe prepare SOURCE s3://BUCKET/PREFIX`)") if is_url(value) else None
+
+
+def _local_folder(value: str | None) -> str | None:
+    return f"{value} is a URL; this takes a local folder only" if value is not None and is_url(value) else None
+
+
+def _shard_set(value: str | None) -> str | None:
+    try:
+        location(value, "", write=False) if value is not None else None
+    except ConfigError as exc:
+        return str(exc).removeprefix(": ")
+    return None
+
+
 # ---------------------------------------------------------------------------
 # The schema. One dataclass per concern; unknown keys are rejected.
 
@@ -144,7 +164,7 @@ class DataConfig:
         "official CIFAR-10 python archive (cifar-10-python.tar.gz or its cifar-10-batches-py "
         "folder), or 'download:cifar10' to fetch CIFAR-10 with torchvision. "
         "Relative paths are taken from the current directory; ${VAR:-default} is expanded.",
-        _non_empty,
+        _local_source,
     )
     split: Literal["train", "test"] = option(
         "train", "Which split of a CIFAR-10 python archive or download to use."
@@ -190,7 +210,7 @@ class DataConfig:
         None, "Processes writing shards; null for one per core. The shards do not depend on it.", _positive
     )
     download_dir: str = option(
-        "~/.cache/cgan-pipe", "Where 'download:cifar10' keeps the downloaded archive."
+        "~/.cache/cgan-pipe", "Where 'download:cifar10' keeps the downloaded archive.", _local_folder
     )
 
 
@@ -207,8 +227,9 @@ class LoaderConfig:
     """How shards stream into training batches."""
 
     shards: Optional[str] = option(
-        None, "Shard set `cgan-pipe train` reads instead of run_dir/shards: a folder, or for the torch "
-        "backend a URL (http(s):// through curl; s3://, gs://, ... where webdataset and fsspec can open them)."
+        None, "Shard set `cgan-pipe train` reads instead of run_dir/shards: a folder, or a URL: s3://BUCKET/PREFIX "
+        "(credentials and endpoint from the standard AWS settings, e.g. AWS_PROFILE, AWS_ENDPOINT_URL), "
+        "http(s)://, or gs:// (through gcsfs, untested).", _shard_set
     )
     backend: Literal["dali", "torch"] = option(
         "dali", "'dali' (NVIDIA DALI pipeline) or 'torch' (webdataset + torchvision decode)."
@@ -221,6 +242,15 @@ class LoaderConfig:
     threads: int = option(2, "DALI CPU threads, or DataLoader workers for the torch backend.", _positive)
     shuffle_buffer: int = option(
         4096, "Samples held in the shuffle buffer (shards are also shuffled when written).", _positive
+    )
+    bucket_reads: Literal["shards", "samples"] = option(
+        "shards", "How the DALI backend reads a shard set in a bucket: 'shards' (whole shards fetched ahead by "
+        "cgan-pipe, checked against the manifest, decoded by DALI) or 'samples' (DALI's own S3 client, one ranged "
+        "request per file of a sample: s3:// only, and far slower where each request waits on the network)."
+    )
+    bucket_cache_mb: int = option(
+        1024, "Memory for whole shards read ahead from a bucket (loader.bucket_reads: shards): a shard set that "
+        "fits is fetched once; a larger one once per epoch, each shard dropped after use.", _positive
     )
     hflip: bool = option(True, "Random horizontal flip.")
     pad_crop: int = option(
@@ -499,7 +529,8 @@ class PipelineConfig:
     """One pipeline: source -> shards -> loader -> trainer -> export."""
 
     name: str = required("Pipeline name; the default run directory is runs/<name>.", _non_empty)
-    run_dir: Optional[str] = option(None, "Where every output goes; null for runs/<name>.")
+    run_dir: Optional[str] = option(None, "Where every output goes (a local folder); null for runs/<name>.",
+                                    _local_folder)
     seed: int = option(0, "Seed for shard shuffling, initialisation and training.", _non_negative)
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": DataConfig.__doc__})
     loader: LoaderConfig = field(default_factory=LoaderConfig, metadata={"help": LoaderConfig.__doc__})

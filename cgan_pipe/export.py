@@ -23,11 +23,13 @@ from . import images
 from .atomic import TEMP_MARK, atomic_path, disk_full_explained, remove_stale_temps, write_text_atomic
 from .config import ExportConfig
 from .data.batch import DatasetInfo
+from .data.bucket import object_sizes, publish, published, read_bytes, staging_dir
 from .data.manifest import Manifest, ShardInfo, write_manifest
 from .data.fingerprint import file_sha256
 from .data.shard_format import ShardSample, ShardWriter
 from .distributed import wait_for_all_ranks
 from .errors import ConfigError, DataError
+from .locations import is_url
 from .resumable import ResumableParts
 from .generation import checkpoint_dataset, generate, load_generator, requested_quality
 from .train.checkpoint import load_checkpoint
@@ -51,9 +53,9 @@ def _parts(work: Path) -> ResumableParts:
 class ExportResult:
     """Where the export went and how fast it ran."""
 
-    out_dir: Path
-    files: Path | None  # None when only shards were asked for
-    shards: Path | None  # None when only files were asked for
+    out_dir: Path | str  # a folder, or a bucket URL
+    files: Path | str | None  # None when only shards were asked for
+    shards: Path | str | None  # None when only files were asked for
     n: int
     images_per_s: float | None  # None when the export was already up to date
     up_to_date: bool
@@ -65,9 +67,9 @@ def stored_quality(settings: ExportConfig) -> int | None:
     return settings.quality if lossy else None
 
 
-def export(checkpoint: Path, out_dir: Path, settings: ExportConfig, *, device: torch.device,
+def export(checkpoint: Path, out_dir: Path | str, settings: ExportConfig, *, device: torch.device,
            overwrite: bool = False, progress: bool = True, rank: int = 0, world_size: int = 1) -> ExportResult:
-    """Generate images from `checkpoint` into `out_dir`.
+    """Generate images from `checkpoint` into `out_dir` (a folder, or an s3:// URL: see `export_into_bucket`).
 
     Writes `files/<class>/seed<seed>-c<class id>-q<quality>[-qc<quality cond>].<ext>`
     and/or the same images as webdataset shards in `shards/` (manifest + DALI index,
@@ -82,6 +84,12 @@ def export(checkpoint: Path, out_dir: Path, settings: ExportConfig, *, device: t
     by rank i % world_size and rank 0 finishes the folder; every rank must call
     this with the same arguments.
     """
+    if is_url(out_dir):
+        if world_size > 1:
+            raise ConfigError(f"{out_dir}: several ranks cannot generate into a bucket together; generate into a "
+                              f"shared folder, then copy it to the bucket")
+        return export_into_bucket(checkpoint, str(out_dir), settings, device=device, overwrite=overwrite,
+                                  progress=progress)
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     state = load_checkpoint(checkpoint, map_location=device)
     G, info, z_dim = load_generator(state, settings.ema, device)
@@ -102,7 +110,7 @@ def export(checkpoint: Path, out_dir: Path, settings: ExportConfig, *, device: t
         raise ConfigError(f"{out_dir} holds an export made with other settings ({', '.join(changed)} differ); "
                           f"choose a new folder, or pass --overwrite to replace it")
 
-    work = out_dir.with_name(f".{out_dir.name}{TEMP_MARK}export")
+    work = _work_folder(out_dir)
     parts = math.ceil(len(labels) / settings.shard_size)
     if world_size > 1:
         wait_for_all_ranks()  # every rank has read out_dir before rank 0 touches the work folder
@@ -132,16 +140,47 @@ def export(checkpoint: Path, out_dir: Path, settings: ExportConfig, *, device: t
     return ExportResult(out_dir, files_dir, shards_dir, len(labels), written / seconds if written else None, False)
 
 
+def export_into_bucket(checkpoint: Path, url: str, settings: ExportConfig, *, device: torch.device,
+                       overwrite: bool = False, progress: bool = True) -> ExportResult:
+    """`export` into the bucket prefix `url`: the export is built in a local staging folder (where a killed
+    run's finished parts wait for its rerun), then uploaded, the shards' manifest and export.json last, so
+    the bucket never looks complete before it is; an upload cut short resumes without sending the finished
+    objects again. Objects under `url` that are not of this export are an error, or with `overwrite`
+    removed. The staging folder is removed once the bucket is complete."""
+    checkpoint = Path(checkpoint)
+    record = export_record(checkpoint, settings)
+    shards_url, files_url = (None if settings.output == "files" else f"{url}/shards",
+                             None if settings.output == "shards" else f"{url}/files")
+    found = object_sizes(url, recursive=True)  # a missing bucket, wrong credentials or endpoint fail here
+    previous = json.loads(read_bytes(f"{url}/{RECORD_NAME}")) if RECORD_NAME in found else None
+    if previous is not None and previous.pop("images", None) is not None and previous == record:
+        return ExportResult(url, files_url, shards_url, record["n"], None, True)
+    local = staging_dir(url) / "export"
+    ours = _previous_record(local) == record or _parts(_work_folder(local)).same_plan(record)  # killed before
+    if found and not overwrite and not ours:
+        what = "an export made with other settings" if previous is not None else "other objects"
+        raise ConfigError(f"{url} holds {what}; choose a new prefix, or pass --overwrite to replace them")
+    result = export(checkpoint, local, settings, device=device, overwrite=True, progress=progress)
+    publish(local, url, last=["shards/manifest.json", RECORD_NAME], remove_others=True)
+    published(staging_dir(url), url)
+    return ExportResult(url, files_url, shards_url, result.n, result.images_per_s, False)
+
+
+def export_record(checkpoint: Path, settings: ExportConfig) -> dict[str, Any]:
+    """What export.json records for an export of `checkpoint` with `settings`."""
+    state = load_checkpoint(checkpoint)
+    return _record(checkpoint, settings, len(image_classes(settings, checkpoint_dataset(state))),
+                   requested_quality(state, settings.quality_cond, checkpoint))
+
+
 def export_status(checkpoint: Path, out_dir: Path, settings: ExportConfig) -> tuple[str, str]:
     """What `export` would do, without doing it: ('up to date' | 'resume' | 'run', why)."""
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
-    state = load_checkpoint(checkpoint)
-    record = _record(checkpoint, settings, len(image_classes(settings, checkpoint_dataset(state))),
-                     requested_quality(state, settings.quality_cond, checkpoint))
+    record = export_record(checkpoint, settings)
     previous = _previous_record(out_dir)
     if previous == record:
         return "up to date", f"{out_dir / RECORD_NAME} records these settings and this checkpoint"
-    work = out_dir.with_name(f".{out_dir.name}{TEMP_MARK}export")
+    work = _work_folder(out_dir)
     if _parts(work).same_plan(record):
         return "resume", f"{len(_parts(work).done())} parts of this export are already written in {work}"
     if previous is not None:
@@ -338,6 +377,11 @@ def _finish(work: Path, out_dir: Path, record: dict, settings: ExportConfig, inf
     if out_dir.exists():
         shutil.rmtree(out_dir)
     work.rename(out_dir)
+
+
+def _work_folder(out_dir: Path) -> Path:
+    """Where the export into `out_dir` is built until it is complete."""
+    return out_dir.with_name(f".{out_dir.name}{TEMP_MARK}export")
 
 
 def _previous_record(out_dir: Path) -> dict | None:

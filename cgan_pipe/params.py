@@ -1,10 +1,15 @@
-"""click parameter types of cgan-pipe's options: comma-separated lists, seed ranges, class requests."""
+"""click parameter types of cgan-pipe's options: comma-separated lists, seed ranges, class requests, local
+paths and shard-set locations."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import click
+
+from .errors import ConfigError
+from .locations import is_url, location
 
 
 class IntList(click.ParamType):
@@ -85,3 +90,31 @@ class ClassRequest(click.ParamType):
                           f"or all as NAME=COUNT)", param, ctx)
             counts[name.strip()] = int(count)
         return counts
+
+
+class LocalPath(click.Path):
+    """click.Path that refuses a URL (exit 2) rather than taking s3://b/x for the local folder s3:/b/x."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if is_url(value):
+            self.fail(f"{value} is a URL; this takes a local path only", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+class ShardLocation(click.ParamType):
+    """A shard set's folder (a Path, which must exist with `exists`) or URL (a str: s3://bucket/prefix, and for
+    reading http(s):// and gs://), checked; `write` for a place a command writes."""
+
+    name = "folder|url"
+
+    def __init__(self, write: bool = False, exists: bool = False):
+        self.write, self.exists = write, exists
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Path | str:
+        try:
+            where = location(value, param.human_readable_name if param else "location", write=self.write)
+        except ConfigError as exc:
+            self.fail(str(exc).split(": ", 1)[1], param, ctx)
+        if self.exists and isinstance(where, Path) and not where.is_dir():
+            self.fail(f"folder {value!r} does not exist", param, ctx)
+        return where

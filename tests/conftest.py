@@ -112,3 +112,60 @@ def quality_checkpoint(tmp_path_factory, quality_shards) -> Path:
     run_dir = tmp_path_factory.mktemp("quality-run")
     cfg = small_config(run_dir, {"compression": {"mode": "condition"}}, steps=2)
     return train(cfg, quality_shards, run_dir, progress=False).checkpoint
+
+
+# The secret key of the test S3 server's credentials: tests grep every output of a run for it.
+S3_SECRET = "cgan-pipe-test-secret-5c1f0e"
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto's, `python -m moto.server`) on 127.0.0.1, in a process of its own:
+    DALI's S3 client holds the GIL while it waits for a reply, so a server thread in this process could not
+    answer it. This process's clients (s3fs, boto3, DALI) reach it through the standard AWS settings."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                pytest.fail(f"the test S3 server (moto) did not start on port {port}")
+            time.sleep(0.1)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "cgan-pipe-test-key",
+           "AWS_SECRET_ACCESS_KEY": S3_SECRET, "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+           # never the user's own AWS settings
+           "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    yield env
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    server.terminate()
+    server.wait(timeout=30)
+
+
+@pytest.fixture()
+def bucket(s3_server) -> str:
+    """A new, empty bucket on the test S3 server: its s3:// URL."""
+    import uuid
+
+    import fsspec
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    fsspec.filesystem("s3").mkdir(name)
+    return f"s3://{name}"

@@ -314,10 +314,13 @@ def test_the_torch_backend_streams_shards_from_a_url(served):
     assert seen == 200
 
 
-def test_dali_says_it_needs_local_files_and_a_bad_url_is_named(served):
-    with pytest.raises(ConfigError, match="the DALI loader reads local or mounted files only"):
-        open_loader(served, LoaderConfig(backend="dali"), 16, 0, torch.device("cpu"))
-    with pytest.raises(DataError, match="missing/manifest.json: cannot read the manifest"):
+def test_dali_streams_shards_from_a_url_and_a_bad_url_is_named(served):
+    loader = open_loader(served, LoaderConfig(backend="dali", threads=1), 50, 0, torch.device("cpu"))
+    batches = iter(loader)
+    assert sum(len(next(batches).labels) for _ in range(4)) == 200 == loader.samples_per_epoch
+    with pytest.raises(ConfigError, match="loader.bucket_reads: samples reads s3:// only"):
+        open_loader(served, LoaderConfig(backend="dali", bucket_reads="samples"), 16, 0, torch.device("cpu"))
+    with pytest.raises(DataError, match="missing/manifest.json: no manifest, so .*missing is not a complete shard"):
         open_loader(served + "missing", LoaderConfig(backend="torch"), 16, 0, torch.device("cpu"))
 
 

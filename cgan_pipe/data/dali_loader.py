@@ -13,10 +13,12 @@ from ..config import LoaderConfig
 from ..images import ANY_IMAGE_EXTENSION
 from ..devices import resolve_device
 from ..distributed import rank_and_world
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from .batch import (Batch, DatasetInfo, dataset_info, known_qualities, parse_ascii_labels, parse_quality,
                     to_device)
+from ..locations import is_url, join
 from .manifest import Manifest
+from .shard_stream import ShardStream
 
 READER_NAME = "shards"
 LABEL_BYTES = 8  # `.cls` bytes are padded to at least this width so a batch is one dense tensor
@@ -25,20 +27,26 @@ LABEL_BYTES = 8  # `.cls` bytes are padded to at least this width so a batch is 
 @pipeline_def
 def _shard_pipeline(paths: list[str], index_paths: list[str], labelled: bool, augment: LoaderConfig,
                     resolution: int, shuffle_buffer: int, decode_device: str, shard_id: int, num_shards: int,
-                    with_meta: bool = False):
+                    with_meta: bool = False, stream: ShardStream | None = None):
     """Shards -> (images, label bytes[, quality]): the quality output is the drawn distortion quality
-    with augment.jpeg_distort, else the `.json` bytes, when `with_meta`."""
+    with augment.jpeg_distort, else the `.json` bytes, when `with_meta`. The samples come from DALI's
+    webdataset reader over `paths` (files, or s3:// objects read by DALI's S3 client), or from `stream`."""
     read_meta = with_meta and not augment.jpeg_distort  # a drawn quality replaces the recorded one
-    encoded, cls, *meta = fn.readers.webdataset(
-        paths=paths, index_paths=index_paths, ext=[ANY_IMAGE_EXTENSION, "cls"] + (["json"] if read_meta else []),
-        # a labelled set with a sample lacking `.cls` is corrupt; unlabelled sets have none
-        missing_component_behavior="error" if labelled else "empty",
-        random_shuffle=True, initial_fill=shuffle_buffer,
-        shard_id=shard_id, num_shards=num_shards, name=READER_NAME,
-        # the last batch of an epoch is padded (the iterator drops the padding) rather than filled
-        # from the next epoch: each rank then sees each of its samples exactly once per epoch
-        pad_last_batch=True,
-    )
+    if stream is not None:
+        encoded, cls, *meta = fn.external_source(source=stream, num_outputs=3 if read_meta else 2,
+                                                 dtype=types.UINT8, cycle="raise")
+    else:
+        encoded, cls, *meta = fn.readers.webdataset(
+            paths=paths, index_paths=index_paths,
+            ext=[ANY_IMAGE_EXTENSION, "cls"] + (["json"] if read_meta else []),
+            # a labelled set with a sample lacking `.cls` is corrupt; unlabelled sets have none
+            missing_component_behavior="error" if labelled else "empty",
+            random_shuffle=True, initial_fill=shuffle_buffer,
+            shard_id=shard_id, num_shards=num_shards, name=READER_NAME,
+            # the last batch of an epoch is padded (the iterator drops the padding) rather than filled
+            # from the next epoch: each rank then sees each of its samples exactly once per epoch
+            pad_last_batch=True,
+        )
     decoded = fn.decoders.image(encoded, device=decode_device, output_type=types.RGB)
     if augment.resized_crop_min_scale is not None:
         decoded = fn.random_resized_crop(decoded, size=(resolution, resolution),
@@ -79,7 +87,7 @@ class DaliLoader:
     last batch of an epoch smaller when the slice is not a whole number of batches.
     """
 
-    def __init__(self, shards: Path, manifest: Manifest, cfg: LoaderConfig, batch_size: int,
+    def __init__(self, shards: Path | str, manifest: Manifest, cfg: LoaderConfig, batch_size: int,
                  seed: int, device: torch.device, rank: int | None = None, world_size: int | None = None,
                  with_quality: bool = False):
         self.info: DatasetInfo = dataset_info(manifest)
@@ -90,20 +98,29 @@ class DaliLoader:
         self.distorted = bool(cfg.jpeg_distort)
         rank, world = (rank, world_size) if rank is not None and world_size is not None else rank_and_world()
         gpu = torch.cuda.current_device() if resolve_device(cfg.device, "loader.device").type == "cuda" else None
+        stream = None
+        if is_url(shards) and cfg.bucket_reads == "shards":  # whole shards fetched ahead; see docs/decisions.md
+            mine = manifest.shards[rank::world]
+            if not mine:
+                raise ConfigError(f"{shards}: {len(manifest.shards)} shards cannot be shared by {world} ranks "
+                                  f"(a bucket is read by whole shards); prepare with a smaller --shard-size")
+            stream = ShardStream(shards, mine, batch_size, seed + rank, cfg.shuffle_buffer,
+                                 cfg.bucket_cache_mb << 20, manifest.labelled,
+                                 with_meta=with_quality and not cfg.jpeg_distort)
         self.pipeline = _shard_pipeline(
-            paths=[str(shards / s.tar) for s in manifest.shards],
-            index_paths=[str(shards / s.index) for s in manifest.shards],
+            paths=[str(join(shards, s.tar)) for s in manifest.shards],
+            index_paths=[str(join(shards, s.index)) for s in manifest.shards],
             labelled=manifest.labelled, augment=cfg, resolution=manifest.resolution, shuffle_buffer=cfg.shuffle_buffer,
             decode_device="mixed" if gpu is not None else "cpu", shard_id=rank, num_shards=world,
             batch_size=batch_size, num_threads=cfg.threads, device_id=gpu, seed=seed + rank,
-            prefetch_queue_depth=2, with_meta=with_quality,
+            prefetch_queue_depth=2, with_meta=with_quality, stream=stream,
         )
         self.pipeline.build()
         self._iterator = DALIGenericIterator(
-            self.pipeline, ["images", "labels"] + (["quality"] if with_quality else []), reader_name=READER_NAME,
-            last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True,
+            self.pipeline, ["images", "labels"] + (["quality"] if with_quality else []),
+            reader_name=None if stream else READER_NAME, last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True,
         )
-        self.samples_per_epoch: int = self._iterator.size  # this rank's share
+        self.samples_per_epoch: int = stream.samples if stream else self._iterator.size  # this rank's share
 
     def __iter__(self) -> Iterator[Batch]:
         while True:  # one pass of the inner loop is one epoch; auto_reset starts the next

@@ -11,7 +11,9 @@ import torch
 from ..config import LoaderConfig, default_cache_dir
 from ..errors import ConfigError, DataError
 from .batch import Batch, Loader
-from .manifest import Manifest, is_url, shard_set_manifest
+from ..locations import location
+from .bucket import check_objects
+from .manifest import MANIFEST_NAME, Manifest, shard_set_manifest
 from .verify import check_checksums
 
 log = logging.getLogger(__name__)
@@ -20,16 +22,22 @@ CHECKED_SHARDS = "checked-shards.json"  # in the cache folder: shards whose chec
 
 def open_loader(shards: Path | str, cfg: LoaderConfig, batch_size: int, seed: int, device: torch.device,
                 whole: bool = False, with_quality: bool = False) -> Loader:
-    """Open the shard set at `shards` (a folder, or for the torch backend a URL) with the backend
+    """Open the shard set at `shards` (a folder, or a URL such as s3://bucket/prefix) with the backend
     `cfg.backend`, yielding Batches on `device`: this rank's part of the samples, or all of them
     when `whole` (for work only one rank does, such as evaluation). With `with_quality`, each
     Batch carries the JPEG quality of its samples in [0, 1]: the one drawn by `cfg.jpeg_distort`,
     else the one in their `.json`."""
-    if is_url(shards) and cfg.backend == "dali":
-        raise ConfigError(f"{shards}: the DALI loader reads local or mounted files only; copy or mount the "
-                          f"shards, or set loader.backend: torch to stream them from the URL")
+    shards = location(shards, "loader.shards")
+    if isinstance(shards, str) and cfg.backend == "dali" and cfg.bucket_reads == "samples" \
+            and not shards.startswith("s3://"):
+        raise ConfigError(f"loader.bucket_reads: samples reads s3:// only (DALI's own S3 client), not {shards}; "
+                          f"set loader.bucket_reads: shards")
     manifest = shard_set_manifest(shards)
-    if not is_url(shards):
+    if isinstance(shards, str):  # a missing or replaced shard fails here, not mid-training (http lists nothing)
+        if not shards.startswith(("http://", "https://")):
+            check_objects(shards, {**{s.tar: s.bytes for s in manifest.shards},
+                                   **{s.index: None for s in manifest.shards}}, f"{shards}/{MANIFEST_NAME}")
+    else:
         shards = Path(shards)
         for shard in manifest.shards:  # a truncated, emptied or replaced shard fails here, not mid-training
             size = (shards / shard.tar).stat().st_size

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..atomic import write_text_atomic
 from ..errors import DataError
+from ..locations import is_url
+from .bucket import read_bytes
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -90,20 +90,18 @@ def read_manifest(directory: Path) -> Manifest:
 
 
 def read_remote_manifest(url: str) -> Manifest:
-    """Read and check the manifest of a shard set at a URL (http(s) with the standard library,
-    other schemes through fsspec); DataError naming the URL when it cannot be read."""
-    where = f"{url.rstrip('/')}/{MANIFEST_NAME}"
+    """Read and check the manifest of a shard set at a URL (s3://, https://, ...); DataError naming the URL
+    when it cannot be read."""
+    where = f"{url}/{MANIFEST_NAME}"
     try:
-        if where.startswith(("http://", "https://")):
-            with urllib.request.urlopen(where, timeout=60) as response:
-                text = response.read().decode("utf-8")
-        else:
-            import fsspec  # only for object stores; their filesystems (s3fs, gcsfs, ...) are the user's to install
-
-            with fsspec.open(where, "rt") as handle:
-                text = handle.read()
-    except (OSError, ValueError, ImportError, urllib.error.URLError) as exc:
-        raise DataError(f"{where}: cannot read the manifest ({exc})") from None
+        text = read_bytes(where).decode("utf-8")
+    except DataError as exc:
+        if "not found" in str(exc):
+            raise DataError(f"{where}: no manifest, so {url} is not a complete shard set (make one with "
+                            f"`cgan-pipe prepare SOURCE {url}`)") from None
+        raise
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{where}: unreadable manifest ({exc})") from None
     return parse_manifest(text, where)
 
 
@@ -167,11 +165,11 @@ class IndexEntry:
     name: str
 
 
-def parse_dali_index(path: Path) -> list[list[IndexEntry]]:
-    """The samples of a DALI v1.2 index file, each as the list of its files; DataError naming the
-    line that is not one."""
+def parse_dali_index(path: Path | str, text: str | None = None) -> list[list[IndexEntry]]:
+    """The samples of a DALI v1.2 index file (read from `path`, or given as `text` read from there), each
+    as the list of its files; DataError naming the line that is not one."""
     samples = []
-    for number, line in enumerate(Path(path).read_text().splitlines()[1:], start=2):
+    for number, line in enumerate((Path(path).read_text() if text is None else text).splitlines()[1:], start=2):
         fields = line.split()
         try:
             files = [IndexEntry(fields[i], int(fields[i + 1]), int(fields[i + 2]), fields[i + 3])
@@ -184,11 +182,6 @@ def parse_dali_index(path: Path) -> list[list[IndexEntry]]:
     return samples
 
 
-def is_url(shards: Path | str) -> bool:
-    """Whether `shards` names a shard set by URL (http(s)://, s3://, ...) rather than a local folder."""
-    return "://" in str(shards) and not str(shards).startswith("file://")
-
-
 def shard_set_manifest(shards: Path | str) -> Manifest:
     """The checked manifest of the shard set in a folder or at a URL."""
-    return read_remote_manifest(str(shards)) if is_url(shards) else read_manifest(Path(shards))
+    return read_remote_manifest(str(shards).rstrip("/")) if is_url(shards) else read_manifest(Path(shards))

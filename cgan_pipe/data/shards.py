@@ -28,7 +28,9 @@ from ..errors import ConfigError, DataError
 from ..processes import process_pool
 from ..resumable import ResumableParts
 from .fingerprint import source_fingerprint
-from .manifest import MANIFEST_NAME, Manifest, ShardInfo, read_manifest, write_manifest
+from ..locations import is_url
+from .bucket import object_sizes, publish, published, staging_dir
+from .manifest import MANIFEST_NAME, Manifest, ShardInfo, read_manifest, read_remote_manifest, write_manifest
 from . import tars
 from .shard_format import SHARD_NAME, ShardSample, ShardWriter, sample_files
 from .inputs import DUPLICATE, count_by_kind, counts_text, left_out, left_out_because
@@ -51,9 +53,10 @@ RECORDED_KEYS = ("resolution", "format", "quality", "shard_size", "limit", "seed
                  "shard_bytes")
 
 
-def prepare(data: DataConfig, out_dir: Path, *, seed: int = 0, rank: int = 0, world_size: int = 1,
+def prepare(data: DataConfig, out_dir: Path | str, *, seed: int = 0, rank: int = 0, world_size: int = 1,
             progress: bool = True) -> tuple[Manifest | None, bool]:
-    """Turn the raw images at `data.source` into a complete shard set in `out_dir`.
+    """Turn the raw images at `data.source` into a complete shard set in `out_dir` (a folder, or an
+    s3:// URL: see `prepare_into_bucket`).
 
     Images are shuffled (by `seed`) before writing, since DALI only shuffles within
     a buffer; shard i holds the i-th run of `shard_size` inputs, less the
@@ -69,6 +72,11 @@ def prepare(data: DataConfig, out_dir: Path, *, seed: int = 0, rank: int = 0, wo
     """
     if not 0 <= rank < world_size:
         raise ConfigError(f"rank {rank} is not in 0..{world_size - 1} (world size {world_size})")
+    if is_url(out_dir):
+        if world_size > 1:
+            raise ConfigError(f"{out_dir}: several machines cannot prepare into a bucket together; prepare into a "
+                              f"shared folder, then copy it to the bucket")
+        return prepare_into_bucket(data, str(out_dir), seed=seed, progress=progress)
     out_dir = Path(out_dir)
     recorded = recorded_settings(data, seed)
     if (out_dir / MANIFEST_NAME).exists():
@@ -122,6 +130,28 @@ def prepare(data: DataConfig, out_dir: Path, *, seed: int = 0, rank: int = 0, wo
         return None, False
     with disk_full_explained(out_dir, "the shards are all written, only the manifest is missing"):
         return merge_shards(out_dir), False
+
+
+def prepare_into_bucket(data: DataConfig, url: str, *, seed: int = 0, progress: bool = True
+                        ) -> tuple[Manifest, bool]:
+    """`prepare` into the bucket prefix `url`: the shards are written in a local staging folder (where a
+    killed run's finished shards wait for its rerun), then uploaded, the manifest last, so the bucket never
+    holds a manifest that does not describe it; an upload cut short resumes without sending the finished
+    objects again. The staging folder is removed once the bucket is complete."""
+    names = object_sizes(url)  # a missing bucket, wrong credentials or endpoint fail here, before any work
+    if MANIFEST_NAME in names:
+        try:
+            existing = read_remote_manifest(url)
+            if existing.settings == recorded_settings(data, seed):
+                return existing, True
+        except DataError:
+            pass  # unusable manifest: rebuild below
+    staging = staging_dir(url)
+    log.info(f"{url}: preparing in {staging}, then uploading")
+    manifest, _ = prepare(data, staging, seed=seed, progress=progress)
+    publish(staging, url, last=[MANIFEST_NAME])
+    published(staging, url)
+    return manifest, False
 
 
 def recorded_settings(data: DataConfig, seed: int) -> dict[str, Any]:

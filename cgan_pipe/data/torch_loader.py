@@ -4,11 +4,13 @@ may be local or at a URL."""
 from __future__ import annotations
 
 import functools
+import io
 from pathlib import Path
 from typing import Iterator
 
 import torch
 import webdataset as wds
+from webdataset.tariterators import group_by_keys, tar_file_expander
 from torch.utils.data import DataLoader
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg, encode_jpeg
 from torchvision.transforms import v2
@@ -20,7 +22,9 @@ from ..processes import child_initializer
 from ..devices import resolve_device
 from ..distributed import rank_and_world
 from .batch import Batch, DatasetInfo, dataset_info, known_qualities, parse_quality, to_device
-from .manifest import Manifest, is_url
+from ..locations import is_url
+from .bucket import read_checked
+from .manifest import MANIFEST_NAME, Manifest, ShardInfo
 
 
 def _augmentations(cfg: LoaderConfig, resolution: int) -> v2.Transform:
@@ -141,18 +145,26 @@ class TorchLoader:
             raise ConfigError(f"{shards}: {len(manifest.shards)} shards cannot be shared by {world} ranks (the torch "
                               f"loader splits by shard); prepare with a smaller --shard-size, or use the dali loader")
         self.samples_per_epoch: int = sum(s.samples for s in mine)  # this rank's share
-        dataset = (
-            wds.WebDataset(
-                [_shard_location(shards, s.tar) for s in mine],
+        if is_url(shards):  # whole shards fetched by fsspec and checked against the manifest, then unpacked
+            opened = wds.DataPipeline(
+                wds.SimpleShardList([f"{shards}/{s.tar}" for s in mine]), wds.split_by_worker,
+                wds.shuffle(len(mine), seed=seed), _FetchShards({f"{shards}/{s.tar}": s for s in mine}, shards),
+                wds.pipelinefilter(tar_file_expander)(), wds.pipelinefilter(group_by_keys)(),
+            )
+        else:
+            opened = wds.WebDataset(
+                [str(Path(shards) / s.tar) for s in mine],
                 shardshuffle=len(mine), seed=seed,
                 nodesplitter=_this_rank_already, workersplitter=wds.split_by_worker,
                 empty_check=False,  # fewer shards than workers leaves some workers idle
             )
-            .shuffle(cfg.shuffle_buffer)
+        dataset = wds.DataPipeline(
+            opened,
+            wds.shuffle(cfg.shuffle_buffer),
             # unlabelled sets have no `.cls`; a labelled sample without one is an error
-            .to_tuple(ANY_IMAGE_EXTENSION, "cls", *(["json"] if with_quality and not self.distort else []),
-                      missing_is_error=manifest.labelled)
-            .map(_keep_encoded if self.gpu_decode else _DecodeSample(cfg, manifest.resolution))
+            wds.to_tuple(ANY_IMAGE_EXTENSION, "cls", *(["json"] if with_quality and not self.distort else []),
+                         missing_is_error=manifest.labelled),
+            wds.map(_keep_encoded if self.gpu_decode else _DecodeSample(cfg, manifest.resolution)),
         )
         generator = torch.Generator().manual_seed(seed)
         self.loader = DataLoader(
@@ -180,10 +192,18 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return torch.cuda.Stream(device)
 
 
-def _shard_location(shards: Path | str, name: str) -> str:
-    """Where webdataset opens shard `name` of the set at `shards`: a path, or a URL (http(s) through
-    curl, and the other schemes webdataset's gopen knows)."""
-    return f"{str(shards).rstrip('/')}/{name}" if is_url(shards) else str(Path(shards) / name)
+class _FetchShards:
+    """webdataset stage: each shard URL with its whole bytes as the stream, fetched by fsspec (s3fs retries
+    with backoff) and checked against the manifest's size and sha256."""
+
+    def __init__(self, shards: dict[str, ShardInfo], url: str):
+        self.shards, self.where = shards, f"{url}/{MANIFEST_NAME}"
+
+    def __call__(self, urls: Iterator[dict]) -> Iterator[dict]:
+        for sample in urls:
+            shard = self.shards[sample["url"]]
+            data = read_checked(sample["url"], shard.bytes, shard.sha256, self.where)
+            yield {**sample, "stream": io.BytesIO(data)}
 
 
 def _this_rank_already(urls: Iterator[str]) -> Iterator[str]:
@@ -193,9 +213,14 @@ def _this_rank_already(urls: Iterator[str]) -> Iterator[str]:
 
 def _naming_failures(loader: DataLoader, shards: Path) -> Iterator[tuple[torch.Tensor, ...]]:
     """`loader`'s batches, with a worker's failure on a sample (undecodable image, a `.cls` that is
-    not a number) turned into a DataError naming the shard set."""
+    not a number) turned into a DataError naming the shard set. A worker's own DataError (a shard
+    that cannot be fetched, or whose bytes are not the manifest's) keeps its message, without the worker's
+    traceback that torch adds to it."""
     try:
         yield from loader
+    except DataError as exc:
+        raise DataError(str(exc).strip().splitlines()[-1].removeprefix(f"{DataError.__module__}.DataError: ")) \
+            from None
     except (RuntimeError, ValueError) as exc:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         raise DataError(f"{shards}: the torch loader failed on a sample ({(lines[-1] if lines else '')[:300]}); "

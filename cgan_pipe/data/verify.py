@@ -20,7 +20,9 @@ from ..errors import DataError
 from ..images import decode, shard_extensions
 from ..processes import process_pool
 from .inputs import count_by_kind
-from .manifest import Manifest, ShardInfo, parse_dali_index, read_manifest
+from ..locations import is_url
+from .bucket import local_copies, object_sizes
+from .manifest import Manifest, ShardInfo, parse_dali_index, shard_set_manifest
 from .fingerprint import file_sha256
 from .shard_format import dali_index, member_extension, sample_members
 
@@ -51,8 +53,9 @@ class VerifyReport:
         return not self.problems
 
 
-def verify_shards(directory: Path, progress: bool = False) -> VerifyReport:
-    """Check every shard listed in `directory`'s manifest.
+def verify_shards(where: Path | str, progress: bool = False) -> VerifyReport:
+    """Check every shard listed in the manifest of the shard set at `where` (a folder or a URL, whose
+    shards are downloaded one at a time).
 
     Checks each shard's sha256 and sample count against the manifest, its DALI
     index against the tar, that every sample has its image, `.cls` (a known
@@ -60,21 +63,27 @@ def verify_shards(directory: Path, progress: bool = False) -> VerifyReport:
     DALI CPU decoder the loader uses, at the manifest's resolution. Raises
     DataError when the manifest itself is missing or unusable.
     """
-    manifest = read_manifest(Path(directory))
+    manifest = shard_set_manifest(where)
+    present = object_sizes(str(where)) if is_url(where) else None
     report = VerifyReport(shards=len(manifest.shards), samples=0)
     bar = tqdm(total=manifest.num_samples, desc="verify", unit="img", disable=not progress, dynamic_ncols=True)
-    with _IsolatedDecoder() as decoder:
+    with _IsolatedDecoder() as decoder, local_copies(where) as local:
         for shard in manifest.shards:
-            _verify_shard(Path(directory), shard, manifest, decoder, report)
+            missing = [name for name in (shard.tar, shard.index) if present is not None and name not in present]
+            if missing:
+                report.problems.append(Problem(shard.tar, None, f"{' and '.join(missing)} missing from the bucket"))
+            else:
+                _verify_shard(local(shard.tar), local(shard.index), shard, manifest, decoder, report)
+                if present is not None:
+                    local.release(shard.tar)
             bar.update(shard.samples)
     bar.close()
     return report
 
 
-def _verify_shard(directory: Path, shard: ShardInfo, manifest: Manifest, decoder: "_IsolatedDecoder",
-                  report: VerifyReport) -> None:
+def _verify_shard(tar_path: Path, index_path: Path, shard: ShardInfo, manifest: Manifest,
+                  decoder: "_IsolatedDecoder", report: VerifyReport) -> None:
     """Check one shard, appending what is wrong to `report`."""
-    tar_path = directory / shard.tar
 
     def add(key: str | None, problem: str) -> None:
         report.problems.append(Problem(shard.tar, key, problem))
@@ -83,7 +92,7 @@ def _verify_shard(directory: Path, shard: ShardInfo, manifest: Manifest, decoder
         add(None, "sha256 differs from the manifest (the shard changed after it was written)")
     try:
         images = list(_check_samples(tar_path, manifest, add))
-        if (directory / shard.index).read_text() != dali_index(tar_path):
+        if index_path.read_text() != dali_index(tar_path):
             add(None, f"DALI index {shard.index} does not match the tar")
     except (tarfile.TarError, OSError, EOFError) as exc:
         add(None, f"unreadable tar ({exc})")
@@ -209,21 +218,22 @@ def _first_line(exc: Exception) -> str:
     return (lines[-1] if lines else str(exc).splitlines()[0]).strip()
 
 
-def inspect_shards(directory: Path) -> dict:
-    """Summarise a shard set: counts, histograms, resolution, format, bytes per image.
+def inspect_shards(where: Path | str) -> dict:
+    """Summarise the shard set at `where` (a folder or a URL): counts, histograms, resolution, format,
+    bytes per image.
 
     Reads the manifest and the DALI index files only (no tar is opened).
     """
-    directory = Path(directory)
-    manifest = read_manifest(directory)
+    manifest = shard_set_manifest(where)
     allowed = shard_extensions(manifest.image_format)
     image_bytes = 0
-    for shard in manifest.shards:
-        for files in parse_dali_index(directory / shard.index):
-            image_bytes += sum(entry.size for entry in files if entry.ext in allowed)
+    with local_copies(where) as local:
+        for shard in manifest.shards:
+            for files in parse_dali_index(local(shard.index)):
+                image_bytes += sum(entry.size for entry in files if entry.ext in allowed)
     n = manifest.num_samples
     return {
-        "path": str(directory),
+        "path": str(where),
         "created_by": manifest.created_by,
         "source": manifest.source,
         "samples": n,
@@ -241,31 +251,32 @@ def inspect_shards(directory: Path) -> dict:
     }
 
 
-def contact_sheet(directory: Path, out: Path, per_class: int = 8) -> Path:
-    """Write a PNG with up to `per_class` samples of each class, one row per class (8 rows unlabelled)."""
-    directory = Path(directory)
-    manifest = read_manifest(directory)
+def contact_sheet(where: Path | str, out: Path, per_class: int = 8) -> Path:
+    """Write a PNG with up to `per_class` samples of each class of the shard set at `where` (a folder or a
+    URL, whose shards are downloaded only as far as needed), one row per class (8 rows unlabelled)."""
+    manifest = shard_set_manifest(where)
     rows = len(manifest.class_names) or 8
     allowed = shard_extensions(manifest.image_format)
     picked: list[list[bytes]] = [[] for _ in range(rows)]
     needed = rows * per_class
-    for shard in manifest.shards:
-        with tarfile.open(directory / shard.tar) as tar:
-            for _, members in sample_members(tar):
-                by_ext, image = _files_of(members, allowed)
-                if image is None:
-                    continue
-                if manifest.labelled and "cls" in by_ext:
-                    row = int(tar.extractfile(by_ext["cls"]).read())
-                else:
-                    row = sum(map(len, picked)) // per_class
-                if row < rows and len(picked[row]) < per_class:
-                    picked[row].append(tar.extractfile(image).read())
-                    needed -= 1
-                if needed == 0:
-                    break
-        if needed == 0:
-            break
+    with local_copies(where) as local:
+        for shard in manifest.shards:
+            with tarfile.open(local(shard.tar)) as tar:
+                for _, members in sample_members(tar):
+                    by_ext, image = _files_of(members, allowed)
+                    if image is None:
+                        continue
+                    if manifest.labelled and "cls" in by_ext:
+                        row = int(tar.extractfile(by_ext["cls"]).read())
+                    else:
+                        row = sum(map(len, picked)) // per_class
+                    if row < rows and len(picked[row]) < per_class:
+                        picked[row].append(tar.extractfile(image).read())
+                        needed -= 1
+                    if needed == 0:
+                        break
+            if needed == 0:
+                break
     size, pad = manifest.resolution, 2
     sheet = Image.new("RGB", (per_class * (size + pad) + pad, rows * (size + pad) + pad), (255, 255, 255))
     for r, row in enumerate(picked):

@@ -1,0 +1,236 @@
+"""Shard sets in object storage (s3://bucket/prefix): whole-object reads checked against the manifest,
+listings, resumable uploads with the completion marker last, and errors that name the bucket and key and
+say what to do."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from ..config import default_cache_dir
+from ..errors import ConfigError, DataError
+from ..locations import is_url
+
+log = logging.getLogger(__name__)
+
+SHA256_KEY = "sha256"  # the object metadata an upload records its content hash under
+UPLOAD_THREADS = 8
+
+
+def endpoint() -> str:
+    """The S3 endpoint the clients use: $AWS_ENDPOINT_URL_S3 or $AWS_ENDPOINT_URL, else AWS's own."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS's default endpoint"
+
+
+def filesystem(url: str) -> Any:
+    """The fsspec filesystem for `url`'s scheme (s3fs for s3://, with the standard AWS credential chain and
+    retries with backoff; one per process)."""
+    import fsspec
+
+    scheme = url.split(":", 1)[0]
+    try:
+        return fsspec.filesystem(scheme)
+    except ImportError as exc:
+        package = {"s3": "s3fs", "gs": "gcsfs"}.get(scheme, f"an fsspec filesystem for {scheme}://")
+        raise ConfigError(f"{url}: reading {scheme}:// needs {package} ({exc}); pip install {package}") from None
+
+
+def _key(url: str) -> str:
+    """The path fsspec takes for `url` (bucket/key for object stores, the URL itself for http)."""
+    return url if url.startswith(("http://", "https://")) else url.split("://", 1)[1]
+
+
+@contextlib.contextmanager
+def explained(url: str, doing: str) -> Iterator[None]:
+    """Turn a storage client's failure while `doing` something with `url` into a DataError that names the
+    bucket or key and says what to do. The clients have already retried with backoff (s3fs: 5 tries)."""
+    bucket = url.split("/")[2] if "://" in url else url
+    try:
+        yield
+    except FileNotFoundError as exc:
+        if "bucket does not exist" in str(exc):
+            raise DataError(f"{url}: no bucket {bucket!r} at {endpoint()}; create it (e.g. `aws s3 mb s3://{bucket}`), "
+                            f"or check the name and AWS_ENDPOINT_URL") from None
+        raise DataError(f"{url}: not found while {doing}") from None
+    except PermissionError as exc:
+        raise DataError(f"{url}: access denied while {doing} ({exc}); check the credentials (AWS_ACCESS_KEY_ID and "
+                        f"AWS_SECRET_ACCESS_KEY, AWS_PROFILE or ~/.aws/credentials) and bucket {bucket!r}'s "
+                        f"policy") from None
+    except UnicodeDecodeError:
+        raise
+    except (OSError, ValueError, TimeoutError) as exc:
+        raise DataError(f"{url}: failed while {doing} ({type(exc).__name__}: {exc}); check that the server is "
+                        f"up and AWS_ENDPOINT_URL ({endpoint()}), then rerun") from None
+    except Exception as exc:  # noqa: BLE001  botocore's and aiohttp's own families, which s3fs lets through
+        if type(exc).__module__.split(".")[0] not in ("botocore", "aiohttp", "aiobotocore", "s3fs", "fsspec"):
+            raise
+        hint = " (no credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)" \
+            if "Credentials" in type(exc).__name__ else ""
+        raise DataError(f"{url}: failed while {doing} ({type(exc).__name__}: {exc}){hint}; check that the server "
+                        f"at {endpoint()} is up and reachable (AWS_ENDPOINT_URL), then rerun") from None
+
+
+def read_bytes(url: str) -> bytes:
+    """The whole object at `url`; DataError naming it when it cannot be read."""
+    with explained(url, "reading it"):
+        return filesystem(url).cat_file(_key(url))
+
+
+def read_checked(url: str, size: int, sha256: str, where: str) -> bytes:
+    """The object at `url`, which the manifest at `where` lists with `size` bytes and `sha256`; DataError
+    when it is missing or its bytes are not those."""
+    try:
+        data = read_bytes(url)
+    except DataError as exc:
+        if "not found" in str(exc):
+            raise DataError(f"{url}: listed in {where} but missing from the bucket; prepare the shard set "
+                            f"again") from None
+        raise
+    if len(data) != size or hashlib.sha256(data).hexdigest() != sha256:
+        raise DataError(f"{url}: its bytes are not those the manifest records ({len(data)} bytes, sha256 "
+                        f"{hashlib.sha256(data).hexdigest()[:12]}...; {where} says {size} bytes, "
+                        f"{sha256[:12]}...); run `cgan-pipe verify` on the set, and prepare it again")
+    return data
+
+
+def object_sizes(url: str, recursive: bool = False) -> dict[str, int]:
+    """The objects under the prefix `url` (directly under it, or at any depth with `recursive`), by name
+    relative to it, with their sizes; empty when there are none."""
+    with explained(url, "listing it"):
+        fs = filesystem(url)
+        try:
+            if recursive:
+                entries = list(fs.find(_key(url), detail=True, withdirs=False).values())
+            else:
+                entries = [e for e in fs.ls(_key(url), detail=True, refresh=True) if e.get("type") == "file"]
+        except FileNotFoundError as exc:
+            if "bucket does not exist" in str(exc):
+                raise
+            return {}
+    return {e["name"].removeprefix(_key(url) + "/"): e["size"] for e in entries}
+
+
+@contextlib.contextmanager
+def local_copies(where: Path | str) -> Iterator[Callable[[str], Path]]:
+    """A function giving a local path for a file of the shard set at `where` by name: the file itself in a
+    folder; for a URL, a copy downloaded on first request into a temp folder that is removed on exit (or
+    earlier, file by file, with `.release(name)` on the function)."""
+    if not is_url(where):
+        yield lambda name: Path(where) / name
+        return
+    with tempfile.TemporaryDirectory(prefix="cgan-pipe-copies-") as folder:
+        def local(name: str) -> Path:
+            path = Path(folder) / name
+            if not path.exists():
+                with explained(f"{where}/{name}", "downloading it"):
+                    filesystem(str(where)).get_file(_key(f"{where}/{name}"), str(path))
+            return path
+
+        local.release = lambda name: (Path(folder) / name).unlink(missing_ok=True)
+        yield local
+
+
+def check_objects(url: str, expected: dict[str, int], where: str) -> None:
+    """DataError naming the first object of `expected` ({name: size}, listed by the manifest at `where`)
+    that is missing under `url` or has another size."""
+    found = object_sizes(url)
+    for name, size in expected.items():
+        if name not in found:
+            raise DataError(f"{url}/{name}: listed in {where} but missing from the bucket; prepare the shard set "
+                            f"again")
+        if size is not None and found[name] != size:
+            raise DataError(f"{url}/{name}: {found[name]} bytes where {where} says {size} (replaced or "
+                            f"truncated); run `cgan-pipe verify {url}`, and prepare the shard set again")
+
+
+def staging_dir(url: str) -> Path:
+    """The local folder where a job writing to `url` builds its outputs before they are uploaded (and where a
+    killed job's finished parts wait for its rerun)."""
+    return default_cache_dir() / "staging" / hashlib.sha256(url.encode()).hexdigest()[:16]
+
+
+def publish(local: Path, url: str, last: list[str], remove_others: bool = False) -> int:
+    """Upload the files under the folder `local` to the prefix `url`, so that a reader never takes the
+    bucket for complete before it is: unless the bucket already holds every file (same size, same recorded
+    sha256), the completion markers `last` (paths relative to `local`, such as the manifest) are deleted
+    from it first, then every other file it lacks is uploaded, then `last` in order. With
+    `remove_others`, objects under `url` that are not among the files are deleted first. An object
+    appears only when its upload completes, and a killed upload's parts are aborted on the rerun, so a
+    rerun after a kill resumes and gives the same bucket as an uninterrupted run. Returns the files
+    uploaded."""
+    files = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+    markers = [name for name in last if name in files]
+    digests = {name: _file_sha256(local / name) for name in files}
+    fs = filesystem(url)
+    listed = object_sizes(url, recursive=True)
+    sizes = {name: listed.get(name) for name in files}
+
+    def recorded(name: str) -> str | None:  # only objects of the right size are asked for their sha256
+        if sizes[name] != (local / name).stat().st_size:
+            return None
+        with explained(f"{url}/{name}", "reading its metadata"):
+            return _remote_sha256(fs, f"{_key(url)}/{name}")
+
+    with ThreadPoolExecutor(max_workers=UPLOAD_THREADS) as pool:
+        remote = dict(zip(files, pool.map(recorded, files)))
+    todo = [name for name in files if name not in markers and remote[name] != digests[name]]
+    if not todo and all(remote[name] == digests[name] for name in markers):
+        return 0  # complete already
+    with explained(url, "removing its completion markers and other objects"):
+        present = [name for name in markers if sizes[name] is not None]  # back, the same or new, once all is in
+        others = [name for name in listed if name not in digests] if remove_others else []
+        if present + others:
+            fs.rm([f"{_key(url)}/{name}" for name in present + others])
+        _abort_unfinished_uploads(fs, url)
+    log.info(f"{url}: {len(todo) + len(markers)} files to upload, {len(files) - len(todo) - len(markers)} "
+             f"already there")
+
+    def upload(name: str) -> None:
+        with explained(f"{url}/{name}", "uploading it"):
+            fs.put_file(str(local / name), f"{_key(url)}/{name}", Metadata={SHA256_KEY: digests[name]})
+
+    with ThreadPoolExecutor(max_workers=UPLOAD_THREADS) as pool:
+        list(pool.map(upload, todo))
+    for name in markers:
+        upload(name)
+    fs.invalidate_cache()
+    return len(todo) + len(markers)
+
+
+def published(local: Path, url: str) -> None:
+    """Remove the staging folder `local` once its files are all in the bucket at `url`."""
+    log.info(f"{url}: complete; removing the local copy {local}")
+    shutil.rmtree(local, ignore_errors=True)
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _remote_sha256(fs: Any, key: str) -> str | None:
+    """The sha256 recorded with the object `key` when it was uploaded, or None when there is no object."""
+    try:
+        return fs.metadata(key, refresh=True).get(SHA256_KEY, "")
+    except FileNotFoundError as exc:
+        if "bucket does not exist" in str(exc):
+            raise
+        return None
+
+
+def _abort_unfinished_uploads(fs: Any, url: str) -> None:
+    """Abort the multipart uploads under `url` that a killed writer left (their parts are invisible but stored)."""
+    bucket, _, prefix = _key(url).partition("/")
+    listed = fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix)
+    for upload in listed.get("Uploads", []):
+        fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])

@@ -1,0 +1,321 @@
+"""Shard sets in an S3 bucket, against a real S3-compatible server on 127.0.0.1 (conftest.s3_server): prepare,
+verify, inspect, both loaders, training and generate, resumable uploads, and the errors a user meets."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import fsspec
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cgan_pipe.cli import main
+from cgan_pipe.config import DataConfig, LoaderConfig
+from cgan_pipe.data.bucket import publish, staging_dir
+from cgan_pipe.data.loader import open_loader
+from cgan_pipe.data.manifest import read_manifest, read_remote_manifest
+from cgan_pipe.data.shards import prepare
+from cgan_pipe.errors import ConfigError, DataError
+
+from conftest import S3_SECRET
+
+CLI = str(Path(sys.executable).with_name("cgan-pipe"))
+
+
+def contents(url: str) -> dict[str, str]:
+    """Every object under `url` by relative name, with the sha256 of its bytes."""
+    fs = fsspec.filesystem("s3")
+    key = url.removeprefix("s3://")
+    fs.invalidate_cache()
+    return {name.removeprefix(key + "/"): hashlib.sha256(fs.cat_file(name)).hexdigest()
+            for name in fs.find(key)}
+
+
+def folder_contents(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def bucket_shards(s3_server, small_shards, tmp_path_factory):
+    """small_shards' source prepared straight into a bucket (the same settings): its URL."""
+    fs = fsspec.filesystem("s3")
+    fs.mkdir("prepared")
+    url = "s3://prepared/cifar/shards"
+    manifest = read_manifest(small_shards)
+    result = CliRunner().invoke(main, ["prepare", manifest.source, url, "--shard-size", "120", "-q"])
+    assert result.exit_code == 0, result.output
+    return url
+
+
+def test_prepare_writes_the_same_shard_set_into_a_bucket_and_a_rerun_does_nothing(bucket_shards, small_shards):
+    assert contents(bucket_shards) == folder_contents(small_shards)
+    assert not staging_dir(bucket_shards).exists()  # the local copy is gone once the bucket is complete
+    again = CliRunner().invoke(main, ["prepare", read_manifest(small_shards).source, bucket_shards + "/",
+                                      "--shard-size", "120"])
+    assert again.exit_code == 0 and "already complete for these settings" in again.output
+    assert f"-> {bucket_shards}/manifest.json" in again.output
+
+
+def test_verify_and_inspect_read_the_bucket(bucket_shards, tmp_path):
+    result = CliRunner().invoke(main, ["verify", bucket_shards])
+    assert result.exit_code == 0, result.output
+    assert f"{bucket_shards}: 200 samples in 2 shards: ok" in result.output
+    sheet = tmp_path / "sheet.png"
+    result = CliRunner().invoke(main, ["inspect", bucket_shards, "--json", "--sheet", str(sheet)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["samples"] == 200 and summary["path"] == bucket_shards and sheet.stat().st_size > 0
+    no_sheet = CliRunner().invoke(main, ["inspect", bucket_shards])
+    assert no_sheet.exit_code == 2 and "give --sheet PATH" in no_sheet.output
+
+
+@pytest.mark.parametrize("backend,reads", [("dali", "shards"), ("dali", "samples"), ("torch", "shards")])
+def test_each_loader_reads_every_sample_of_a_bucket_once_per_epoch(bucket_shards, backend, reads):
+    manifest = read_remote_manifest(bucket_shards)
+    cfg = LoaderConfig(backend=backend, bucket_reads=reads, threads=1, hflip=False)
+    loader = open_loader(bucket_shards, cfg, 48, 0, torch.device("cpu"), with_quality=True)
+    assert loader.samples_per_epoch == 200
+    batches, labels, seen = iter(loader), collections.Counter(), 0
+    while seen < 200:
+        batch = next(batches)
+        seen += len(batch.labels)
+        labels.update(batch.labels.tolist())
+        assert batch.images.shape[1:] == (3, 32, 32) and -1 <= batch.images.min() and batch.images.max() <= 1
+        assert batch.quality is not None and bool(((batch.quality > 0) & (batch.quality <= 1)).all())
+    assert seen == 200  # the epoch's last batch is the rest: 200 = 4 x 48 + 8
+    assert {manifest.class_names[k]: v for k, v in labels.items()} == manifest.class_histogram
+
+
+def test_a_bucket_read_gives_the_images_a_folder_read_gives(bucket_shards, small_shards):
+    def images_by_label(shards):
+        cfg = LoaderConfig(backend="dali", threads=1, hflip=False)
+        batch = next(iter(open_loader(shards, cfg, 200, 0, torch.device("cpu"))))
+        return sorted((int(label), round(float(image.sum()), 2)) for image, label in zip(batch.images, batch.labels))
+
+    assert images_by_label(bucket_shards) == images_by_label(small_shards)
+
+
+def test_train_and_generate_with_a_bucket(bucket_shards, bucket, tmp_path):
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(f"name: t\nrun_dir: {tmp_path / 'run'}\ndata:\n  source: unused\nloader:\n  threads: 1\n"
+                        f"model:\n  z_dim: 16\n  g_width: 32\n  d_width: 32\ntrain:\n  steps: 2\n  batch_size: 16\n"
+                        f"  log_every: 1\n  sample_every: 2\n  checkpoint_every: 2\n  device: cpu\n")
+    result = CliRunner().invoke(main, ["train", str(pipeline), "--set", f"loader.shards={bucket_shards}"])
+    assert result.exit_code == 0, result.output
+    checkpoint = next((tmp_path / "run" / "checkpoints").glob("*.pt"))
+    out = f"{bucket}/generated"
+    result = CliRunner().invoke(main, ["generate", str(checkpoint), out, "--n", "30", "--output", "both",
+                                       "--shard-size", "20", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output.splitlines()[-1])["export_shards"] == f"{out}/shards"
+    local = tmp_path / "generated"
+    result = CliRunner().invoke(main, ["generate", str(checkpoint), str(local), "--n", "30", "--output", "both",
+                                       "--shard-size", "20", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert contents(out) == folder_contents(local)  # the same export, byte for byte
+    again = CliRunner().invoke(main, ["generate", str(checkpoint), out, "--n", "30", "--output", "both",
+                                      "--shard-size", "20", "--device", "cpu"])
+    assert "already complete for these settings" in again.output
+    other = CliRunner().invoke(main, ["generate", str(checkpoint), out, "--n", "20", "--device", "cpu"])
+    assert other.exit_code == 2 and "holds an export made with other settings" in other.output
+    loader = open_loader(f"{out}/shards", LoaderConfig(backend="torch", threads=1), 10, 0, torch.device("cpu"))
+    assert loader.samples_per_epoch == 30
+
+
+def test_an_upload_cut_short_resumes_to_the_bucket_an_uninterrupted_run_gives(bucket, small_tar, tmp_path):
+    whole = f"{bucket}/whole"
+    prepare(DataConfig(str(small_tar), shard_size=50), whole, progress=False)
+    # What a killed upload can leave: a finished shard, one with other bytes (an older set's) under a shard's
+    # name, an unfinished multipart upload, and no manifest; the staging folder keeps the finished local set.
+    cut = f"{bucket}/cut"
+    local = staging_dir(cut)
+    prepare(DataConfig(str(small_tar), shard_size=50), local, progress=False)
+    fs = fsspec.filesystem("s3")
+    fs.put_file(str(local / "shard-000000.tar"), f"{cut}/shard-000000.tar")
+    fs.pipe_file(f"{cut}/shard-000001.tar", b"an older shard")
+    key = f"{cut.removeprefix('s3://').split('/', 1)[1]}/shard-000002.tar"
+    fs.call_s3("create_multipart_upload", Bucket=bucket.removeprefix("s3://"), Key=key)
+    prepare(DataConfig(str(small_tar), shard_size=50), cut, progress=False)
+    assert contents(cut) == contents(whole)
+    uploads = fs.call_s3("list_multipart_uploads", Bucket=bucket.removeprefix("s3://"))
+    assert not uploads.get("Uploads")
+
+
+def test_publish_sends_only_what_the_bucket_lacks_and_the_manifest_last(bucket, small_shards, tmp_path):
+    url = f"{bucket}/set"
+    assert publish(small_shards, url, last=["manifest.json"]) == 5
+    assert publish(small_shards, url, last=["manifest.json"]) == 0
+    fsspec.filesystem("s3").pipe_file(f"{url}/shard-000001.idx", b"changed")
+    assert publish(small_shards, url, last=["manifest.json"]) == 2  # the index, then the manifest again
+    assert contents(url) == folder_contents(small_shards)
+
+
+def test_a_missing_or_changed_shard_is_named(bucket, small_shards):
+    url = f"{bucket}/set"
+    publish(small_shards, url, last=["manifest.json"])
+    fs = fsspec.filesystem("s3")
+    data = bytearray(fs.cat_file(f"{url}/shard-000000.tar"))
+    data[-2000] ^= 0xFF  # same size, other bytes
+    fs.pipe_file(f"{url}/shard-000000.tar", bytes(data))
+    for backend in ("torch", "dali"):  # torch first: its forked workers must not inherit a DALI pipeline
+        with pytest.raises(DataError, match="shard-000000.tar: its bytes are not those the manifest records"):
+            batches = iter(open_loader(url, LoaderConfig(backend=backend, threads=1), 16, 0, torch.device("cpu")))
+            for _ in range(30):
+                next(batches)
+    result = CliRunner().invoke(main, ["verify", url])
+    assert result.exit_code == 1 and "shard-000000.tar: sha256 differs from the manifest" in result.output
+    fs.rm_file(f"{url}/shard-000001.tar")
+    with pytest.raises(DataError, match="shard-000001.tar: listed in .*manifest.json but missing from the bucket"):
+        open_loader(url, LoaderConfig(backend="torch", threads=1), 16, 0, torch.device("cpu"))
+    result = CliRunner().invoke(main, ["verify", url])
+    assert result.exit_code == 1 and "shard-000001.tar: shard-000001.tar missing from the bucket" in result.output
+
+
+@pytest.mark.parametrize("url,message", [
+    ("s3:/bars/x", "is not a URL of the form s3://BUCKET/PREFIX"),
+    ("s3://Bad_Bucket/x", "'Bad_Bucket' is not a bucket name"),
+    ("ftp://host/x", "ftp:// is not supported here"),
+    ("s3://", "is not a URL of the form s3://BUCKET/PREFIX"),
+])
+def test_a_malformed_or_unsupported_url_exits_2_and_never_becomes_a_folder(url, message, small_tar, tmp_path,
+                                                                          monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for args in (["prepare", str(small_tar), url], ["verify", url], ["bench", "loader", url]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2 and message in result.output, (args, result.output)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_commands_that_take_folders_only_refuse_urls(tmp_path, checkpoint, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cases = [(["report", "s3://bars/run"], "is a URL; this takes a local path only"),
+             (["prepare", "--merge", "x", "s3://bars/x"], "prepare --merge OUT: s3://bars/x is a URL"),
+             (["bench", "export", str(checkpoint), "--scratch", "s3://bars/x"], "is a URL"),
+             (["run", "s3://bars/p.yaml"], "is a URL")]
+    for args, message in cases:
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2 and message in result.output, (args, result.output)
+    pipeline = tmp_path / "p.yaml"
+    for key, value in (("run_dir", "s3://bars/run"), ("data.source", "s3://bars/images")):
+        pipeline.write_text("name: x\ndata:\n  source: a.tar\n")
+        result = CliRunner().invoke(main, ["run", str(pipeline), "--set", f"{key}={value}", "--dry-run"])
+        assert result.exit_code == 2 and f"{key}: {value} is a URL" in result.output
+    with pytest.raises(ConfigError, match="loader.shards: s3:/bars is not a URL of the form"):
+        open_loader("s3:/bars", LoaderConfig(backend="torch"), 16, 0, torch.device("cpu"))
+    assert list(tmp_path.iterdir()) == [pipeline]
+
+
+def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([CLI, *args], capture_output=True, text=True, timeout=300, env={**os.environ, **env})
+
+
+def test_storage_errors_name_the_bucket_and_exit_1(s3_server, bucket, small_tar, small_shards):
+    result = run_cli("prepare", str(small_tar), "s3://no-such-bucket-here/x", env={})
+    assert result.returncode == 1 and "no bucket 'no-such-bucket-here'" in result.stderr and "aws s3 mb" in result.stderr
+    publish(small_shards, f"{bucket}/set", last=["manifest.json"])
+    wrong_key = run_cli("verify", f"{bucket}/set", env={"AWS_SECRET_ACCESS_KEY": "not-the-key"})
+    # moto checks no signatures unless asked to; its auth-enforcing mode is started below
+    assert wrong_key.returncode in (0, 1)
+    unreachable = run_cli("verify", f"{bucket}/set", env={"AWS_ENDPOINT_URL": "http://127.0.0.1:9"})
+    assert unreachable.returncode == 1 and f"{bucket}/set/manifest.json" in unreachable.stderr
+    assert "check that the server" in unreachable.stderr and "Traceback" not in unreachable.stderr
+    for result in (result, wrong_key, unreachable):
+        assert S3_SECRET not in result.stdout + result.stderr and "not-the-key" not in result.stdout + result.stderr
+
+
+def start_own_server(**env: str) -> tuple[subprocess.Popen, str]:
+    """A second moto server (e.g. one that checks credentials), for the tests that stop or misconfigure it."""
+    import socket
+    import time
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **env})
+    for _ in range(600):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return server, f"http://127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.1)
+    server.kill()
+    pytest.fail("the second test S3 server did not start")
+
+
+def test_access_denied_is_named_with_what_to_check(s3_server, small_tar):
+    server, endpoint = start_own_server(INITIAL_NO_AUTH_ACTION_COUNT="0")  # every request must be signed by a user
+    try:
+        for args in (["verify", "s3://private-set/x"], ["prepare", str(small_tar), "s3://private-set/x"]):
+            result = run_cli(*args, env={"AWS_ENDPOINT_URL": endpoint})
+            assert result.returncode == 1, result.stderr
+            assert "s3://private-set/x" in result.stderr and "access denied" in result.stderr
+            assert "AWS_ACCESS_KEY_ID" in result.stderr and S3_SECRET not in result.stdout + result.stderr
+    finally:
+        server.terminate()
+
+
+def test_a_server_gone_mid_epoch_ends_in_an_error_naming_the_shard(s3_server, small_tar):
+    import fsspec as fss
+    import s3fs
+
+    server, endpoint = start_own_server()
+    try:
+        os.environ["AWS_ENDPOINT_URL"] = endpoint  # for this test's clients (and its DataLoader worker)
+        s3fs.S3FileSystem.clear_instance_cache()  # fsspec keeps one client per process, made with the old endpoint
+        fss.filesystem("s3").mkdir("going")
+        url = "s3://going/set"
+        prepare(DataConfig(str(small_tar), shard_size=50), url, progress=False)
+        cfg = LoaderConfig(backend="torch", threads=1, shuffle_buffer=1)
+        batches = iter(open_loader(url, cfg, 10, 0, torch.device("cpu")))
+        next(batches)
+        server.kill()
+        server.wait()
+        with pytest.raises(DataError, match=r"s3://going/set/shard-00000\d.tar: failed while reading it .*check "
+                                            r"that the server at http://127.0.0.1:\d+ is up"):
+            for _ in range(20):
+                next(batches)
+    finally:
+        server.kill()
+        os.environ["AWS_ENDPOINT_URL"] = s3_server["AWS_ENDPOINT_URL"]
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_no_output_of_a_run_holds_the_secret_key(bucket_shards, bucket, small_tar, tmp_path):
+    pipeline = tmp_path / "p.yaml"
+    run_dir = tmp_path / "run"
+    pipeline.write_text(f"name: t\nrun_dir: {run_dir}\ndata:\n  source: unused\nloader:\n  threads: 1\n"
+                        f"  shards: {bucket_shards}\nmodel:\n  z_dim: 16\n  g_width: 32\n  d_width: 32\n"
+                        f"train:\n  steps: 2\n  batch_size: 16\n  log_every: 1\n  sample_every: 2\n"
+                        f"  checkpoint_every: 2\n  device: cpu\n")
+    outputs = [CliRunner().invoke(main, ["train", str(pipeline), "-v"])]
+    checkpoint = next((run_dir / "checkpoints").glob("*.pt"))
+    outputs.append(CliRunner().invoke(main, ["eval", str(checkpoint), "--shards", bucket_shards, "--n", "50",
+                                             "--classifier-steps", "2", "--device", "cpu", "-v"]))
+    outputs.append(CliRunner().invoke(main, ["generate", str(checkpoint), f"{bucket}/gen", "--n", "10",
+                                             "--device", "cpu", "-v"]))
+    # `run` writes summary.json and report.html (from a local copy of the source, in a run folder of its own)
+    whole = tmp_path / "whole.yaml"
+    whole.write_text(pipeline.read_text().replace(f"run_dir: {run_dir}", f"run_dir: {tmp_path / 'whole'}")
+                     .replace(f"  shards: {bucket_shards}\n", "").replace("source: unused", f"source: {small_tar}"))
+    outputs.append(CliRunner().invoke(main, ["run", str(whole), "--set", "eval.metrics=[]", "-v"]))
+    assert [r.exit_code for r in outputs] == [0, 0, 0, 0], [r.output[-600:] for r in outputs]
+    secret = S3_SECRET.encode()
+    assert not any(secret in result.output.encode() for result in outputs)
+    written = [p for p in [*run_dir.rglob("*"), *(tmp_path / "whole").rglob("*")] if p.is_file()]
+    assert any(p.name == "summary.json" for p in written)
+    assert any(p.name == "report.html" for p in written) and any(p.suffix == ".pt" for p in written)
+    assert not [p for p in written if secret in p.read_bytes()]
+    fs = fsspec.filesystem("s3")
+    fs.invalidate_cache()
+    objects = fs.find(bucket.removeprefix("s3://")) + fs.find(bucket_shards.removeprefix("s3://"))
+    assert objects and not [name for name in objects if secret in fs.cat_file(name)]
