@@ -4,7 +4,6 @@ verify, inspect, both loaders, training and generate, resumable uploads, and the
 from __future__ import annotations
 
 import collections
-import dataclasses
 import hashlib
 import json
 import os
@@ -220,16 +219,14 @@ def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
 
 def test_storage_errors_name_the_bucket_and_exit_1(s3_server, bucket, small_tar, small_shards):
     result = run_cli("prepare", str(small_tar), "s3://no-such-bucket-here/x", env={})
-    assert result.returncode == 1 and "no bucket 'no-such-bucket-here'" in result.stderr and "aws s3 mb" in result.stderr
+    assert result.returncode == 1 and "no bucket 'no-such-bucket-here'" in result.stderr
+    assert "aws s3 mb" in result.stderr
     publish(small_shards, f"{bucket}/set", last=["manifest.json"])
-    wrong_key = run_cli("verify", f"{bucket}/set", env={"AWS_SECRET_ACCESS_KEY": "not-the-key"})
-    # moto checks no signatures unless asked to; its auth-enforcing mode is started below
-    assert wrong_key.returncode in (0, 1)
     unreachable = run_cli("verify", f"{bucket}/set", env={"AWS_ENDPOINT_URL": "http://127.0.0.1:9"})
     assert unreachable.returncode == 1 and f"{bucket}/set/manifest.json" in unreachable.stderr
     assert "check that the server" in unreachable.stderr and "Traceback" not in unreachable.stderr
-    for result in (result, wrong_key, unreachable):
-        assert S3_SECRET not in result.stdout + result.stderr and "not-the-key" not in result.stdout + result.stderr
+    for result in (result, unreachable):
+        assert S3_SECRET not in result.stdout + result.stderr
 
 
 def start_own_server(**env: str) -> tuple[subprocess.Popen, str]:
