@@ -94,7 +94,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="raw images to prepare (e.g. ../shared/data/cifar10/train.tar)")
     parser.add_argument("--shard-size", type=int, default=5000)
-    parser.add_argument("--batches", type=int, default=100, help="batches of 256 timed by bench loader")
+    parser.add_argument("--batches", type=int, default=400, help="batches of 256 timed by bench loader")
     parser.add_argument("--generate", type=int, default=20000, help="images generate writes into the bucket")
     parser.add_argument("--out", default="bucket-bench.json")
     args = parser.parse_args()
@@ -121,7 +121,7 @@ def main() -> None:
                 results[name] = json.loads(record.read_text())
             record = Path(scratch) / "loader_samples.json"  # DALI's own S3 client: slow, so fewer batches
             cli("bench", "loader", "s3://bench/whole", "--backends", "dali", "--bucket-reads", "samples",
-                "--batches", str(max(1, args.batches // 10)), "--json", str(record))
+                "--batches", str(max(1, args.batches // 40)), "--json", str(record))
             results["loader_bucket_samples"] = json.loads(record.read_text())
             speed = {name: next(r["images_per_s"] for r in results[name] if r["device"] == "cpu")
                      for name in ("loader_folder", "loader_bucket", "loader_bucket_samples")}

@@ -83,15 +83,17 @@ def test_each_loader_reads_every_sample_of_a_bucket_once_per_epoch(bucket_shards
     cfg = LoaderConfig(backend=backend, bucket_reads=reads, threads=1, hflip=False)
     loader = open_loader(bucket_shards, cfg, 48, 0, torch.device("cpu"), with_quality=True)
     assert loader.samples_per_epoch == 200
-    batches, labels, seen = iter(loader), collections.Counter(), 0
-    while seen < 200:
-        batch = next(batches)
-        seen += len(batch.labels)
-        labels.update(batch.labels.tolist())
-        assert batch.images.shape[1:] == (3, 32, 32) and -1 <= batch.images.min() and batch.images.max() <= 1
-        assert batch.quality is not None and bool(((batch.quality > 0) & (batch.quality <= 1)).all())
-    assert seen == 200  # the epoch's last batch is the rest: 200 = 4 x 48 + 8
-    assert {manifest.class_names[k]: v for k, v in labels.items()} == manifest.class_histogram
+    batches = iter(loader)
+    for _ in range(2):  # two epochs, each of every sample once
+        labels, sizes = collections.Counter(), []
+        while sum(sizes) < 200:
+            batch = next(batches)
+            sizes.append(len(batch.labels))
+            labels.update(batch.labels.tolist())
+            assert batch.images.shape[1:] == (3, 32, 32) and -1 <= batch.images.min() and batch.images.max() <= 1
+            assert batch.quality is not None and bool(((batch.quality > 0) & (batch.quality <= 1)).all())
+        assert sizes == [48, 48, 48, 48, 8]  # the epoch's last batch is the rest
+        assert {manifest.class_names[k]: v for k, v in labels.items()} == manifest.class_histogram
 
 
 def test_a_bucket_read_gives_the_images_a_folder_read_gives(bucket_shards, small_shards):

@@ -105,6 +105,7 @@ def object_sizes(url: str, recursive: bool = False) -> dict[str, int]:
     relative to it, with their sizes; empty when there are none."""
     with explained(url, "listing it"):
         fs = filesystem(url)
+        fs.invalidate_cache(_key(url))  # what another process wrote since
         try:
             if recursive:
                 entries = list(fs.find(_key(url), detail=True, withdirs=False).values())

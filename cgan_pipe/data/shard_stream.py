@@ -34,27 +34,31 @@ class ShardStream:
                  cache_bytes: int, labelled: bool, with_meta: bool):
         self.url, self.shards, self.batch_size = url, shards, batch_size
         self.shuffle_buffer, self.cache_bytes = shuffle_buffer, cache_bytes
-        self.labelled, self.with_meta = labelled, with_meta
         self.keep_all = sum(s.bytes for s in shards) <= cache_bytes
-        self._kept: dict[str, bytes] = {}
-        self._epoch = 0
+        self._kept: dict[str, np.ndarray] = {}
         self._rng = random.Random(seed)
         with ThreadPoolExecutor(max_workers=FETCH_THREADS) as pool:  # the index files, from the bucket
             texts = list(pool.map(lambda s: read_bytes(f"{url}/{s.index}").decode(), shards))
-        self._index = {s.tar: parse_dali_index(f"{url}/{s.index}", text) for s, text in zip(shards, texts)}
-        self.samples = sum(len(samples) for samples in self._index.values())
+        self._spans = {s.tar: [_spans(files, f"{url}/{s.index}", labelled, with_meta)
+                               for files in parse_dali_index(f"{url}/{s.index}", text)]
+                       for s, text in zip(shards, texts)}
+        self.samples = sum(len(samples) for samples in self._spans.values())
 
     def __iter__(self) -> Iterator[list[list[np.ndarray]]]:
         order = list(self.shards)
-        random.Random(f"{self._rng.random()}:{self._epoch}").shuffle(order)
-        self._epoch += 1
+        self._rng.shuffle(order)
         buffer: list[list[np.ndarray]] = []
         batch: list[list[np.ndarray]] = []
         for shard, data in self._fetched(order):
-            for files in self._index[shard.tar]:
-                buffer.append(self._sample(shard, files, data))
-                if len(buffer) >= self.shuffle_buffer:
-                    batch.append(buffer.pop(self._rng.randrange(len(buffer))))
+            for spans in self._spans[shard.tar]:
+                # views when every shard stays in memory anyway; else copies, so that a sample in the shuffle
+                # buffer does not keep its whole shard alive
+                sample = [data[start:end] for start, end in spans]
+                buffer.append(sample if self.keep_all else [part.copy() for part in sample])
+                if len(buffer) >= self.shuffle_buffer:  # a random one out: swapped to the end, then popped
+                    pick = self._rng.randrange(len(buffer))
+                    buffer[pick], buffer[-1] = buffer[-1], buffer[pick]
+                    batch.append(buffer.pop())
                     if len(batch) == self.batch_size:
                         yield _columns(batch)
                         batch = []
@@ -67,7 +71,7 @@ class ShardStream:
         if batch:
             yield _columns(batch)
 
-    def _fetched(self, order: list[ShardInfo]) -> Iterator[tuple[ShardInfo, memoryview]]:
+    def _fetched(self, order: list[ShardInfo]) -> Iterator[tuple[ShardInfo, np.ndarray]]:
         """The shards of `order` with their bytes, fetched ahead within the cache's bound."""
         with ThreadPoolExecutor(max_workers=FETCH_THREADS) as pool:
             pending: deque[tuple[ShardInfo, Future]] = deque()
@@ -80,29 +84,30 @@ class ShardStream:
                     held += nxt.bytes
                     nxt = next(upcoming, None)
                 shard, future = pending.popleft()
-                yield shard, memoryview(future.result())
+                yield shard, future.result()
                 held -= shard.bytes
 
-    def _fetch(self, shard: ShardInfo) -> bytes:
+    def _fetch(self, shard: ShardInfo) -> np.ndarray:
         if shard.tar in self._kept:
             return self._kept[shard.tar]
-        data = read_checked(f"{self.url}/{shard.tar}", shard.bytes, shard.sha256, f"{self.url}/{MANIFEST_NAME}")
+        data = np.frombuffer(read_checked(f"{self.url}/{shard.tar}", shard.bytes, shard.sha256,
+                                          f"{self.url}/{MANIFEST_NAME}"), dtype=np.uint8)
         if self.keep_all:
             self._kept[shard.tar] = data
         return data
 
-    def _sample(self, shard: ShardInfo, files: list[IndexEntry], data: memoryview) -> list[np.ndarray]:
-        """[image, class(, meta)] of one sample as arrays over the shard's bytes."""
-        by_ext = {f.ext: f for f in files}
-        image = next((f for f in files if f.ext in _IMAGE_EXTENSIONS), None)
-        if image is None or (self.labelled and "cls" not in by_ext):
-            missing = "an image" if image is None else "a .cls"
-            raise DataError(f"{self.url}/{shard.tar}: sample {files[0].name.split('.')[0] if files else '?'} has "
-                            f"no {missing} member; run `cgan-pipe verify {self.url}`")
-        wanted = [image, by_ext.get("cls")] + ([by_ext.get("json")] if self.with_meta else [])
-        # copies: a view would keep the whole shard alive for as long as the sample is in the shuffle buffer
-        return [np.array(data[f.offset:f.offset + f.size], dtype=np.uint8) if f is not None
-                else np.zeros(0, dtype=np.uint8) for f in wanted]
+
+def _spans(files: list[IndexEntry], index: str, labelled: bool, with_meta: bool) -> list[tuple[int, int]]:
+    """Where a sample's image, class (and meta) are in its shard, as (start, end) byte offsets ((0, 0): none);
+    DataError naming the index when a labelled sample lacks its class or any sample its image."""
+    by_ext = {f.ext: f for f in files}
+    image = next((f for f in files if f.ext in _IMAGE_EXTENSIONS), None)
+    if image is None or (labelled and "cls" not in by_ext):
+        missing = "an image" if image is None else "a .cls"
+        raise DataError(f"{index}: sample {files[0].name.split('.')[0] if files else '?'} has no {missing} "
+                        f"member; run `cgan-pipe verify` on the shard set")
+    wanted = [image, by_ext.get("cls")] + ([by_ext.get("json")] if with_meta else [])
+    return [(f.offset, f.offset + f.size) if f is not None else (0, 0) for f in wanted]
 
 
 def _columns(samples: list[list[np.ndarray]]) -> list[list[np.ndarray]]:
