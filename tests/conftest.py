@@ -118,11 +118,9 @@ def quality_checkpoint(tmp_path_factory, quality_shards) -> Path:
 S3_SECRET = "cgan-pipe-test-secret-5c1f0e"
 
 
-@pytest.fixture(scope="session")
-def s3_server():
-    """A real S3-compatible server (moto's, `python -m moto.server`) on 127.0.0.1, in a process of its own:
-    DALI's S3 client holds the GIL while it waits for a reply, so a server thread in this process could not
-    answer it. This process's clients (s3fs, boto3, DALI) reach it through the standard AWS settings."""
+def start_s3_server(**env: str):
+    """A real S3-compatible server (moto's, `python -m moto.server`) on a free port of 127.0.0.1, in a process of
+    its own, with `env` added to its environment: (the process, its endpoint URL)."""
     import socket
     import subprocess
     import sys
@@ -132,18 +130,26 @@ def s3_server():
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **env})
     deadline = time.monotonic() + 60
     while True:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
+            return server, f"http://127.0.0.1:{port}"
         except OSError:
             if server.poll() is not None or time.monotonic() > deadline:
                 server.kill()
                 pytest.fail(f"the test S3 server (moto) did not start on port {port}")
             time.sleep(0.1)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "cgan-pipe-test-key",
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """The test S3 server, and this process's clients (s3fs, boto3, DALI) pointed at it through the standard
+    AWS settings. It runs in a process of its own: DALI's S3 client holds the GIL while it waits for a reply,
+    so a server thread in this process could not answer it."""
+    server, endpoint = start_s3_server()
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "cgan-pipe-test-key",
            "AWS_SECRET_ACCESS_KEY": S3_SECRET, "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
            # never the user's own AWS settings
            "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}

@@ -24,7 +24,7 @@ from cgan_pipe.data.manifest import read_manifest, read_remote_manifest
 from cgan_pipe.data.shards import prepare
 from cgan_pipe.errors import ConfigError, DataError
 
-from conftest import S3_SECRET
+from conftest import S3_SECRET, start_s3_server
 
 CLI = str(Path(sys.executable).with_name("cgan-pipe"))
 
@@ -231,28 +231,8 @@ def test_storage_errors_name_the_bucket_and_exit_1(s3_server, bucket, small_tar,
         assert S3_SECRET not in result.stdout + result.stderr
 
 
-def start_own_server(**env: str) -> tuple[subprocess.Popen, str]:
-    """A second moto server (e.g. one that checks credentials), for the tests that stop or misconfigure it."""
-    import socket
-    import time
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **env})
-    for _ in range(600):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return server, f"http://127.0.0.1:{port}"
-        except OSError:
-            time.sleep(0.1)
-    server.kill()
-    pytest.fail("the second test S3 server did not start")
-
-
 def test_access_denied_is_named_with_what_to_check(s3_server, small_tar):
-    server, endpoint = start_own_server(INITIAL_NO_AUTH_ACTION_COUNT="0")  # every request must be signed by a user
+    server, endpoint = start_s3_server(INITIAL_NO_AUTH_ACTION_COUNT="0")  # every request must be signed by a user
     try:
         for args in (["verify", "s3://private-set/x"], ["prepare", str(small_tar), "s3://private-set/x"]):
             result = run_cli(*args, env={"AWS_ENDPOINT_URL": endpoint})
@@ -267,7 +247,7 @@ def test_a_server_gone_mid_epoch_ends_in_an_error_naming_the_shard(s3_server, sm
     import fsspec as fss
     import s3fs
 
-    server, endpoint = start_own_server()
+    server, endpoint = start_s3_server()
     try:
         os.environ["AWS_ENDPOINT_URL"] = endpoint  # for this test's clients (and its DataLoader worker)
         s3fs.S3FileSystem.clear_instance_cache()  # fsspec keeps one client per process, made with the old endpoint
