@@ -25,7 +25,7 @@ from .config import ExportConfig
 from .data.batch import DatasetInfo
 from .data.bucket import object_sizes, publish, published, read_bytes, staging_dir
 from .data.manifest import Manifest, ShardInfo, write_manifest
-from .data.fingerprint import file_sha256
+from .data.digest import file_sha256
 from .data.shard_format import ShardSample, ShardWriter
 from .distributed import wait_for_all_ranks
 from .errors import ConfigError, DataError

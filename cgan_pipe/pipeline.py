@@ -12,7 +12,8 @@ import yaml
 
 from .atomic import write_text_atomic
 from .config import PipelineConfig, to_dict
-from .data.fingerprint import file_sha256, shard_set_fingerprint
+from .data.digest import file_sha256
+from .data.fingerprint import shard_set_fingerprint
 from .data.inputs import count_by_kind, counts_text
 from .data.batch import dataset_info
 from .data.manifest import read_manifest

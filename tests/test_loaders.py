@@ -207,7 +207,7 @@ def _damaged_copy(small_shards, tmp_path, damage, checksummed_after=False):
     import shutil
 
     from cgan_pipe.data.manifest import parse_dali_index
-    from cgan_pipe.data.fingerprint import file_sha256
+    from cgan_pipe.data.digest import file_sha256
 
     copy = tmp_path / "shards"
     shutil.copytree(small_shards, copy)

@@ -21,7 +21,7 @@ from cgan_pipe.compression import estimate_jpeg_quality
 from cgan_pipe.config import DataConfig, LoaderConfig, config_from_dict
 from cgan_pipe.data.loader import open_loader
 from cgan_pipe.data.manifest import read_manifest
-from cgan_pipe.data.fingerprint import file_sha256
+from cgan_pipe.data.digest import file_sha256
 from cgan_pipe.data.shard_format import ShardSample, ShardWriter, dali_index
 from cgan_pipe.data.shards import merge_shards, prepare
 from cgan_pipe.data.verify import verify_shards

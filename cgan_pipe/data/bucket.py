@@ -17,11 +17,16 @@ from typing import Any, Callable, Iterator
 from ..config import default_cache_dir
 from ..errors import ConfigError, DataError
 from ..locations import is_url
+from .digest import file_sha256
 
 log = logging.getLogger(__name__)
 
 SHA256_KEY = "sha256"  # the object metadata an upload records its content hash under
 UPLOAD_THREADS = 8
+
+
+class ObjectMissing(DataError):
+    """An object that is not in its bucket (the bucket itself exists)."""
 
 
 def endpoint() -> str:
@@ -58,16 +63,14 @@ def explained(url: str, doing: str) -> Iterator[None]:
         if "bucket does not exist" in str(exc):
             raise DataError(f"{url}: no bucket {bucket!r} at {endpoint()}; create it (e.g. `aws s3 mb s3://{bucket}`), "
                             f"or check the name and AWS_ENDPOINT_URL") from None
-        raise DataError(f"{url}: not found while {doing}") from None
+        raise ObjectMissing(f"{url}: not found while {doing}") from None
     except PermissionError as exc:
         raise DataError(f"{url}: access denied while {doing} ({exc}); check the credentials (AWS_ACCESS_KEY_ID and "
                         f"AWS_SECRET_ACCESS_KEY, AWS_PROFILE or ~/.aws/credentials) and bucket {bucket!r}'s "
                         f"policy") from None
-    except UnicodeDecodeError:
-        raise
     except (OSError, ValueError, TimeoutError) as exc:
-        raise DataError(f"{url}: failed while {doing} ({type(exc).__name__}: {exc}); check that the server is "
-                        f"up and AWS_ENDPOINT_URL ({endpoint()}), then rerun") from None
+        raise DataError(f"{url}: failed while {doing} ({type(exc).__name__}: {exc}); check that the server at "
+                        f"{endpoint()} is up and reachable (AWS_ENDPOINT_URL), then rerun") from None
     except Exception as exc:  # noqa: BLE001  botocore's and aiohttp's own families, which s3fs lets through
         if type(exc).__module__.split(".")[0] not in ("botocore", "aiohttp", "aiobotocore", "s3fs", "fsspec"):
             raise
@@ -88,15 +91,14 @@ def read_checked(url: str, size: int, sha256: str, where: str) -> bytes:
     when it is missing or its bytes are not those."""
     try:
         data = read_bytes(url)
-    except DataError as exc:
-        if "not found" in str(exc):
-            raise DataError(f"{url}: listed in {where} but missing from the bucket; prepare the shard set "
-                            f"again") from None
-        raise
-    if len(data) != size or hashlib.sha256(data).hexdigest() != sha256:
+    except ObjectMissing:
+        raise DataError(f"{url}: listed in {where} but missing from the bucket; prepare the shard set "
+                        f"again") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if len(data) != size or digest != sha256:
         raise DataError(f"{url}: its bytes are not those the manifest records ({len(data)} bytes, sha256 "
-                        f"{hashlib.sha256(data).hexdigest()[:12]}...; {where} says {size} bytes, "
-                        f"{sha256[:12]}...); run `cgan-pipe verify` on the set, and prepare it again")
+                        f"{digest[:12]}...; {where} says {size} bytes, {sha256[:12]}...); run `cgan-pipe "
+                        f"verify` on the set, and prepare it again")
     return data
 
 
@@ -168,7 +170,7 @@ def publish(local: Path, url: str, last: list[str], remove_others: bool = False)
     uploaded."""
     files = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
     markers = [name for name in last if name in files]
-    digests = {name: _file_sha256(local / name) for name in files}
+    digests = {name: file_sha256(local / name) for name in files}
     fs = filesystem(url)
     listed = object_sizes(url, recursive=True)
     sizes = {name: listed.get(name) for name in files}
@@ -209,14 +211,6 @@ def published(local: Path, url: str) -> None:
     """Remove the staging folder `local` once its files are all in the bucket at `url`."""
     log.info(f"{url}: complete; removing the local copy {local}")
     shutil.rmtree(local, ignore_errors=True)
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _remote_sha256(fs: Any, key: str) -> str | None:

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..atomic import write_text_atomic
+from .digest import file_sha256
 from .manifest import Manifest
 from .sources import DOWNLOAD_PREFIX, LIST_SUFFIXES
 
@@ -87,15 +88,6 @@ def _file_hashes(root: Path, names: list[str], record: Path) -> dict[str, str]:
         except OSError:
             pass  # a read-only cache: hash again next time
     return {name: known[name][2] for name in names}
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _key(path: Path) -> str:

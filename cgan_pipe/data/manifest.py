@@ -10,7 +10,7 @@ from typing import Any
 from ..atomic import write_text_atomic
 from ..errors import DataError
 from ..locations import is_url
-from .bucket import read_bytes
+from .bucket import ObjectMissing, read_bytes
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -95,11 +95,9 @@ def read_remote_manifest(url: str) -> Manifest:
     where = f"{url}/{MANIFEST_NAME}"
     try:
         text = read_bytes(where).decode("utf-8")
-    except DataError as exc:
-        if "not found" in str(exc):
-            raise DataError(f"{where}: no manifest, so {url} is not a complete shard set (make one with "
-                            f"`cgan-pipe prepare SOURCE {url}`)") from None
-        raise
+    except ObjectMissing:
+        raise DataError(f"{where}: no manifest, so {url} is not a complete shard set (make one with "
+                        f"`cgan-pipe prepare SOURCE {url}`)") from None
     except UnicodeDecodeError as exc:
         raise DataError(f"{where}: unreadable manifest ({exc})") from None
     return parse_manifest(text, where)

@@ -23,7 +23,7 @@ from .inputs import count_by_kind
 from ..locations import is_url
 from .bucket import local_copies, object_sizes
 from .manifest import Manifest, ShardInfo, parse_dali_index, shard_set_manifest
-from .fingerprint import file_sha256
+from .digest import file_sha256
 from .shard_format import dali_index, member_extension, sample_members
 
 log = logging.getLogger(__name__)
