@@ -96,6 +96,15 @@ def test_each_loader_reads_every_sample_of_a_bucket_once_per_epoch(bucket_shards
         assert {manifest.class_names[k]: v for k, v in labels.items()} == manifest.class_histogram
 
 
+def test_bench_loader_times_both_backends_on_a_bucket(bucket_shards, tmp_path):
+    out = tmp_path / "loader.json"
+    result = CliRunner().invoke(main, ["bench", "loader", bucket_shards, "--batch-size", "16", "--batches", "3",
+                                       "--workers", "1", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert f"baseline: left out, it reads shard folders only, not {bucket_shards}" in result.output
+    assert {(r["backend"], r["device"]) for r in json.loads(out.read_text())} == {("dali", "cpu"), ("torch", "cpu")}
+
+
 def test_a_bucket_read_gives_the_images_a_folder_read_gives(bucket_shards, small_shards):
     def images_by_label(shards):
         cfg = LoaderConfig(backend="dali", threads=1, hflip=False)
