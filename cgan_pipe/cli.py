@@ -129,7 +129,7 @@ def main() -> None:
 
 
 @main.command(epilog=f"Example: {EXAMPLES['init']}")
-@click.argument("source")
+@click.argument("source", type=LocalPath())
 @click.option("--out", type=LocalPath(dir_okay=False), default=None,
               help="Pipeline file to write [default: <source name>.yaml here].")
 @click.option("--name", default=None, help="Pipeline name (and runs/<name>) [default: from the source].")

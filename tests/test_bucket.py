@@ -210,7 +210,8 @@ def test_commands_that_take_folders_only_refuse_urls(tmp_path, checkpoint, monke
     cases = [(["report", "s3://bars/run"], "is a URL; this takes a local path only"),
              (["prepare", "--merge", "x", "s3://bars/x"], "prepare --merge OUT: s3://bars/x is a URL"),
              (["bench", "export", str(checkpoint), "--scratch", "s3://bars/x"], "is a URL"),
-             (["run", "s3://bars/p.yaml"], "is a URL")]
+             (["run", "s3://bars/p.yaml"], "is a URL"),
+             (["init", "s3://bars/photos"], "is a URL")]
     for args, message in cases:
         result = CliRunner().invoke(main, args)
         assert result.exit_code == 2 and message in result.output, (args, result.output)
