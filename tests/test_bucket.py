@@ -308,3 +308,23 @@ def test_no_output_of_a_run_holds_the_secret_key(bucket_shards, bucket, small_ta
     fs.invalidate_cache()
     objects = fs.find(bucket.removeprefix("s3://")) + fs.find(bucket_shards.removeprefix("s3://"))
     assert objects and not [name for name in objects if secret in fs.cat_file(name)]
+
+
+@pytest.mark.parametrize("cache_bytes,fetches", [(1 << 30, 2), (1, 4)])  # fits: once; else once per epoch
+def test_whole_shards_are_fetched_once_or_once_per_epoch(bucket_shards, monkeypatch, cache_bytes, fetches):
+    from cgan_pipe.data import shard_stream
+
+    fetched = []
+    real = shard_stream.read_checked
+    monkeypatch.setattr(shard_stream, "read_checked", lambda url, *args: fetched.append(url) or real(url, *args))
+    manifest = read_remote_manifest(bucket_shards)
+    stream = shard_stream.ShardStream(bucket_shards, manifest.shards, 64, 0, 100, cache_bytes, True, False)
+    for _ in range(2):
+        images, labels = [], []
+        for batch_images, batch_labels in stream:
+            images += batch_images
+            labels += batch_labels
+        assert len(images) == 200 and sorted(bytes(label).decode() for label in labels) == sorted(
+            str(manifest.class_names.index(name)) for name, count in manifest.class_histogram.items()
+            for _ in range(count))
+    assert len(fetched) == fetches and len(set(fetched)) == 2
