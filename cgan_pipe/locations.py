@@ -10,7 +10,8 @@ from .errors import ConfigError
 
 READ_SCHEMES = ("s3", "gs", "http", "https")  # shard sets read through fsspec (gs:// needs gcsfs; untested)
 WRITE_SCHEMES = ("s3",)  # where prepare and generate write
-_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):/")  # also catches s3:/x, a URL whose // was lost
+# A scheme of two letters or more (so not a drive letter, C:/), then ':/': also catches s3:/x, a URL whose // was lost
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/")
 # S3's bucket naming rules: 3-63 lowercase letters, digits, dots and hyphens, starting and ending alphanumeric.
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
