@@ -176,7 +176,7 @@ def test_a_missing_or_changed_shard_is_named(bucket, small_shards):
     data = bytearray(fs.cat_file(f"{url}/shard-000000.tar"))
     data[-2000] ^= 0xFF  # same size, other bytes
     fs.pipe_file(f"{url}/shard-000000.tar", bytes(data))
-    for backend in ("torch", "dali"):  # torch first: its forked workers must not inherit a DALI pipeline
+    for backend in ("dali", "torch"):  # the torch backend's forked workers must not inherit the DALI pipeline
         with pytest.raises(DataError, match="shard-000000.tar: its bytes are not those the manifest records"):
             batches = iter(open_loader(url, LoaderConfig(backend=backend, threads=1), 16, 0, torch.device("cpu")))
             for _ in range(30):

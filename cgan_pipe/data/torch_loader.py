@@ -4,6 +4,7 @@ may be local or at a URL."""
 from __future__ import annotations
 
 import functools
+import gc
 import io
 from pathlib import Path
 from typing import Iterator
@@ -174,6 +175,10 @@ class TorchLoader:
         )
 
     def __iter__(self) -> Iterator[Batch]:
+        # The DataLoader forks its workers on the first pass. Garbage this process still holds, a DALI pipeline
+        # among it, would be inherited and collected in a worker, where DALI's shutdown waits forever for threads
+        # that were not forked: collect it here first.
+        gc.collect()
         while True:  # one pass of the DataLoader is one epoch
             for images, labels, quality in _naming_failures(self.loader, self.shards):
                 if self.gpu_decode:
