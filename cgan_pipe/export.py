@@ -152,13 +152,18 @@ def export_into_bucket(checkpoint: Path, url: str, settings: ExportConfig, *, de
     shards_url, files_url = (None if settings.output == "files" else f"{url}/shards",
                              None if settings.output == "shards" else f"{url}/files")
     found = object_sizes(url, recursive=True)  # a missing bucket, wrong credentials or endpoint fail here
-    previous = json.loads(read_bytes(f"{url}/{RECORD_NAME}")) if RECORD_NAME in found else None
-    if previous is not None and previous.pop("images", None) is not None and previous == record:
-        return ExportResult(url, files_url, shards_url, record["n"], None, True)
+    try:
+        previous = json.loads(read_bytes(f"{url}/{RECORD_NAME}")) if RECORD_NAME in found else None
+    except ValueError:
+        previous = None  # unreadable: not a finished export
+    if isinstance(previous, dict):
+        previous.pop("images", None)
+        if previous == record:
+            return ExportResult(url, files_url, shards_url, record["n"], None, True)
     local = staging_dir(url) / "export"
     ours = _previous_record(local) == record or _parts(_work_folder(local)).same_plan(record)  # killed before
     if found and not overwrite and not ours:
-        what = "an export made with other settings" if previous is not None else "other objects"
+        what = "an export made with other settings" if isinstance(previous, dict) else "other objects"
         raise ConfigError(f"{url} holds {what}; choose a new prefix, or pass --overwrite to replace them")
     result = export(checkpoint, local, settings, device=device, overwrite=True, progress=progress)
     publish(local, url, last=["shards/manifest.json", RECORD_NAME], remove_others=True)

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from ..config import default_cache_dir
 from ..errors import ConfigError, DataError
@@ -120,24 +120,36 @@ def object_sizes(url: str, recursive: bool = False) -> dict[str, int]:
     return {e["name"].removeprefix(_key(url) + "/"): e["size"] for e in entries}
 
 
+class LocalFiles:
+    """Local paths for the files of the shard set at `where`, by name: the files themselves in a folder; for a
+    URL, copies downloaded on first request into `scratch` (see `local_copies`)."""
+
+    def __init__(self, where: Path | str, scratch: Path | None):
+        self.where, self.scratch = where, scratch
+
+    def __call__(self, name: str) -> Path:
+        if self.scratch is None:
+            return Path(self.where) / name
+        path = self.scratch / name
+        if not path.exists():
+            with explained(f"{self.where}/{name}", "downloading it"):
+                filesystem(str(self.where)).get_file(_key(f"{self.where}/{name}"), str(path))
+        return path
+
+    def release(self, name: str) -> None:
+        """Delete the downloaded copy of `name`, if any (never a file of a folder)."""
+        if self.scratch is not None:
+            (self.scratch / name).unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
-def local_copies(where: Path | str) -> Iterator[Callable[[str], Path]]:
-    """A function giving a local path for a file of the shard set at `where` by name: the file itself in a
-    folder; for a URL, a copy downloaded on first request into a temp folder that is removed on exit (or
-    earlier, file by file, with `.release(name)` on the function)."""
+def local_copies(where: Path | str) -> Iterator[LocalFiles]:
+    """LocalFiles for the shard set at `where`; for a URL, the copies live in a temp folder removed on exit."""
     if not is_url(where):
-        yield lambda name: Path(where) / name
+        yield LocalFiles(where, None)
         return
     with tempfile.TemporaryDirectory(prefix="cgan-pipe-copies-") as folder:
-        def local(name: str) -> Path:
-            path = Path(folder) / name
-            if not path.exists():
-                with explained(f"{where}/{name}", "downloading it"):
-                    filesystem(str(where)).get_file(_key(f"{where}/{name}"), str(path))
-            return path
-
-        local.release = lambda name: (Path(folder) / name).unlink(missing_ok=True)
-        yield local
+        yield LocalFiles(where, Path(folder))
 
 
 def check_objects(url: str, expected: dict[str, int], where: str) -> None:

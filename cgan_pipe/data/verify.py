@@ -74,8 +74,7 @@ def verify_shards(where: Path | str, progress: bool = False) -> VerifyReport:
                 report.problems.append(Problem(shard.tar, None, f"{' and '.join(missing)} missing from the bucket"))
             else:
                 _verify_shard(local(shard.tar), local(shard.index), shard, manifest, decoder, report)
-                if present is not None:
-                    local.release(shard.tar)
+                local.release(shard.tar)  # a bucket's shards are downloaded one at a time
             bar.update(shard.samples)
     bar.close()
     return report
