@@ -38,7 +38,7 @@ class ShardStream:
         self._kept: dict[str, np.ndarray] = {}
         self._rng = random.Random(seed)
         with ThreadPoolExecutor(max_workers=FETCH_THREADS) as pool:  # the index files, from the bucket
-            texts = list(pool.map(lambda s: read_bytes(f"{url}/{s.index}").decode(), shards))
+            texts = list(pool.map(lambda s: read_bytes(f"{url}/{s.index}").decode(errors="replace"), shards))
         self._spans = {s.tar: [_spans(files, f"{url}/{s.index}", labelled, with_meta)
                                for files in parse_dali_index(f"{url}/{s.index}", text)]
                        for s, text in zip(shards, texts)}
