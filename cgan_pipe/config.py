@@ -144,9 +144,10 @@ def _local_folder(value: str | None) -> str | None:
 
 def _shard_set(value: str | None) -> str | None:
     try:
-        location(value, "", write=False) if value is not None else None
+        if value is not None:
+            location(value, "loader.shards")
     except ConfigError as exc:
-        return str(exc).removeprefix(": ")
+        return str(exc).removeprefix("loader.shards: ")
     return None
 
 
