@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 from .errors import ConfigError
-from .locations import is_url, location
+from .locations import is_url, location, refused_url
 from .schema import Where, describe_keys, from_dict, from_yaml, option, required
 
 Device = Literal["auto", "cpu", "cuda"]
@@ -139,7 +139,7 @@ def _local_source(value: str) -> str | None:
 
 
 def _local_folder(value: str | None) -> str | None:
-    return f"{value} is a URL; this takes a local folder only" if value is not None and is_url(value) else None
+    return refused_url(value) if value is not None else None
 
 
 def _shard_set(value: str | None) -> str | None:

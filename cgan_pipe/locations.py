@@ -21,12 +21,20 @@ def is_url(location: Path | str) -> bool:
     return _SCHEME.match(str(location)) is not None and not str(location).startswith("file:")
 
 
+def refused_url(text: str | Path) -> str | None:
+    """Why `text` cannot be given where a local path is taken (it is a URL), or None when it can."""
+    if not is_url(text):
+        return None
+    return (f"{text} is a URL; this takes a local path only (shard sets can be read from and written to s3:// "
+            f"buckets, see docs/own-data.md)")
+
+
 def local_path(text: str | Path, what: str) -> Path:
     """`text` as a local path; ConfigError (exit 2) when it is a URL, which `what` (a command's argument or a
     config key) cannot take, rather than a folder named after the URL."""
-    if is_url(text):
-        raise ConfigError(f"{what}: {text} is a URL, and {what} takes a local path only; give a folder "
-                          f"(shard sets can be read from and written to s3:// buckets, see docs/own-data.md)")
+    refusal = refused_url(text)
+    if refusal:
+        raise ConfigError(f"{what}: {refusal}")
     return Path(text)
 
 

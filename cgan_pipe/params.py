@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from .errors import ConfigError
-from .locations import is_url, location
+from .locations import location, refused_url
 
 
 class IntList(click.ParamType):
@@ -96,8 +96,9 @@ class LocalPath(click.Path):
     """click.Path that refuses a URL (exit 2) rather than taking s3://b/x for the local folder s3:/b/x."""
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if is_url(value):
-            self.fail(f"{value} is a URL; this takes a local path only", param, ctx)
+        refusal = refused_url(value)
+        if refusal:
+            self.fail(refusal, param, ctx)
         return super().convert(value, param, ctx)
 
 
