@@ -328,3 +328,17 @@ def test_whole_shards_are_fetched_once_or_once_per_epoch(bucket_shards, monkeypa
             str(manifest.class_names.index(name)) for name, count in manifest.class_histogram.items()
             for _ in range(count))
     assert len(fetched) == fetches and len(set(fetched)) == 2
+
+
+def test_a_bucket_split_by_whole_shards_needs_one_per_rank(bucket_shards):
+    from cgan_pipe.data.dali_loader import DaliLoader
+    from cgan_pipe.data.torch_loader import TorchLoader
+
+    manifest = read_remote_manifest(bucket_shards)
+    for loader, why in ((DaliLoader, "a bucket is read by whole shards"), (TorchLoader, "the torch loader splits")):
+        with pytest.raises(ConfigError, match=f"{bucket_shards}: 2 shards cannot be shared by 3 ranks \\({why}"):
+            loader(bucket_shards, manifest, LoaderConfig(threads=1), 16, 0, torch.device("cpu"), rank=2,
+                   world_size=3)
+    mine = TorchLoader(bucket_shards, manifest, LoaderConfig(threads=1), 16, 0, torch.device("cpu"), rank=1,
+                       world_size=2)
+    assert mine.samples_per_epoch == manifest.shards[1].samples

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Protocol
 
 import torch
 
-from ..errors import DataError
-from .manifest import Manifest
+from ..errors import ConfigError, DataError
+from .manifest import Manifest, ShardInfo
 
 
 @dataclass
@@ -49,6 +50,18 @@ class Loader(Protocol):
     samples_per_epoch: int
 
     def __iter__(self) -> Iterator[Batch]: ...
+
+
+def shards_of_rank(manifest: Manifest, shards: Path | str, rank: int, world: int, why: str, instead: str
+                   ) -> list[ShardInfo]:
+    """This rank's shards when a loader splits a set by whole shards (shard i goes to rank i % world);
+    ConfigError naming the set when some rank would get none (`why` the loader splits so, `instead` what
+    else to do)."""
+    mine = manifest.shards[rank::world]
+    if not mine:
+        raise ConfigError(f"{shards}: {len(manifest.shards)} shards cannot be shared by {world} ranks ({why}); "
+                          f"prepare with a smaller --shard-size{instead}")
+    return mine
 
 
 def dataset_info(manifest: Manifest) -> DatasetInfo:

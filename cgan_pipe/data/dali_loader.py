@@ -13,9 +13,9 @@ from ..config import LoaderConfig
 from ..images import ANY_IMAGE_EXTENSION
 from ..devices import resolve_device
 from ..distributed import rank_and_world
-from ..errors import ConfigError, DataError
+from ..errors import DataError
 from .batch import (Batch, DatasetInfo, dataset_info, known_qualities, parse_ascii_labels, parse_quality,
-                    to_device)
+                    shards_of_rank, to_device)
 from ..locations import is_url, join
 from .manifest import Manifest
 from .shard_stream import ShardStream
@@ -100,10 +100,7 @@ class DaliLoader:
         gpu = torch.cuda.current_device() if resolve_device(cfg.device, "loader.device").type == "cuda" else None
         stream = None
         if is_url(shards) and cfg.bucket_reads == "shards":  # whole shards fetched ahead; see docs/decisions.md
-            mine = manifest.shards[rank::world]
-            if not mine:
-                raise ConfigError(f"{shards}: {len(manifest.shards)} shards cannot be shared by {world} ranks "
-                                  f"(a bucket is read by whole shards); prepare with a smaller --shard-size")
+            mine = shards_of_rank(manifest, shards, rank, world, "a bucket is read by whole shards", "")
             stream = ShardStream(shards, mine, batch_size, seed + rank, cfg.shuffle_buffer,
                                  cfg.bucket_cache_mb << 20, manifest.labelled,
                                  with_meta=with_quality and not cfg.jpeg_distort)

@@ -17,12 +17,12 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg, encode_jpeg
 from torchvision.transforms import v2
 
 from ..config import LoaderConfig
-from ..errors import ConfigError, DataError
+from ..errors import DataError
 from ..images import ANY_IMAGE_EXTENSION
 from ..processes import child_initializer
 from ..devices import resolve_device
 from ..distributed import rank_and_world
-from .batch import Batch, DatasetInfo, dataset_info, known_qualities, parse_quality, to_device
+from .batch import Batch, DatasetInfo, dataset_info, known_qualities, parse_quality, shards_of_rank, to_device
 from ..locations import is_url
 from .bucket import read_checked
 from .manifest import MANIFEST_NAME, Manifest, ShardInfo
@@ -141,10 +141,8 @@ class TorchLoader:
         self.gpu_decode = resolve_device(cfg.device, "loader.device").type == "cuda" and not self.distort
         self.augment = _augmentations(cfg, manifest.resolution)
         rank, world = (rank, world_size) if rank is not None and world_size is not None else rank_and_world()
-        mine = manifest.shards[rank::world]
-        if not mine:
-            raise ConfigError(f"{shards}: {len(manifest.shards)} shards cannot be shared by {world} ranks (the torch "
-                              f"loader splits by shard); prepare with a smaller --shard-size, or use the dali loader")
+        mine = shards_of_rank(manifest, shards, rank, world, "the torch loader splits by shard",
+                              ", or use the dali loader")
         self.samples_per_epoch: int = sum(s.samples for s in mine)  # this rank's share
         if is_url(shards):  # whole shards fetched by fsspec and checked against the manifest, then unpacked
             opened = wds.DataPipeline(
