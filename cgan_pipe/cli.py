@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -325,6 +326,7 @@ def train(pipeline: str, overrides: tuple[str, ...], dry_run: bool) -> None:
     rank 0 writes the files.
     """
     from .distributed import ranks, training_backend
+    from .lock import folder_lock
     from .pipeline import write_resolved_config
     from .train.loop import train as train_gan
 
@@ -334,9 +336,10 @@ def train(pipeline: str, overrides: tuple[str, ...], dry_run: bool) -> None:
         return
     shards = cfg.loader.shards or cfg.run_path / "shards"
     with ranks(training_backend(cfg.train.device)) as (rank, _):  # under torchrun each trains on its part
-        if rank == 0:
-            write_resolved_config(cfg, cfg.run_path)
-        result = train_gan(cfg, shards, cfg.run_path, progress=_progress())
+        with folder_lock(cfg.run_path) if rank == 0 else contextlib.nullcontext():  # before its first write
+            if rank == 0:
+                write_resolved_config(cfg, cfg.run_path)
+            result = train_gan(cfg, shards, cfg.run_path, progress=_progress())
     if rank != 0:
         return
     speed = f", {result.images_per_s:.0f} img/s" if result.images_per_s else " (already complete)"
@@ -372,8 +375,8 @@ def train(pipeline: str, overrides: tuple[str, ...], dry_run: bool) -> None:
 @click.option("--raw", is_flag=True, help="Use the raw generator instead of its EMA.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where the generator runs (and the JPEG 4:4:4 encoder: nvJPEG on cuda).")
-@click.option("--overwrite", is_flag=True, help="Replace OUT when it holds other files, or an export made with "
-              "other settings.")
+@click.option("--overwrite", is_flag=True, help="Replace the export in OUT when it was made with other settings "
+              "(files cgan-pipe did not write are never replaced).")
 @verbosity_options
 @_reports_errors
 def generate(checkpoint: str, out: Path | str, seed_range: tuple[int, int] | None, raw: bool, device: str,

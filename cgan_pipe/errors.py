@@ -26,3 +26,9 @@ class TrainingError(UserError):
     """Training cannot go on (e.g. the losses diverged); the message says what was kept (exit code 1)."""
 
     exit_code = 1
+
+
+class BusyError(UserError):
+    """A folder this command would write is being written by another process (exit code 2)."""
+
+    exit_code = 2

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import images
-from .atomic import TEMP_MARK, atomic_path, disk_full_explained, remove_stale_temps, write_text_atomic
+from .atomic import atomic_path, disk_full_explained, remove_stale_temps, write_text_atomic
 from .config import ExportConfig
 from .data.batch import DatasetInfo
 from .data.bucket import object_sizes, publish, published, read_bytes, staging_dir
@@ -30,6 +30,7 @@ from .data.shard_format import ShardSample, ShardWriter
 from .distributed import wait_for_all_ranks
 from .errors import ConfigError, DataError
 from .locations import is_url
+from .lock import LOCK_NAME, folder_lock
 from .resumable import ResumableParts
 from .generation import checkpoint_dataset, generate, load_generator, requested_quality
 from .train.checkpoint import load_checkpoint
@@ -41,6 +42,8 @@ CONTACT_SHEET_IMAGES = 64
 UNLABELLED = "unlabelled"
 DEFAULT_N = 1000
 _PLAN_NAME = ".export-plan.json"  # in the work folder of an unfinished export: the record it is for
+WORK_NAME = ".unfinished-export"  # in the export folder: the parts of an export until it is complete
+EXPORT_ENTRIES = ("files", "shards", CONTACT_SHEET, RECORD_NAME)  # what a finished export holds (export.json last)
 
 
 def _parts(work: Path) -> ResumableParts:
@@ -103,41 +106,57 @@ def export(checkpoint: Path, out_dir: Path | str, settings: ExportConfig, *, dev
     previous = _previous_record(out_dir)
     if previous == record:
         return ExportResult(out_dir, files_dir, shards_dir, len(labels), None, True)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        if previous is None:
-            raise ConfigError(f"{out_dir} exists and holds other files; choose a new folder or pass --overwrite")
+    _check_replaceable(out_dir, record, previous, overwrite)
+
+    with folder_lock(out_dir) if rank == 0 else contextlib.nullcontext():
+        work = _work_folder(out_dir)
+        parts = math.ceil(len(labels) / settings.shard_size)
+        if world_size > 1:
+            wait_for_all_ranks()  # every rank has read out_dir before rank 0 touches the work folder
+        if rank == 0:
+            _resume(work, record)
+        if world_size > 1:
+            wait_for_all_ranks()
+        done = _parts(work).done()
+        todo = [i for i in range(parts) if i % world_size == rank and i not in done]
+        images_done = sum(done[i]["images"] for i in done if i % world_size == rank)
+        log.info(f"{out_dir}: {len(todo)} parts of up to {settings.shard_size} images to write, "
+                 f"{len(done)} of {parts} kept from an earlier run")
+        start = time.perf_counter()
+        with disk_full_explained(out_dir, "finished parts of the export are kept"):
+            written = _write_parts(G, z_dim, todo, labels, quality_cond, work, settings, record, info, device,
+                                   progress, images_done)
+        seconds = time.perf_counter() - start
+        if world_size > 1:
+            wait_for_all_ranks()
+        if rank == 0:
+            with disk_full_explained(out_dir, "finished parts of the export are kept"):
+                first = list(range(min(CONTACT_SHEET_IMAGES, len(labels))))
+                sheet = generate(G, z_dim, [settings.seed + i for i in first], labels[first], device, quality_cond,
+                                 settings.truncation)
+                _write_contact_sheet(work / CONTACT_SHEET, sheet.cpu())
+                _finish(work, out_dir, record, settings, info, parts, checkpoint)
+    return ExportResult(out_dir, files_dir, shards_dir, len(labels), written / seconds if written else None, False)
+
+
+def _check_replaceable(out_dir: Path, record: dict[str, Any], previous: dict[str, Any] | None,
+                       overwrite: bool) -> None:
+    """ConfigError unless an export of `record` may be written into `out_dir`: a new or empty folder, an
+    unfinished export of the same record, or (with `overwrite`) a finished export with other settings.
+    What cgan-pipe did not write is never replaced, `overwrite` or not."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"{out_dir} is a file; give a folder to export into (a new one is made)")
+    present = sorted(path.name for path in out_dir.iterdir() if path.name not in (LOCK_NAME, WORK_NAME)) \
+        if out_dir.is_dir() else []
+    ours = previous is not None or (_work_folder(out_dir) / _PLAN_NAME).is_file()  # a finished or killed export
+    foreign = [name for name in present if name not in EXPORT_ENTRIES or not ours]
+    if foreign:
+        raise ConfigError(f"{out_dir} holds files cgan-pipe did not write ({', '.join(foreign[:3])}"
+                          f"{', ...' if len(foreign) > 3 else ''}); export into a new folder")
+    if previous is not None and not overwrite:
         changed = sorted(key for key in record.keys() | previous.keys() if record.get(key) != previous.get(key))
         raise ConfigError(f"{out_dir} holds an export made with other settings ({', '.join(changed)} differ); "
                           f"choose a new folder, or pass --overwrite to replace it")
-
-    work = _work_folder(out_dir)
-    parts = math.ceil(len(labels) / settings.shard_size)
-    if world_size > 1:
-        wait_for_all_ranks()  # every rank has read out_dir before rank 0 touches the work folder
-    if rank == 0:
-        _resume(work, record)
-    if world_size > 1:
-        wait_for_all_ranks()
-    done = _parts(work).done()
-    todo = [i for i in range(parts) if i % world_size == rank and i not in done]
-    images_done = sum(done[i]["images"] for i in done if i % world_size == rank)
-    log.info(f"{out_dir}: {len(todo)} parts of up to {settings.shard_size} images to write, "
-             f"{len(done)} of {parts} kept from an earlier run")
-    start = time.perf_counter()
-    with disk_full_explained(out_dir, "finished parts of the export are kept"):
-        written = _write_parts(G, z_dim, todo, labels, quality_cond, work, settings, record, info, device,
-                               progress, images_done)
-    seconds = time.perf_counter() - start
-    if world_size > 1:
-        wait_for_all_ranks()
-    if rank == 0:
-        with disk_full_explained(out_dir, "finished parts of the export are kept"):
-            first = list(range(min(CONTACT_SHEET_IMAGES, len(labels))))
-            sheet = generate(G, z_dim, [settings.seed + i for i in first], labels[first], device, quality_cond,
-                             settings.truncation)
-            _write_contact_sheet(work / CONTACT_SHEET, sheet.cpu())
-            _finish(work, out_dir, record, settings, info, parts, checkpoint)
-    return ExportResult(out_dir, files_dir, shards_dir, len(labels), written / seconds if written else None, False)
 
 
 def export_into_bucket(checkpoint: Path, url: str, settings: ExportConfig, *, device: torch.device,
@@ -161,13 +180,18 @@ def export_into_bucket(checkpoint: Path, url: str, settings: ExportConfig, *, de
         if previous == record:
             return ExportResult(url, files_url, shards_url, record["n"], None, True)
     local = staging_dir(url) / "export"
+    foreign = sorted(name for name in found if name.split("/")[0] not in EXPORT_ENTRIES)
+    if foreign:
+        raise ConfigError(f"{url} holds objects cgan-pipe did not write ({', '.join(foreign[:3])}"
+                          f"{', ...' if len(foreign) > 3 else ''}); export into a new prefix")
     ours = _previous_record(local) == record or _parts(_work_folder(local)).same_plan(record)  # killed before
     if found and not overwrite and not ours:
-        what = "an export made with other settings" if isinstance(previous, dict) else "other objects"
-        raise ConfigError(f"{url} holds {what}; choose a new prefix, or pass --overwrite to replace them")
-    result = export(checkpoint, local, settings, device=device, overwrite=True, progress=progress)
-    publish(local, url, last=["shards/manifest.json", RECORD_NAME], remove_others=True)
-    published(staging_dir(url), url)
+        what = "an export made with other settings" if isinstance(previous, dict) else "an unfinished export"
+        raise ConfigError(f"{url} holds {what}; choose a new prefix, or pass --overwrite to replace it")
+    with folder_lock(staging_dir(url)):  # one writer per bucket prefix on this machine
+        result = export(checkpoint, local, settings, device=device, overwrite=True, progress=progress)
+        publish(local, url, last=["shards/manifest.json", RECORD_NAME], remove_others=True)
+        published(staging_dir(url), url)
     return ExportResult(url, files_url, shards_url, result.n, result.images_per_s, False)
 
 
@@ -357,7 +381,8 @@ def _resume(work: Path, record: dict) -> None:
 
 def _finish(work: Path, out_dir: Path, record: dict, settings: ExportConfig, info: DatasetInfo, parts: int,
             checkpoint: Path) -> None:
-    """Write the manifest and export.json of a work folder whose parts are all done, and rename it to `out_dir`."""
+    """Write the manifest of a work folder whose parts are all done, move its outputs into `out_dir` in place of
+    an earlier export's, and write export.json there last, so that `out_dir` never looks complete before it is."""
     done = _parts(work).done()
     missing = [i for i in range(parts) if i not in done]
     if missing:
@@ -377,16 +402,23 @@ def _finish(work: Path, out_dir: Path, record: dict, settings: ExportConfig, inf
             class_histogram={name: classes[name] for name in names},
             quality_histogram={str(stored_quality(settings)): record["n"]},
         ))
-    _parts(work).finish()
-    write_text_atomic(work / RECORD_NAME, json.dumps({**record, "images": record["n"]}, indent=2) + "\n")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    work.rename(out_dir)
+    (out_dir / RECORD_NAME).unlink(missing_ok=True)  # first: what follows no longer matches it
+    for name in EXPORT_ENTRIES:  # an earlier export's (only such entries are there: _check_replaceable)
+        path = out_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    for name in EXPORT_ENTRIES:
+        if (work / name).exists():
+            (work / name).rename(out_dir / name)
+    write_text_atomic(out_dir / RECORD_NAME, json.dumps({**record, "images": record["n"]}, indent=2) + "\n")
+    shutil.rmtree(work)  # the plan and the done records
 
 
 def _work_folder(out_dir: Path) -> Path:
     """Where the export into `out_dir` is built until it is complete."""
-    return out_dir.with_name(f".{out_dir.name}{TEMP_MARK}export")
+    return out_dir / WORK_NAME
 
 
 def _previous_record(out_dir: Path) -> dict | None:
@@ -394,6 +426,8 @@ def _previous_record(out_dir: Path) -> dict | None:
     try:
         done = json.loads((out_dir / RECORD_NAME).read_text())
     except (OSError, ValueError):
+        return None
+    if not isinstance(done, dict):
         return None
     done.pop("images", None)
     return done

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -20,6 +21,7 @@ from .data.manifest import read_manifest
 from .data.shards import prepare, prepare_status
 from .errors import ConfigError, DataError
 from .export import export, export_status
+from .lock import folder_lock
 from .report import REPORT_NAME, write_report
 from .metrics.evaluate import check_eval_settings, evaluate_checkpoint
 from .devices import resolve_device
@@ -95,7 +97,8 @@ def run_pipeline(cfg: PipelineConfig, *, progress: bool, echo: Callable[[str], N
     Under torchrun, rank 0 prepares the shards while the others wait, every rank trains on its
     part of them, and rank 0 alone evaluates, exports and writes the summary (the others return None).
     """
-    with ranks(training_backend(cfg.train.device)):
+    with ranks(training_backend(cfg.train.device)) as (rank, _), \
+            folder_lock(cfg.run_path) if rank == 0 else contextlib.nullcontext():
         return _run_stages(cfg, stages, progress=progress, echo=echo)
 
 

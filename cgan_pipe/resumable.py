@@ -10,8 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .atomic import write_text_atomic
-
+from .atomic import TEMP_MARK, write_text_atomic
 
 
 @dataclass(frozen=True)
@@ -40,7 +39,7 @@ class ResumableParts:
         """The records of the finished parts, by part number."""
         found = {}
         for path in self.records.glob(f"{self.record_prefix}*.done.json"):
-            number = self._number(path.name)
+            number = self.number(path.name)
             try:
                 record = json.loads(path.read_text())
             except (OSError, ValueError):
@@ -50,23 +49,33 @@ class ResumableParts:
                 found[number] = record
         return found
 
-    def resume(self, plan: dict[str, Any], mine: Callable[[int], bool] = lambda number: True
-               ) -> dict[int, dict[str, Any]]:
+    def resume(self, plan: dict[str, Any], mine: Callable[[int], bool] = lambda number: True,
+               owned: Callable[[str], bool] = lambda name: True) -> dict[int, dict[str, Any]]:
         """Start or resume the job `plan` for the parts `mine` selects: the finished ones of an unfinished
-        job with the same plan are kept and returned; every other file of those parts (shards of other
-        settings or never finished, temp files of a killed writer, stale records) is removed. Files of
-        parts that are not `mine` (another rank's) are left alone. Then the plan is recorded."""
+        job with the same plan are kept and returned; every other file of those parts that is `owned` (written
+        by cgan-pipe: shards of other settings or never finished, temp files of a killed writer, stale records)
+        is removed. Files of parts that are not `mine` (another rank's), and files that are not `owned`, are
+        left alone. Then the plan is recorded."""
         kept = {n: r for n, r in self.done().items() if mine(n)} if self.same_plan(plan) else {}
         keep = {self._record_name(n) for n in kept}
         keep |= {name for r in kept.values() if r.get("shard") for name in (r["shard"]["tar"], r["shard"]["index"])}
-        for folder in {self.records, self.shards}:
-            for path in folder.iterdir() if folder.is_dir() else ():
-                number = self._number(path.name)
-                if number is not None and mine(number) and path.name not in keep and path.is_file():
-                    path.unlink()
+        for path in self.files(mine):
+            if path.name not in keep and owned(path.name):
+                path.unlink()
         self.records.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.records / self.plan_name, json.dumps(plan))
         return kept
+
+    def files(self, mine: Callable[[int], bool] = lambda number: True) -> list[Path]:
+        """The regular files in the job's folders named as a part of `mine` is (a shard, its index, a done
+        record, or a temp file of one of these), whoever wrote them."""
+        found = []
+        for folder in {self.records, self.shards}:
+            for path in folder.iterdir() if folder.is_dir() else ():
+                number = self.number(path.name)
+                if number is not None and mine(number) and path.is_file():
+                    found.append(path)
+        return found
 
     def mark_done(self, number: int, record: dict[str, Any]) -> None:
         """Record part `number` as finished (call once its files are complete)."""
@@ -81,12 +90,15 @@ class ResumableParts:
     def _record_name(self, number: int) -> str:
         return f"{self.record_prefix}{number:06d}.done.json"
 
-    def _number(self, name: str) -> int | None:
-        """The part a file belongs to: shard-NNNNNN.*, its record, or a temp file of either (hidden names
-        start with dots); None for any other file."""
-        stem = self.record_prefix.strip(".-")
-        match = re.match(rf"\.*(?:shard|{re.escape(stem)})-(\d{{6}})\.", name)
-        return int(match.group(1)) if match else None
+    def number(self, name: str) -> int | None:
+        """The part a file name belongs to: shard-NNNNNN.tar or .idx, the part's done record, or a temp file of
+        one of these (`.NAME.tmp-PID`); None for any other name, such as shard-000001.notes.txt."""
+        stem = re.escape(self.record_prefix)
+        match = re.fullmatch(rf"\.?(?:shard-(\d{{6}})\.(?:tar|idx)|{stem}(\d{{6}})\.done\.json)"
+                             rf"(?:{re.escape(TEMP_MARK)}\d+)?", name)
+        if not match or (name.startswith(".") and TEMP_MARK not in name and match.group(1)):
+            return None  # .shard-NNNNNN.tar is no name of ours
+        return int(match.group(1) or match.group(2))
 
     def _whole(self, shard: dict[str, Any]) -> bool:
         tar, index = self.shards / shard["tar"], self.shards / shard["index"]

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from cgan_pipe.atomic import TEMP_MARK
+from cgan_pipe.export import WORK_NAME
 
 CLI = str(Path(sys.executable).with_name("cgan-pipe"))
 UNSHARE = ["unshare", "--user", "--map-root-user", "--mount"]
@@ -69,9 +70,10 @@ def test_generate_on_a_full_disk_explains_keeps_no_half_shard_and_resumes(checkp
                                              "--shard-size", "100", "--device", "cpu", "-q"], tmp_path / "after")
     assert result["rc1"] == 1 and "no space left on the device; finished parts of the export are kept" \
         in result["err1"] and "Traceback" not in result["err1"]
-    work = str(mount / f".out{TEMP_MARK}export")  # the unfinished export, kept to resume from
+    work = str(mount / "out" / WORK_NAME)  # the unfinished export, kept to resume from
     assert work in result["left"]
-    assert not [p for p in result["left"] if p != work and TEMP_MARK in Path(p).name or p.endswith("manifest.json")]
+    assert not [p for p in result["left"] if p != work and TEMP_MARK in Path(p).name or p.endswith("manifest.json")
+                or p.endswith("export.json")]
     assert result["rc2"] == 0, result["err2"]
     manifest = json.loads((tmp_path / "after" / "out" / "shards" / "manifest.json").read_text())
     assert sum(s["samples"] for s in manifest["shards"]) == 1000

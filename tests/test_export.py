@@ -26,7 +26,7 @@ from cgan_pipe.data.loader import open_loader
 from cgan_pipe.data.manifest import read_manifest
 from cgan_pipe.data.shards import prepare
 from cgan_pipe.errors import ConfigError, DataError
-from cgan_pipe.export import export
+from cgan_pipe.export import WORK_NAME, export
 from cgan_pipe.generation import generate, latents, load_generator
 from cgan_pipe.train.checkpoint import load_checkpoint
 
@@ -202,8 +202,8 @@ def test_an_export_that_fails_midway_resumes_from_its_finished_parts(checkpoint,
     monkeypatch.setattr(export_module._Part, "add", fail_at_seed_25)
     with pytest.raises(OSError, match="simulated"):
         _export(checkpoint, tmp_path / "out", n=40, batch_size=5, shard_size=10)
-    work = tmp_path / f".out{TEMP_MARK}export"
-    assert not (tmp_path / "out").exists()  # nothing that looks complete
+    work = tmp_path / "out" / WORK_NAME
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [WORK_NAME]  # nothing that looks complete
     assert sorted(p.name for p in (work / "shards").iterdir()) == [
         "shard-000000.idx", "shard-000000.tar", "shard-000001.idx", "shard-000001.tar"]  # the open shard is gone
     kept = (work / "shards" / "shard-000000.tar").stat().st_ino
@@ -225,7 +225,7 @@ def test_a_full_disk_is_explained_and_a_rerun_completes(checkpoint, tmp_path, mo
     monkeypatch.setattr(export_module, "_write_file", disk_full)
     with pytest.raises(DataError, match=r"seed0000012.*no space left on the device.*rerun the same command"):
         _export(checkpoint, tmp_path / "out", n=20, shard_size=10)
-    work = tmp_path / f".out{TEMP_MARK}export"
+    work = tmp_path / "out" / WORK_NAME
     assert sorted(p.name for p in (work / "shards").iterdir()) == ["shard-000000.idx", "shard-000000.tar"]
     monkeypatch.setattr(export_module, "_write_file", real_write)
     result = _export(checkpoint, tmp_path / "out", n=20, shard_size=10)
@@ -279,15 +279,23 @@ def test_bad_requests_fail_before_any_work(checkpoint, tmp_path):
     assert not (tmp_path / "a").exists() and not list(tmp_path.glob(".a*"))
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "mine.txt").write_text("keep me")
-    with pytest.raises(ConfigError, match="holds other files"):
-        _export(checkpoint, tmp_path / "busy", n=2)
-    assert (tmp_path / "busy" / "mine.txt").read_text() == "keep me"
-    replaced = export(checkpoint, tmp_path / "busy", _settings(n=2), device=CPU, progress=False, overwrite=True)
-    assert not (replaced.out_dir / "mine.txt").exists() and len(list(replaced.files.rglob("*.jpg"))) == 2
+    (tmp_path / "busy" / "files").mkdir()  # named as an export's folder, but the user's
+    for overwrite in (False, True):  # what cgan-pipe did not write is never replaced
+        with pytest.raises(ConfigError, match=r"busy holds files cgan-pipe did not write \(files, mine.txt\); "
+                                              r"export into a new folder"):
+            export(checkpoint, tmp_path / "busy", _settings(n=2), device=CPU, progress=False, overwrite=overwrite)
+    assert sorted(p.name for p in (tmp_path / "busy").iterdir()) == ["files", "mine.txt"]
+    (tmp_path / "a-file").write_text("keep me")
+    with pytest.raises(ConfigError, match="a-file is a file; give a folder"):
+        _export(checkpoint, tmp_path / "a-file", n=2)
+    earlier = _export(checkpoint, tmp_path / "earlier", n=2)
     with pytest.raises(ConfigError, match=r"holds an export made with other settings \(n, quality differ\).*"
                                           r"--overwrite to replace it"):
-        _export(checkpoint, tmp_path / "busy", n=3, quality=80)
-    assert len(list(replaced.files.rglob("*.jpg"))) == 2  # the earlier export is untouched
+        _export(checkpoint, tmp_path / "earlier", n=3, quality=80)
+    assert len(list(earlier.files.rglob("*.jpg"))) == 2  # the earlier export is untouched
+    replaced = export(checkpoint, tmp_path / "earlier", _settings(n=3, quality=80), device=CPU, progress=False,
+                      overwrite=True)
+    assert len(list(replaced.files.rglob("*.jpg"))) == 3 and read_manifest(replaced.shards).num_samples == 3
 
 
 def test_class_names_from_a_tampered_checkpoint_cannot_write_outside_the_export(checkpoint, tmp_path):

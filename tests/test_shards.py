@@ -100,6 +100,58 @@ def test_changed_settings_rebuild_and_remove_stale_shards(small_tar, tmp_path):
         "manifest.json", "shard-000000.idx", "shard-000000.tar", "shard-000001.idx", "shard-000001.tar"]
 
 
+def test_prepare_never_replaces_or_deletes_files_it_did_not_write(small_tar, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "shard-000000.tar").write_bytes(b"the user's own tar")
+    (out / "shard-000001.notes.txt").write_text("the user's notes")
+    (out / "shard-000099.tar").write_bytes(b"another of the user's tars, where no shard of this set goes")
+    with pytest.raises(ConfigError, match=r"out/shard-000000.tar: a file cgan-pipe did not write .* is where prepare "
+                                          r"would write a shard; prepare into another folder, or move it away"):
+        prepare(DataConfig(str(small_tar), shard_size=50), out, progress=False)
+    assert (out / "shard-000000.tar").read_bytes() == b"the user's own tar"
+    assert sorted(p.name for p in out.iterdir()) == ["shard-000000.tar", "shard-000001.notes.txt", "shard-000099.tar"]
+    (out / "shard-000000.tar").rename(tmp_path / "moved.tar")
+    prepare(DataConfig(str(small_tar), shard_size=50), out, progress=False)
+    rebuilt, _ = prepare(DataConfig(str(small_tar), shard_size=150), out, progress=False)  # other settings
+    assert len(rebuilt.shards) == 2 and not (out / "shard-000002.tar").exists()  # its own stale shards go
+    assert (out / "shard-000001.notes.txt").read_text() == "the user's notes"
+    assert (out / "shard-000099.tar").read_bytes().startswith(b"another of the user's tars")
+
+
+def test_prepare_leaves_a_manifest_it_did_not_write_alone(small_tar, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_text('{"project": "someone else\'s"}')
+    with pytest.raises(ConfigError, match=r"out/manifest.json: not a manifest cgan-pipe wrote"):
+        prepare(DataConfig(str(small_tar), shard_size=50), out, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json"]
+
+
+def test_a_rebuild_killed_midway_still_knows_its_old_shards_for_its_own(small_tar, tmp_path):
+    prepare(DataConfig(str(small_tar), shard_size=50), tmp_path, progress=False)
+    (tmp_path / "shard-000001.tar").unlink()  # a rebuild was killed after deleting some of the old set
+    (tmp_path / "shard-000001.idx").unlink()
+    rebuilt, _ = prepare(DataConfig(str(small_tar), shard_size=100), tmp_path, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "manifest.json", "shard-000000.idx", "shard-000000.tar", "shard-000001.idx", "shard-000001.tar"]
+
+
+@pytest.mark.parametrize("inside", ["imgs/shards", "imgs", "imgs/cat/deeper"])
+def test_an_output_inside_the_source_is_refused(tmp_path, inside):
+    source = tmp_path / "imgs"
+    for name, data in list(cifar_members("test", 2).items()):
+        (source / name.split("/")[-2]).mkdir(parents=True, exist_ok=True)
+        (source / name.split("/")[-2] / name.split("/")[-1]).write_bytes(data)
+    before = sorted(p.relative_to(source) for p in source.rglob("*"))
+    with pytest.raises(ConfigError, match=rf"{inside} is inside the source .*imgs: its shards would become inputs "
+                                          rf"of the next prepare; write them to a folder outside"):
+        prepare(DataConfig(str(source)), tmp_path / inside, progress=False)
+    assert sorted(p.relative_to(source) for p in source.rglob("*")) == before  # nothing written into the source
+    manifest, _ = prepare(DataConfig(str(source)), tmp_path / "beside", progress=False)
+    assert manifest.num_samples == 20
+
+
 @pytest.mark.parametrize("fmt,ext", [("png", "png"), ("webp", "webp"), ("jpeg", "jpg")])
 def test_resize_and_reencode(small_tar, tmp_path, fmt, ext):
     settings = DataConfig(str(small_tar), resolution=16, format=fmt, quality=60, limit=12)

@@ -17,6 +17,7 @@ from typing import Any, Iterator
 from ..config import default_cache_dir
 from ..errors import ConfigError, DataError
 from ..locations import is_url
+from ..lock import LOCK_NAME
 from .digest import file_sha256
 
 log = logging.getLogger(__name__)
@@ -180,7 +181,7 @@ def publish(local: Path, url: str, last: list[str], remove_others: bool = False)
     appears only when its upload completes, and a killed upload's parts are aborted on the rerun, so a
     rerun after a kill resumes and gives the same bucket as an uninterrupted run. Returns the files
     uploaded."""
-    files = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+    files = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file() and p.name != LOCK_NAME)
     markers = [name for name in last if name in files]
     digests = {name: file_sha256(local / name) for name in files}
     fs = filesystem(url)

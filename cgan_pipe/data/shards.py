@@ -15,7 +15,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from PIL import Image, ImageOps
 from tqdm import tqdm
@@ -25,6 +25,7 @@ from ..atomic import disk_full_explained
 from ..compression import estimate_jpeg_quality, estimate_jpeg_quality_zigzag
 from ..config import DataConfig, default_cache_dir, parse_byte_size
 from ..errors import ConfigError, DataError
+from ..lock import folder_lock
 from ..processes import process_pool
 from ..resumable import ResumableParts
 from .fingerprint import source_fingerprint
@@ -78,6 +79,7 @@ def prepare(data: DataConfig, out_dir: Path | str, *, seed: int = 0, rank: int =
                               f"shared folder, then copy it to the bucket")
         return prepare_into_bucket(data, str(out_dir), seed=seed, progress=progress)
     out_dir = Path(out_dir)
+    _check_outside_source(data.source, out_dir)
     recorded = recorded_settings(data, seed)
     if (out_dir / MANIFEST_NAME).exists():
         try:
@@ -89,47 +91,53 @@ def prepare(data: DataConfig, out_dir: Path | str, *, seed: int = 0, rank: int =
 
     workers = data.workers or os.cpu_count() or 1
     counter = multiprocessing.get_context("spawn").Value("q", 0)  # images written, by any process
-    with contextlib.ExitStack() as stack:
-        # The pool starts first, so that its processes start up while the source is listed.
-        pool = stack.enter_context(_start_pool(workers, counter)) if workers > 1 else None
-        if pool is None:  # written here: count here
-            _count_into(counter)
-            stack.callback(_count_into, None)
-        src = stack.enter_context(open_source(data.source, data.split, data.download_dir, scratch_dir=out_dir))
-        listing = src.items
-        inputs = min(len(listing), data.limit or len(listing))  # the first of the seeded order
-        per_shard = _inputs_per_shard(listing, inputs, src.reader, src.class_names, data, seed)
-        jobs = [
-            _ShardJob(index=i, first_key=first, count=min(per_shard, inputs - first), listing=listing,
-                      reader=src.reader, data=data, seed=seed, class_names=src.class_names, out_dir=out_dir)
-            for i, first in enumerate(range(0, inputs, per_shard))
-        ]
-        plan = {"settings": recorded, "jobs": len(jobs), "inputs": inputs, "inputs_per_shard": per_shard,
-                "class_names": src.class_names, "rejected": src.rejected, "files": src.files}
-        mine = {job.index for job in jobs if job.index % world_size == rank}
-        # Only now that the source is known to be readable may an old shard set be touched.
-        (out_dir / MANIFEST_NAME).unlink(missing_ok=True)  # it no longer describes the folder
-        done = _parts(out_dir).resume(plan, mine=lambda number: number % world_size == rank)
-        todo = [job for job in jobs if job.index in mine and job.index not in done]
-        log.info(f"{src.description}: {inputs} of its {src.files} files to read into {len(jobs)} shards of up to "
-                 f"{per_shard} images ({len(src.rejected)} left out unread); "
-                 f"{len(todo)} to write with {workers} worker(s), {len(done)} kept from an earlier run")
-        counter.value = sum(jobs[i].count for i in done)
-        stack.enter_context(_progress_bar(counter, sum(jobs[i].count for i in mine), progress))
-        try:
-            with disk_full_explained(out_dir, "finished shards are kept"):
-                results = pool.map(_write_job, todo) if pool else map(_write_job, todo)
-                for job, result in zip(todo, results):
-                    done[job.index] = result
-        except BrokenProcessPool:
-            raise DataError(f"a prepare worker died (out of memory?) while writing {out_dir}; finished shards "
-                            f"are kept: rerun the same command to resume, with fewer --workers if memory is short"
-                            ) from None
+    with contextlib.ExitStack() as held:  # the folder's lock, from the first change to the manifest
+        with contextlib.ExitStack() as stack:
+            # The pool starts first, so that its processes start up while the source is listed.
+            pool = stack.enter_context(_start_pool(workers, counter)) if workers > 1 else None
+            if pool is None:  # written here: count here
+                _count_into(counter)
+                stack.callback(_count_into, None)
+            src = stack.enter_context(open_source(data.source, data.split, data.download_dir, scratch_dir=out_dir))
+            listing = src.items
+            inputs = min(len(listing), data.limit or len(listing))  # the first of the seeded order
+            per_shard = _inputs_per_shard(listing, inputs, src.reader, src.class_names, data, seed)
+            jobs = [
+                _ShardJob(index=i, first_key=first, count=min(per_shard, inputs - first), listing=listing,
+                          reader=src.reader, data=data, seed=seed, class_names=src.class_names, out_dir=out_dir)
+                for i, first in enumerate(range(0, inputs, per_shard))
+            ]
+            plan = {"settings": recorded, "jobs": len(jobs), "inputs": inputs, "inputs_per_shard": per_shard,
+                    "class_names": src.class_names, "rejected": src.rejected, "files": src.files}
+            mine = {job.index for job in jobs if job.index % world_size == rank}
+            # Only now that the source is known to be readable may an old shard set be touched, and only the
+            # files cgan-pipe wrote: another process's writing, or a user's file in the way, stops it here.
+            if rank == 0:
+                held.enter_context(folder_lock(out_dir))
+            owned = _our_files(out_dir, len(jobs), lambda number: number % world_size == rank)
+            done = _parts(out_dir).resume(plan, mine=lambda number: number % world_size == rank, owned=owned)
+            if world_size == 1:  # several ranks leave it to the merge, as one may not have read it yet
+                (out_dir / MANIFEST_NAME).unlink(missing_ok=True)  # it no longer describes the folder
+            todo = [job for job in jobs if job.index in mine and job.index not in done]
+            log.info(f"{src.description}: {inputs} of its {src.files} files to read into {len(jobs)} shards of up to "
+                     f"{per_shard} images ({len(src.rejected)} left out unread); "
+                     f"{len(todo)} to write with {workers} worker(s), {len(done)} kept from an earlier run")
+            counter.value = sum(jobs[i].count for i in done)
+            stack.enter_context(_progress_bar(counter, sum(jobs[i].count for i in mine), progress))
+            try:
+                with disk_full_explained(out_dir, "finished shards are kept"):
+                    results = pool.map(_write_job, todo) if pool else map(_write_job, todo)
+                    for job, result in zip(todo, results):
+                        done[job.index] = result
+            except BrokenProcessPool:
+                raise DataError(f"a prepare worker died (out of memory?) while writing {out_dir}; finished shards "
+                                f"are kept: rerun the same command to resume, with fewer --workers if memory is short"
+                                ) from None
 
-    if world_size > 1:
-        return None, False
-    with disk_full_explained(out_dir, "the shards are all written, only the manifest is missing"):
-        return merge_shards(out_dir), False
+        if world_size > 1:
+            return None, False
+        with disk_full_explained(out_dir, "the shards are all written, only the manifest is missing"):
+            return merge_shards(out_dir), False
 
 
 def prepare_into_bucket(data: DataConfig, url: str, *, seed: int = 0, progress: bool = True
@@ -148,10 +156,64 @@ def prepare_into_bucket(data: DataConfig, url: str, *, seed: int = 0, progress: 
             pass  # unusable manifest: rebuild below
     staging = staging_dir(url)
     log.info(f"{url}: preparing in {staging}, then uploading")
-    manifest, _ = prepare(data, staging, seed=seed, progress=progress)
-    publish(staging, url, last=[MANIFEST_NAME])
-    published(staging, url)
+    with folder_lock(staging):  # one writer per bucket prefix on this machine
+        manifest, _ = prepare(data, staging, seed=seed, progress=progress)
+        publish(staging, url, last=[MANIFEST_NAME])
+        published(staging, url)
     return manifest, False
+
+
+def _check_outside_source(source: str, out_dir: Path) -> None:
+    """ConfigError when `out_dir` is the folder `source` or inside it: its shards (and anything written beside
+    them) would be read back as images by the next prepare."""
+    root = Path(source).expanduser()
+    if not root.is_dir():
+        return
+    root, out = root.resolve(), out_dir.resolve()
+    if out == root or root in out.parents:
+        raise ConfigError(f"{out_dir} is inside the source {source}: its shards would become inputs of the next "
+                          f"prepare; write them to a folder outside {source}")
+
+
+def _our_files(out_dir: Path, parts: int, mine: Callable[[int], bool]) -> Callable[[str], bool]:
+    """Which files named as shards (or their records and temps) in `out_dir` an earlier prepare wrote: those its
+    manifest lists, those of the parts its unfinished plan numbers, and its hidden records and temps. ConfigError
+    naming the first file that is not, among the `parts` parts of `mine` this prepare will write, or when
+    manifest.json is not one cgan-pipe wrote: prepare never replaces or deletes what it did not write."""
+    resumable = _parts(out_dir)
+    present = resumable.files(mine)  # listed before the evidence is read: another rank's plan precedes its shards
+    manifest = out_dir / MANIFEST_NAME
+    listed: set[str] = set()
+    if manifest.exists() or manifest.is_symlink():
+        listed = _listed_in_manifest(manifest)
+    try:
+        planned = json.loads((out_dir / _PLAN_NAME).read_text())["jobs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        planned = 0
+
+    def owned(name: str) -> bool:
+        return name in listed or name.startswith(".") or (resumable.number(name) or 0) < planned
+
+    foreign = [path for path in present if not owned(path.name) and resumable.number(path.name) < parts]
+    if foreign:
+        raise ConfigError(f"{foreign[0]}: a file cgan-pipe did not write (no manifest or unfinished prepare in "
+                          f"{out_dir} lists it) is where prepare would write a shard; prepare into another folder, "
+                          f"or move it away")
+    return owned
+
+
+def _listed_in_manifest(path: Path) -> set[str]:
+    """The shard and index names the manifest at `path` lists, read leniently (an older format, or shards
+    missing); ConfigError when it is not a manifest cgan-pipe wrote."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        data = None
+    if not isinstance(data, dict) or "format_version" not in data or not isinstance(data.get("shards"), list):
+        raise ConfigError(f"{path}: not a manifest cgan-pipe wrote, so {path.parent} holds another program's "
+                          f"files; prepare into another folder, or move it away")
+    return {shard[key] for shard in data["shards"] if isinstance(shard, dict)
+            for key in ("tar", "index") if isinstance(shard.get(key), str)}
 
 
 def recorded_settings(data: DataConfig, seed: int) -> dict[str, Any]:
@@ -203,6 +265,11 @@ def merge_shards(out_dir: Path) -> Manifest:
     except (OSError, ValueError):
         raise DataError(f"{out_dir}: no unfinished prepare to merge (no {_PLAN_NAME}); "
                         f"run `cgan-pipe prepare` there first") from None
+    with folder_lock(out_dir):
+        return _merge_planned(out_dir, plan)
+
+
+def _merge_planned(out_dir: Path, plan: dict[str, Any]) -> Manifest:
     done = _parts(out_dir).done()
     missing = [SHARD_NAME.format(i) for i in range(plan["jobs"]) if i not in done]
     if missing:

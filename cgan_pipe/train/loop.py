@@ -28,6 +28,7 @@ from ..data.manifest import shard_set_manifest
 from ..devices import has_fast_bf16, resolve_device
 from ..distributed import any_rank, broadcast_module, rank_and_world, wait_for_all_ranks
 from ..errors import ConfigError, DataError, TrainingError
+from ..lock import folder_lock
 from ..metrics.evaluate import Evaluator, check_eval_settings
 from ..models import build_networks
 from .checkpoint import (check_compatible, checkpoint_path, load_weights, newest_checkpoint, restore_rng,
@@ -69,8 +70,16 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
     reported through `warn` and the one before it is used); returns at once when that checkpoint
     already reached `cfg.train.steps` or spent `cfg.train.max_minutes`. Under torchrun every rank
     calls this inside its process group: each reads its own part of the shards, gradients are
-    averaged over ranks, and only rank 0 writes files.
+    averaged over ranks, and only rank 0 writes files, holding the run folder's lock (BusyError
+    when another process holds it).
     """
+    with folder_lock(run_dir) if rank_and_world()[0] == 0 else contextlib.nullcontext():
+        return _train(cfg, shards, Path(run_dir), progress, warn)
+
+
+def _train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool,
+           warn: Callable[[str], None] | None) -> TrainResult:
+    """The training loop of `train`, in the order of a training's outline."""
     t_session = time.perf_counter()
     warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr))
     tc = cfg.train
