@@ -61,6 +61,32 @@ def test_only_the_newest_keep_checkpoints_are_kept(small_shards, tmp_path):
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if ".tmp-" in p.name]
 
 
+def test_pruning_deletes_only_what_loads_as_a_checkpoint(small_shards, tmp_path):
+    folder = tmp_path / "checkpoints"
+    (folder / "ckpt-9999999.pt").mkdir(parents=True)  # a folder, and a file, named as far newer checkpoints
+    (folder / "ckpt-9999998.pt").write_text("notes that are not a checkpoint")
+    train(small_config(tmp_path, steps=2), small_shards, tmp_path, progress=False)
+    result = train(small_config(tmp_path, steps=6, keep_checkpoints=1), small_shards, tmp_path, progress=False)
+    assert result.resumed_from == 2 and result.checkpoint == folder / "ckpt-0000006.pt"
+    assert load_checkpoint(result.checkpoint)["step"] == 6  # the checkpoint it reports exists
+    assert sorted(p.name for p in folder.iterdir()) == ["ckpt-0000006.pt", "ckpt-9999998.pt", "ckpt-9999999.pt"]
+    assert (folder / "ckpt-9999998.pt").read_text() == "notes that are not a checkpoint"
+
+
+@pytest.mark.parametrize("lost", ["config", "dataset", "G", "rng"])
+def test_an_incomplete_newest_checkpoint_is_named_and_resume_falls_back(small_shards, tmp_path, lost):
+    train(small_config(tmp_path), small_shards, tmp_path, progress=False)
+    newest = tmp_path / "checkpoints" / "ckpt-0000004.pt"
+    state = load_checkpoint(newest)
+    del state[lost]  # the right kind and version, a part missing
+    torch.save(state, newest)
+    with pytest.raises(DataError, match=rf"ckpt-0000004.pt: incomplete checkpoint \({lost} is missing\)"):
+        load_checkpoint(newest)
+    warnings = []
+    result = train(small_config(tmp_path, steps=6), small_shards, tmp_path, progress=False, warn=warnings.append)
+    assert result.resumed_from == 2 and result.steps == 6 and "incomplete checkpoint" in warnings[0]
+
+
 def test_rerun_resumes_and_continues_the_step_count(small_shards, tmp_path):
     train(small_config(tmp_path), small_shards, tmp_path, progress=False)
     first = load_checkpoint(list_checkpoints(tmp_path / "checkpoints")[-1])
@@ -144,7 +170,9 @@ def test_a_corrupt_newest_checkpoint_is_named_and_resume_falls_back_to_the_one_b
     warnings = []
     result = train(small_config(tmp_path, steps=6), small_shards, tmp_path, progress=False, warn=warnings.append)
     assert result.resumed_from == 2 and result.steps == 6
-    assert len(warnings) == 1 and "ckpt-0000004.pt: unreadable checkpoint" in warnings[0]
+    assert len(warnings) == 2 and "ckpt-0000004.pt: unreadable checkpoint" in warnings[0]
+    assert "ckpt-0000004.pt was not a readable checkpoint; it was moved to ckpt-0000004.pt.unreadable" in warnings[1]
+    assert (tmp_path / "checkpoints" / "ckpt-0000004.pt.unreadable").stat().st_size == 1000  # kept, not replaced
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [2, 4, 6]  # the rows past step 2 were dropped and logged again
 

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from ..atomic import atomic_path
-from ..config import CompressionConfig, ModelConfig, PipelineConfig, to_dict
+from ..config import CompressionConfig, ModelConfig, PipelineConfig, config_from_dict, to_dict
 from ..data.batch import DatasetInfo
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from .ema import OWN_STATISTICS
 
 KIND = "cgan-pipe-checkpoint"
@@ -29,11 +29,20 @@ def checkpoint_path(directory: Path, step: int) -> Path:
     return Path(directory) / f"ckpt-{step:07d}.pt"
 
 
-def save_checkpoint(directory: Path, step: int, state: dict[str, Any], keep: int) -> Path:
-    """Write `state` (state dicts, config, RNG, ...) for `step`; keep only the newest `keep` files."""
+def save_checkpoint(directory: Path, step: int, state: dict[str, Any], keep: int,
+                    warn: Callable[[str], None] = lambda message: None) -> Path:
+    """Write `state` (state dicts, config, RNG, ...) for `step`; keep it and the newest `keep` - 1 checkpoints
+    before it, deleting older ones. Only files that load as checkpoints are ever deleted (whatever else carries
+    a checkpoint's name is left alone), and what already holds this step's name but is not a checkpoint is
+    moved aside (reported through `warn`), not replaced."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = checkpoint_path(directory, step)
+    if (path.exists() or path.is_symlink()) and not _holds_checkpoint(path, step):
+        aside = _free_name(path.with_name(f"{path.name}.unreadable"))
+        path.rename(aside)
+        warn(f"{path} was not a readable checkpoint; it was moved to {aside.name} and the checkpoint of step "
+             f"{step} written in its place")
     with atomic_path(path) as tmp:
         try:
             torch.save({"kind": KIND, "version": VERSION, "step": step, **state}, tmp)
@@ -41,9 +50,31 @@ def save_checkpoint(directory: Path, step: int, state: dict[str, Any], keep: int
             raise DataError(f"{path}: could not write the checkpoint ({str(exc).splitlines()[0]}); is the disk "
                             f"full? The checkpoints before it are kept: free some space and rerun the same "
                             f"command to resume") from None
-    for old in list_checkpoints(directory)[:-keep]:
+    older = [p for p in list_checkpoints(directory) if _step(p) < step and _holds_checkpoint(p, _step(p))]
+    for old in older[:max(0, len(older) - (keep - 1))]:
         old.unlink()
     return path
+
+
+def _step(path: Path) -> int:
+    return int(_NAME.match(path.name).group(1))
+
+
+def _holds_checkpoint(path: Path, step: int) -> bool:
+    """Whether the file `path` is a cgan-pipe checkpoint of `step`, by its contents (mapped, not read)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001  anything that does not load is not a checkpoint to delete
+        return False
+    return isinstance(state, dict) and state.get("kind") == KIND and state.get("step") == step
+
+
+def _free_name(path: Path) -> Path:
+    """`path`, or `path` with a number added, whichever names nothing yet."""
+    candidate, number = path, 1
+    while candidate.exists() or candidate.is_symlink():
+        candidate, number = path.with_name(f"{path.name}-{number}"), number + 1
+    return candidate
 
 
 def training_state(cfg: PipelineConfig, networks: tuple[nn.Module, nn.Module, nn.Module],
@@ -79,11 +110,12 @@ def load_weights(module: nn.Module, state: dict, key: str, path: Path | str) -> 
 
 
 def list_checkpoints(directory: Path) -> list[Path]:
-    """Complete checkpoints in `directory`, oldest first (temp files are never listed)."""
+    """The files in `directory` named as checkpoints, oldest first (temp files, folders and links are never
+    listed); what each holds is checked when it is loaded (`load_checkpoint`)."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    return sorted(p for p in directory.iterdir() if _NAME.match(p.name))
+    return sorted(p for p in directory.iterdir() if _NAME.match(p.name) and p.is_file() and not p.is_symlink())
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -107,7 +139,36 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         raise DataError(f"{path}: not a cgan-pipe checkpoint")
     if state.get("version") != VERSION:
         raise DataError(f"{path}: checkpoint version {state.get('version')!r}, this cgan-pipe reads {VERSION}")
+    problem = _incomplete(state)
+    if problem:
+        raise DataError(f"{path}: incomplete checkpoint ({problem}); it was not written whole by cgan-pipe")
     return state
+
+
+# What every checkpoint holds, by type (what `training_state` writes, plus kind, version and step).
+_PARTS = {"step": int, "G": dict, "D": dict, "G_ema": dict, "opt_g": dict, "opt_d": dict, "config": dict,
+          "dataset": dict, "rng": dict}
+_DATASET = {"resolution": int, "channels": int, "class_names": list}
+
+
+def _incomplete(state: dict) -> str | None:
+    """What a loaded checkpoint lacks, or holds in a shape no training writes; None when it is whole."""
+    for parts, where in ((_PARTS, ""), (_DATASET, "dataset.")):
+        holder = state if not where else state["dataset"]
+        for key, kind in parts.items():
+            if not isinstance(holder.get(key), kind) or isinstance(holder.get(key), bool):
+                return f"{where}{key} is {'missing' if key not in holder else 'not a ' + kind.__name__}"
+    dataset = state["dataset"]
+    if state["step"] < 0 or not all(isinstance(name, str) for name in dataset["class_names"]):
+        return "its step or class names are not valid"
+    if not isinstance(dataset.get("qualities"), (list, type(None))) or not isinstance(state["rng"].get("torch"),
+                                                                                       torch.Tensor):
+        return "its trained qualities or random number state are not valid"
+    try:
+        config_from_dict(state["config"], origin="its config")
+    except ConfigError as exc:
+        return str(exc)
+    return None
 
 
 def trained_on_other_shards(state: dict, shards_sha256: str) -> bool:

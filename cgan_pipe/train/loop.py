@@ -254,7 +254,7 @@ def _train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: boo
         if saving:
             trained = training_state(cfg, (G, D, G_ema), (opt_g, opt_d), info, qualities, shards_sha256, device,
                                      seconds)
-            path = save_checkpoint(ckpt_dir, step, trained, keep=tc.keep_checkpoints)
+            path = save_checkpoint(ckpt_dir, step, trained, keep=tc.keep_checkpoints, warn=warn)
             log.debug(f"wrote {path}")
         if last:
             break
