@@ -6,6 +6,7 @@ import contextlib
 import functools
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal, get_origin, get_type_hints
@@ -16,7 +17,8 @@ import yaml
 from . import __version__
 from .atomic import DISK_FULL
 from .config import METRICS, DataConfig, ExportConfig, ModelConfig, load_pipeline, to_dict
-from .errors import ConfigError, UserError
+from .errors import ConfigError, Interrupted, UserError
+from .interrupts import terminations_interrupt
 from .locations import join, local_path
 from .params import ClassRequest, IntList, LocalPath, SeedRange, ShardLocation, WordList
 from .schema import from_options, key_choices, key_default
@@ -47,13 +49,17 @@ def _reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return command(*args, **kwargs)
+            with terminations_interrupt():
+                return command(*args, **kwargs)
         except UserError as exc:
             click.secho(f"error: {exc}", fg="red", err=True)
             sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted; rerun the same command to resume", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as exc:
+            number = exc.signal_number if isinstance(exc, Interrupted) else signal.SIGINT
+            kept = f": {exc.kept}" if isinstance(exc, Interrupted) and exc.kept else ""
+            click.echo(f"interrupted by {signal.Signals(number).name}{kept}; rerun the same command to resume",
+                       err=True)
+            sys.exit(128 + number)
         except OSError as exc:  # a full disk met where no stage words it itself
             if exc.errno not in DISK_FULL:
                 raise
@@ -124,7 +130,8 @@ def main() -> None:
     """Train conditional GANs on archives of compressed images.
 
     Raw images -> webdataset shards -> DALI loader -> GAN -> JPEG/PNG/WebP.
-    Exit codes: 0 success, 1 runtime failure, 2 usage or config error, 130 interrupted.
+    Exit codes: 0 success, 1 runtime failure, 2 usage or config error, 130 interrupted (SIGINT), 143
+    terminated (SIGTERM; training first writes a checkpoint of the step under way).
     Every command takes -q (results only) and -v (more detail on stderr; -vv: debug).
     """
 

@@ -32,3 +32,12 @@ class BusyError(UserError):
     """A folder this command would write is being written by another process (exit code 2)."""
 
     exit_code = 2
+
+
+class Interrupted(KeyboardInterrupt):
+    """The command was asked to stop by SIGINT or SIGTERM; `kept` says what it saved first. The CLI exits with
+    128 + the signal's number (130, 143), as a shell reports a process that such a signal ended."""
+
+    def __init__(self, signal_number: int, kept: str = ""):
+        super().__init__(signal_number, kept)
+        self.signal_number, self.kept = signal_number, kept

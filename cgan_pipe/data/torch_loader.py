@@ -19,6 +19,7 @@ from torchvision.transforms import v2
 from ..config import LoaderConfig
 from ..errors import DataError
 from ..images import ANY_IMAGE_EXTENSION
+from ..interrupts import ignore_stop_signals
 from ..processes import child_initializer
 from ..devices import resolve_device
 from ..distributed import rank_and_world
@@ -169,7 +170,7 @@ class TorchLoader:
         self.loader = DataLoader(
             dataset, batch_size=batch_size, drop_last=False, num_workers=cfg.threads,
             persistent_workers=True, pin_memory=device.type == "cuda" and not self.gpu_decode, generator=generator,
-            collate_fn=_collate_encoded if self.gpu_decode else None, worker_init_fn=child_initializer(),
+            collate_fn=_collate_encoded if self.gpu_decode else None, worker_init_fn=child_initializer(ignore_stop_signals),
         )
 
     def __iter__(self) -> Iterator[Batch]:

@@ -7,6 +7,7 @@ import copy
 import hashlib
 import json
 import logging
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -27,7 +28,8 @@ from ..data.loader import open_loader
 from ..data.manifest import shard_set_manifest
 from ..devices import has_fast_bf16, resolve_device
 from ..distributed import any_rank, broadcast_module, rank_and_world, wait_for_all_ranks
-from ..errors import ConfigError, DataError, TrainingError
+from ..errors import ConfigError, DataError, Interrupted, TrainingError
+from ..interrupts import StopRequest, stop_requests
 from ..lock import folder_lock
 from ..metrics.evaluate import Evaluator, check_eval_settings
 from ..models import build_networks
@@ -71,14 +73,16 @@ def train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool
     already reached `cfg.train.steps` or spent `cfg.train.max_minutes`. Under torchrun every rank
     calls this inside its process group: each reads its own part of the shards, gradients are
     averaged over ranks, and only rank 0 writes files, holding the run folder's lock (BusyError
-    when another process holds it).
+    when another process holds it). SIGINT or SIGTERM ends training after the step under way, with a
+    checkpoint of it, by raising Interrupted; a second signal ends it at once.
     """
-    with folder_lock(run_dir) if rank_and_world()[0] == 0 else contextlib.nullcontext():
-        return _train(cfg, shards, Path(run_dir), progress, warn)
+    with folder_lock(run_dir) if rank_and_world()[0] == 0 else contextlib.nullcontext(), \
+            stop_requests() as stop:
+        return _train(cfg, shards, Path(run_dir), progress, warn, stop)
 
 
 def _train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: bool,
-           warn: Callable[[str], None] | None) -> TrainResult:
+           warn: Callable[[str], None] | None, stop: StopRequest) -> TrainResult:
     """The training loop of `train`, in the order of a training's outline."""
     t_session = time.perf_counter()
     warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr))
@@ -168,7 +172,7 @@ def _train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: boo
 
     bar = tqdm(range(start + 1, tc.steps + 1), initial=start, total=tc.steps, desc="train",
                unit="step", disable=not (progress and lead), dynamic_ncols=True)
-    step = start
+    step, interrupted = start, False
     for step in bar:
         # The scheduled values of this step: learning rates, betas, penalty weights, augmentation probability.
         loss.now = values_at(tc, kimg_trained(tc, step - 1))
@@ -204,7 +208,8 @@ def _train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: boo
             bool(cfg.eval.every and step % cfg.eval.every == 0)
         out_of_time = any_rank(budget is not None and seconds >= budget, world, device) if world == 1 or tick \
             else False
-        last = step == tc.steps or out_of_time
+        interrupted = any_rank(stop.signal is not None, world, device) if world == 1 or tick else False
+        last = step == tc.steps or out_of_time or interrupted
         if not (tick or last):
             continue
         report, (d_value, g_value) = guard.read(loss_d, loss_g)
@@ -262,6 +267,8 @@ def _train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: boo
     if board is not None:
         board.close()
     path = path if lead else checkpoint_path(ckpt_dir, step)
+    if interrupted:
+        raise Interrupted(stop.signal or signal.SIGTERM, f"training stopped at step {step} and wrote {path}")
     return TrainResult(path, step, total_images / total_time, total_wait / total_time,
                        metrics_path, samples_dir, start, _weights_sha256(G, D, G_ema))
 
