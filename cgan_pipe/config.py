@@ -127,8 +127,12 @@ def _byte_size(value: Any) -> str | None:
     return None
 
 
-def _non_empty(value: str) -> str | None:
-    return None if value.strip() else "must not be empty"
+def _run_name(value: str) -> str | None:
+    if not value.strip():
+        return "must not be empty"
+    if value in (".", "..") or any(c in value for c in "/\\\0"):
+        return "must be a plain folder name (the run folder is runs/<name>); set run_dir to put the run elsewhere"
+    return None
 
 
 def _local_source(value: str) -> str | None:
@@ -529,7 +533,7 @@ class ExportConfig:
 class PipelineConfig:
     """One pipeline: source -> shards -> loader -> trainer -> export."""
 
-    name: str = required("Pipeline name; the default run directory is runs/<name>.", _non_empty)
+    name: str = required("Pipeline name, a plain folder name: the default run directory is runs/<name>.", _run_name)
     run_dir: Optional[str] = option(None, "Where every output goes (a local folder); null for runs/<name>.",
                                     _local_folder)
     seed: int = option(0, "Seed for shard shuffling, initialisation and training.", _non_negative)

@@ -42,12 +42,12 @@ def from_yaml(cls: type, path: str | Path, overrides: list[str] = (), what: str 
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read {what} file ({exc.strerror})") from None
     try:
-        raw = yaml.safe_load(text)
-        lines = _key_lines(yaml.compose(text))
+        raw, node = _checked_yaml(text, str(path))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise ConfigError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    lines = _key_lines(node)
     if raw is None:
         raw = {}
     locate = _Locator(str(path), lines)
@@ -142,6 +142,57 @@ class _Locator:
         return f"{self.origin}:{line}: {key}" if line else f"{self.origin}: {key}"
 
 
+MAX_YAML_NODES = 10_000  # values in a YAML file once its aliases are expanded (a pipeline has about 100)
+
+
+def _checked_yaml(text: str, origin: str) -> tuple[Any, yaml.Node | None]:
+    """The data in the YAML `text` (read from `origin`) and its node tree, once it is known to hold no key
+    twice in a mapping (yaml.safe_load would keep the last silently) and to stay small with its aliases
+    expanded (a few lines of nested aliases can stand for billions of values); ConfigError naming the line
+    otherwise."""
+    node = yaml.compose(text, Loader=yaml.SafeLoader)
+    if node is None:
+        return None, None
+    _check_nodes(node, origin, {}, set(), "")
+    loader = yaml.SafeLoader("")
+    try:
+        return loader.construct_document(node), node
+    finally:
+        loader.dispose()
+
+
+def _check_nodes(node: yaml.Node, origin: str, sizes: dict[int, int], open_nodes: set[int], key: str) -> int:
+    """The number of values under `node` with aliases expanded (memoised in `sizes`, since an alias is the
+    node it names); ConfigError for a key given twice, an alias inside itself, or too many values."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if id(node) in open_nodes:
+        raise ConfigError(f"{origin}:{node.start_mark.line + 1}: {key or 'top level'}: an alias refers to itself")
+    open_nodes.add(id(node))
+    size = 1
+    if isinstance(node, yaml.MappingNode):
+        first_line: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            name = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            dotted = f"{key}.{name}" if key else str(name)
+            if name is not None and key_node.tag != "tag:yaml.org,2002:merge":
+                if name in first_line:
+                    raise ConfigError(f"{origin}:{key_node.start_mark.line + 1}: {dotted}: given twice (also at line "
+                                      f"{first_line[name]}), and only the last would count; keep one")
+                first_line[name] = key_node.start_mark.line + 1
+            size += _check_nodes(key_node, origin, sizes, open_nodes, dotted)
+            size += _check_nodes(value_node, origin, sizes, open_nodes, dotted)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            size += _check_nodes(item, origin, sizes, open_nodes, key)
+    if size > MAX_YAML_NODES:
+        raise ConfigError(f"{origin}:{node.start_mark.line + 1}: {key or 'top level'}: over {MAX_YAML_NODES:,} values "
+                          f"once its aliases are expanded; a pipeline needs far fewer (is it made of nested aliases?)")
+    open_nodes.discard(id(node))
+    sizes[id(node)] = size
+    return size
+
+
 def _key_lines(node: Any, prefix: str = "") -> dict[str, int]:
     """Map dotted keys of a composed YAML mapping to their 1-based line numbers."""
     out: dict[str, int] = {}
@@ -180,7 +231,7 @@ def _apply_override(root: type, raw: dict, item: str, locate: _Locator) -> None:
             raise ConfigError(f"{locate('.'.join(parts[:depth + 1]))}: expected a mapping")
         target = sub
     try:
-        value = yaml.safe_load(text) if text.strip() else ""
+        value = _checked_yaml(text, f"--set {key}")[0] if text.strip() else ""
     except yaml.YAMLError:
         value = text  # not YAML: take it as a plain string
     target[parts[-1]] = value

@@ -119,6 +119,40 @@ def test_invalid_yaml_reports_line(tmp_path):
         load_pipeline(write(tmp_path, "name: x\ndata:\n\tsource: a.tar\n"))
 
 
+@pytest.mark.parametrize("text, message", [
+    ("name: x\ndata: {source: a.tar}\ntrain:\n  steps: 3\ntrain:\n  batch_size: 8\n",
+     r"p.yaml:5: train: given twice \(also at line 3\), and only the last would count; keep one"),
+    ("name: x\ndata: {source: a.tar}\ntrain:\n  steps: 3\n  lr_g: 0.1\n  steps: 30\n",
+     r"p.yaml:6: train.steps: given twice \(also at line 4\)"),
+    ("name: x\ndata: {source: a.tar, source: b.tar}\n", r"p.yaml:2: data.source: given twice"),
+])
+def test_a_key_given_twice_is_an_error_not_a_silent_choice(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_pipeline(write(tmp_path, text))
+
+
+def test_yaml_aliases_that_expand_past_any_pipeline_are_refused(tmp_path):
+    levels = ['a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    levels += [f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]" for i in range(9)]
+    bomb = "name: x\ndata: {source: a.tar}\nloader:\n  " + "\n  ".join(levels) + "\n"  # 9 ** 10 values
+    with pytest.raises(ConfigError, match=r"p.yaml:\d+: loader.\w: over 10,000 values once its aliases are expanded"):
+        load_pipeline(write(tmp_path, bomb))
+    with pytest.raises(ConfigError, match=r"--set train.steps.*over 10,000 values"):
+        load_pipeline(write(tmp_path, "name: x\ndata: {source: a.tar}\n"),
+                      ["train.steps=" + "{" + ", ".join(level.replace(": ", ": ", 1) for level in levels) + "}"])
+    with pytest.raises(ConfigError, match=r"p.yaml:3: loader: an alias refers to itself"):
+        load_pipeline(write(tmp_path, "name: x\ndata: {source: a.tar}\nloader: &l [*l]\n"))
+    merged = "name: x\ndata: {source: a.tar}\nbase: &b {steps: 3, batch_size: 8}\n"  # ordinary aliases still work
+    cfg = load_pipeline(write(tmp_path, merged.replace("base: &b", "train: &b") + "export: {seed: 2}\n"))
+    assert cfg.train.steps == 3
+
+
+@pytest.mark.parametrize("name", ["../../w/ESCAPED", "a/b", "..", ".", "c:\\x"])
+def test_a_name_that_would_leave_runs_is_refused(tmp_path, name):
+    with pytest.raises(ConfigError, match=r"name: must be a plain folder name \(the run folder is runs/<name>\)"):
+        load_pipeline(write(tmp_path, f"name: '{name}'\ndata: {{source: a.tar}}\n"))
+
+
 def test_environment_variables_expand_with_defaults(tmp_path, monkeypatch):
     path = write(tmp_path, "name: x\ndata:\n  source: ${MY_DATA:-fallback.tar}\n")
     monkeypatch.delenv("MY_DATA", raising=False)
