@@ -41,6 +41,18 @@ def test_a_folder_is_hashed_by_its_bytes_and_each_file_once(small_tar, tmp_path,
     assert source_fingerprint(str(root), tmp_path / "empty-cache") == source_fingerprint(str(root), cache)
 
 
+def test_a_file_rewritten_in_place_with_its_modification_time_set_back_is_read_again(small_tar, tmp_path):
+    root, cache = _image_folder(small_tar, tmp_path / "images"), tmp_path / "cache"
+    first = source_fingerprint(str(root), cache)
+    image = sorted(p for p in root.rglob("*") if p.is_file())[0]
+    before = image.stat()
+    with open(image, "r+b") as handle:  # the same size, other bytes, the old modification time
+        handle.seek(100)
+        handle.write(bytes(50))
+    os.utime(image, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert source_fingerprint(str(root), cache) != first
+
+
 def test_archives_list_files_and_downloads(small_tar, tmp_path):
     cache = tmp_path / "cache"
     assert source_fingerprint(str(small_tar), cache) == source_fingerprint(str(small_tar), tmp_path / "other")

@@ -255,6 +255,72 @@ def test_checksums_are_checked_once_per_shard_file(small_shards, tmp_path, monke
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_bytes_changed_in_place_with_their_modification_time_set_back_are_checked_again(small_shards, tmp_path,
+                                                                                       backend):
+    import os
+    import shutil
+
+    copy = tmp_path / "shards"
+    shutil.copytree(small_shards, copy, copy_function=shutil.copy2)
+    cfg = LoaderConfig(backend=backend, threads=1)
+    open_loader(copy, cfg, 16, 0, torch.device("cpu"))  # checked, and remembered as checked
+    shard = copy / "shard-000001.tar"
+    before = shard.stat()
+    with open(shard, "r+b") as handle:
+        _spoil_images(handle, list(_index(copy / "shard-000001.idx")))
+    os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns))  # size and modification time as they were
+    assert (shard.stat().st_size, shard.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    with pytest.raises(DataError, match=r"shard-000001.tar: its bytes changed since it was written .*verify"):
+        open_loader(copy, cfg, 16, 0, torch.device("cpu"))
+
+
+def _index(path):
+    from cgan_pipe.data.manifest import parse_dali_index
+
+    return parse_dali_index(path)
+
+
+def test_a_dali_decode_failure_in_its_first_batches_is_named(small_shards, tmp_path):
+    import subprocess
+    import sys
+
+    copy = _damaged_copy(small_shards, tmp_path, _spoil_images, checksummed_after=True)  # written damaged
+    # in a process of its own: DALI's CPU decoder has crashed a process on garbage JPEG bytes before
+    opened = subprocess.run([sys.executable, "-c", f"""
+import torch
+from cgan_pipe.config import LoaderConfig
+from cgan_pipe.data.loader import open_loader
+from cgan_pipe.errors import DataError
+try:
+    for _, batch in zip(range(20), open_loader({str(copy)!r}, LoaderConfig(threads=1), 16, 0, torch.device("cpu"))):
+        pass
+except DataError as exc:
+    print(exc)
+"""], capture_output=True, text=True, timeout=300)
+    assert opened.returncode == 0, opened.stderr
+    assert f"{copy}: the DALI loader failed on a sample (" in opened.stdout
+    assert f"run `cgan-pipe verify {copy}` to list the bad samples" in opened.stdout
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_class_id_the_manifest_does_not_list_is_an_error_in_the_loader(small_shards, tmp_path, backend):
+    import json
+    import shutil
+
+    copy = tmp_path / "shards"
+    shutil.copytree(small_shards, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["class_names"] = manifest["class_names"][:3]  # samples of classes 3-9 are now outside it
+    manifest["class_histogram"] = {name: 20 for name in manifest["class_names"]}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    batches = iter(open_loader(copy, LoaderConfig(backend=backend, threads=1), 16, 0, torch.device("cpu")))
+    with pytest.raises(DataError, match=r"shards: a sample's .cls is \d, but the manifest lists 3 classes \(0-2\); "
+                                        r"run `cgan-pipe verify .*shards` to find it"):
+        for _ in range(20):
+            next(batches)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_a_truncated_shard_is_named_before_any_batch(small_shards, tmp_path, backend):
     copy = _damaged_copy(small_shards, tmp_path, lambda handle, samples: handle.truncate(30000))
     with pytest.raises(DataError, match="shard-000001.tar: 30000 bytes where the manifest says"):

@@ -95,6 +95,17 @@ def known_qualities(quality: torch.Tensor, shards: object) -> torch.Tensor:
     return quality.to(torch.float32)
 
 
+def checked_labels(labels: torch.Tensor, info: DatasetInfo, shards: object) -> torch.Tensor:
+    """`labels` (class ids of a batch, on the CPU); DataError naming the shard set when one is not a class of
+    its manifest, which a network's class embedding would fail on far from the cause."""
+    outside = (labels < 0) | (labels >= info.num_classes)
+    if outside.any():
+        raise DataError(f"{shards}: a sample's .cls is {int(labels[outside][0])}, but the manifest lists "
+                        f"{info.num_classes} classes (0-{info.num_classes - 1}); run `cgan-pipe verify {shards}` to "
+                        f"find it, and prepare the shards again")
+    return labels
+
+
 def parse_ascii_labels(raw: torch.Tensor) -> torch.Tensor:
     """Decimal class ids from `.cls` bytes, one zero-padded row of ASCII per sample -> int64.
 

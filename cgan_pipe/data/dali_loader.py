@@ -14,8 +14,8 @@ from ..images import ANY_IMAGE_EXTENSION
 from ..devices import resolve_device
 from ..distributed import rank_and_world
 from ..errors import DataError
-from .batch import (Batch, DatasetInfo, dataset_info, known_qualities, parse_ascii_labels, parse_quality,
-                    shards_of_rank, to_device)
+from .batch import (Batch, DatasetInfo, checked_labels, dataset_info, known_qualities, parse_ascii_labels,
+                    parse_quality, shards_of_rank, to_device)
 from ..locations import is_url, join
 from .manifest import Manifest
 from .shard_stream import ShardStream
@@ -112,11 +112,15 @@ class DaliLoader:
             batch_size=batch_size, num_threads=cfg.threads, device_id=gpu, seed=seed + rank,
             prefetch_queue_depth=2, with_meta=with_quality, stream=stream,
         )
-        self.pipeline.build()
-        self._iterator = DALIGenericIterator(
-            self.pipeline, ["images", "labels"] + (["quality"] if with_quality else []),
-            reader_name=None if stream else READER_NAME, last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True,
-        )
+        try:  # the iterator runs the pipeline for its first batches at once: a bad sample can fail here
+            self.pipeline.build()
+            self._iterator = DALIGenericIterator(
+                self.pipeline, ["images", "labels"] + (["quality"] if with_quality else []),
+                reader_name=None if stream else READER_NAME, last_batch_policy=LastBatchPolicy.PARTIAL,
+                auto_reset=True,
+            )
+        except RuntimeError as exc:
+            raise _failure(exc, shards) from exc
         self.samples_per_epoch: int = stream.samples if stream else self._iterator.size  # this rank's share
 
     def __iter__(self) -> Iterator[Batch]:
@@ -126,7 +130,8 @@ class DaliLoader:
                 # Labels and qualities are parsed on the CPU (DALI's readers hand them over there), then copied
                 # to the GPU without blocking: a blocking copy waits for the training step queued before it.
                 images = to_device(out["images"], self.device)
-                labels = to_device(parse_ascii_labels(out["labels"]), self.device) if self.labelled \
+                labels = to_device(checked_labels(parse_ascii_labels(out["labels"]), self.info, self.shards),
+                                   self.device) if self.labelled \
                     else torch.zeros(images.shape[0], dtype=torch.int64, device=self.device)
                 quality = None
                 if self.with_quality:
@@ -149,6 +154,14 @@ def _naming_failures(iterator: Iterator[list[dict[str, torch.Tensor]]], shards: 
     try:
         yield from iterator
     except RuntimeError as exc:
-        detail = next((line for line in str(exc).splitlines() if line.strip()), "")
-        raise DataError(f"{shards}: the DALI loader failed on a sample ({detail.strip()[:300]}); "
-                        f"run `cgan-pipe verify {shards}` to list the bad samples") from exc
+        raise _failure(exc, shards) from exc
+
+
+def _failure(exc: RuntimeError, shards: Path | str) -> DataError:
+    """The DataError for a failure of the DALI pipeline on the shard set `shards`: DALI's first line, then
+    its own reason (e.g. nvImageCodec's), and what to do."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    reason = next((line for line in lines if "failure" in line.lower() and "pipeline" not in line.lower()), "")
+    detail = "; ".join(dict.fromkeys(line for line in (lines[:1] + [reason]) if line))
+    return DataError(f"{shards}: the DALI loader failed on a sample ({detail[:300]}); run `cgan-pipe verify "
+                     f"{shards}` to list the bad samples, and prepare the shards again")

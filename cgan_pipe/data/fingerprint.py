@@ -10,19 +10,19 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..atomic import write_text_atomic
-from .digest import file_sha256
+from .digest import file_identity, file_sha256
 from .manifest import Manifest
 from .sources import DOWNLOAD_PREFIX, LIST_SUFFIXES
 
 log = logging.getLogger(__name__)
-FINGERPRINTS = "fingerprints"  # in the cache folder: one JSON per source, each file's hash by size and mtime
+FINGERPRINTS = "fingerprints"  # in the cache folder: one JSON per source, each file's hash by its identity
 
 
 def source_fingerprint(spec: str, cache_dir: Path) -> str | None:
     """sha256 over the bytes of every file the raw source `spec` is read from, each with its path
     relative to the source: a folder's files (hidden ones aside), a list file and the files it
     names, or a single archive. None when `spec` does not exist. Each file's hash is remembered
-    in `cache_dir` by its size and modification time, so an unchanged source is read only once;
+    in `cache_dir` by its size, times and inode, so an unchanged source is read only once;
     a 'download:' source is named by its spec alone (the download is checked on its own)."""
     if spec.startswith(DOWNLOAD_PREFIX):
         return hashlib.sha256(spec.encode()).hexdigest()
@@ -67,16 +67,13 @@ def _listed_files(list_file: Path) -> list[str]:
 
 def _file_hashes(root: Path, names: list[str], record: Path) -> dict[str, str]:
     """{name: sha256} of the files `names` under `root`, reusing the hashes in `record` of files whose
-    size and modification time are unchanged, and storing the new ones there."""
+    size, times and inode are unchanged (`digest.file_identity`), and storing the new ones there."""
     try:
         known = json.loads(record.read_text())
     except (OSError, ValueError):
         known = {}
-    stats = {}
-    for name in names:
-        stat = (root / name).stat()
-        stats[name] = [stat.st_size, stat.st_mtime_ns]
-    todo = [name for name in names if known.get(name, [None, None])[:2] != stats[name]]
+    stats = {name: file_identity(root / name) for name in names}
+    todo = [name for name in names if known.get(name, [None])[:-1] != stats[name]]
     log.info(f"{root}: content hash of {len(names)} files, {len(todo)} read now, the rest unchanged since hashed")
     with ThreadPoolExecutor(max_workers=4) as pool:  # hashlib hashes without the GIL
         for name, digest in zip(todo, pool.map(lambda name: file_sha256(root / name), todo)):
@@ -87,7 +84,7 @@ def _file_hashes(root: Path, names: list[str], record: Path) -> dict[str, str]:
             write_text_atomic(record, json.dumps({name: known[name] for name in names}))
         except OSError:
             pass  # a read-only cache: hash again next time
-    return {name: known[name][2] for name in names}
+    return {name: known[name][-1] for name in names}
 
 
 def _key(path: Path) -> str:

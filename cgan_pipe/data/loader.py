@@ -17,7 +17,7 @@ from .manifest import MANIFEST_NAME, Manifest, shard_set_manifest
 from .verify import check_checksums
 
 log = logging.getLogger(__name__)
-CHECKED_SHARDS = "checked-shards.json"  # in the cache folder: shards whose checksum matched, by size and mtime
+CHECKED_SHARDS = "checked-shards.json"  # in the cache folder: shards whose checksum matched, by file identity
 
 
 def open_loader(shards: Path | str, cfg: LoaderConfig, batch_size: int, seed: int, device: torch.device,

@@ -23,7 +23,8 @@ from ..interrupts import ignore_stop_signals
 from ..processes import child_initializer
 from ..devices import resolve_device
 from ..distributed import rank_and_world
-from .batch import Batch, DatasetInfo, dataset_info, known_qualities, parse_quality, shards_of_rank, to_device
+from .batch import (Batch, DatasetInfo, checked_labels, dataset_info, known_qualities, parse_quality, shards_of_rank,
+                    to_device)
 from ..locations import is_url
 from .bucket import read_checked
 from .manifest import MANIFEST_NAME, Manifest, ShardInfo
@@ -170,7 +171,8 @@ class TorchLoader:
         self.loader = DataLoader(
             dataset, batch_size=batch_size, drop_last=False, num_workers=cfg.threads,
             persistent_workers=True, pin_memory=device.type == "cuda" and not self.gpu_decode, generator=generator,
-            collate_fn=_collate_encoded if self.gpu_decode else None, worker_init_fn=child_initializer(ignore_stop_signals),
+            collate_fn=_collate_encoded if self.gpu_decode else None,
+            worker_init_fn=child_initializer(ignore_stop_signals),
         )
 
     def __iter__(self) -> Iterator[Batch]:
@@ -185,6 +187,8 @@ class TorchLoader:
                     images = torch.stack([self.augment(image) for image in decoded])
                 # non-blocking: a blocking copy to a GPU waits for the training step queued before it
                 images = to_device(images, self.device).float().div_(127.5).sub_(1.0)
+                if self.info.num_classes:
+                    labels = checked_labels(labels, self.info, self.shards)
                 yield Batch(images=images, labels=to_device(labels, self.device),
                             quality=to_device(known_qualities(quality, self.shards), self.device)
                             if self.with_quality else None)

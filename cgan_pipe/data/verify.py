@@ -23,7 +23,7 @@ from .inputs import count_by_kind
 from ..locations import is_url
 from .bucket import local_copies, object_sizes
 from .manifest import Manifest, ShardInfo, parse_dali_index, shard_set_manifest
-from .digest import file_sha256
+from .digest import file_identity, file_sha256
 from .shard_format import dali_index, member_extension, sample_members
 
 log = logging.getLogger(__name__)
@@ -287,8 +287,8 @@ def contact_sheet(where: Path | str, out: Path, per_class: int = 8) -> Path:
 
 
 def check_checksums(directory: Path, manifest: Manifest, record: Path) -> None:
-    """Compare each shard's sha256 with its manifest's, once per shard file: a shard whose size and
-    modification time are those of an earlier successful check (kept in the JSON file `record`) is
+    """Compare each shard's sha256 with its manifest's, once per shard file: a shard whose size, times and
+    inode (`digest.file_identity`) are those of an earlier successful check (kept in the JSON file `record`) is
     trusted. Raises DataError naming the first shard whose bytes changed since it was written,
     before any decoder meets them (DALI's CPU decoder can crash the process on a damaged JPEG)."""
     try:
@@ -298,9 +298,9 @@ def check_checksums(directory: Path, manifest: Manifest, record: Path) -> None:
     todo = []
     for shard in manifest.shards:
         path = (Path(directory) / shard.tar).resolve()
-        stat = path.stat()
-        if known.get(str(path)) != [stat.st_size, stat.st_mtime_ns, shard.sha256]:
-            todo.append((shard, path, [stat.st_size, stat.st_mtime_ns, shard.sha256]))
+        seen = [*file_identity(path), shard.sha256]
+        if known.get(str(path)) != seen:
+            todo.append((shard, path, seen))
     log.info(f"{directory}: sha256 of {len(todo)} shards to check, {len(manifest.shards) - len(todo)} checked before")
     if not todo:
         return
