@@ -253,6 +253,25 @@ def test_access_denied_is_named_with_what_to_check(s3_server, small_tar):
         server.terminate()
 
 
+def test_a_server_that_never_answers_ends_a_command_within_its_timeouts_naming_the_endpoint(s3_server):
+    import socket
+    import time
+
+    with socket.socket() as silent:  # accepts connections (the kernel does, up to the backlog) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)
+        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        started = time.monotonic()
+        result = run_cli("verify", "s3://silent/set", env={"AWS_ENDPOINT_URL": endpoint, "CGAN_PIPE_S3_TIMEOUT": "1",
+                                                          "CGAN_PIPE_S3_TRIES": "2"})
+        took = time.monotonic() - started
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"s3://silent/set/manifest.json: failed while reading it" in result.stderr
+    assert f"check that the server at {endpoint} is up and reachable" in result.stderr
+    assert "each request had 2 tries of up to 1 s without a reply" in result.stderr
+    assert took < 60  # with s3fs's and botocore's default tries and waits it was still waiting after 400 s
+
+
 def test_a_server_gone_mid_epoch_ends_in_an_error_naming_the_shard(s3_server, small_tar):
     import fsspec as fss
     import s3fs

@@ -35,17 +35,40 @@ def endpoint() -> str:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS's default endpoint"
 
 
+def timeouts() -> tuple[float, int]:
+    """(seconds an S3 request may wait to connect, or for the next bytes of a reply; tries per request):
+    $CGAN_PIPE_S3_TIMEOUT (default 30) and $CGAN_PIPE_S3_TRIES (default 3), so that a server that accepts
+    connections and never answers fails a command within about their product, naming the endpoint."""
+    try:
+        seconds = float(os.environ.get("CGAN_PIPE_S3_TIMEOUT", 30))
+        tries = int(os.environ.get("CGAN_PIPE_S3_TRIES", 3))
+    except ValueError:
+        raise ConfigError(f"CGAN_PIPE_S3_TIMEOUT ({os.environ.get('CGAN_PIPE_S3_TIMEOUT')!r}) must be seconds and "
+                          f"CGAN_PIPE_S3_TRIES ({os.environ.get('CGAN_PIPE_S3_TRIES')!r}) a whole number") from None
+    if seconds <= 0 or tries < 1:
+        raise ConfigError("CGAN_PIPE_S3_TIMEOUT must be > 0 and CGAN_PIPE_S3_TRIES at least 1")
+    return seconds, tries
+
+
 def filesystem(url: str) -> Any:
-    """The fsspec filesystem for `url`'s scheme (s3fs for s3://, with the standard AWS credential chain and
-    retries with backoff; one per process)."""
+    """The fsspec filesystem for `url`'s scheme (s3fs for s3://, with the standard AWS credential chain, and
+    bounded waits and tries: `timeouts`; one per process and setting)."""
     import fsspec
 
     scheme = url.split(":", 1)[0]
+    options: dict[str, Any] = {}
+    if scheme == "s3":  # s3fs retries (with backoff) what botocore gave up on: one botocore attempt per try
+        seconds, tries = timeouts()
+        options = {"config_kwargs": {"connect_timeout": seconds, "read_timeout": seconds,
+                                     "retries": {"total_max_attempts": 1}}}
     try:
-        return fsspec.filesystem(scheme)
+        fs = fsspec.filesystem(scheme, **options)
     except ImportError as exc:
         package = {"s3": "s3fs", "gs": "gcsfs"}.get(scheme, f"an fsspec filesystem for {scheme}://")
         raise ConfigError(f"{url}: reading {scheme}:// needs {package} ({exc}); pip install {package}") from None
+    if scheme == "s3":
+        fs.retries = tries  # s3fs takes its tries per request from this attribute, not from an argument
+    return fs
 
 
 def _key(url: str) -> str:
@@ -70,15 +93,21 @@ def explained(url: str, doing: str) -> Iterator[None]:
                         f"AWS_SECRET_ACCESS_KEY, AWS_PROFILE or ~/.aws/credentials) and bucket {bucket!r}'s "
                         f"policy") from None
     except (OSError, ValueError, TimeoutError) as exc:
-        raise DataError(f"{url}: failed while {doing} ({type(exc).__name__}: {exc}); check that the server at "
-                        f"{endpoint()} is up and reachable (AWS_ENDPOINT_URL), then rerun") from None
+        raise DataError(f"{url}: failed while {doing} ({type(exc).__name__}: {exc}); {_check_server()}") from None
     except Exception as exc:  # noqa: BLE001  botocore's and aiohttp's own families, which s3fs lets through
         if type(exc).__module__.split(".")[0] not in ("botocore", "aiohttp", "aiobotocore", "s3fs", "fsspec"):
             raise
         hint = " (no credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)" \
             if "Credentials" in type(exc).__name__ else ""
-        raise DataError(f"{url}: failed while {doing} ({type(exc).__name__}: {exc}){hint}; check that the server "
-                        f"at {endpoint()} is up and reachable (AWS_ENDPOINT_URL), then rerun") from None
+        raise DataError(f"{url}: failed while {doing} ({type(exc).__name__}: {exc}){hint}; {_check_server()}") \
+            from None
+
+
+def _check_server() -> str:
+    seconds, tries = timeouts()
+    return (f"check that the server at {endpoint()} is up and reachable (AWS_ENDPOINT_URL), then rerun (each "
+            f"request had {tries} tries of up to {seconds:g} s without a reply: CGAN_PIPE_S3_TRIES, "
+            f"CGAN_PIPE_S3_TIMEOUT)")
 
 
 def read_bytes(url: str) -> bytes:
