@@ -69,3 +69,26 @@ def disk_full_explained(where: Path, kept: str) -> Iterator[None]:
             raise
         raise DataError(f"{exc.filename or where}: no space left on the device; {kept}: free some space and "
                         f"rerun the same command to resume") from None
+
+
+# What to do about a file system error, by errno, for the errors a user can act on.
+_REMEDIES = {
+    errno.EROFS: "the file system is read-only: choose a folder on a writable one",
+    errno.EACCES: "permission denied: choose a folder you may write (and read), or change its permissions",
+    errno.EPERM: "not permitted: choose a folder you may write, or change its permissions",
+    errno.ENOTDIR: "a file is where a folder is needed: choose another path",
+    errno.EISDIR: "a folder is where a file is needed: choose another path",
+    errno.EEXIST: "it exists already as another kind of file: choose another path",
+    errno.ENAMETOOLONG: "the name is too long for the file system: choose a shorter path",
+    errno.ENOENT: "no such file or folder",
+}
+
+
+def os_error_message(exc: OSError) -> str:
+    """One line for a file system error: the path(s) it names, what went wrong, and what to do."""
+    if exc.errno in DISK_FULL:
+        return (f"{exc.filename or 'writing'}: no space left on the device; finished work is kept: free some "
+                f"space and rerun the same command to resume")
+    paths = " -> ".join(str(name) for name in (exc.filename, exc.filename2) if name is not None)
+    what = _REMEDIES.get(exc.errno) or exc.strerror or str(exc)
+    return f"{paths}: {what}" if paths else f"{what} ({exc})"

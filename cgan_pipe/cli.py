@@ -15,7 +15,7 @@ import click
 import yaml
 
 from . import __version__
-from .atomic import DISK_FULL
+from .atomic import os_error_message
 from .config import METRICS, DataConfig, ExportConfig, ModelConfig, load_pipeline, to_dict
 from .errors import ConfigError, Interrupted, UserError
 from .interrupts import terminations_interrupt
@@ -60,11 +60,8 @@ def _reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             click.echo(f"interrupted by {signal.Signals(number).name}{kept}; rerun the same command to resume",
                        err=True)
             sys.exit(128 + number)
-        except OSError as exc:  # a full disk met where no stage words it itself
-            if exc.errno not in DISK_FULL:
-                raise
-            click.secho(f"error: {exc.filename or 'writing'}: no space left on the device; finished work is kept: "
-                        f"free some space and rerun the same command to resume", fg="red", err=True)
+        except OSError as exc:  # met where no stage words it itself: a full disk, a read-only folder, ...
+            click.secho(f"error: {os_error_message(exc)}", fg="red", err=True)
             sys.exit(1)
 
     return wrapper

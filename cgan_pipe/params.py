@@ -118,4 +118,6 @@ class ShardLocation(click.ParamType):
             self.fail(str(exc).split(": ", 1)[1], param, ctx)
         if self.exists and isinstance(where, Path) and not where.is_dir():
             self.fail(f"folder {value!r} does not exist", param, ctx)
+        if self.write and isinstance(where, Path) and where.exists() and not where.is_dir():
+            self.fail(f"{value!r} is a file; give a folder (a new one is made)", param, ctx)
         return where

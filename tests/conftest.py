@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import tarfile
@@ -112,6 +113,21 @@ def quality_checkpoint(tmp_path_factory, quality_shards) -> Path:
     run_dir = tmp_path_factory.mktemp("quality-run")
     cfg = small_config(run_dir, {"compression": {"mode": "condition"}}, steps=2)
     return train(cfg, quality_shards, run_dir, progress=False).checkpoint
+
+
+UNSHARE = ["unshare", "--user", "--map-root-user", "--mount"]  # a namespace where this user may mount file systems
+
+
+@functools.cache
+def can_mount() -> bool:
+    """Whether this machine lets an unprivileged user mount a tmpfs in a namespace of its own (`UNSHARE`)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run([*UNSHARE, "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"], capture_output=True)
+    return probe.returncode == 0
 
 
 # The secret key of the test S3 server's credentials: tests grep every output of a run for it.

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,18 +16,10 @@ import yaml
 from cgan_pipe.atomic import TEMP_MARK
 from cgan_pipe.export import WORK_NAME
 
+from conftest import UNSHARE, can_mount
+
 CLI = str(Path(sys.executable).with_name("cgan-pipe"))
-UNSHARE = ["unshare", "--user", "--map-root-user", "--mount"]
-
-
-def _can_mount_tmpfs() -> bool:
-    if shutil.which("unshare") is None:
-        return False
-    probe = subprocess.run([*UNSHARE, "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"], capture_output=True)
-    return probe.returncode == 0
-
-
-pytestmark = pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs unprivileged user namespaces to mount a "
+pytestmark = pytest.mark.skipif(not can_mount(), reason="needs unprivileged user namespaces to mount a "
                                 "small tmpfs (unshare --user --map-root-user --mount); the ENOSPC path is also "
                                 "tested by simulation in test_export.py")
 
