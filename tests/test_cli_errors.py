@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from cgan_pipe.cli import main
@@ -51,6 +52,10 @@ CASES = [
      "--truncation: must be at least 0.05"),
     ("unknown metric", ["eval", "{ckpt}", "--metrics", "beauty"], 2, "beauty"),
     ("eval of a missing checkpoint", ["eval", "{tmp}/none.pt"], 1, "none.pt: checkpoint not found"),
+    ("generate from an incomplete checkpoint", ["generate", "{tmp}/incomplete.pt", "{tmp}/g", "--n", "2"], 1,
+     "incomplete.pt: incomplete checkpoint (dataset is missing)"),
+    ("eval of an incomplete checkpoint", ["eval", "{tmp}/incomplete.pt"], 1,
+     "incomplete.pt: incomplete checkpoint (dataset is missing)"),
     ("eval without shards", ["eval", "{ckpt}"], 2, "no shard set beside it; give the real shards with --shards"),
     ("bench distortion range", ["bench", "loader", "{shards}", "--jpeg-distort", "40,10"], 2, "--jpeg-distort"),
     ("bench precision", ["bench", "train", "{shards}", "--precision", "fp8", "--device", "cpu"], 2,
@@ -66,6 +71,9 @@ def files(tmp_path_factory, small_shards, small_tar, checkpoint):
     (tmp / "garbage.tar").write_bytes(b"\x00" * 100 + b"not a tar" * 300)
     (tmp / "busy").mkdir()
     (tmp / "busy" / "mine.txt").write_text("keep me")
+    state = torch.load(checkpoint, weights_only=True)
+    del state["dataset"]  # the right kind and version, a part missing
+    torch.save(state, tmp / "incomplete.pt")
     shutil.copytree(small_shards, tmp / "damaged")
     with open(tmp / "damaged" / "shard-000000.tar", "r+b") as handle:
         handle.seek(5000)
