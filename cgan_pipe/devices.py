@@ -1,6 +1,9 @@
-"""Turning a configured device ('auto' | 'cpu' | 'cuda') into a torch device."""
+"""Turning a configured device ('auto' | 'cpu' | 'cuda') into a torch device, and what memory it has free."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import torch
 
@@ -25,3 +28,31 @@ def has_fast_bf16(device: torch.device) -> bool:
     cpu = getattr(torch, "cpu", None)
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(cpu, name, lambda: False)() for name in checks)
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes a new allocation on `device` can take: the GPU's free memory, or this machine's available memory
+    (Linux's MemAvailable, lowered to what this process's cgroup still allows)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    available = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if available is None:  # not Linux: all of the memory
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit, used = (Path("/sys/fs/cgroup") / name for name in ("memory.max", "memory.current"))
+        if limit.read_text().strip().isdigit():
+            available = min(available, int(limit.read_text()) - int(used.read_text()))
+    except (OSError, ValueError):
+        pass
+    return available
+
+
+def gib(size: int) -> str:
+    """A byte count in GiB, for messages."""
+    return f"{size / 2**30:,.1f} GiB"

@@ -27,6 +27,7 @@ from .data.bucket import object_sizes, publish, published, read_bytes, staging_d
 from .data.manifest import Manifest, ShardInfo, write_manifest
 from .data.digest import file_sha256
 from .data.shard_format import ShardSample, ShardWriter
+from .devices import available_memory, gib
 from .distributed import wait_for_all_ranks
 from .errors import ConfigError, DataError
 from .locations import is_url
@@ -107,6 +108,7 @@ def export(checkpoint: Path, out_dir: Path | str, settings: ExportConfig, *, dev
     if previous == record:
         return ExportResult(out_dir, files_dir, shards_dir, len(labels), None, True)
     _check_replaceable(out_dir, record, previous, overwrite)
+    _check_room(out_dir, len(labels), settings)
 
     with folder_lock(out_dir) if rank == 0 else contextlib.nullcontext():
         work = _work_folder(out_dir)
@@ -228,10 +230,16 @@ def image_classes(settings: ExportConfig, info: DatasetInfo) -> torch.Tensor:
     """Class id of each image to export (its length is the number of images): round robin over the
     requested classes (all by default), or that many of each class for per-class counts."""
     classes = settings.classes
+    n = sum(classes.values()) if isinstance(classes, dict) else settings.n or DEFAULT_N
+    free = available_memory(torch.device("cpu"))
+    if 8 * n > free:  # the class id of every image is held while they are written
+        raise ConfigError(f"export.n: {n:,} images (--n, --seeds or the --classes counts) would need {gib(8 * n)} "
+                          f"of memory just for their class ids, more than the {gib(free)} free; export fewer at a "
+                          f"time (each seed range is reproducible: --seeds A-B)")
     if not info.class_names:
         if classes:
             raise ConfigError("export classes: this model is unconditional; give no classes")
-        return torch.zeros(settings.n or DEFAULT_N, dtype=torch.int64)
+        return torch.zeros(n, dtype=torch.int64)
     unknown = [c for c in classes or () if c not in info.class_names]
     if unknown:
         raise ConfigError(f"export classes: unknown {', '.join(map(repr, unknown))}; "
@@ -240,7 +248,6 @@ def image_classes(settings: ExportConfig, info: DatasetInfo) -> torch.Tensor:
         return torch.tensor([info.class_names.index(c) for c, count in classes.items() for _ in range(count)],
                             dtype=torch.int64)
     ids = torch.tensor([info.class_names.index(c) for c in classes or info.class_names])
-    n = settings.n or DEFAULT_N
     return ids.repeat(n // len(ids) + 1)[:n]
 
 
@@ -377,6 +384,26 @@ def _resume(work: Path, record: dict) -> None:
     (work / "shards").mkdir(parents=True, exist_ok=True)
     _parts(work).resume(record)
     remove_stale_temps(work)  # e.g. the contact sheet's
+
+
+SHARD_SAMPLE_BYTES = 3 * 1024  # the least a sample takes in a tar: image, .cls and .json, each a header and a block
+FILE_BYTES = 64  # less than any image file written (JPEG, PNG and WebP headers alone are longer)
+
+
+def _check_room(out_dir: Path, n: int, settings: ExportConfig) -> None:
+    """ConfigError when `n` images cannot fit on the file system of `out_dir` even at the least they take:
+    a request for a trillion images is refused at once, not after the disk is full."""
+    place = next(folder for folder in (out_dir.absolute(), *out_dir.absolute().parents) if folder.exists())
+    disk = os.statvfs(place)
+    free = disk.f_bavail * disk.f_frsize
+    need = n * ((FILE_BYTES if settings.output != "shards" else 0) + (SHARD_SAMPLE_BYTES if settings.output != "files"
+                                                                       else 0))
+    files_short = settings.output != "shards" and disk.f_files and n > disk.f_favail  # a file per image
+    if need > free or files_short:
+        lack = f"{n:,} files, where {disk.f_favail:,} more fit" if files_short else \
+            f"at least {gib(need)}, where {gib(free)} are free"
+        raise ConfigError(f"export.n: {n:,} images (--n, --seeds or the --classes counts) into {out_dir} need {lack}; "
+                          f"export fewer, or into a larger file system")
 
 
 def _finish(work: Path, out_dir: Path, record: dict, settings: ExportConfig, info: DatasetInfo, parts: int,

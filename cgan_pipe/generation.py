@@ -12,7 +12,7 @@ from .config import config_from_dict
 from .data.batch import DatasetInfo
 from .errors import ConfigError
 from .images import to_uint8
-from .models import build_networks, for_inference
+from .models import build_networks, check_fits, for_inference
 from .train.checkpoint import load_weights
 from .train.ema import OWN_STATISTICS, recompute_batchnorm, standing_inputs
 
@@ -25,6 +25,7 @@ def load_generator(state: dict, ema: bool, device: torch.device,
     before its BatchNorm statistics were its own gets them measured here."""
     cfg = config_from_dict(state["config"], origin="checkpoint config")
     info = checkpoint_dataset(state)
+    check_fits(cfg.model, info, cfg.compression, device, training=False)
     generator, _ = build_networks(cfg.model, info, cfg.compression)
     load_weights(generator, state, "G_ema" if ema else "G", "the checkpoint")
     generator = generator.to(device).eval().requires_grad_(False)

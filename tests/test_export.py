@@ -298,6 +298,24 @@ def test_bad_requests_fail_before_any_work(checkpoint, tmp_path):
     assert len(list(replaced.files.rglob("*.jpg"))) == 3 and read_manifest(replaced.shards).num_samples == 3
 
 
+@pytest.mark.parametrize("n", [10**12, 10**14])
+def test_more_images_than_memory_can_count_are_refused_before_any_work(checkpoint, tmp_path, n):
+    with pytest.raises(ConfigError, match=rf"export.n: {n:,} images .* would need [\d,.]+ GiB of memory just for "
+                                          r"their class ids, more than the [\d,.]+ GiB free"):
+        _export(checkpoint, tmp_path / "out", n=n)
+    assert not (tmp_path / "out").exists()
+
+
+def test_more_images_than_the_disk_can_hold_are_refused_before_any_work(checkpoint, tmp_path, monkeypatch):
+    real = os.statvfs
+    small = lambda path: os.statvfs_result((*real(path)[:4], 100, *real(path)[5:]))  # noqa: E731  100 blocks free
+    monkeypatch.setattr(os, "statvfs", small)
+    with pytest.raises(ConfigError, match=r"export.n: 1,000 images .* into .*out need at least [\d.]+ GiB, where "
+                                          r"[\d.]+ GiB are free; export fewer, or into a larger file system"):
+        _export(checkpoint, tmp_path / "out", n=1000)
+    assert not (tmp_path / "out").exists()
+
+
 def test_class_names_from_a_tampered_checkpoint_cannot_write_outside_the_export(checkpoint, tmp_path):
     state = load_checkpoint(checkpoint)
     state["dataset"]["class_names"][3] = "../../escaped"

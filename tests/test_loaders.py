@@ -321,6 +321,32 @@ def test_a_class_id_the_manifest_does_not_list_is_an_error_in_the_loader(small_s
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_shuffle_buffer_beyond_the_set_holds_the_set_and_one_beyond_memory_is_refused(small_shards, backend,
+                                                                                         monkeypatch):
+    import cgan_pipe.data.loader as loader_module
+
+    huge = LoaderConfig(backend=backend, threads=1, shuffle_buffer=99_999_999_999)  # DALI: bad_alloc after 78 s
+    batch = next(iter(open_loader(small_shards, huge, 16, 0, torch.device("cpu"))))
+    assert batch.images.shape == (16, 3, 32, 32)
+    monkeypatch.setattr(loader_module, "available_memory", lambda device: 100_000)  # a machine with 100 kB free
+    with pytest.raises(ConfigError, match=r"loader.shuffle_buffer: 200 samples of .* \(about [\d.]+ KiB each\) would "
+                                          r"hold .* GiB, more than the 0.0 GiB of memory free; lower it"):
+        open_loader(small_shards, huge, 16, 0, torch.device("cpu"))
+
+
+def test_a_manifest_of_a_resolution_no_network_has_is_refused(small_shards, tmp_path):
+    import json
+    import shutil
+
+    copy = tmp_path / "shards"
+    shutil.copytree(small_shards, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "resolution": 33}))
+    with pytest.raises(DataError, match=r"manifest.json: resolution 33 is not a power of two between 8 and 1024"):
+        open_loader(copy, LoaderConfig(threads=1), 16, 0, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_a_truncated_shard_is_named_before_any_batch(small_shards, tmp_path, backend):
     copy = _damaged_copy(small_shards, tmp_path, lambda handle, samples: handle.truncate(30000))
     with pytest.raises(DataError, match="shard-000001.tar: 30000 bytes where the manifest says"):

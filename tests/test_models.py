@@ -7,7 +7,8 @@ import torch
 
 from cgan_pipe.config import CompressionConfig, ModelConfig
 from cgan_pipe.data.batch import DatasetInfo
-from cgan_pipe.models import build_networks
+from cgan_pipe.models import build_networks, check_fits
+from cgan_pipe.errors import ConfigError
 from cgan_pipe.models.resnet import ConditionalBatchNorm
 from cgan_pipe.models.sizes import channel_plan
 
@@ -131,3 +132,13 @@ def test_every_r3gan_residual_block_starts_as_the_identity():
     assert odd(torch.randn(2, 16), torch.zeros(2, dtype=torch.int64)).shape == (2, 3, 16, 16)  # any width
     assert not any(isinstance(m, (torch.nn.BatchNorm2d, torch.nn.GroupNorm, torch.nn.LayerNorm))
                    for m in (*G.modules(), *D.modules()))  # normalisation-free
+
+
+@pytest.mark.parametrize("arch", ["dcgan", "resnet", "r3gan"])
+def test_networks_too_large_for_the_memory_are_refused_before_anything_is_allocated(arch):
+    info = DatasetInfo(32, 3, tuple(f"c{i}" for i in range(10)), 100)
+    with pytest.raises(ConfigError, match=rf"model.g_width 100000000, model.d_width 128: the {arch} networks would "
+                                          r"hold [\d,]+ parameters, [\d,.]+ GiB with what training keeps of them, more "
+                                          r"than the [\d,.]+ GiB free on cpu; lower the widths"):
+        check_fits(ModelConfig(arch=arch, g_width=100_000_000), info, None, torch.device("cpu"), training=True)
+    check_fits(ModelConfig(arch=arch), info, None, torch.device("cpu"), training=True)  # the defaults fit

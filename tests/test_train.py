@@ -87,6 +87,13 @@ def test_an_incomplete_newest_checkpoint_is_named_and_resume_falls_back(small_sh
     assert result.resumed_from == 2 and result.steps == 6 and "incomplete checkpoint" in warnings[0]
 
 
+def test_a_width_no_memory_holds_stops_training_before_it_allocates(small_shards, tmp_path):
+    cfg = small_config(tmp_path, {"model": {"g_width": 100_000_000}})  # 409 GB of weights were tried before
+    with pytest.raises(ConfigError, match=r"model.g_width 100000000, model.d_width 64: the dcgan networks"):
+        train(cfg, small_shards, tmp_path, progress=False)
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def test_rerun_resumes_and_continues_the_step_count(small_shards, tmp_path):
     train(small_config(tmp_path), small_shards, tmp_path, progress=False)
     first = load_checkpoint(list_checkpoints(tmp_path / "checkpoints")[-1])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Iterator
@@ -9,6 +10,7 @@ from typing import Iterator
 import torch
 
 from ..config import LoaderConfig, default_cache_dir
+from ..devices import available_memory, gib
 from ..errors import ConfigError, DataError
 from .batch import Batch, Loader
 from ..locations import location
@@ -54,6 +56,7 @@ def open_loader(shards: Path | str, cfg: LoaderConfig, batch_size: int, seed: in
         raise ConfigError(
             f"train.batch_size: {batch_size} is larger than the {manifest.num_samples} samples in {shards}"
         )
+    cfg = _fitted_shuffle_buffer(cfg, manifest, shards)
     part = (0, 1) if whole else (None, None)
     if cfg.backend == "dali":
         from .dali_loader import DaliLoader  # DALI is imported only when asked for
@@ -62,6 +65,24 @@ def open_loader(shards: Path | str, cfg: LoaderConfig, batch_size: int, seed: in
     from .torch_loader import TorchLoader
 
     return TorchLoader(shards, manifest, cfg, batch_size, seed, device, *part, with_quality=with_quality)
+
+
+def _fitted_shuffle_buffer(cfg: LoaderConfig, manifest: Manifest, shards: Path | str) -> LoaderConfig:
+    """`cfg` with a shuffle buffer no larger than the shard set (a larger one holds the whole set all the same);
+    ConfigError when the encoded samples it holds (in each DataLoader worker, for the torch backend) would not
+    fit in the memory free, which DALI finds out only after minutes, as std::bad_alloc."""
+    samples = min(cfg.shuffle_buffer, manifest.num_samples)
+    copies = cfg.threads if cfg.backend == "torch" else 1
+    mean = sum(shard.bytes for shard in manifest.shards) / max(1, manifest.num_samples)
+    need, free = int(samples * copies * mean), available_memory(torch.device("cpu"))
+    if need > free:
+        raise ConfigError(f"loader.shuffle_buffer: {samples:,} samples of {shards} (about {mean / 1024:,.1f} KiB each"
+                          f"{f', in each of {copies} workers' if copies > 1 else ''}) would hold {gib(need)}, more "
+                          f"than the {gib(free)} of memory free; lower it")
+    if samples < cfg.shuffle_buffer:
+        log.info(f"loader.shuffle_buffer: {cfg.shuffle_buffer} is more than the {samples} samples of {shards}; "
+                 f"{samples} hold them all")
+    return dataclasses.replace(cfg, shuffle_buffer=samples)
 
 
 def first_samples(shards: Path | str, cfg: LoaderConfig, n: int, device: torch.device) -> Iterator[Batch]:

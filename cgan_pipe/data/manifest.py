@@ -126,6 +126,9 @@ def parse_manifest(text: str, where: str) -> Manifest:
         for name in (shard.tar, shard.index):
             if "/" in name or name.startswith("."):
                 raise DataError(f"{where}: lists {name!r}, which is not a file name in the shard folder")
+    if not (8 <= manifest.resolution <= 1024 and manifest.resolution & (manifest.resolution - 1) == 0):
+        raise DataError(f"{where}: resolution {manifest.resolution} is not a power of two between 8 and 1024, as "
+                        f"every shard set cgan-pipe writes has; prepare the shards again (data.resolution)")
     return manifest
 
 

@@ -8,6 +8,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ..config import CompressionConfig, ModelConfig
 from ..data.batch import DatasetInfo
+from ..devices import available_memory, gib
+from ..errors import ConfigError
 from . import dcgan, r3gan, resnet
 
 
@@ -30,6 +32,24 @@ def build_networks(cfg: ModelConfig, info: DatasetInfo,
                                              quality=judges_quality)
         return generator, discriminator
     raise ValueError(f"unknown architecture {cfg.arch!r}")  # config validation admits only known ones
+
+
+def check_fits(cfg: ModelConfig, info: DatasetInfo, compression: CompressionConfig | None, device: torch.device,
+               training: bool) -> None:
+    """ConfigError naming model.g_width and model.d_width when the networks' weights alone, with (for
+    `training`) their gradients, Adam's two moments and G's EMA copy, would take more memory than `device`
+    has free: networks made from a mistyped width would otherwise try to allocate all of it. They are sized
+    on the meta device, which allocates nothing."""
+    with torch.device("meta"):
+        generator, discriminator = build_networks(cfg, info, compression)
+    g_params, d_params = (sum(p.numel() for p in net.parameters()) for net in (generator, discriminator))
+    need = 4 * (g_params * 5 + d_params * 4 if training else g_params + d_params)  # float32 copies
+    free = available_memory(device)
+    if need > free:
+        raise ConfigError(f"model.g_width {cfg.g_width}, model.d_width {cfg.d_width}: the {cfg.arch} networks would "
+                          f"hold {g_params + d_params:,} parameters, {gib(need)} with what "
+                          f"{'training' if training else 'generating'} keeps of them, more than the "
+                          f"{gib(free)} free on {device.type}; lower the widths")
 
 
 def for_inference(generator: nn.Module) -> nn.Module:

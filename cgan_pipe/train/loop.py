@@ -32,7 +32,7 @@ from ..errors import ConfigError, DataError, Interrupted, TrainingError
 from ..interrupts import StopRequest, stop_requests
 from ..lock import folder_lock
 from ..metrics.evaluate import Evaluator, check_eval_settings
-from ..models import build_networks
+from ..models import build_networks, check_fits
 from .checkpoint import (check_compatible, checkpoint_path, load_weights, newest_checkpoint, restore_rng,
                          save_checkpoint, trained_on_other_shards, training_state)
 from .curves import plot_curves
@@ -116,6 +116,8 @@ def _train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: boo
     log.info(f"training on {device} ({'fp32' if dtype is None else dtype}), {world} rank(s), batch {tc.batch_size}, "
              + (f"resuming from {path} (step {start}, {spent / 60:.1f} minutes spent)" if state is not None
                 else "from scratch"))
+
+    check_fits(cfg.model, info, cfg.compression, device, training=True)  # before a mistyped width takes it all
 
     # Data: an endless stream of this rank's batches on the training device. A resumed run draws a
     # fresh order (seed + step) rather than replaying the first run's from its start, so frequent
