@@ -30,9 +30,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` atomically."""
+    """Write `text` to `path` atomically, as UTF-8; a name that was not UTF-8 where it came from (a lone
+    surrogate, as Python reads such bytes) is written as its escape (\\udce9) rather than failing."""
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8", errors="backslashreplace")
 
 
 def remove_stale_temps(folder: Path) -> list[Path]:

@@ -131,6 +131,9 @@ def main() -> None:
     terminated (SIGTERM; training first writes a checkpoint of the step under way).
     Every command takes -q (results only) and -v (more detail on stderr; -vv: debug).
     """
+    for stream in (sys.stdout, sys.stderr):  # names that were not UTF-8 on disk print as escapes (\udce9)
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
 
 
 @main.command(epilog=f"Example: {EXAMPLES['init']}")

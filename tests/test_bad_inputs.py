@@ -154,3 +154,37 @@ def test_the_decompression_bomb_limit_is_configurable(tmp_path):
         tar.addfile(info, io.BytesIO(JPEG_CAT))
     with pytest.raises(Exception, match="too large: 32x32 is over the limit of 1000 pixels"):
         prepare(DataConfig(str(source), max_pixels=1000), tmp_path / "o", progress=False)
+
+
+def test_names_that_are_not_utf8_pass_through_prepare_run_and_export_as_escapes(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    source = tmp_path / "latin.tar"  # names written as latin-1 bytes, as an old archiver would
+    with tarfile.open(source, "w", format=tarfile.USTAR_FORMAT, encoding="latin-1") as tar:
+        for i, (name, data) in enumerate(cifar_members("test", 3).items()):
+            cls = "caf\xe9" if name.split("/")[1] == "cat" else name.split("/")[1]
+            for member, content in ((f"{cls}/photo-{i}-\xe9t\xe9.jpg", data), (f"{cls}/not-an-image-{i}\xe9.txt", b"x")):
+                info = tarfile.TarInfo(member)
+                info.size = len(content)
+                tar.addfile(info, io.BytesIO(content))
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(yaml.safe_dump({
+        "name": "latin", "run_dir": str(tmp_path / "run"), "data": {"source": str(source)},
+        "loader": {"threads": 1}, "model": {"z_dim": 16, "g_width": 32, "d_width": 32}, "eval": {"metrics": []},
+        "train": {"steps": 2, "batch_size": 10, "device": "cpu"}, "export": {"n": 20},
+    }))
+    cli = str(Path(sys.executable).with_name("cgan-pipe"))
+    strict = {**os.environ, "PYTHONIOENCODING": "utf-8:strict"}  # a terminal that takes UTF-8 and nothing else
+    for command in (["prepare", str(source), str(tmp_path / "shards"), "-v"], ["inspect", str(tmp_path / "shards")],
+                    ["run", str(pipeline), "-v"]):
+        result = subprocess.run([cli, *command], capture_output=True, text=True, env=strict, timeout=300)
+        assert result.returncode == 0 and "Traceback" not in result.stderr, (command, result.stderr)
+        assert command[0] == "run" or "caf\\udce9" in result.stdout + result.stderr, command  # shown as an escape
+    assert "caf\\udce9" in (tmp_path / "run" / "report.html").read_text(encoding="utf-8")
+    assert b"caf\xe9" in os.listdir(os.fsencode(tmp_path / "run" / "export" / "files"))  # the name's own bytes
+    assert read_manifest(tmp_path / "shards").class_names[3] == "caf\udce9"
