@@ -16,7 +16,7 @@ from typing import Any
 from PIL import Image
 
 from .atomic import write_text_atomic
-from .config import PipelineConfig, load_pipeline
+from .config import PipelineConfig, config_from_dict, load_pipeline
 from .schema import describe_keys
 from .data.inputs import count_by_kind, counts_text
 from .data.sources import open_source
@@ -210,6 +210,7 @@ def write_starter(source: str, path: Path, name: str, *, machine: Machine, force
     `force`), checked to load; returns the survey and the settings chosen."""
     if path.exists() and not force:
         raise ConfigError(f"{path} exists; choose another --out, or pass --force to overwrite it")
+    config_from_dict({"name": name, "data": {"source": source}}, origin="init --name")  # before any file is written
     if not source.startswith("download:"):  # the file may be run from another folder
         source = str(Path(source).expanduser().resolve())
     survey = survey_source(source)

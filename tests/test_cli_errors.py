@@ -29,6 +29,8 @@ CASES = [
     ("fp16 on a CPU", ["train", CIFAR_YAML, "--set", "train.precision=fp16", "--set", "train.device=cpu",
                        "--set", "run_dir={tmp}/run", "--set", "loader.shards={shards}"], 2, "train.precision: fp16"),
     ("missing source", ["prepare", "{tmp}/nothing", "{tmp}/out"], 1, "nothing' does not exist"),
+    ("init name leaving runs/", ["init", "{tar}", "--name", "../escaped", "--out", "{tmp}/escaped.yaml"], 2,
+     "init --name: name: must be a plain folder name"),
     ("bad prepare format", ["prepare", "{tar}", "{tmp}/out", "--format", "gif"], 2, "--format"),
     ("bad prepare quality", ["prepare", "{tar}", "{tmp}/out", "--quality", "0"], 2, "--quality"),
     ("corrupt tar", ["prepare", "{tmp}/garbage.tar", "{tmp}/out"], 1, "garbage.tar"),

@@ -57,8 +57,9 @@ def test_prepare_on_a_full_disk_explains_keeps_no_half_shard_and_resumes(small_t
 
 def test_generate_on_a_full_disk_explains_keeps_no_half_shard_and_resumes(checkpoint, tmp_path):
     mount = tmp_path / "mnt"
-    result = _fill_then_free(mount, "200k", [CLI, "generate", str(checkpoint), str(mount / "out"), "--seeds", "0-999",
-                                             "--shard-size", "100", "--device", "cpu", "-q"], tmp_path / "after")
+    # 3.5 MB: more than the least 1,000 images take (3.1 MB: refused up front below that), less than they do take
+    result = _fill_then_free(mount, "3500k", [CLI, "generate", str(checkpoint), str(mount / "out"), "--seeds", "0-999",
+                                              "--shard-size", "100", "--device", "cpu", "-q"], tmp_path / "after")
     assert result["rc1"] == 1 and "no space left on the device; finished parts of the export are kept" \
         in result["err1"] and "Traceback" not in result["err1"]
     work = str(mount / "out" / WORK_NAME)  # the unfinished export, kept to resume from

@@ -334,6 +334,11 @@ def test_a_shuffle_buffer_beyond_the_set_holds_the_set_and_one_beyond_memory_is_
         open_loader(small_shards, huge, 16, 0, torch.device("cpu"))
 
 
+def test_thousands_of_loader_threads_are_refused_before_any_starts(small_shards):
+    with pytest.raises(ConfigError, match=r"loader.threads: 100000 is more than \d+ \(four per core"):
+        open_loader(small_shards, LoaderConfig(backend="torch", threads=100_000), 16, 0, torch.device("cpu"))
+
+
 def test_a_manifest_of_a_resolution_no_network_has_is_refused(small_shards, tmp_path):
     import json
     import shutil

@@ -102,6 +102,9 @@ def test_prepare_from_a_gzipped_tar_equals_the_plain_tar_and_cleans_up(small_tar
     packed = tmp_path / "small.tar.gz"
     packed.write_bytes(gzip.compress(small_tar.read_bytes()))
     from_plain, _ = prepare(DataConfig(str(small_tar), shard_size=120), tmp_path / "plain", progress=False)
+    (tmp_path / "gz").mkdir()
+    (tmp_path / "gz" / "notes.source-list.txt").write_text("the user's")  # named much like a decompressed source
     from_gzip, _ = prepare(DataConfig(str(packed), shard_size=120), tmp_path / "gz", progress=False)
     assert [s.sha256 for s in from_gzip.shards] == [s.sha256 for s in from_plain.shards]
+    (tmp_path / "gz" / "notes.source-list.txt").unlink()  # kept: the decompressed source alone was removed
     assert sorted(p.name for p in (tmp_path / "gz").iterdir()) == sorted(p.name for p in (tmp_path / "plain").iterdir())

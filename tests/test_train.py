@@ -94,6 +94,21 @@ def test_a_width_no_memory_holds_stops_training_before_it_allocates(small_shards
     assert not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("part, value, message", [
+    ("G", {"stem.0.weight": "not a tensor"}, "G holds values that are not tensors"),
+    ("opt_d", {"lr": 0.1}, "opt_d is not an optimiser's state"),
+    ("rng", {"torch": torch.zeros(4)}, "its random number state is not a byte tensor"),
+    ("step", "4", "step is not an int"),
+    ("config", {"name": "x", "data": {"source": "a"}, "train": {"steps": -1}}, r"its config: train.steps: must be > 0"),
+])
+def test_a_checkpoint_part_of_the_wrong_shape_is_named(checkpoint, tmp_path, part, value, message):
+    state = load_checkpoint(checkpoint)
+    state[part] = value
+    torch.save(state, tmp_path / "odd.pt")
+    with pytest.raises(DataError, match=rf"odd.pt: incomplete checkpoint \({message}"):
+        load_checkpoint(tmp_path / "odd.pt")
+
+
 def test_rerun_resumes_and_continues_the_step_count(small_shards, tmp_path):
     train(small_config(tmp_path), small_shards, tmp_path, progress=False)
     first = load_checkpoint(list_checkpoints(tmp_path / "checkpoints")[-1])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -56,6 +57,10 @@ def open_loader(shards: Path | str, cfg: LoaderConfig, batch_size: int, seed: in
         raise ConfigError(
             f"train.batch_size: {batch_size} is larger than the {manifest.num_samples} samples in {shards}"
         )
+    most = max(32, 4 * (os.cpu_count() or 1))
+    if cfg.threads > most:  # each a thread or a forked process: thousands would exhaust the machine first
+        raise ConfigError(f"loader.threads: {cfg.threads} is more than {most} (four per core of this machine's "
+                          f"{os.cpu_count()}); a few per core keep a loader fed")
     cfg = _fitted_shuffle_buffer(cfg, manifest, shards)
     part = (0, 1) if whole else (None, None)
     if cfg.backend == "dali":

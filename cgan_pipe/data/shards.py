@@ -36,7 +36,7 @@ from . import tars
 from .shard_format import SHARD_NAME, ShardSample, ShardWriter, sample_files
 from .inputs import DUPLICATE, count_by_kind, counts_text, left_out, left_out_because
 from .listing import Listing, SourceItem, shuffled_positions
-from .sources import DECOMPRESSED_PREFIX, ItemReader, RawImage, open_source
+from .sources import ItemReader, RawImage, is_decompressed_name, open_source
 
 log = logging.getLogger(__name__)
 EXIF_ORIENTATION = 0x0112
@@ -300,8 +300,9 @@ def _merge_planned(out_dir: Path, plan: dict[str, Any]) -> Manifest:
     )
     write_manifest(out_dir, manifest)
     _parts(out_dir).finish()
-    for path in out_dir.glob(f"*{DECOMPRESSED_PREFIX}*"):  # a decompressed source, or a killed run's temp of it
-        path.unlink()
+    for path in out_dir.iterdir():  # a decompressed source, or a killed run's temp of it
+        if is_decompressed_name(path.name):
+            path.unlink()
     return manifest
 
 

@@ -8,6 +8,7 @@ import io
 import os
 import pickle
 import posixpath
+import re
 import tarfile
 import tempfile
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from typing import Iterable, Iterator, Protocol
 
 import numpy as np
 
+from ..atomic import TEMP_MARK
 from ..errors import DataError
 from ..images import EXTENSIONS
 from .inputs import (CANNOT_READ, MISSING, NO_IMAGE, NOT_A_FILE, UNSAFE_PATH, count_by_kind, counts_text,
@@ -391,6 +393,12 @@ class TarSource(Source):
                         self.rejected.append(verdict)
         finally:
             os.close(fd)
+
+
+def is_decompressed_name(name: str) -> bool:
+    """Whether `name` is that of a source `decompressed_name` made, or of its temp file (a killed run's)."""
+    pattern = rf"\.?{re.escape(DECOMPRESSED_PREFIX)}[0-9a-f]{{12}}\.tar(?:{re.escape(TEMP_MARK)}\d+)?"
+    return re.fullmatch(pattern, name) is not None
 
 
 def decompressed_name(path: Path) -> str:

@@ -157,13 +157,21 @@ def _incomplete(state: dict) -> str | None:
         holder = state if not where else state["dataset"]
         for key, kind in parts.items():
             if not isinstance(holder.get(key), kind) or isinstance(holder.get(key), bool):
-                return f"{where}{key} is {'missing' if key not in holder else 'not a ' + kind.__name__}"
-    dataset = state["dataset"]
+                article = "an" if kind.__name__[0] in "aeiou" else "a"
+                return f"{where}{key} is {'missing' if key not in holder else f'not {article} {kind.__name__}'}"
+    for network in ("G", "D", "G_ema"):
+        if not all(isinstance(value, torch.Tensor) for value in state[network].values()):
+            return f"{network} holds values that are not tensors"
+    for optimiser in ("opt_g", "opt_d"):
+        if not {"state", "param_groups"} <= state[optimiser].keys():
+            return f"{optimiser} is not an optimiser's state"
+    dataset, rng = state["dataset"], state["rng"].get("torch")
     if state["step"] < 0 or not all(isinstance(name, str) for name in dataset["class_names"]):
         return "its step or class names are not valid"
-    if not isinstance(dataset.get("qualities"), (list, type(None))) or not isinstance(state["rng"].get("torch"),
-                                                                                       torch.Tensor):
-        return "its trained qualities or random number state are not valid"
+    if not isinstance(dataset.get("qualities"), (list, type(None))):
+        return "its trained qualities are not a list"
+    if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8:
+        return "its random number state is not a byte tensor"
     try:
         config_from_dict(state["config"], origin="its config")
     except ConfigError as exc:
