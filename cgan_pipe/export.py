@@ -153,12 +153,16 @@ def _check_replaceable(out_dir: Path, record: dict[str, Any], previous: dict[str
     ours = previous is not None or (_work_folder(out_dir) / _PLAN_NAME).is_file()  # a finished or killed export
     foreign = [name for name in present if name not in EXPORT_ENTRIES or not ours]
     if foreign:
-        raise ConfigError(f"{out_dir} holds files cgan-pipe did not write ({', '.join(foreign[:3])}"
-                          f"{', ...' if len(foreign) > 3 else ''}); export into a new folder")
+        raise ConfigError(f"{out_dir} holds files cgan-pipe did not write ({_first_few(foreign)}); export into a "
+                          f"new folder")
     if previous is not None and not overwrite:
         changed = sorted(key for key in record.keys() | previous.keys() if record.get(key) != previous.get(key))
         raise ConfigError(f"{out_dir} holds an export made with other settings ({', '.join(changed)} differ); "
                           f"choose a new folder, or pass --overwrite to replace it")
+
+
+def _first_few(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
 
 
 def export_into_bucket(checkpoint: Path, url: str, settings: ExportConfig, *, device: torch.device,
@@ -184,8 +188,8 @@ def export_into_bucket(checkpoint: Path, url: str, settings: ExportConfig, *, de
     local = staging_dir(url) / "export"
     foreign = sorted(name for name in found if name.split("/")[0] not in EXPORT_ENTRIES)
     if foreign:
-        raise ConfigError(f"{url} holds objects cgan-pipe did not write ({', '.join(foreign[:3])}"
-                          f"{', ...' if len(foreign) > 3 else ''}); export into a new prefix")
+        raise ConfigError(f"{url} holds objects cgan-pipe did not write ({_first_few(foreign)}); export into a new "
+                          f"prefix")
     ours = _previous_record(local) == record or _parts(_work_folder(local)).same_plan(record)  # killed before
     if found and not overwrite and not ours:
         what = "an export made with other settings" if isinstance(previous, dict) else "an unfinished export"

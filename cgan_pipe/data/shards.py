@@ -192,7 +192,8 @@ def _our_files(out_dir: Path, parts: int, mine: Callable[[int], bool]) -> Callab
         planned = 0
 
     def owned(name: str) -> bool:
-        return name in listed or name.startswith(".") or (resumable.number(name) or 0) < planned
+        number = resumable.number(name)
+        return name in listed or name.startswith(".") or (number is not None and number < planned)
 
     foreign = [path for path in present if not owned(path.name) and resumable.number(path.name) < parts]
     if foreign:
