@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import functools
 import multiprocessing
+import multiprocessing.util  # its exit handler, registered on import, must run after ours (below)
 import os
 import signal
 import subprocess
@@ -79,3 +81,15 @@ def run_tied(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess:
         _prctl()  # looked up here: the forked child, between fork and exec, only calls it
         return subprocess.run(command, preexec_fn=_kill_me_when_parent_exits, **kwargs)
     return subprocess.run(command, **kwargs)
+
+
+def _kill_daemonic_children() -> None:
+    """At exit, kill this process's daemonic children still alive: DataLoader workers, which ignore SIGTERM
+    (`interrupts.ignore_stop_signals`), would outlive multiprocessing's own exit handler, which sends them
+    SIGTERM and then waits for them. Registered after that handler, so it runs before it."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
+atexit.register(_kill_daemonic_children)

@@ -147,3 +147,20 @@ def test_bench_loader_leaves_no_dataloader_worker_behind(shards):
         [CLI, "bench", "loader", str(shards), "--backends", "baseline", "--workers", "2", "--batches", "100000",
          "--batch-size", "16"], ready=3, grace=3)
     assert count == 3 and survivors == []
+
+
+def test_a_process_that_exits_with_dataloader_workers_alive_ends(small_shards):
+    # DataLoader workers ignore SIGTERM (so that training stops cleanly); multiprocessing's exit handler
+    # sends them SIGTERM and then waits for them, which waited forever before cgan-pipe killed them first.
+    leaves_workers = textwrap.dedent(f"""
+        import torch
+        from cgan_pipe.config import LoaderConfig
+        from cgan_pipe.data.loader import open_loader
+
+        batches = iter(open_loader({str(small_shards)!r}, LoaderConfig(backend="torch", threads=2), 16, 0,
+                                   torch.device("cpu")))
+        next(batches)  # two workers running, and the iterator never closed
+        print("exiting", flush=True)
+    """)
+    done = subprocess.run([sys.executable, "-c", leaves_workers], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout == "exiting\n", done.stderr
