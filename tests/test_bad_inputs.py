@@ -168,7 +168,8 @@ def test_names_that_are_not_utf8_pass_through_prepare_run_and_export_as_escapes(
     with tarfile.open(source, "w", format=tarfile.USTAR_FORMAT, encoding="latin-1") as tar:
         for i, (name, data) in enumerate(cifar_members("test", 3).items()):
             cls = "caf\xe9" if name.split("/")[1] == "cat" else name.split("/")[1]
-            for member, content in ((f"{cls}/photo-{i}-\xe9t\xe9.jpg", data), (f"{cls}/not-an-image-{i}\xe9.txt", b"x")):
+            for member, content in ((f"{cls}/photo-{i}-\xe9t\xe9.jpg", data),
+                                    (f"{cls}/not-an-image-{i}\xe9.txt", b"x")):
                 info = tarfile.TarInfo(member)
                 info.size = len(content)
                 tar.addfile(info, io.BytesIO(content))

@@ -33,7 +33,8 @@ def _logged_steps(run_dir: Path) -> list[int]:
     return [json.loads(line)["step"] for line in lines if line.endswith("}")]
 
 
-@pytest.mark.parametrize("stop, backend, whole_group", [(signal.SIGTERM, "dali", False), (signal.SIGINT, "torch", True)])
+@pytest.mark.parametrize("stop, backend, whole_group", [(signal.SIGTERM, "dali", False),
+                                                        (signal.SIGINT, "torch", True)])
 def test_a_signal_ends_training_with_a_checkpoint_of_the_step_under_way(small_shards, tmp_path, stop, backend,
                                                                          whole_group):
     run_dir = tmp_path / "run"

@@ -160,6 +160,9 @@ def test_eval_settings_are_checked_before_any_work():
         check_eval_settings(EvalConfig(metrics=["classifier"]), DatasetInfo(32, 3, (), 10))
     with pytest.raises(ConfigError, match="eval.inception_weights: .*nope.pth not found"):
         check_eval_settings(EvalConfig(metrics=["is"], inception_weights="/nope.pth"), labelled)
+    with pytest.raises(ConfigError, match=r"eval.n_samples: 1,000,000,000,000 generated and up to 10,000 real "
+                                          r"images would need [\d,.]+ GiB for their features, more than"):
+        check_eval_settings(EvalConfig(metrics=["classifier"], n_samples=10**12), labelled)
 
 
 class _RealImages(nn.Module):

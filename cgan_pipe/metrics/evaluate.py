@@ -19,12 +19,14 @@ from ..config import EvalConfig, LoaderConfig, default_cache_dir
 from ..data.batch import DatasetInfo, dataset_info
 from ..data.loader import first_samples
 from ..data.manifest import shard_set_manifest
+from ..devices import available_memory, gib
 from ..errors import ConfigError
 from ..generation import generate, load_generator
 from ..images import from_uint8
 from ..train.checkpoint import load_checkpoint
 from .classifier import NAME as CLASSIFIER_NAME
 from .classifier import Classifier, train_classifier
+from .inception import CLASSES as INCEPTION_CLASSES, FEATURES as INCEPTION_FEATURES
 from .inception import fetch_fid_weights, load_fid_inception
 from .quality import (QualityRegressor, block_edge_ratio, block_steps, estimate_pixel_quality, spearman,
                       train_quality_regressor)
@@ -39,6 +41,15 @@ def check_eval_settings(cfg: EvalConfig, info: DatasetInfo) -> None:
     if "classifier" in cfg.metrics and not info.num_classes:
         raise ConfigError("eval.metrics: 'classifier' needs class labels and these shards have none; "
                           "use fid/kid/is with eval.inception_weights, or metrics: []")
+    per_image = 4 * ((Classifier.FEATURES + info.num_classes if "classifier" in cfg.metrics else 0)
+                     + (INCEPTION_FEATURES + INCEPTION_CLASSES if any(m in INCEPTION_METRICS for m in cfg.metrics)
+                        else 0))
+    need, free = 2 * per_image * (cfg.n_samples + min(cfg.n_reference, info.num_samples)), \
+        available_memory(torch.device("cpu"))  # twice: a batch's features are gathered, then joined
+    if need > free:
+        raise ConfigError(f"eval.n_samples: {cfg.n_samples:,} generated and up to {cfg.n_reference:,} real images "
+                          f"would need {gib(need)} for their features, more than the {gib(free)} of memory free; "
+                          f"lower eval.n_samples or eval.n_reference")
     if any(m in INCEPTION_METRICS for m in cfg.metrics) and not inception_weights(cfg).is_file():
         load_fid_inception(cfg.inception_weights)  # raises the message saying where to get it
 
