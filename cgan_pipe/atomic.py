@@ -68,8 +68,11 @@ def disk_full_explained(where: Path, kept: str) -> Iterator[None]:
     except OSError as exc:
         if exc.errno not in DISK_FULL:
             raise
-        raise DataError(f"{exc.filename or where}: no space left on the device; {kept}: free some space and "
-                        f"rerun the same command to resume") from None
+        raise DataError(_no_space(exc.filename or where, kept)) from None
+
+
+def _no_space(where: Path | str, kept: str) -> str:
+    return f"{where}: no space left on the device; {kept}: free some space and rerun the same command to resume"
 
 
 # What to do about a file system error, by errno, for the errors a user can act on.
@@ -88,8 +91,7 @@ _REMEDIES = {
 def os_error_message(exc: OSError) -> str:
     """One line for a file system error: the path(s) it names, what went wrong, and what to do."""
     if exc.errno in DISK_FULL:
-        return (f"{exc.filename or 'writing'}: no space left on the device; finished work is kept: free some "
-                f"space and rerun the same command to resume")
+        return _no_space(exc.filename or "writing", "finished work is kept")
     paths = " -> ".join(str(name) for name in (exc.filename, exc.filename2) if name is not None)
     what = _REMEDIES.get(exc.errno) or exc.strerror or str(exc)
     return f"{paths}: {what}" if paths else f"{what} ({exc})"

@@ -93,7 +93,9 @@ def _scale(value: float | None) -> str | None:
     return None if value is None or 0.0 < value <= 1.0 else "must be in (0, 1]"
 
 
-def _resolution(value: int) -> str | None:
+def resolution_problem(value: int) -> str | None:
+    """What is wrong with `value` as the side of a shard set's square images (None when nothing): the
+    networks are built for powers of two from 8 to 1024. data.resolution's check, and every manifest's."""
     ok = 8 <= value <= 1024 and value & (value - 1) == 0
     return None if ok else "must be a power of two between 8 and 1024"
 
@@ -174,7 +176,7 @@ class DataConfig:
     split: Literal["train", "test"] = option(
         "train", "Which split of a CIFAR-10 python archive or download to use."
     )
-    resolution: int = option(32, "Side of the square training images, in pixels.", _resolution)
+    resolution: int = option(32, "Side of the square training images, in pixels.", resolution_problem)
     format: ShardFormat = option(
         "jpeg",
         "Image format inside the shards. JPEG inputs already at the resolution are copied "

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import write_text_atomic
+from ..config import resolution_problem
 from ..errors import DataError
 from ..locations import is_url
 from .bucket import ObjectMissing, read_bytes
@@ -126,7 +127,7 @@ def parse_manifest(text: str, where: str) -> Manifest:
         for name in (shard.tar, shard.index):
             if "/" in name or name.startswith("."):
                 raise DataError(f"{where}: lists {name!r}, which is not a file name in the shard folder")
-    if not (8 <= manifest.resolution <= 1024 and manifest.resolution & (manifest.resolution - 1) == 0):
+    if resolution_problem(manifest.resolution):
         raise DataError(f"{where}: resolution {manifest.resolution} is not a power of two between 8 and 1024, as "
                         f"every shard set cgan-pipe writes has; prepare the shards again (data.resolution)")
     return manifest
