@@ -240,21 +240,31 @@ class TrainRecord(_Timed):
     data_wait: float
     peak_memory_mib: float | None  # CUDA memory allocated at most (None on the CPU)
     host_syncs_per_step: float | None = None  # on CUDA, uncompiled: torch's synchronising calls per step
+    resolution: int | None = None  # of the shard set's images
+    width: int | None = None  # g_width = d_width
+    loss: str = "hinge"
+    r1_gamma: float = 0.0  # the penalties' weights (0: off), applied every r1_every steps
+    r2_gamma: float = 0.0
+    r1_every: int = 16
 
     @property
     def label(self) -> str:
         """The setting, for the printed table."""
+        penalties = "".join(f" {name}" for name, gamma in (("R1", self.r1_gamma), ("R2", self.r2_gamma)) if gamma)
         return (f"{self.arch} b{self.batch_size} {self.precision}{' channels-last' if self.channels_last else ''}"
-                f"{' compile' if self.compile else ''}")
+                f"{' compile' if self.compile else ''}{penalties}")
 
 
 def bench_train(shards: Path, *, archs: tuple[str, ...] = ("dcgan", "resnet"), batch_sizes: tuple[int, ...] = (64, 256),
                 precisions: tuple[str, ...] = ("fp32", "bf16"), compiles: tuple[bool, ...] = (False, True),
                 channels_lasts: tuple[bool, ...] = (False,), steps: int = 50, width: int = 256, device: str = "auto",
-                loader_backend: str = "dali",
-                echo: Callable[[str], None] = print) -> list[TrainRecord]:
+                loader_backend: str = "dali", loss: str = "hinge", r1_gamma: float = 0.0, r2_gamma: float = 0.0,
+                r1_every: int = 16, echo: Callable[[str], None] = print,
+                on_record: Callable[[list[TrainRecord]], None] = lambda records: None) -> list[TrainRecord]:
     """Train each combination for 2 x `steps` steps on `shards` and time the second half (the first
-    warms up: compilation, cuDNN autotuning, loader start); returns one record per combination. Each
+    warms up: compilation, cuDNN autotuning, loader start); returns one record per combination, and
+    hands the records so far to `on_record` as each one is made. With `r1_gamma` (and `r2_gamma`) the
+    penalty steps, every `r1_every` steps, are timed with the rest. Each
     combination compiles afresh (dynamo is reset). On CUDA, uncompiled combinations also count the
     host syncs per step: torch's synchronising calls (torch.cuda.set_sync_debug_mode) in a run of
     2 x `steps` steps less those in a run of `steps`, over `steps` (set-up and the last tick cancel;
@@ -262,10 +272,12 @@ def bench_train(shards: Path, *, archs: tuple[str, ...] = ("dcgan", "resnet"), b
     import torch
 
     from .config import config_from_dict
+    from .data.manifest import read_manifest
     from .devices import resolve_device
     from .train.loop import read_metrics, train
 
     resolved = resolve_device(device, "--device")
+    resolution = read_manifest(shards).resolution
     records = []
     settings = itertools.product(archs, batch_sizes, precisions, channels_lasts, compiles)
     for arch, batch_size, precision, channels_last, compiled in settings:
@@ -277,6 +289,7 @@ def bench_train(shards: Path, *, archs: tuple[str, ...] = ("dcgan", "resnet"), b
                 "eval": {"metrics": []},
                 "train": {"steps": total_steps, "batch_size": batch_size, "precision": precision,
                           "compile": compiled, "channels_last": channels_last, "log_every": steps,
+                          "loss": loss, "r1_gamma": r1_gamma, "r2_gamma": r2_gamma, "r1_every": r1_every,
                           "sample_every": 10 * steps,
                           "checkpoint_every": 10 * steps, "device": device},
             }, origin="bench train")
@@ -298,10 +311,12 @@ def bench_train(shards: Path, *, archs: tuple[str, ...] = ("dcgan", "resnet"), b
             syncs = (counts[1] - counts[0]) / steps
         images = steps * batch_size
         record = TrainRecord(arch, batch_size, precision, compiled, channels_last, resolved.type, images,
-                             images / timed["images_per_s"], timed["data_wait"], memory, syncs)
+                             images / timed["images_per_s"], timed["data_wait"], memory, syncs, resolution, width,
+                             loss, r1_gamma, r2_gamma, r1_every)
         echo(f"{record.line()}  data wait {record.data_wait:.1%}"
              + (f"  host syncs/step {syncs:.2f}" if syncs is not None else ""))
         records.append(record)
+        on_record(records)
     return records
 
 

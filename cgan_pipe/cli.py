@@ -16,7 +16,7 @@ import yaml
 
 from . import __version__
 from .atomic import os_error_message
-from .config import METRICS, DataConfig, ExportConfig, ModelConfig, load_pipeline, to_dict
+from .config import METRICS, DataConfig, ExportConfig, ModelConfig, TrainConfig, load_pipeline, to_dict
 from .errors import ConfigError, Interrupted, UserError
 from .interrupts import terminations_interrupt
 from .locations import join, local_path
@@ -646,27 +646,35 @@ def bench_loader_command(shards: Path | str, batch_size: int, batches: int, work
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--backend", type=click.Choice(["dali", "torch"]), default="dali", show_default=True,
               help="Loader backend.")
+@_keyed(TrainConfig, "loss", "--loss", help="GAN loss.")
+@_keyed(TrainConfig, "r1_gamma", "--r1", type=float, help="R1 penalty weight (0: off); its steps are timed too.")
+@_keyed(TrainConfig, "r2_gamma", "--r2", type=float, help="R2 penalty weight (0: off), applied with R1.")
+@_keyed(TrainConfig, "r1_every", "--r1-every", type=int, help="Steps between penalty steps.")
 @click.option("--json", "json_path", type=LocalPath(dir_okay=False), default=None,
               help="Also write the records [{arch, batch_size, precision, compile, channels_last, device, images, "
-              "seconds, images_per_s, data_wait, peak_memory_mib, host_syncs_per_step}] to this file.")
+              "seconds, images_per_s, data_wait, peak_memory_mib, host_syncs_per_step, resolution, width, loss, "
+              "r1_gamma, r2_gamma, r1_every}] to this file, rewritten after each setting.")
 @verbosity_options
 @_reports_errors
 def bench_train_command(shards: str, archs: tuple[str, ...], batch_sizes: list[int], precisions: tuple[str, ...],
                         compile_modes: str, channels_last_modes: str, steps: int, width: int, device: str,
-                        backend: str, json_path: str | None) -> None:
+                        backend: str, loss: str, r1_gamma: float, r2_gamma: float, r1_every: int,
+                        json_path: str | None) -> None:
     """Time training on the shard set SHARDS for each architecture, batch size, precision, memory
     format and compile setting: images/s (kimg/s x 1000), data-wait fraction, peak CUDA memory, and (on
     CUDA, uncompiled) host syncs per training step."""
     from .atomic import write_text_atomic
-    from .bench import bench_train
+    from .bench import TrainRecord, bench_train
+
+    def write(records: list[TrainRecord]) -> None:
+        if json_path:
+            write_text_atomic(Path(json_path), json.dumps([r.to_dict() for r in records], indent=2) + "\n")
 
     modes = {"off": (False,), "on": (True,), "both": (False, True)}
-    records = bench_train(Path(shards), archs=archs, batch_sizes=tuple(batch_sizes), precisions=precisions,
-                          compiles=modes[compile_modes],
-                          channels_lasts=modes[channels_last_modes], steps=steps, width=width, device=device,
-                          loader_backend=backend, echo=click.echo)
-    if json_path:
-        write_text_atomic(Path(json_path), json.dumps([r.to_dict() for r in records], indent=2) + "\n")
+    bench_train(Path(shards), archs=archs, batch_sizes=tuple(batch_sizes), precisions=precisions,
+                compiles=modes[compile_modes], channels_lasts=modes[channels_last_modes], steps=steps, width=width,
+                device=device, loader_backend=backend, loss=loss, r1_gamma=r1_gamma, r2_gamma=r2_gamma,
+                r1_every=r1_every, echo=click.echo, on_record=write)
 
 
 @bench.command("export", epilog=f"Example: {EXAMPLES['bench export']}")

@@ -96,6 +96,32 @@ def test_bench_train_times_each_setting_after_a_warm_up(small_shards, tmp_path):
     assert bad.exit_code == 2 and "'--precision': 'fp8': expected some of fp32, bf16, fp16" in bad.output
 
 
+def test_bench_train_times_the_penalty_steps_and_writes_each_record_as_it_is_made(small_shards, tmp_path):
+    import cgan_pipe.bench as bench
+    from cgan_pipe.train import loop
+
+    penalised, written = [], []
+    real_train = loop.train
+
+    def spy(cfg, *args, **kwargs):  # what each timed run trains with
+        penalised.append((cfg.train.loss, cfg.train.r1_gamma, cfg.train.r2_gamma, cfg.train.r1_every))
+        return real_train(cfg, *args, **kwargs)
+
+    loop.train = spy
+    try:
+        records = bench.bench_train(small_shards, archs=("dcgan", "r3gan"), batch_sizes=(8,), precisions=("fp32",),
+                                    compiles=(False,), steps=2, width=16, device="cpu", loader_backend="torch",
+                                    loss="rpgan", r1_gamma=0.5, r2_gamma=0.25, r1_every=1, echo=lambda line: None,
+                                    on_record=lambda so_far: written.append([r.arch for r in so_far]))
+    finally:
+        loop.train = real_train
+    assert penalised == [("rpgan", 0.5, 0.25, 1)] * 2
+    assert written == [["dcgan"], ["dcgan", "r3gan"]]
+    assert all((r.loss, r.r1_gamma, r.r2_gamma, r.r1_every, r.resolution, r.width) == ("rpgan", 0.5, 0.25, 1, 32, 16)
+               for r in records)
+    assert records[0].label == "dcgan b8 fp32 R1 R2"
+
+
 def test_bench_export_times_the_export_beside_a_plain_pillow_loop(checkpoint, tmp_path):
     result = CliRunner().invoke(main, ["bench", "export", str(checkpoint), "--n", "60", "--batch-size", "16",
                                        "--device", "cpu", "--scratch", str(tmp_path), "--json",
