@@ -1,6 +1,7 @@
 """The GPU path end to end on a CUDA device (skipped without one): train, kill -9 and resume with either loader
-backend, bf16 and fp16, compiled or not, with R1; host syncs per training step; export in both JPEG chroma
-subsamplings. The kill-and-resume cycle also runs here on the CPU, so the test itself is exercised everywhere."""
+backend, bf16 and fp16, compiled or not, with R1; R3GAN's family, loss, R1 + R2 and schedules; host syncs per
+training step; export in both JPEG chroma subsamplings. The kill-and-resume cycles also run here on the CPU, so
+the tests themselves are exercised everywhere."""
 
 from __future__ import annotations
 
@@ -20,14 +21,20 @@ from cgan_pipe.train.checkpoint import list_checkpoints, load_checkpoint
 
 from conftest import small_config
 
-CLI = str(Path(sys.executable).with_name("cgan-pipe"))
+CLI = [sys.executable, "-m", "cgan_pipe"]  # the interpreter running the tests, wherever its scripts are
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+R3GAN = ({"arch": "r3gan"}, {"loss": "rpgan", "r2_gamma": 1.0, "schedule_kimg": 0.5,
+                             "schedule_to": {"lr_g": 5e-5, "lr_d": 5e-5, "r1_gamma": 0.1, "r2_gamma": 0.1, "beta2": 0.99}})
+
+
 def _kill_after_first_checkpoint_and_resume(shards: Path, tmp_path: Path, device: str, backend: str,
-                                            precision: str, compiled: bool) -> dict:
-    """`cgan-pipe train` (with R1 every other step) killed with SIGKILL once its first checkpoint is written,
-    then run again to its last step: the newest checkpoint, as the rerun found it."""
+                                            precision: str, compiled: bool, model: dict | None = None,
+                                            train: dict | None = None) -> dict:
+    """`cgan-pipe train` (with R1 every other step, and what `model` and `train` add) killed with SIGKILL once
+    its first checkpoint is written, then run again to its last step: the newest checkpoint, as the rerun found
+    it."""
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "shards").symlink_to(shards)
@@ -35,11 +42,12 @@ def _kill_after_first_checkpoint_and_resume(shards: Path, tmp_path: Path, device
     pipeline.write_text(yaml.safe_dump({
         "name": "gpu", "run_dir": str(run_dir), "data": {"source": "unused"},
         "loader": {"backend": backend, "device": device, "threads": 2},
-        "model": {"z_dim": 32, "g_width": 32, "d_width": 32}, "eval": {"metrics": []},
+        "model": {"z_dim": 32, "g_width": 32, "d_width": 32, **(model or {})}, "eval": {"metrics": []},
         "train": {"steps": 60, "batch_size": 16, "log_every": 2, "sample_every": 60, "checkpoint_every": 4,
-                  "device": device, "precision": precision, "compile": compiled, "r1_gamma": 1.0, "r1_every": 2},
+                  "device": device, "precision": precision, "compile": compiled, "r1_gamma": 1.0, "r1_every": 2,
+                  **(train or {})},
     }))
-    command = [CLI, "train", str(pipeline), "-q"]
+    command = [*CLI, "train", str(pipeline), "-q"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 600
     while not list_checkpoints(run_dir / "checkpoints") and process.poll() is None and time.monotonic() < deadline:
@@ -58,17 +66,24 @@ def _kill_after_first_checkpoint_and_resume(shards: Path, tmp_path: Path, device
     return load_checkpoint(list_checkpoints(run_dir / "checkpoints")[-1])
 
 
-def test_train_killed_and_resumed_on_the_cpu(small_shards, tmp_path):
-    state = _kill_after_first_checkpoint_and_resume(small_shards, tmp_path, "cpu", "torch", "bf16", False)
+@pytest.mark.parametrize("family", ["dcgan", "r3gan"])
+def test_train_killed_and_resumed_on_the_cpu(small_shards, tmp_path, family):
+    model, train = R3GAN if family == "r3gan" else ({}, {})
+    state = _kill_after_first_checkpoint_and_resume(small_shards, tmp_path, "cpu", "torch", "bf16", False, model,
+                                                    train)
     assert state["step"] == 60 and set(state["rng"]) == {"torch"}
 
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("backend, precision, compiled", [  # each backend in each precision; compiled once, as
-    ("dali", "bf16", True), ("dali", "fp16", False), ("torch", "bf16", False), ("torch", "fp16", False)])  # GPU default
-def test_train_killed_and_resumed_on_a_gpu(small_shards, tmp_path, backend, precision, compiled):
-    state = _kill_after_first_checkpoint_and_resume(small_shards, tmp_path, "cuda", backend, precision, compiled)
+@pytest.mark.parametrize("backend, precision, compiled, family", [  # each backend in each precision, compiled on
+    ("dali", "bf16", True, "dcgan"), ("dali", "fp16", False, "dcgan"),  # each backend, and R3GAN's whole set-up
+    ("torch", "bf16", False, "dcgan"), ("torch", "fp16", False, "dcgan"), ("torch", "bf16", True, "dcgan"),
+    ("torch", "bf16", False, "r3gan"), ("torch", "fp16", False, "r3gan")])
+def test_train_killed_and_resumed_on_a_gpu(small_shards, tmp_path, backend, precision, compiled, family):
+    model, train = R3GAN if family == "r3gan" else ({}, {})
+    state = _kill_after_first_checkpoint_and_resume(small_shards, tmp_path, "cuda", backend, precision, compiled,
+                                                    model, train)
     assert state["step"] == 60 and set(state["rng"]) == {"torch", "cuda"}
     assert all(torch.isfinite(t).all() for t in state["D"].values() if t.is_floating_point())
 
