@@ -101,9 +101,31 @@ CPU_FAMILY = "dcgan"  # after 15 CPU minutes the best at 64 px, and by class acc
 R3GAN_GAMMA = {32: 0.05, 64: 1.0, 128: 12.0, 256: 150.0}
 
 
-def training_memory_mib(arch: str, resolution: int, width: int, batch: int) -> float:
-    """Estimated peak memory of training `arch` at `resolution`, `width` and `batch` (MiB)."""
-    return BASE_MIB + MIB_PER_IMAGE[resolution][arch] * batch * width / 128
+# How much R1 + R2 raise the memory per image: their step keeps D's graphs of the reals and the fakes alive for a
+# second backward pass. Measured per family on the CPU at 32 and 64 px (benchmarks/penalty_memory.py,
+# docs/benchmarks.md, "Memory of the R1 and R2 penalties"), the larger of the two, rounded up; dcgan's marginal
+# memory per image is small beside the noise of a peak RSS, so its factor is the least certain.
+PENALTY_FACTOR = {"dcgan": 4.5, "resnet": 1.9, "r3gan": 1.45}
+# On a GPU: the CUDA context (about 0.5 GiB with lazy module loading), cuBLAS and cuDNN workspaces and the
+# caching allocator's slack. An allowance, not a measurement: the first GPU contact's probe measures the context.
+CUDA_ALLOWANCE_MIB = 2048
+
+
+def training_memory_mib(arch: str, resolution: int, width: int, batch: int, *, penalties: bool = False,
+                        cuda: bool = False) -> float:
+    """Estimated peak memory of training `arch` at `resolution`, `width` and `batch` (MiB), with R1 + R2
+    (`penalties`); on a GPU (`cuda`), the networks' weights, gradients and Adam moments and the CUDA
+    allowance take the place of the CPU process's base."""
+    per_image = MIB_PER_IMAGE[resolution][arch] * width / 128 * (PENALTY_FACTOR[arch] if penalties else 1)
+    if not cuda:
+        return BASE_MIB + per_image * batch
+    from .config import ModelConfig
+    from .data.batch import DatasetInfo
+    from .models import weight_bytes
+
+    model = ModelConfig(arch=arch, g_width=width, d_width=width)
+    _, weights = weight_bytes(model, DatasetInfo(resolution, 3, tuple(map(str, range(1000))), 0), None, True)
+    return CUDA_ALLOWANCE_MIB + weights / 2**20 + per_image * batch
 
 
 def model_and_batch(arch: str, resolution: int, machine: Machine) -> tuple[int, int, str]:
@@ -114,8 +136,8 @@ def model_and_batch(arch: str, resolution: int, machine: Machine) -> tuple[int, 
         else (128, 64)
     batches = (128, 64, 32, 16) if machine.cuda else (64, 32, 16)
     for width in widths:
-        for batch in batches:
-            need = training_memory_mib(arch, resolution, width, batch)
+        for batch in batches:  # init's GPU runs are R3GAN's, with R1 and R2
+            need = training_memory_mib(arch, resolution, width, batch, penalties=machine.cuda, cuda=machine.cuda)
             if need <= budget:
                 return width, batch, (f"about {need / 1024:.1f} GiB to train, within {MEMORY_SHARE:.0%} of the "
                                       f"{machine.memory_bytes / 2**30:.0f} GiB of {machine.name}")

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import pytest
 from click.testing import CliRunner
 from PIL import Image
 
 from cgan_pipe.cli import main
 from cgan_pipe.config import PipelineConfig, load_pipeline
 from cgan_pipe.schema import describe_keys
-from cgan_pipe.starter import Machine, pipeline_name, starter_yaml, suggest, survey_source, training_memory_mib
+from cgan_pipe.starter import (CUDA_ALLOWANCE_MIB, Machine, model_and_batch, pipeline_name, starter_yaml, suggest,
+                              survey_source, training_memory_mib)
+
+from conftest import ROOT
 
 GIB = 2**30
 GPU_80 = Machine(True, 80 * GIB, "a GPU")
@@ -93,3 +97,25 @@ def test_pipeline_names_come_from_the_source():
     assert pipeline_name("/data/My Photos/") == "My-Photos"
     assert pipeline_name("pets.tar.gz") == "pets" and pipeline_name("list.txt") == "list"
     assert pipeline_name("ünïcode.tar") == "n-code" and pipeline_name("...") == "my-images"
+
+
+H100 = Machine(True, 81559 * 2**20, "NVIDIA H100 80GB HBM3")  # the memory torch reports on one
+
+
+@pytest.mark.parametrize("preset", ["images128", "images256", "tinyimagenet64", "cifar"])
+def test_the_gpu_presets_fit_an_80_gb_h100_by_the_estimate_with_their_penalties(preset, monkeypatch):
+    monkeypatch.setenv("CGAN_PIPE_IMAGES", "photos")
+    cfg = load_pipeline(ROOT / "pipelines" / f"{preset}.yaml")
+    penalties = cfg.train.r1_gamma > 0 or cfg.train.r2_gamma > 0
+    need = training_memory_mib(cfg.model.arch, cfg.data.resolution, max(cfg.model.g_width, cfg.model.d_width),
+                               cfg.train.batch_size, penalties=penalties, cuda=True)
+    assert need <= 0.9 * H100.memory_bytes / 2**20, f"{preset}: {need / 1024:.1f} GiB"
+
+
+@pytest.mark.parametrize("resolution", [32, 64, 128, 256])
+def test_inits_gpu_choices_fit_an_h100_counting_r1_r2_and_the_cuda_context(resolution):
+    width, batch, why = model_and_batch("r3gan", resolution, H100)
+    need = training_memory_mib("r3gan", resolution, width, batch, penalties=True, cuda=True)
+    assert need <= 0.6 * H100.memory_bytes / 2**20 and "within 60%" in why
+    plain = training_memory_mib("r3gan", resolution, width, batch)
+    assert need > plain + CUDA_ALLOWANCE_MIB  # the penalties' graphs and the GPU's own memory are counted

@@ -40,16 +40,23 @@ def check_fits(cfg: ModelConfig, info: DatasetInfo, compression: CompressionConf
     `training`) their gradients, Adam's two moments and G's EMA copy, would take more memory than `device`
     has free: networks made from a mistyped width would otherwise try to allocate all of it. They are sized
     on the meta device, which allocates nothing."""
-    with torch.device("meta"):
-        generator, discriminator = build_networks(cfg, info, compression)
-    g_params, d_params = (sum(p.numel() for p in net.parameters()) for net in (generator, discriminator))
-    need = 4 * (g_params * 5 + d_params * 4 if training else g_params + d_params)  # float32 copies
+    params, need = weight_bytes(cfg, info, compression, training)
     free = available_memory(device)
     if need > free:
         raise ConfigError(f"model.g_width {cfg.g_width}, model.d_width {cfg.d_width}: the {cfg.arch} networks would "
-                          f"hold {g_params + d_params:,} parameters, {gib(need)} with what "
+                          f"hold {params:,} parameters, {gib(need)} with what "
                           f"{'training' if training else 'generating'} keeps of them, more than the "
                           f"{gib(free)} free on {device.type}; lower the widths")
+
+
+def weight_bytes(cfg: ModelConfig, info: DatasetInfo, compression: CompressionConfig | None,
+                 training: bool) -> tuple[int, int]:
+    """(parameters, bytes) of the two networks: their float32 weights and, for `training`, their gradients,
+    Adam's two moments and G's EMA copy. Sized on the meta device, which allocates nothing."""
+    with torch.device("meta"):
+        generator, discriminator = build_networks(cfg, info, compression)
+    g_params, d_params = (sum(p.numel() for p in net.parameters()) for net in (generator, discriminator))
+    return g_params + d_params, 4 * (g_params * 5 + d_params * 4 if training else g_params + d_params)
 
 
 def for_inference(generator: nn.Module) -> nn.Module:
