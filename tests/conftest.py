@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import io
 import os
+import shutil
 import tarfile
 import tempfile
 from pathlib import Path
@@ -16,8 +17,14 @@ from cgan_pipe.config import DataConfig
 from cgan_pipe.data.shards import prepare
 from data.make_sample import PER_CLASS as SAMPLE_PER_CLASS, first_per_class
 
-# What cgan-pipe caches (checked shards, trained classifiers) goes to a folder of this test run, not ~/.cache.
-os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="cgan-pipe-test-cache-")
+# What cgan-pipe caches (checked shards, trained classifiers) goes to a folder of this test run, not ~/.cache;
+# the folder goes when the run ends.
+TEST_CACHE = os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="cgan-pipe-test-cache-")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Remove this run's cache folder."""
+    shutil.rmtree(TEST_CACHE, ignore_errors=True)
 
 ROOT = Path(__file__).resolve().parents[1]
 # The full CIFAR-10 tars, when present (../shared beside the project, or CGAN_PIPE_TEST_CIFAR10).
