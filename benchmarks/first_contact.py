@@ -286,7 +286,7 @@ def _pieces(phase: Phase) -> tuple[dict, list[Path]]:
 
 def phase_b(phase: Phase) -> bool:
     """Whether the machine is still the one call A ran on: call A's piece of the DALI set is here."""
-    manifest, pieces = _pieces(phase)
+    _, pieces = _pieces(phase)
     present = {str(p.relative_to(phase.carry)): p.exists() for p in pieces[:2]}
     warm = all(present.values())
     phase.note("pieces", 0 if warm else 1, present,
