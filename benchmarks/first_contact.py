@@ -338,11 +338,16 @@ def phase_c(phase: Phase) -> None:
         Step("c", "tests-dali", pytest("dali"), 120, needs="dali-import"),
     ]
     failed: set[str] = set()
-    left_for_time = {r["step"] for r in phase.records if r["phase"] == "a" and r["skipped"] == SPENT}
-    for step in steps + [s for s in torch_steps(phase, found) if s.step in left_for_time]:
+    for step in steps + left_for_time(phase, found):
         step.phase = "c"
         if not phase.run(step, failed):
             failed.add(step.step)
+
+
+def left_for_time(phase: Phase, found: dict) -> list[Step]:
+    """Phase A's steps that were skipped because its time was spent, in their order."""
+    skipped = {r["step"] for r in phase.records if r["phase"] == "a" and r["skipped"] == SPENT}
+    return [step for step in torch_steps(phase, found) if step.step in skipped]
 
 
 def main() -> int:

@@ -149,3 +149,14 @@ def test_test_verdicts_are_read_from_pytest_output_even_when_it_was_cut_short(tm
         partial = cut.stdout.decode() if isinstance(cut.stdout, bytes) else cut.stdout or ""
     assert first_contact.verdicts(partial)["finished"] is False
     assert first_contact.verdicts(partial)["passed"] == 1
+
+
+def test_phase_c_takes_up_phase_a_steps_left_for_time_in_their_order(tmp_path):
+    phase = first_contact.Phase("c", tmp_path / "carry", tmp_path, 240)
+    found = {"cuda": False}
+    for step in first_contact.torch_steps(phase, found):
+        spent = step.step in ("r3gan-64", "compile", "prepare-64")
+        phase.records.append({"phase": "a", "step": step.step, "rc": None if spent else 0,
+                              "skipped": first_contact.SPENT if spent else None})
+    phase.records.append({"phase": "a", "step": "export", "rc": None, "skipped": "checkpoint failed"})
+    assert [s.step for s in first_contact.left_for_time(phase, found)] == ["prepare-64", "r3gan-64", "compile"]
