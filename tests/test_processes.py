@@ -38,15 +38,16 @@ def session_processes(session: int) -> list[int]:
 
 
 def kill_and_count_survivors(command: list[str], ready: int, cwd: Path | None = None, timeout: float = 240,
-                             grace: float = 10) -> tuple[int, list[int]]:
-    """Start `command` in a session of its own; once `ready` processes run in it, SIGKILL the first;
-    return (how many processes the session had, those still alive `grace` seconds later, which are
-    then killed so that a failing test leaves nothing behind)."""
+                             grace: float = 10, ready_file: Path | None = None) -> tuple[int, list[int]]:
+    """Start `command` in a session of its own; once `ready` processes run in it (and `ready_file`, if given,
+    exists), SIGKILL the first; return (how many processes the session had, those still alive `grace`
+    seconds later, which are then killed so that a failing test leaves nothing behind)."""
     process = subprocess.Popen(command, cwd=cwd, start_new_session=True, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE)
     deadline = time.monotonic() + timeout
     seen = session_processes(process.pid)
-    while len(seen) < ready and process.poll() is None and time.monotonic() < deadline:
+    while ((len(seen) < ready or (ready_file and not ready_file.exists())) and process.poll() is None
+           and time.monotonic() < deadline):
         time.sleep(0.02)
         seen = session_processes(process.pid)
     if process.poll() is not None:
@@ -86,15 +87,18 @@ def test_a_command_run_tied_ends_with_its_parent():
     assert count == 2 and survivors == []
 
 
-def test_without_the_tie_the_same_pool_outlives_its_parent():
-    """The check can fail: a plain spawned pool stays behind after its parent's kill -9."""
-    count, survivors = kill_and_count_survivors(python_child("""
-        import multiprocessing, time
+def test_without_the_tie_the_same_pool_outlives_its_parent(tmp_path):
+    """The check can fail: a plain spawned pool stays behind after its parent's kill -9 (once its worker has
+    started: one killed while still reading its start-up data from the parent exits with it)."""
+    started = tmp_path / "started"
+    count, survivors = kill_and_count_survivors(python_child(f"""
+        import multiprocessing, pathlib, time
         from concurrent.futures import ProcessPoolExecutor
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
             pool.submit(abs, 1).result()
+            pathlib.Path({str(started)!r}).touch()
             time.sleep(600)
-    """), ready=3, grace=3)
+    """), ready=3, grace=3, ready_file=started)
     assert len(survivors) == 2  # the worker and the resource tracker, killed by the helper
 
 
