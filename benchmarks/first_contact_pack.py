@@ -172,9 +172,12 @@ def pack(out: Path, data: Path, python: str, call_bytes: int, wheels: Path | Non
     tar_xz(members(SMALL_SET, python, wheels, cache), staging / "site.tar.xz")
     with open(data, "rb") as source, gzip.open(staging / "data.tar.gz", "wb", compresslevel=9) as sink:
         shutil.copyfileobj(source, sink, 1 << 20)
+    first_room = room - (staging / "site.tar.xz").stat().st_size - (staging / "data.tar.gz").stat().st_size - 4096
+    if first_room <= 0:
+        sys.exit(f"first_contact_pack: the tree ({tree_bytes() / 2**20:.1f} MiB), the small packages and the data "
+                 f"leave no room in a call of {call_bytes / 2**20:.0f} MiB; raise --call-mib")
     dali = staging / "dali.tar.xz"
     tar_xz(namespaced(members(DALI_SET, python, wheels, cache)), dali)
-    first_room = room - (staging / "site.tar.xz").stat().st_size - (staging / "data.tar.gz").stat().st_size - 4096
     bounds, size = [], dali.stat().st_size
     start = 0
     for index, _ in enumerate(CALLS):

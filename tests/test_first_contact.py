@@ -160,3 +160,10 @@ def test_phase_c_takes_up_phase_a_steps_left_for_time_in_their_order(tmp_path):
                               "skipped": first_contact.SPENT if spent else None})
     phase.records.append({"phase": "a", "step": "export", "rc": None, "skipped": "checkpoint failed"})
     assert [s.step for s in first_contact.left_for_time(phase, found)] == ["prepare-64", "r3gan-64", "compile"]
+
+
+def test_a_call_too_small_for_the_tree_is_refused_before_any_dali_is_packed(tmp_path):
+    data = write_tar(tmp_path / "test.tar", cifar_members("test", 2))
+    with pytest.raises(SystemExit, match="leave no room in a call of 3 MiB; raise --call-mib"):
+        first_contact_pack.pack(tmp_path / "pack", data, PYTHON, 3 * 2**20)
+    assert not list((tmp_path / "pack").rglob("dali.tar.xz*"))
