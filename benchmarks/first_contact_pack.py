@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import hashlib
 import importlib.metadata
 import io
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -29,6 +27,8 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from cgan_pipe.data.digest import file_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_SET = ("webdataset", "braceexpand")
@@ -152,19 +152,11 @@ def tar_xz(files: list[Member], target: Path) -> None:
                 shutil.copyfileobj(source, sink, 1 << 20)
 
 
-def sha256(path: Path) -> str:
-    """The file's SHA-256, hex."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def pack(out: Path, data: Path, python: str, call_bytes: int, wheels: Path | None = None) -> dict:
     """Fill out/call-a, call-b, call-c (replacing them) and return the manifest written into each."""
     out.mkdir(parents=True, exist_ok=True)
-    room = call_bytes - tree_bytes()
+    tree = tree_bytes()
+    room = call_bytes - tree
     staging = out / ".packing"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
@@ -174,7 +166,7 @@ def pack(out: Path, data: Path, python: str, call_bytes: int, wheels: Path | Non
         shutil.copyfileobj(source, sink, 1 << 20)
     first_room = room - (staging / "site.tar.xz").stat().st_size - (staging / "data.tar.gz").stat().st_size - 4096
     if first_room <= 0:
-        sys.exit(f"first_contact_pack: the tree ({tree_bytes() / 2**20:.1f} MiB), the small packages and the data "
+        sys.exit(f"first_contact_pack: the tree ({tree / 2**20:.1f} MiB), the small packages and the data "
                  f"leave no room in a call of {call_bytes / 2**20:.0f} MiB; raise --call-mib")
     dali = staging / "dali.tar.xz"
     tar_xz(namespaced(members(DALI_SET, python, wheels, cache)), dali)
@@ -186,9 +178,9 @@ def pack(out: Path, data: Path, python: str, call_bytes: int, wheels: Path | Non
         start = end
     if start < size:
         sys.exit(f"first_contact_pack: the DALI set is {size / 2**20:.1f} MiB, more than three calls of "
-                 f"{call_bytes / 2**20:.0f} MiB carry beside a {tree_bytes() / 2**20:.1f} MiB tree")
-    manifest = {"python": python, "call_bytes": call_bytes, "tree_bytes": tree_bytes(),
-                "dali": {"sha256": sha256(dali), "bytes": size,
+                 f"{call_bytes / 2**20:.0f} MiB carry beside a {tree / 2**20:.1f} MiB tree")
+    manifest = {"python": python, "call_bytes": call_bytes, "tree_bytes": tree,
+                "dali": {"sha256": file_sha256(dali), "bytes": size,
                          "pieces": [f"call-{call}/dali.tar.xz.{index:02d}" for index, call in enumerate(CALLS)]},
                 "site": "call-a/site.tar.xz", "data": "call-a/data.tar.gz"}
     folders = {call: staging / f"call-{call}" for call in CALLS}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -119,13 +120,19 @@ def training_memory_mib(arch: str, resolution: int, width: int, batch: int, *, p
     per_image = MIB_PER_IMAGE[resolution][arch] * width / 128 * (PENALTY_FACTOR[arch] if penalties else 1)
     if not cuda:
         return BASE_MIB + per_image * batch
+    return CUDA_ALLOWANCE_MIB + _training_weights_mib(arch, resolution, width) + per_image * batch
+
+
+@functools.lru_cache(maxsize=None)
+def _training_weights_mib(arch: str, resolution: int, width: int) -> float:
+    """MiB of the networks' weights, gradients, Adam moments and EMA copy (1,000 classes), for every batch tried."""
     from .config import ModelConfig
     from .data.batch import DatasetInfo
     from .models import weight_bytes
 
     model = ModelConfig(arch=arch, g_width=width, d_width=width)
     _, weights = weight_bytes(model, DatasetInfo(resolution, 3, tuple(map(str, range(1000))), 0), None, True)
-    return CUDA_ALLOWANCE_MIB + weights / 2**20 + per_image * batch
+    return weights / 2**20
 
 
 def model_and_batch(arch: str, resolution: int, machine: Machine) -> tuple[int, int, str]:
