@@ -245,6 +245,8 @@ def _section(cls: type, values: dict[str, Any], given_as: dict[str, str] | None 
               help="Write the manifest of OUT once every rank has finished (SOURCE and other options unused).")
 @_keyed(DataConfig, "workers", "--workers", type=int,
         help="Processes writing shards [default: one per core]; the shards do not depend on it.")
+@_keyed(DataConfig, "upload_scratch", "--upload-scratch", metavar="SIZE",
+        help="Into a bucket: local disk for shards waiting for their upload (e.g. 1GB).")
 @_keyed(DataConfig, "split", "--split", help="Split of a CIFAR-10 python archive.")
 @verbosity_options
 @_reports_errors
@@ -265,10 +267,9 @@ def prepare(out: Path | str, qualities: list[int], seed: int, rank: int, world_s
     from .distributed import ranks, wait_for_all_ranks
 
     if merge:
-        folder = local_path(out, "prepare --merge OUT")
-        manifest = merge_shards(folder)
+        manifest = merge_shards(out)
         click.echo(f"merged {len(manifest.shards)} shards, {manifest.num_samples} samples -> "
-                   f"{folder / 'manifest.json'}")
+                   f"{join(out, 'manifest.json')}")
         return
     data = _section(DataConfig, {**data_keys, "quality": qualities[0],
                                  "qualities": qualities if len(qualities) > 1 else None},

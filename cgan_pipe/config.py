@@ -216,6 +216,10 @@ class DataConfig:
     workers: Optional[int] = option(
         None, "Processes writing shards; null for one per core. The shards do not depend on it.", _positive
     )
+    upload_scratch: str = option(
+        "1GB", "Preparing into a bucket: the local disk its shards may take while they wait for their upload "
+        "(each is uploaded, then deleted, as soon as it is written). At least one shard must fit.", _byte_size
+    )
     download_dir: str = option(
         "~/.cache/cgan-pipe", "Where 'download:cifar10' keeps the downloaded archive.", _local_folder
     )

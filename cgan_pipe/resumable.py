@@ -57,7 +57,7 @@ class ResumableParts:
         is removed. Files of parts that are not `mine` (another rank's), and files that are not `owned`, are
         left alone. Then the plan is recorded."""
         kept = {n: r for n, r in self.done().items() if mine(n)} if self.same_plan(plan) else {}
-        keep = {self._record_name(n) for n in kept}
+        keep = {self.record_name(n) for n in kept}
         keep |= {name for r in kept.values() if r.get("shard") for name in (r["shard"]["tar"], r["shard"]["index"])}
         for path in self.files(mine):
             if path.name not in keep and owned(path.name):
@@ -79,7 +79,7 @@ class ResumableParts:
 
     def mark_done(self, number: int, record: dict[str, Any]) -> None:
         """Record part `number` as finished (call once its files are complete)."""
-        write_text_atomic(self.records / self._record_name(number), json.dumps(record))
+        write_text_atomic(self.records / self.record_name(number), json.dumps(record))
 
     def finish(self) -> None:
         """Remove the plan and the done records, once the job's final outputs (its manifest) are written."""
@@ -87,7 +87,8 @@ class ResumableParts:
             path.unlink()
         (self.records / self.plan_name).unlink(missing_ok=True)
 
-    def _record_name(self, number: int) -> str:
+    def record_name(self, number: int) -> str:
+        """The name of part `number`'s done record."""
         return f"{self.record_prefix}{number:06d}.done.json"
 
     def number(self, name: str) -> int | None:

@@ -7,6 +7,7 @@ import collections
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,10 +19,11 @@ from click.testing import CliRunner
 
 from cgan_pipe.cli import main
 from cgan_pipe.config import DataConfig, LoaderConfig
-from cgan_pipe.data.bucket import publish, staging_dir
+from cgan_pipe.data.bucket import object_sizes, publish, staging_dir, upload_file
+from cgan_pipe.data.bucket_parts import BucketParts
 from cgan_pipe.data.loader import open_loader
 from cgan_pipe.data.manifest import read_manifest, read_remote_manifest
-from cgan_pipe.data.shards import prepare
+from cgan_pipe.data.shards import merge_shards, prepare
 from cgan_pipe.errors import ConfigError, DataError
 
 from conftest import S3_SECRET, start_s3_server
@@ -141,23 +143,59 @@ def test_train_and_generate_with_a_bucket(bucket_shards, bucket, tmp_path):
     assert loader.samples_per_epoch == 30
 
 
-def test_an_upload_cut_short_resumes_to_the_bucket_an_uninterrupted_run_gives(bucket, small_tar, tmp_path):
+def test_an_upload_cut_short_resumes_to_the_bucket_an_uninterrupted_run_gives(bucket, small_tar, monkeypatch):
     whole = f"{bucket}/whole"
-    prepare(DataConfig(str(small_tar), shard_size=50), whole, progress=False)
-    # What a killed upload can leave: a finished shard, one with other bytes (an older set's) under a shard's
-    # name, an unfinished multipart upload, and no manifest; the staging folder keeps the finished local set.
+    prepare(DataConfig(str(small_tar), shard_size=20), whole, progress=False)
+    # What a killed upload can leave: finished parts with their records, a shard uploaded without its record,
+    # written parts waiting in the staging folder, an older object under a shard's name, an unfinished
+    # multipart upload, and no manifest.
     cut = f"{bucket}/cut"
-    local = staging_dir(cut)
-    prepare(DataConfig(str(small_tar), shard_size=50), local, progress=False)
+    shipped = []
+    ship = BucketParts.ship
+
+    def ship_then_die(self, local, number, record, plan):
+        if len(shipped) == 3:
+            upload_file(local / record["shard"]["tar"], f"{self.url}/{record['shard']['tar']}")
+            raise DataError("killed")
+        shipped.append(number)
+        ship(self, local, number, record, plan)
+
+    monkeypatch.setattr(BucketParts, "ship", ship_then_die)
+    with pytest.raises(DataError, match="killed"):
+        prepare(DataConfig(str(small_tar), shard_size=20, workers=2), cut, progress=False)
+    monkeypatch.undo()
+    names = object_sizes(cut)
+    assert ".prepare-plan.json" in names and "manifest.json" not in names
+    assert sum(name.endswith(".done.json") for name in names) == 3
+    assert sorted(p.name for p in staging_dir(cut).glob("shard-*.tar"))  # written, not uploaded
     fs = fsspec.filesystem("s3")
-    fs.put_file(str(local / "shard-000000.tar"), f"{cut}/shard-000000.tar")
-    fs.pipe_file(f"{cut}/shard-000001.tar", b"an older shard")
-    key = f"{cut.removeprefix('s3://').split('/', 1)[1]}/shard-000002.tar"
+    fs.pipe_file(f"{cut}/shard-000009.tar", b"an older shard")
+    key = f"{cut.removeprefix('s3://').split('/', 1)[1]}/shard-000008.tar"
     fs.call_s3("create_multipart_upload", Bucket=bucket.removeprefix("s3://"), Key=key)
-    prepare(DataConfig(str(small_tar), shard_size=50), cut, progress=False)
+    prepare(DataConfig(str(small_tar), shard_size=20), cut, progress=False)
     assert contents(cut) == contents(whole)
     uploads = fs.call_s3("list_multipart_uploads", Bucket=bucket.removeprefix("s3://"))
     assert not uploads.get("Uploads")
+    assert not staging_dir(cut).exists()
+
+
+def test_prepare_into_a_bucket_holds_at_most_its_scratch_on_local_disk(bucket, small_tar, monkeypatch):
+    url = f"{bucket}/bounded"
+    held = []
+    ship = BucketParts.ship
+
+    def measured(self, local, number, record, plan):
+        held.append(sum(p.stat().st_size for p in local.glob("shard-*")))
+        ship(self, local, number, record, plan)
+
+    monkeypatch.setattr(BucketParts, "ship", measured)
+    # about 18 KB a shard of 10: room for three
+    manifest, _ = prepare(DataConfig(str(small_tar), shard_size=10, workers=2, upload_scratch="60kB"), url,
+                          progress=False)
+    assert len(manifest.shards) == 20 and len(held) == 20
+    assert max(held) <= 60_000 * 1.3  # shards are estimated from 256 images before any is written
+    with pytest.raises(ConfigError, match="data.upload_scratch: 10kB is less than one shard"):
+        prepare(DataConfig(str(small_tar), shard_size=10, upload_scratch="10kB", limit=150), url, progress=False)
 
 
 def test_publish_sends_only_what_the_bucket_lacks_and_the_manifest_last(bucket, small_shards, tmp_path):
@@ -208,7 +246,6 @@ def test_a_malformed_or_unsupported_url_exits_2_and_never_becomes_a_folder(url, 
 def test_commands_that_take_folders_only_refuse_urls(tmp_path, checkpoint, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cases = [(["report", "s3://bars/run"], "is a URL; this takes a local path only"),
-             (["prepare", "--merge", "x", "s3://bars/x"], "prepare --merge OUT: s3://bars/x is a URL"),
              (["bench", "export", str(checkpoint), "--scratch", "s3://bars/x"], "is a URL"),
              (["run", "s3://bars/p.yaml"], "is a URL"),
              (["init", "s3://bars/photos"], "is a URL")]
@@ -361,3 +398,37 @@ def test_a_bucket_split_by_whole_shards_needs_one_per_rank(bucket_shards):
     mine = TorchLoader(bucket_shards, manifest, LoaderConfig(threads=1), 16, 0, torch.device("cpu"), rank=1,
                        world_size=2)
     assert mine.samples_per_epoch == manifest.shards[1].samples
+
+
+def test_ranks_prepare_into_one_bucket_prefix_and_merge_into_the_set_one_machine_writes(bucket, small_tar):
+    settings = DataConfig(str(small_tar), shard_size=30)
+    single = f"{bucket}/single"
+    prepare(settings, single, progress=False)
+    url = f"{bucket}/ranks"
+    manifest, _ = prepare(settings, url, rank=1, world_size=2, progress=False)
+    assert manifest is None
+    assert sorted(name for name in object_sizes(url) if name.endswith(".tar")) == \
+        ["shard-000001.tar", "shard-000003.tar", "shard-000005.tar"]
+    with pytest.raises(DataError, match="4 of 7 shards are not uploaded yet"):
+        merge_shards(url)
+    prepare(settings, url, rank=0, world_size=2, progress=False)  # leaves rank 1's shards be
+    result = CliRunner().invoke(main, ["prepare", str(small_tar), url, "--merge"])
+    assert result.exit_code == 0 and "merged 7 shards, 200 samples" in result.output, result.output
+    assert contents(url) == contents(single)
+
+
+def test_under_torchrun_ranks_prepare_into_a_bucket_and_rank_0_uploads_the_manifest(s3_server, bucket, small_tar):
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"{bucket}/torchrun"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", f"--master-port={port}",
+               "-m", "cgan_pipe", "prepare", str(small_tar), url, "--shard-size", "30", "--workers", "1", "-q"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("200 samples in 7 shards") == 1  # rank 0 reports, once
+    single = f"{bucket}/single-for-torchrun"
+    prepare(DataConfig(str(small_tar), shard_size=30), single, progress=False)
+    assert contents(url) == contents(single)
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "already complete" in again.stdout, again.stderr

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from ..config import default_cache_dir
 from ..errors import ConfigError, DataError
@@ -238,8 +238,7 @@ def publish(local: Path, url: str, last: list[str], remove_others: bool = False)
              f"already there")
 
     def upload(name: str) -> None:
-        with explained(f"{url}/{name}", "uploading it"):
-            fs.put_file(str(local / name), f"{_key(url)}/{name}", Metadata={SHA256_KEY: digests[name]})
+        upload_file(local / name, f"{url}/{name}", digests[name])
 
     with ThreadPoolExecutor(max_workers=UPLOAD_THREADS) as pool:
         list(pool.map(upload, todo))
@@ -247,6 +246,27 @@ def publish(local: Path, url: str, last: list[str], remove_others: bool = False)
         upload(name)
     fs.invalidate_cache()
     return len(todo) + len(markers)
+
+
+def upload_file(path: Path, url: str, sha256: str | None = None) -> None:
+    """Upload the file at `path` as the object `url`, recording its sha256 (`sha256`, or computed) with it;
+    the object appears only once the upload completes."""
+    digest = sha256 or file_sha256(path)
+    with explained(url, "uploading it"):
+        filesystem(url).put_file(str(path), _key(url), Metadata={SHA256_KEY: digest})
+
+
+def write_object(url: str, data: bytes) -> None:
+    """Store `data` as the object `url` (a small record; it appears whole or not at all)."""
+    with explained(url, "writing it"):
+        filesystem(url).pipe_file(_key(url), data, Metadata={SHA256_KEY: hashlib.sha256(data).hexdigest()})
+
+
+def delete_objects(url: str, names: list[str]) -> None:
+    """Delete the objects `names` (relative to the prefix `url`) that exist."""
+    if names:
+        with explained(url, f"deleting {len(names)} objects from it"):
+            filesystem(url).rm([f"{_key(url)}/{name}" for name in names])
 
 
 def published(local: Path, url: str) -> None:
@@ -265,9 +285,18 @@ def _remote_sha256(fs: Any, key: str) -> str | None:
         return None
 
 
-def _abort_unfinished_uploads(fs: Any, url: str) -> None:
-    """Abort the multipart uploads under `url` that a killed writer left (their parts are invisible but stored)."""
+def _abort_unfinished_uploads(fs: Any, url: str, which: Callable[[str], bool] = lambda name: True) -> None:
+    """Abort the multipart uploads under `url` (of the objects whose relative names `which` selects) that a
+    killed writer left: their parts are invisible but stored."""
     bucket, _, prefix = _key(url).partition("/")
     listed = fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix)
     for upload in listed.get("Uploads", []):
-        fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+        if which(upload["Key"].removeprefix(prefix + "/")):
+            fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+
+
+def abort_unfinished_uploads(url: str, which: Callable[[str], bool]) -> None:
+    """Abort the multipart uploads a killed writer left under `url`, of the objects whose names relative to
+    it `which` selects (another writer's uploads in progress are left alone)."""
+    with explained(url, "aborting its unfinished uploads"):
+        _abort_unfinished_uploads(filesystem(url), url, which)

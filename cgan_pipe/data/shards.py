@@ -11,7 +11,8 @@ import random
 import threading
 import warnings
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
+import tempfile
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,7 +31,8 @@ from ..processes import process_pool
 from ..resumable import ResumableParts
 from .fingerprint import source_fingerprint
 from ..locations import is_url
-from .bucket import object_sizes, publish, published, staging_dir
+from .bucket import UPLOAD_THREADS, delete_objects, object_sizes, published, staging_dir, upload_file
+from .bucket_parts import BucketParts
 from .manifest import MANIFEST_NAME, Manifest, ShardInfo, read_manifest, read_remote_manifest, write_manifest
 from . import tars
 from .shard_format import SHARD_NAME, ShardSample, ShardWriter, sample_files
@@ -56,8 +58,8 @@ RECORDED_KEYS = ("resolution", "format", "quality", "shard_size", "limit", "seed
 
 def prepare(data: DataConfig, out_dir: Path | str, *, seed: int = 0, rank: int = 0, world_size: int = 1,
             progress: bool = True) -> tuple[Manifest | None, bool]:
-    """Turn the raw images at `data.source` into a complete shard set in `out_dir` (a folder, or an
-    s3:// URL: see `prepare_into_bucket`).
+    """Turn the raw images at `data.source` into a complete shard set in `out_dir`: a folder, or a bucket
+    prefix (s3://...), into which each shard is uploaded as soon as it is written (`_Bucket`).
 
     Images are shuffled (by `seed`) before writing, since DALI only shuffles within
     a buffer; shard i holds the i-th run of `shard_size` inputs, less the
@@ -67,57 +69,49 @@ def prepare(data: DataConfig, out_dir: Path | str, *, seed: int = 0, rank: int =
     shards it finished and writes the rest. Returns the manifest and whether the
     existing shard set was already complete (in which case nothing is written).
 
-    With `world_size` > 1 (many machines on a shared folder), this call writes
-    only the shards of `rank` (shard i belongs to rank i % world_size) and
+    With `world_size` > 1 (many machines on a shared folder or bucket), this call
+    writes only the shards of `rank` (shard i belongs to rank i % world_size) and
     returns no manifest; `merge_shards(out_dir)` writes it once every rank is done.
     """
     if not 0 <= rank < world_size:
         raise ConfigError(f"rank {rank} is not in 0..{world_size - 1} (world size {world_size})")
-    if is_url(out_dir):
-        if world_size > 1:
-            raise ConfigError(f"{out_dir}: several machines cannot prepare into a bucket together; prepare into a "
-                              f"shared folder, then copy it to the bucket")
-        return prepare_into_bucket(data, str(out_dir), seed=seed, progress=progress)
-    out_dir = Path(out_dir)
-    _check_outside_source(data.source, out_dir)
+    out: _Folder | _Bucket = _Bucket(str(out_dir), data, rank, world_size) if is_url(out_dir) else \
+        _Folder(Path(out_dir), data, rank, world_size)
     recorded = recorded_settings(data, seed)
-    if (out_dir / MANIFEST_NAME).exists():
-        try:
-            existing = read_manifest(out_dir)
-            if existing.settings == recorded:
-                return existing, True
-        except DataError:
-            pass  # unusable manifest: rebuild below
+    existing = out.complete(recorded)
+    if existing is not None:
+        return existing, True
 
     workers = data.workers or os.cpu_count() or 1
     counter = multiprocessing.get_context("spawn").Value("q", 0)  # images written, by any process
-    with contextlib.ExitStack() as held:  # the folder's lock, from the first change to the manifest
+    with contextlib.ExitStack() as held:  # the destination's lock, from the first change to it
         with contextlib.ExitStack() as stack:
             # The pool starts first, so that its processes start up while the source is listed.
             pool = stack.enter_context(_start_pool(workers, counter)) if workers > 1 else None
             if pool is None:  # written here: count here
                 _count_into(counter)
                 stack.callback(_count_into, None)
-            src = stack.enter_context(open_source(data.source, data.split, data.download_dir, scratch_dir=out_dir))
+            src = stack.enter_context(open_source(data.source, data.split, data.download_dir,
+                                                  scratch_dir=out.shards_dir))
             listing = src.items
             inputs = min(len(listing), data.limit or len(listing))  # the first of the seeded order
-            per_shard = _inputs_per_shard(listing, inputs, src.reader, src.class_names, data, seed)
+            input_bytes = _probe_input_bytes(listing, inputs, src.reader, src.class_names, data, seed) \
+                if data.shard_bytes is not None or isinstance(out, _Bucket) else None
+            per_shard = _inputs_per_shard(data, input_bytes)
             jobs = [
                 _ShardJob(index=i, first_key=first, count=min(per_shard, inputs - first), listing=listing,
-                          reader=src.reader, data=data, seed=seed, class_names=src.class_names, out_dir=out_dir)
+                          reader=src.reader, data=data, seed=seed, class_names=src.class_names,
+                          out_dir=out.shards_dir)
                 for i, first in enumerate(range(0, inputs, per_shard))
             ]
             plan = {"settings": recorded, "jobs": len(jobs), "inputs": inputs, "inputs_per_shard": per_shard,
                     "class_names": src.class_names, "rejected": src.rejected, "files": src.files}
             mine = {job.index for job in jobs if job.index % world_size == rank}
+            shard_bytes = per_shard * input_bytes if input_bytes is not None else None
+            out.check_room(shard_bytes, per_shard)
             # Only now that the source is known to be readable may an old shard set be touched, and only the
             # files cgan-pipe wrote: another process's writing, or a user's file in the way, stops it here.
-            if rank == 0:
-                held.enter_context(folder_lock(out_dir))
-            owned = _our_files(out_dir, len(jobs), lambda number: number % world_size == rank)
-            done = _parts(out_dir).resume(plan, mine=lambda number: number % world_size == rank, owned=owned)
-            if world_size == 1:  # several ranks leave it to the merge, as one may not have read it yet
-                (out_dir / MANIFEST_NAME).unlink(missing_ok=True)  # it no longer describes the folder
+            done = out.claim(plan, len(jobs), held)
             todo = [job for job in jobs if job.index in mine and job.index not in done]
             log.info(f"{src.description}: {inputs} of its {src.files} files to read into {len(jobs)} shards of up to "
                      f"{per_shard} images ({len(src.rejected)} left out unread); "
@@ -125,42 +119,190 @@ def prepare(data: DataConfig, out_dir: Path | str, *, seed: int = 0, rank: int =
             counter.value = sum(jobs[i].count for i in done)
             stack.enter_context(_progress_bar(counter, sum(jobs[i].count for i in mine), progress))
             try:
-                with disk_full_explained(out_dir, "finished shards are kept"):
-                    results = pool.map(_write_job, todo) if pool else map(_write_job, todo)
-                    for job, result in zip(todo, results):
-                        done[job.index] = result
+                with disk_full_explained(out.shards_dir, "finished shards are kept"):
+                    _write_all(pool, workers, todo, out, shard_bytes)
             except BrokenProcessPool:
                 raise DataError(f"a prepare worker died (out of memory?) while writing {out_dir}; finished shards "
                                 f"are kept: rerun the same command to resume, with fewer --workers if memory is short"
                                 ) from None
+            out.written()
 
         if world_size > 1:
             return None, False
-        with disk_full_explained(out_dir, "the shards are all written, only the manifest is missing"):
+        with disk_full_explained(out.shards_dir, "the shards are all written, only the manifest is missing"):
             return merge_shards(out_dir), False
 
 
-def prepare_into_bucket(data: DataConfig, url: str, *, seed: int = 0, progress: bool = True
-                        ) -> tuple[Manifest, bool]:
-    """`prepare` into the bucket prefix `url`: the shards are written in a local staging folder (where a
-    killed run's finished shards wait for its rerun), then uploaded, the manifest last, so the bucket never
-    holds a manifest that does not describe it; an upload cut short resumes without sending the finished
-    objects again. The staging folder is removed once the bucket is complete."""
-    names = object_sizes(url)  # a missing bucket, wrong credentials or endpoint fail here, before any work
-    if MANIFEST_NAME in names:
+def _write_all(pool: ProcessPoolExecutor | None, workers: int, todo: list[_ShardJob], out: _Folder | _Bucket,
+               shard_bytes: float | None) -> None:
+    """Write the shards of `todo` (in `pool`'s `workers` processes, else here) and hand each to `out` as it is
+    done,
+    with no more than `out.scratch` bytes of shards (about `shard_bytes` each) written and not yet handed
+    over (`out.finished` returns a future while it still needs the files)."""
+    writing: dict[Future, _ShardJob] = {}
+    handing: dict[Future, int] = {}  # future -> the shard's bytes on disk until it completes
+
+    def settle() -> None:
+        finished, _ = wait([*writing, *handing], return_when=FIRST_COMPLETED)
+        for future in finished:
+            if future in handing:
+                handing.pop(future)
+                future.result()  # an upload's failure stops the prepare
+                continue
+            job, record = writing.pop(future), future.result()
+            after = out.finished(job.index, record)
+            if after is not None:
+                handing[after] = record["shard"]["bytes"] if record["shard"] else 0
+
+    def held() -> float:
+        return len(writing) * (shard_bytes or 0) + sum(handing.values())
+
+    for job in todo:
+        if pool is None:  # one process: write, then hand over (waiting for the upload before the next)
+            after = out.finished(job.index, _write_job(job))
+            if after is not None:
+                after.result()
+            continue
+        while writing or handing:
+            room = out.scratch is None or held() + (shard_bytes or 0) <= out.scratch
+            if room and len(writing) < 2 * workers:
+                break
+            settle()
+        writing[pool.submit(_write_job, job)] = job
+    while writing or handing:
+        settle()
+
+
+class _Folder:
+    """Where prepare writes a shard set in a folder: the shards in place, the manifest written last."""
+
+    scratch = None  # no bound on the shards written at once
+
+    def __init__(self, out_dir: Path, data: DataConfig, rank: int, world_size: int):
+        self.out_dir, self.rank, self.world_size = out_dir, rank, world_size
+        self.shards_dir = out_dir
+        _check_outside_source(data.source, out_dir)
+
+    def complete(self, recorded: dict[str, Any]) -> Manifest | None:
+        """The folder's manifest when it is complete for the settings `recorded`, else None."""
+        if (self.out_dir / MANIFEST_NAME).exists():
+            try:
+                existing = read_manifest(self.out_dir)
+                if existing.settings == recorded:
+                    return existing
+            except DataError:
+                pass  # unusable manifest: rebuild
+        return None
+
+    def claim(self, plan: dict[str, Any], parts: int, held: contextlib.ExitStack) -> dict[int, dict[str, Any]]:
+        """Take the folder (its lock, held by `held`) for `plan` and return the finished parts kept."""
+        mine = self._mine
+        if self.rank == 0:
+            held.enter_context(folder_lock(self.out_dir))
+        owned = _our_files(self.out_dir, parts, mine)
+        done = _parts(self.out_dir).resume(plan, mine=mine, owned=owned)
+        if self.world_size == 1:  # several ranks leave it to the merge, as one may not have read it yet
+            (self.out_dir / MANIFEST_NAME).unlink(missing_ok=True)  # it no longer describes the folder
+        return done
+
+    def check_room(self, shard_bytes: float | None, per_shard: int) -> None:
+        """A folder takes shards of any size."""
+
+    def finished(self, number: int, record: dict[str, Any]) -> None:
+        """A shard is written in place: nothing more to do."""
+
+    def written(self) -> None:
+        """Every shard of this rank is written: nothing more to do."""
+
+    def _mine(self, number: int) -> bool:
+        return number % self.world_size == self.rank
+
+
+class _Bucket:
+    """Where prepare writes a shard set in a bucket prefix: each shard is written in a local staging folder,
+    uploaded (its index, then its done record after it) as soon as it is complete, and deleted locally, with
+    at most `data.upload_scratch` bytes of shards on local disk; the manifest goes last (`merge_shards`).
+    The bucket holds what is done, so a killed run resumes on any machine to the bucket an uninterrupted
+    run gives, and the ranks of a job share one prefix, each its own shards."""
+
+    def __init__(self, url: str, data: DataConfig, rank: int, world_size: int):
+        self.url, self.data, self.rank, self.world_size = url.rstrip("/"), data, rank, world_size
+        self.scratch = parse_byte_size(data.upload_scratch)
+        staging = staging_dir(self.url)
+        self.shards_dir = staging / f"rank-{rank}" if world_size > 1 else staging
+        self.parts = BucketParts(self.url, _parts(self.shards_dir))
+        self.uploads = ThreadPoolExecutor(max_workers=UPLOAD_THREADS)
+        self.plan: dict[str, Any] = {}
+
+    def complete(self, recorded: dict[str, Any]) -> Manifest | None:
+        """The bucket's manifest when it is complete for the settings `recorded` (and the records of a run
+        killed just after writing it removed), else None."""
+        self.listed = object_sizes(self.url)  # a missing bucket, wrong credentials or endpoint fail here, at once
+        if MANIFEST_NAME not in self.listed:
+            return None
         try:
-            existing = read_remote_manifest(url)
-            if existing.settings == recorded_settings(data, seed):
-                return existing, True
+            existing = read_remote_manifest(self.url)
         except DataError:
-            pass  # unusable manifest: rebuild below
-    staging = staging_dir(url)
-    log.info(f"{url}: preparing in {staging}, then uploading")
-    with folder_lock(staging):  # one writer per bucket prefix on this machine
-        manifest, _ = prepare(data, staging, seed=seed, progress=progress)
-        publish(staging, url, last=[MANIFEST_NAME])
-        published(staging, url)
-    return manifest, False
+            return None  # unusable manifest: rebuild
+        if existing.settings != recorded:
+            return None
+        if self.rank == 0 and any(name == self.parts.names.plan_name or name.endswith(".done.json")
+                                  for name in self.listed):
+            self.parts.finish(len(existing.shards), self.listed)
+        return existing
+
+    def claim(self, plan: dict[str, Any], parts: int, held: contextlib.ExitStack) -> dict[int, dict[str, Any]]:
+        """Take the prefix for `plan`: the manifest is removed first (it no longer describes the prefix); the
+        parts of this rank finished in the bucket are kept, those finished in the staging folder but not
+        uploaded are uploaded now. Returns the finished parts."""
+        self.plan = plan
+        held.enter_context(folder_lock(self.shards_dir))  # one writer per prefix and rank on this machine
+        held.callback(self.uploads.shutdown, cancel_futures=True)
+        listed_manifest = _remote_listed(self.url) if MANIFEST_NAME in self.listed else set()
+        unfinished = self.parts.plan() is not None
+
+        def owned(name: str) -> bool:
+            return name in listed_manifest or unfinished or name.endswith(".done.json")
+
+        delete_objects(self.url, [MANIFEST_NAME] if MANIFEST_NAME in self.listed else [])
+        done = self.parts.claim(plan, self.listed, self._mine, owned)
+        local = _parts(self.shards_dir).resume(plan, mine=self._mine)
+        for number, record in local.items():
+            if number not in done:
+                log.info(f"{self.url}: uploading shard {number}, written by a run that stopped before uploading it")
+                self.parts.ship(self.shards_dir, number, record, plan)
+                done[number] = record
+        for path in _parts(self.shards_dir).files(self._mine):  # all in the bucket now: the local copies go
+            path.unlink()
+        log.info(f"{self.url}: preparing in {self.shards_dir}, each shard uploaded once written "
+                 f"(at most {self.scratch / 1e6:,.0f} MB of them held locally: data.upload_scratch)")
+        return done
+
+    def check_room(self, shard_bytes: float | None, per_shard: int) -> None:
+        """ConfigError unless a shard of about `shard_bytes` (`per_shard` inputs) fits in the scratch."""
+        if shard_bytes is not None and shard_bytes > self.scratch:
+            raise ConfigError(f"data.upload_scratch: {self.data.upload_scratch} is less than one shard (about "
+                              f"{shard_bytes / 1e6:,.1f} MB for {per_shard} images); raise it (--upload-scratch), "
+                              f"or make shards smaller (data.shard_size, data.shard_bytes)")
+
+    def finished(self, number: int, record: dict[str, Any]) -> Future:
+        """Upload the shard just written (in a thread); the future completes once its local copy is gone."""
+        return self.uploads.submit(self.parts.ship, self.shards_dir, number, record, self.plan)
+
+    def written(self) -> None:
+        """Every shard of this rank is in the bucket: the staging folder goes."""
+        published(self.shards_dir, self.url)
+
+    def _mine(self, number: int) -> bool:
+        return number % self.world_size == self.rank
+
+
+def _remote_listed(url: str) -> set[str]:
+    """The shard and index names of the manifest in the bucket at `url` (empty when it is unreadable)."""
+    try:
+        return {name for shard in read_remote_manifest(url).shards for name in (shard.tar, shard.index)}
+    except DataError:
+        return set()
 
 
 def _check_outside_source(source: str, out_dir: Path) -> None:
@@ -255,11 +397,14 @@ def prepare_status(data: DataConfig, out_dir: Path, seed: int = 0) -> tuple[str,
     return "run", f"no shard set in {out_dir} yet"
 
 
-def merge_shards(out_dir: Path) -> Manifest:
-    """Write the manifest of an unfinished prepare whose shards are all written (by any ranks).
+def merge_shards(out_dir: Path | str) -> Manifest:
+    """Write the manifest of an unfinished prepare whose shards are all written (by any ranks), in a folder
+    or, uploaded last, in a bucket prefix.
 
     Raises DataError naming the missing shards when some rank has not finished.
     """
+    if is_url(out_dir):
+        return _merge_in_bucket(str(out_dir).rstrip("/"))
     out_dir = Path(out_dir)
     try:
         plan = json.loads((out_dir / _PLAN_NAME).read_text())
@@ -267,17 +412,39 @@ def merge_shards(out_dir: Path) -> Manifest:
         raise DataError(f"{out_dir}: no unfinished prepare to merge (no {_PLAN_NAME}); "
                         f"run `cgan-pipe prepare` there first") from None
     with folder_lock(out_dir):
-        return _merge_planned(out_dir, plan)
+        done = _parts(out_dir).done()
+        missing = [SHARD_NAME.format(i) for i in range(plan["jobs"]) if i not in done]
+        if missing:
+            raise DataError(f"{out_dir}: {len(missing)} of {plan['jobs']} shards are not written yet "
+                            f"(e.g. {', '.join(missing[:5])}); finish every rank, then merge")
+        manifest = _planned_manifest(plan, [done[i] for i in range(plan["jobs"])])
+        write_manifest(out_dir, manifest)
+        _parts(out_dir).finish()
+        for path in out_dir.iterdir():  # a decompressed source, or a killed run's temp of it
+            if is_decompressed_name(path.name):
+                path.unlink()
+        return manifest
 
 
-def _merge_planned(out_dir: Path, plan: dict[str, Any]) -> Manifest:
-    done = _parts(out_dir).done()
-    missing = [SHARD_NAME.format(i) for i in range(plan["jobs"]) if i not in done]
-    if missing:
-        raise DataError(f"{out_dir}: {len(missing)} of {plan['jobs']} shards are not written yet "
-                        f"(e.g. {', '.join(missing[:5])}); finish every rank, then merge")
+def _merge_in_bucket(url: str) -> Manifest:
+    """`merge_shards` for a bucket prefix: the manifest from the done records there, uploaded last, then the
+    records and the plan removed."""
+    parts = BucketParts(url, _parts(staging_dir(url)))
+    plan = parts.plan()
+    if plan is None:
+        raise DataError(f"{url}: no unfinished prepare to merge (no {_PLAN_NAME}); run `cgan-pipe prepare` "
+                        f"there first")
+    manifest = _planned_manifest(plan, parts.records(plan, plan["jobs"]))
+    with tempfile.TemporaryDirectory(prefix="cgan-pipe-manifest-") as folder:
+        upload_file(write_manifest(Path(folder), manifest), f"{url}/{MANIFEST_NAME}")
+    parts.finish(plan["jobs"])
+    return manifest
+
+
+def _planned_manifest(plan: dict[str, Any], results: list[dict[str, Any]]) -> Manifest:
+    """The manifest of the prepare `plan` from the records of all its parts, in order; DataError when no
+    input could be used."""
     settings, class_names = plan["settings"], plan["class_names"]
-    results = [done[i] for i in range(plan["jobs"])]
     shards = [ShardInfo(**r["shard"]) for r in results if r["shard"] is not None]
     unusable = [entry for r in results for entry in r["skipped"]]
     skipped = list(plan["rejected"]) + unusable
@@ -293,18 +460,12 @@ def _merge_planned(out_dir: Path, plan: dict[str, Any]) -> Manifest:
     for r in results:
         classes.update(r["classes"])
         qualities.update(r["qualities"])
-    manifest = Manifest(
+    return Manifest(
         created_by="prepare", source=settings["source"], settings=settings, resolution=settings["resolution"],
         image_format=settings["format"], class_names=class_names, shards=shards,
         class_histogram={name: classes[name] for name in class_names},
         quality_histogram=dict(sorted(qualities.items())), skipped=skipped, inputs=inputs,
     )
-    write_manifest(out_dir, manifest)
-    _parts(out_dir).finish()
-    for path in out_dir.iterdir():  # a decompressed source, or a killed run's temp of it
-        if is_decompressed_name(path.name):
-            path.unlink()
-    return manifest
 
 
 _PROBE_INPUTS = 256  # inputs encoded to size shards by bytes
@@ -360,13 +521,19 @@ def _shard_bytes(data: DataConfig) -> int | None:
     return parse_byte_size(data.shard_bytes) if data.shard_bytes is not None else None
 
 
-def _inputs_per_shard(listing: Listing, inputs: int, reader: ItemReader, class_names: list[str],
-                      data: DataConfig, seed: int) -> int:
-    """Inputs per shard: from `shard_size` samples, or, with `shard_bytes`, from the mean tar size of
-    the samples of up to 256 inputs spread evenly over the (seeded) order, so shards come out near it."""
+def _inputs_per_shard(data: DataConfig, input_bytes: float | None) -> int:
+    """Inputs per shard: from `shard_size` samples, or, with `shard_bytes`, from the mean tar bytes of an
+    input's samples (`input_bytes`), so shards come out near it."""
     variants = _variants_per_input(data)
-    if data.shard_bytes is None:
+    if data.shard_bytes is None or not input_bytes:
         return max(1, data.shard_size // variants)
+    return max(1, int(_shard_bytes(data) / input_bytes))
+
+
+def _probe_input_bytes(listing: Listing, inputs: int, reader: ItemReader, class_names: list[str],
+                       data: DataConfig, seed: int) -> float | None:
+    """The mean tar bytes of the samples of one input, from up to 256 inputs spread evenly over the (seeded)
+    order and encoded as prepare will; None when none of them can be used."""
     sizes = []
     for position in range(0, inputs, max(1, inputs // _PROBE_INPUTS))[:_PROBE_INPUTS]:
         item, duplicate = listing.entry(int(shuffled_positions(position, 1, len(listing), seed)[0]))
@@ -377,12 +544,11 @@ def _inputs_per_shard(listing: Listing, inputs: int, reader: ItemReader, class_n
                                        _qualities_for(data, seed, position))
         except (images.BadImage, DataError):
             continue
-        for image, ext, meta in samples:
-            files = sample_files(ShardSample(f"{position:08d}", image, ext, item.label, meta))
-            sizes.append(sum(len(tars.member_bytes(name, content)) for name, content in files))
-    if not sizes:
-        return max(1, data.shard_size // variants)
-    return max(1, int(_shard_bytes(data) / (sum(sizes) / len(sizes))) // variants)
+        sizes.append(sum(len(tars.member_bytes(name, content))
+                         for image, ext, meta in samples
+                         for name, content in sample_files(ShardSample(f"{position:08d}", image, ext, item.label,
+                                                                       meta))))
+    return sum(sizes) / len(sizes) if sizes else None
 
 
 @dataclass
