@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import dataclasses
 import os
 import sys
 import tarfile
@@ -16,7 +17,7 @@ from typing import Callable, Iterator
 from PIL import Image
 
 from . import images
-from .config import DataConfig, ExportConfig
+from .config import DataConfig, ExportConfig, LoaderConfig
 from .data.shards import prepare
 from .data.sources import open_source
 from .processes import child_initializer, run_tied
@@ -143,27 +144,28 @@ class LoaderRecord(_Timed):
 
 def bench_loader(shards: Path | str, *, batch_size: int = 256, batches: int = 100, warmup: int = 10,
                  workers: int | None = None, jpeg_distort: tuple[int, int] | None = None,
-                 backends: tuple[str, ...] = ("dali", "torch", "baseline"), bucket_reads: str = "shards",
-                 echo: Callable[[str], None] = print) -> list[LoaderRecord]:
+                 backends: tuple[str, ...] = ("dali", "torch", "baseline"), bucket_reads: str | None = None,
+                 settings: LoaderConfig | None = None, echo: Callable[[str], None] = print) -> list[LoaderRecord]:
     """Time `batches` batches (after `warmup`) of each loader on the shard set `shards`, all with a
     random horizontal flip and normalisation to [-1, 1]: DALI and the torch backend, each decoding on
     the CPU with batches on the CPU, and, when there is a GPU, decoding there (DALI `mixed`, nvJPEG
     through torchvision) with batches on the GPU; then the baseline (webdataset + Pillow +
     torchvision transforms in a DataLoader, batches on the CPU). Each uses `workers`
-    threads/processes (default: one per core). With `jpeg_distort` (lo, hi), each loader is timed
+    threads/processes (default: `settings.threads` when given, else one per core). With `jpeg_distort` (lo, hi), each loader is timed
     again with on-the-fly JPEG distortion at a quality drawn from lo..hi ('dali+jpeg_distort', ...).
     `backends` picks which of 'dali', 'torch' and 'baseline' run (DALI is imported only for its rows). A shard
-    set at a URL is read as training reads it (DALI as `bucket_reads` says); the baseline reads folders only."""
+    set at a URL is read as training reads it (DALI as `bucket_reads` says); the baseline reads folders only.
+    The loaders take every other setting from `settings` (default: the defaults)."""
     import torch
 
-    from .config import LoaderConfig
     from .data.loader import open_loader
 
-    workers = workers or os.cpu_count() or 1
+    workers = workers or (settings.threads if settings else os.cpu_count() or 1)
+    settings = settings or LoaderConfig()
 
     def loader(backend: str, device: str, distort: list[int] | None) -> Callable[[], Iterator[object]]:
-        cfg = LoaderConfig(backend=backend, device=device, threads=workers, jpeg_distort=distort,
-                           bucket_reads=bucket_reads)
+        cfg = dataclasses.replace(settings, backend=backend, device=device, threads=workers, jpeg_distort=distort,
+                                  bucket_reads=bucket_reads or settings.bucket_reads)
         return lambda: iter(open_loader(shards, cfg, batch_size, 0, torch.device(device), with_quality=bool(distort)))
 
     runs: list[tuple[str, str, Callable[[], Iterator[object]]]] = []

@@ -6,6 +6,7 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -16,12 +17,13 @@ import yaml
 
 from . import __version__
 from .atomic import os_error_message
-from .config import METRICS, DataConfig, ExportConfig, ModelConfig, TrainConfig, load_pipeline, to_dict
+from .config import (METRICS, DataConfig, ExportConfig, LoaderConfig, ModelConfig, TrainConfig, load_pipeline,
+                     to_dict)
 from .errors import ConfigError, Interrupted, UserError
 from .interrupts import terminations_interrupt
-from .locations import join, local_path
+from .locations import join
 from .params import ClassRequest, IntList, LocalPath, SeedRange, ShardLocation, WordList
-from .schema import from_options, key_choices, key_default
+from .schema import from_options, from_overrides, key_choices, key_default
 
 if TYPE_CHECKING:
     from .data.manifest import Manifest
@@ -605,15 +607,18 @@ def bench_prepare_command(source: str, quality: int, workers: int | None, limit:
 @click.option("--backends", type=WordList(("dali", "torch", "baseline")), default="dali,torch,baseline",
               show_default=True,
               help="Which loaders to time, comma-separated (the ratios need the baseline).")
-@click.option("--bucket-reads", type=click.Choice(["shards", "samples"]), default="shards", show_default=True,
-              help="How DALI reads a shard set in a bucket (loader.bucket_reads).")
+@click.option("--bucket-reads", type=click.Choice(["shards", "samples"]), default=None,
+              help="How DALI reads a shard set in a bucket (loader.bucket_reads) [default: shards].")
+@click.option("--set", "-s", "overrides", multiple=True, metavar="loader.KEY=VALUE",
+              help="Any other loader setting for every loader timed, as in a pipeline (repeatable), e.g. "
+              "--set loader.bucket_cache_mb=50.")
 @click.option("--json", "json_path", type=LocalPath(dir_okay=False), default=None,
               help="Also write the records [{backend, device, images, seconds, images_per_s}] to this file.")
 @verbosity_options
 @_reports_errors
 def bench_loader_command(shards: Path | str, batch_size: int, batches: int, workers: int | None,
                          jpeg_distort: list[int] | None, backends: tuple[str, ...], bucket_reads: str,
-                         json_path: str | None) -> None:
+                         overrides: tuple[str, ...], json_path: str | None) -> None:
     """Time the loaders on the shard set SHARDS with flip + normalise: DALI and the torch backend
     (decoding on the CPU, and on the GPU when present), and a baseline (webdataset + Pillow +
     torchvision transforms in a DataLoader with a worker per core); prints images/s and each
@@ -621,9 +626,12 @@ def bench_loader_command(shards: Path | str, batch_size: int, batches: int, work
     from .atomic import write_text_atomic
     from .bench import bench_loader
 
+    settings = from_overrides(LoaderConfig, "loader", list(overrides))
+    if not workers and not any(item.strip().startswith("loader.threads=") for item in overrides):
+        workers = os.cpu_count() or 1  # one thread or process per core, unless --set says otherwise
     records = bench_loader(shards, batch_size=batch_size, batches=batches, workers=workers,
                            jpeg_distort=tuple(jpeg_distort) if jpeg_distort else None, backends=backends,
-                           bucket_reads=bucket_reads, echo=click.echo)
+                           bucket_reads=bucket_reads, settings=settings, echo=click.echo)
     if json_path:
         write_text_atomic(Path(json_path), json.dumps([r.to_dict() for r in records], indent=2) + "\n")
 

@@ -260,8 +260,9 @@ class LoaderConfig:
         "request per file of a sample: s3:// only, and far slower where each request waits on the network)."
     )
     bucket_cache_mb: int = option(
-        1024, "Memory for whole shards read ahead from a bucket (loader.bucket_reads: shards): a shard set that "
-        "fits is fetched once; a larger one once per epoch, each shard dropped after use.", _positive
+        1024, "Memory for whole shards read ahead from a bucket (loader.bucket_reads: shards; shared by the torch "
+        "backend's workers): with DALI a shard set that fits is fetched once; otherwise each shard is fetched "
+        "once per epoch and dropped after use.", _positive
     )
     hflip: bool = option(True, "Random horizontal flip.")
     pad_crop: int = option(

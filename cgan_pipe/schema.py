@@ -71,6 +71,17 @@ def from_options(cls: type, options: dict[str, tuple[str, Any]]) -> Any:
     return _build(cls, raw, "", _Locator("command line", {}, {key: option for key, (option, _) in options.items()}))
 
 
+def from_overrides(cls: type, section: str, overrides: list[str]) -> Any:
+    """Build the section `cls`, named `section` (e.g. 'loader'), from `section.KEY=VALUE` items given to
+    --set, validated as its YAML keys are; ConfigError naming the item for an unknown key or a bad value."""
+    root = dataclasses.make_dataclass("Sections", [(section, cls)])
+    raw: dict = {}
+    locate = _Locator("--set", {})
+    for item in overrides:
+        _apply_override(root, raw, item, locate)
+    return _build(cls, raw.get(section, {}), f"{section}.", locate)
+
+
 def key_default(cls: type, name: str) -> Any:
     """The default of key `name` of a schema."""
     return _default_of(next(f for f in dataclasses.fields(cls) if f.name == name))

@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import fsspec
@@ -101,10 +102,16 @@ def test_each_loader_reads_every_sample_of_a_bucket_once_per_epoch(bucket_shards
 def test_bench_loader_times_both_backends_on_a_bucket(bucket_shards, tmp_path):
     out = tmp_path / "loader.json"
     result = CliRunner().invoke(main, ["bench", "loader", bucket_shards, "--batch-size", "16", "--batches", "3",
-                                       "--workers", "1", "--json", str(out)])
+                                       "--set", "loader.threads=1", "--set", "loader.bucket_cache_mb=1",
+                                       "--json", str(out)])
     assert result.exit_code == 0, result.output
     assert f"baseline: left out, it reads shard folders only, not {bucket_shards}" in result.output
     assert {(r["backend"], r["device"]) for r in json.loads(out.read_text())} == {("dali", "cpu"), ("torch", "cpu")}
+    bad = CliRunner().invoke(main, ["bench", "loader", bucket_shards, "--set", "loader.bucket_cache=1"])
+    assert bad.exit_code == 2 and "--set loader.bucket_cache: unknown key 'bucket_cache' (did you mean " \
+        "'bucket_cache_mb'?)" in bad.output, bad.output
+    bad = CliRunner().invoke(main, ["bench", "loader", bucket_shards, "--set", "train.steps=1"])
+    assert bad.exit_code == 2 and "unknown key 'train'" in bad.output, bad.output
 
 
 def test_a_bucket_read_gives_the_images_a_folder_read_gives(bucket_shards, small_shards):
@@ -432,3 +439,24 @@ def test_under_torchrun_ranks_prepare_into_a_bucket_and_rank_0_uploads_the_manif
     assert contents(url) == contents(single)
     again = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "already complete" in again.stdout, again.stderr
+
+
+@pytest.mark.parametrize("cache_bytes", [1, 10**9])
+def test_the_torch_loader_fetches_the_next_shard_while_one_is_read(bucket_shards, monkeypatch, cache_bytes):
+    from cgan_pipe.data import torch_loader
+
+    manifest = read_remote_manifest(bucket_shards)
+    events = []
+    read = torch_loader.read_checked
+
+    def recorded(url, *args):
+        events.append(("fetched", url.rsplit("/", 1)[1]))
+        return read(url, *args)
+
+    monkeypatch.setattr(torch_loader, "read_checked", recorded)
+    shards = {f"{bucket_shards}/{s.tar}": s for s in manifest.shards}
+    for sample in torch_loader._FetchShards(shards, bucket_shards, cache_bytes)({"url": url} for url in shards):
+        time.sleep(0.5)  # reading the shard: the next fetch runs meanwhile
+        events.append(("read", sample["url"].rsplit("/", 1)[1]))
+    assert events == [("fetched", "shard-000000.tar"), ("fetched", "shard-000001.tar"),
+                      ("read", "shard-000000.tar"), ("read", "shard-000001.tar")]

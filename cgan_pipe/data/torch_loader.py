@@ -6,6 +6,8 @@ from __future__ import annotations
 import functools
 import gc
 import io
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
@@ -28,6 +30,8 @@ from .batch import (Batch, DatasetInfo, checked_labels, dataset_info, known_qual
 from ..locations import is_url
 from .bucket import read_checked
 from .manifest import MANIFEST_NAME, Manifest, ShardInfo
+
+FETCH_THREADS = 2  # per DataLoader worker: shards fetched at once, ahead of the one being read
 
 
 def _augmentations(cfg: LoaderConfig, resolution: int) -> v2.Transform:
@@ -149,7 +153,8 @@ class TorchLoader:
         if is_url(shards):  # whole shards fetched by fsspec and checked against the manifest, then unpacked
             opened = wds.DataPipeline(
                 wds.SimpleShardList([f"{shards}/{s.tar}" for s in mine]), wds.split_by_worker,
-                wds.shuffle(len(mine), seed=seed), _FetchShards({f"{shards}/{s.tar}": s for s in mine}, shards),
+                wds.shuffle(len(mine), seed=seed), _FetchShards({f"{shards}/{s.tar}": s for s in mine}, shards,
+                             (cfg.bucket_cache_mb << 20) // max(1, cfg.threads)),
                 wds.pipelinefilter(tar_file_expander)(), wds.pipelinefilter(group_by_keys)(),
             )
         else:
@@ -201,17 +206,29 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 class _FetchShards:
-    """webdataset stage: each shard URL with its whole bytes as the stream, fetched by fsspec (s3fs retries
-    with backoff) and checked against the manifest's size and sha256."""
+    """webdataset stage (in each DataLoader worker): each shard URL with its whole bytes as the stream,
+    fetched by fsspec (s3fs retries with backoff) and checked against the manifest's size and sha256. The
+    next shards are fetched ahead by threads while the current one is read, about `cache_bytes` of them
+    (always at least the next), so that a request's round trip is hidden behind the reading."""
 
-    def __init__(self, shards: dict[str, ShardInfo], url: str):
-        self.shards, self.where = shards, f"{url}/{MANIFEST_NAME}"
+    def __init__(self, shards: dict[str, ShardInfo], url: str, cache_bytes: int):
+        self.shards, self.where, self.cache_bytes = shards, f"{url}/{MANIFEST_NAME}", cache_bytes
 
     def __call__(self, urls: Iterator[dict]) -> Iterator[dict]:
-        for sample in urls:
-            shard = self.shards[sample["url"]]
-            data = read_checked(sample["url"], shard.bytes, shard.sha256, self.where)
-            yield {**sample, "stream": io.BytesIO(data)}
+        with ThreadPoolExecutor(max_workers=FETCH_THREADS) as pool:
+            pending: deque[tuple[dict, int, Future]] = deque()
+            held = 0  # bytes fetched, or being fetched, ahead of the shard being read
+            for sample in urls:
+                shard = self.shards[sample["url"]]
+                pending.append((sample, shard.bytes,
+                                pool.submit(read_checked, sample["url"], shard.bytes, shard.sha256, self.where)))
+                held += shard.bytes
+                while len(pending) > 1 and held > self.cache_bytes:  # the next stays in flight while one is read
+                    ahead, size, fetched = pending.popleft()
+                    held -= size
+                    yield {**ahead, "stream": io.BytesIO(fetched.result())}
+            for ahead, _, fetched in pending:
+                yield {**ahead, "stream": io.BytesIO(fetched.result())}
 
 
 def _this_rank_already(urls: Iterator[str]) -> Iterator[str]:
