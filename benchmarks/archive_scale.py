@@ -19,6 +19,7 @@ memory) and on disk. Results go to --out after each stage.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -241,7 +242,7 @@ def shuffle_measure(url: str, folder: Path, cache_mb: int, batches: int) -> dict
     share = np.array([remote.class_histogram[n] for n in remote.class_names], float)
     share /= share.sum()
     shards_per_batch, largest, chi2, stream_labels = [], [], [], []
-    for number, (_, classes, metas) in enumerate(stream):
+    for number, (_, classes, metas, _marks) in enumerate(stream):
         if number == batches:
             break
         labels = [int(bytes(c)) for c in classes]
@@ -269,41 +270,51 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=1000)
     parser.add_argument("--work", default="/tmp/archive-scale", help="folder for the archive, shards and caches")
     parser.add_argument("--delay-batches", type=int, default=400, help="batches read through the 20 ms proxy")
-    parser.add_argument("--out", default="archive-scale.json")
+    parser.add_argument("--stages", default="build,prepare,loader,shuffle",
+                        help="which to run; without prepare, the folder's set from an earlier run is uploaded")
+    parser.add_argument("--out", default="archive-scale.json", help="results (those of other stages kept)")
     args = parser.parse_args()
+    stages = set(args.stages.split(","))
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    results: dict[str, object] = {"images": args.images, "shard_size": args.shard_size, "machine": machine()}
+    results: dict[str, object] = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
+    results.update(images=args.images, shard_size=args.shard_size, machine=machine())
 
     def save() -> None:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
 
-    results["build"] = build_archive(Path(args.source), args.images, work / f"archive-{args.images}.tar")
-    save()
+    archive = work / f"archive-{args.images}.tar"
+    if "build" in stages or not archive.exists():
+        results["build"] = build_archive(Path(args.source), args.images, archive)
+        save()
     server, env = start_server()
     os.environ["XDG_CACHE_HOME"] = str(work / "cache")  # staging and caches of this run only
     try:
         import fsspec
 
+        from cgan_pipe.data.bucket import publish, staging_dir
+
         fsspec.filesystem("s3").mkdir("scale")
         folder, url = work / "shards", "s3://scale/shards"
-        subprocess.run(["rm", "-rf", str(folder), str(work / "cache")], check=True)
-        archive = work / f"archive-{args.images}.tar"
-        results["prepare_folder"] = timed_prepare(archive, str(folder), args.shard_size, args.images, None)
-        save()
-        from cgan_pipe.data.bucket import staging_dir
-
-        results["prepare_bucket"] = timed_prepare(archive, url, args.shard_size, args.images, staging_dir(url))
-        results["prepare_bucket_over_folder"] = round(results["prepare_folder"]["seconds"]
-                                                      / results["prepare_bucket"]["seconds"], 3)
-        results["bucket_equals_folder"] = bucket_contents(url) == {
-            p.name: __import__("hashlib").sha256(p.read_bytes()).hexdigest() for p in folder.iterdir() if p.is_file()}
-        save()
+        if "prepare" in stages:
+            subprocess.run(["rm", "-rf", str(folder), str(work / "cache")], check=True)
+            results["prepare_folder"] = timed_prepare(archive, str(folder), args.shard_size, args.images, None)
+            save()
+            results["prepare_bucket"] = timed_prepare(archive, url, args.shard_size, args.images, staging_dir(url))
+            results["prepare_bucket_over_folder"] = round(results["prepare_folder"]["seconds"]
+                                                          / results["prepare_bucket"]["seconds"], 3)
+            results["bucket_equals_folder"] = bucket_contents(url) == {
+                p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir() if p.is_file()}
+            save()
+        else:
+            publish(folder, url, last=["manifest.json"])
         set_mib = sum(p.stat().st_size for p in folder.glob("*.tar")) / 2**20
         cache_mb = max(1, int(set_mib / 10))
         results["set_mib"], results["bucket_cache_mb"] = round(set_mib), cache_mb
+        results["manifest_load_s"] = manifest_load_seconds(folder, url)
+        save()
         epoch = (args.images + 255) // 256
-        for backend in ("dali", "torch"):
+        for backend in ("dali", "torch") if "loader" in stages else ():
             for name, where in (("folder", str(folder)), ("bucket", url)):
                 results[f"loader_{backend}_{name}"] = run_probe(where, backend, cache_mb, epoch, {})
                 save()
@@ -312,14 +323,30 @@ def main() -> None:
                 url, backend, cache_mb, args.delay_batches,
                 {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"})
             save()
-        results["shuffle"] = shuffle_measure(url, folder, cache_mb, min(epoch, 1000))
-        save()
+        if "shuffle" in stages:
+            results["shuffle"] = shuffle_measure(url, folder, cache_mb, min(epoch, 1000))
+            save()
     finally:
         server.terminate()
     print(json.dumps({k: v for k, v in results.items() if not k.startswith("loader_")}, indent=2))
     for key, value in results.items():
         if key.startswith("loader_"):
             print(key, {k: v for k, v in value.items() if k != "rss_mib_over_time"})
+
+
+def manifest_load_seconds(folder: Path, url: str) -> dict[str, float]:
+    """Seconds to read and check the manifest of the set in `folder` and in the bucket at `url` (best of 3)."""
+    from cgan_pipe.data.manifest import shard_set_manifest
+
+    seconds = {}
+    for name, where in (("folder", folder), ("bucket", url)):
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            shard_set_manifest(where)
+            times.append(time.perf_counter() - start)
+        seconds[name] = round(min(times), 3)
+    return seconds
 
 
 def machine() -> str:

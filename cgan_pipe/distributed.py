@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 if TYPE_CHECKING:  # torch is imported where used, so importing this module stays cheap
     import torch
@@ -99,6 +99,18 @@ def broadcast_module(module: torch.nn.Module, world: int) -> None:
         return
     for tensor in [*module.parameters(), *module.buffers()]:
         dist.broadcast(tensor.data, src=0)
+
+
+def all_ranks(value: Any, world: int) -> list[Any]:
+    """`value` (a picklable object) from every rank, in rank order; every rank must call. [value] on one
+    process."""
+    if world == 1:
+        return [value]
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def any_rank(flag: bool, world: int, device: torch.device) -> bool:

@@ -384,7 +384,7 @@ def test_whole_shards_are_fetched_once_or_once_per_epoch(bucket_shards, monkeypa
     stream = shard_stream.ShardStream(bucket_shards, manifest.shards, 64, 0, 100, cache_bytes, True, False)
     for _ in range(2):
         images, labels = [], []
-        for batch_images, batch_labels in stream:
+        for batch_images, batch_labels, marks in stream:
             images += batch_images
             labels += batch_labels
         assert len(images) == 200 and sorted(bytes(label).decode() for label in labels) == sorted(
@@ -398,7 +398,7 @@ def test_a_bucket_split_by_whole_shards_needs_one_per_rank(bucket_shards):
     from cgan_pipe.data.torch_loader import TorchLoader
 
     manifest = read_remote_manifest(bucket_shards)
-    for loader, why in ((DaliLoader, "a bucket is read by whole shards"), (TorchLoader, "the torch loader splits")):
+    for loader, why in ((DaliLoader, "the dali loader splits"), (TorchLoader, "the torch loader splits")):
         with pytest.raises(ConfigError, match=f"{bucket_shards}: 2 shards cannot be shared by 3 ranks \\({why}"):
             loader(bucket_shards, manifest, LoaderConfig(threads=1), 16, 0, torch.device("cpu"), rank=2,
                    world_size=3)
@@ -454,8 +454,8 @@ def test_the_torch_loader_fetches_the_next_shard_while_one_is_read(bucket_shards
         return read(url, *args)
 
     monkeypatch.setattr(torch_loader, "read_checked", recorded)
-    shards = {f"{bucket_shards}/{s.tar}": s for s in manifest.shards}
-    for sample in torch_loader._FetchShards(shards, bucket_shards, cache_bytes)({"url": url} for url in shards):
+    fetch = torch_loader._FetchShards(bucket_shards, cache_bytes)
+    for sample in fetch({"shard": shard} for shard in manifest.shards):
         time.sleep(0.5)  # reading the shard: the next fetch runs meanwhile
         events.append(("read", sample["url"].rsplit("/", 1)[1]))
     assert events == [("fetched", "shard-000000.tar"), ("fetched", "shard-000001.tar"),

@@ -70,7 +70,7 @@ def reads(monkeypatch):
         loader = open_loader(*args, **kwargs)
 
         class Paused:
-            info, samples_per_epoch = loader.info, loader.samples_per_epoch
+            info, samples_per_epoch, streams = loader.info, loader.samples_per_epoch, loader.streams
 
             def __iter__(self):
                 batches = iter(loader)

@@ -12,6 +12,7 @@ from PIL import Image
 from cgan_pipe.config import DataConfig, LoaderConfig
 from cgan_pipe.data.loader import open_loader
 from cgan_pipe.data.batch import parse_ascii_labels
+from cgan_pipe.data.epochs import EpochMark
 from cgan_pipe.data.shards import prepare
 from cgan_pipe.errors import ConfigError, DataError
 from cgan_pipe.metrics.quality import block_edge_ratio, block_steps
@@ -161,7 +162,7 @@ def test_torch_backend_on_a_gpu_with_jpeg_distortion_decodes_in_the_workers(smal
 def test_two_ranks_see_every_sample_exactly_once_per_epoch(small_shards, backend):
     """small_shards: 200 samples in 2 shards (120 + 80). Each rank reads its share in batches of
     16, the last of an epoch partial; together each epoch is the whole set, nothing dropped or
-    repeated. (DALI splits by sample: 100 each; the torch backend by shard.)"""
+    repeated. Both backends split by whole shards."""
     from cgan_pipe.data.dali_loader import DaliLoader
     from cgan_pipe.data.manifest import read_manifest
     from cgan_pipe.data.torch_loader import TorchLoader
@@ -182,9 +183,42 @@ def test_two_ranks_see_every_sample_exactly_once_per_epoch(small_shards, backend
                 seen += batch.images.shape[0]
                 epochs[epoch] += [image.numpy().tobytes() for image in batch.images]
             assert seen == loader.samples_per_epoch  # the epoch ends on a batch boundary
-    assert shares == ([100, 100] if backend == "dali" else [120, 80])
+    assert shares == [120, 80]  # whole shards: rank 0 reads shard 0 (120 samples), rank 1 shard 1
     for images in epochs.values():
         assert len(images) == 200 and len(set(images)) == 200
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_loader_opened_at_a_position_goes_on_within_its_epoch(small_shards, backend):
+    """small_shards: 2 shards (120 + 80). With a small shuffle buffer the first batches come from the first
+    shard of epoch 0's order only; a loader opened at their position reads the other shard, then whole epochs."""
+    from cgan_pipe.data.epochs import LoaderPosition
+
+    config = LoaderConfig(backend=backend, threads=1, hflip=False, shuffle_buffer=8)
+
+    def pixels(batch):
+        return [image.numpy().tobytes() for image in batch.images]
+
+    first = iter(open_loader(small_shards, config, 16, 7, torch.device("cpu")))
+    position, seen = LoaderPosition.first(1), []
+    for _ in range(3):
+        batch = next(first)
+        position = position.after(batch.mark)
+        seen += pixels(batch)
+    assert position == LoaderPosition(0, (1,))
+    resumed = open_loader(small_shards, config, 16, 7, torch.device("cpu"), start=position)
+    rest, later, marks = [], [], []
+    for batch in resumed:
+        marks.append(batch.mark)
+        (rest if batch.mark.epoch == 0 else later).extend(pixels(batch))
+        if len(later) >= 200:
+            break
+    assert len(rest) in (80, 120) and len(seen) + len(rest) < 200  # the other shard, less nothing of it
+    assert not set(seen) & set(rest)  # no sample twice in the epoch
+    assert len(later) == 200 and len(set(later)) == 200  # then the whole set, once
+    assert marks[0] == EpochMark(0, 0, 2) and marks[-1].epoch == 1
+    again = iter(open_loader(small_shards, config, 16, 7, torch.device("cpu")))
+    assert [pixels(next(again)) for _ in range(3)] == [seen[i:i + 16] for i in range(0, 48, 16)]  # seeded
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

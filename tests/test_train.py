@@ -122,6 +122,20 @@ def test_rerun_resumes_and_continues_the_step_count(small_shards, tmp_path):
     assert not torch.equal(resumed["G"]["stem.0.weight"], first["G"]["stem.0.weight"])
 
 
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_a_resumed_run_goes_on_within_the_epoch_its_checkpoint_recorded(small_shards, tmp_path, backend, caplog):
+    loader = {"loader": {"backend": backend, "threads": 1, "shuffle_buffer": 8}}
+    train(small_config(tmp_path, loader), small_shards, tmp_path, progress=False)  # 4 x 16 of 200 samples
+    state = load_checkpoint(list_checkpoints(tmp_path / "checkpoints")[-1])
+    assert state["data_position"] == [{"epoch": 0, "started": [1]}]  # within the first shard of epoch 0
+    with caplog.at_level("INFO", logger="cgan_pipe.train.loop"):
+        more = train(small_config(tmp_path, loader, steps=20), small_shards, tmp_path, progress=False)
+    assert more.resumed_from == 4
+    assert "the data goes on in epoch 0, each of the loader's 1 streams past the shards it had started (1)" \
+        in caplog.text
+    assert load_checkpoint(more.checkpoint)["data_position"][0]["epoch"] == 1  # the shorter epoch 0 ended
+
+
 def test_resume_after_a_kill_drops_metrics_rows_past_the_checkpoint(small_shards, tmp_path):
     train(small_config(tmp_path), small_shards, tmp_path, progress=False)
     (tmp_path / "checkpoints" / "ckpt-0000004.pt").unlink()  # as if killed between step 2's save and step 4's

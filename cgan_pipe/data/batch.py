@@ -11,6 +11,7 @@ from typing import Iterator, Protocol
 import torch
 
 from ..errors import ConfigError, DataError
+from .epochs import EpochMark
 from .manifest import Manifest, ShardInfo
 
 
@@ -19,13 +20,16 @@ class Batch:
     """One training batch.
 
     images: float NCHW in [-1, 1] on the training device; labels: int64 class ids
-    (zeros for unlabelled data); quality: float JPEG quality in [0, 1], or None.
-    N is the batch size, or fewer for the last batch of an epoch (no sample is dropped).
+    (zeros for unlabelled data); quality: float JPEG quality in [0, 1], or None;
+    mark: where the loader's epoch stood when the batch was made (None where a
+    loader cannot say). N is the batch size, or fewer for the last batch of an
+    epoch (no sample is dropped).
     """
 
     images: torch.Tensor
     labels: torch.Tensor
     quality: torch.Tensor | None = None
+    mark: EpochMark | None = None
 
 
 @dataclass(frozen=True)
@@ -44,10 +48,12 @@ class DatasetInfo:
 
 
 class Loader(Protocol):
-    """An endless iterator of batches plus the dataset's description and this rank's epoch size."""
+    """An endless iterator of batches plus the dataset's description, this rank's epoch size and the number
+    of streams its batches' marks count shards in."""
 
     info: DatasetInfo
     samples_per_epoch: int
+    streams: int
 
     def __iter__(self) -> Iterator[Batch]: ...
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
@@ -17,6 +18,7 @@ from ..errors import DataError
 from .batch import (Batch, DatasetInfo, checked_labels, dataset_info, known_qualities, parse_ascii_labels,
                     parse_quality, shards_of_rank, to_device)
 from ..locations import is_url, join
+from .epochs import EpochMark, LoaderPosition
 from .manifest import Manifest
 from .shard_stream import ShardStream
 
@@ -28,13 +30,15 @@ LABEL_BYTES = 8  # `.cls` bytes are padded to at least this width so a batch is 
 def _shard_pipeline(paths: list[str], index_paths: list[str], labelled: bool, augment: LoaderConfig,
                     resolution: int, shuffle_buffer: int, decode_device: str, shard_id: int, num_shards: int,
                     with_meta: bool = False, stream: ShardStream | None = None):
-    """Shards -> (images, label bytes[, quality]): the quality output is the drawn distortion quality
-    with augment.jpeg_distort, else the `.json` bytes, when `with_meta`. The samples come from DALI's
-    webdataset reader over `paths` (files, or s3:// objects read by DALI's S3 client), or from `stream`."""
+    """Shards -> (images, label bytes[, quality][, marks]): the quality output is the drawn distortion
+    quality with augment.jpeg_distort, else the `.json` bytes, when `with_meta`. The samples come from
+    `stream` (with each batch's mark), or from DALI's webdataset reader over `paths` (s3:// objects read by
+    DALI's S3 client)."""
     read_meta = with_meta and not augment.jpeg_distort  # a drawn quality replaces the recorded one
+    marks = None
     if stream is not None:
-        encoded, cls, *meta = fn.external_source(source=stream, num_outputs=3 if read_meta else 2,
-                                                 dtype=types.UINT8, cycle="raise")
+        encoded, cls, *meta, marks = fn.external_source(source=stream, num_outputs=4 if read_meta else 3,
+                                                        dtype=types.UINT8, cycle="raise")
     else:
         encoded, cls, *meta = fn.readers.webdataset(
             paths=paths, index_paths=index_paths,
@@ -74,6 +78,8 @@ def _shard_pipeline(paths: list[str], index_paths: list[str], labelled: bool, au
     outputs = [images, fn.pad(cls, fill_value=0, shape=(LABEL_BYTES,))]
     if with_meta:  # the sample's quality: the one drawn above, else its `.json` bytes (zero-padded, parsed in torch)
         outputs.append(distort_quality if distort_quality is not None else fn.pad(meta[0], fill_value=0))
+    if marks is not None:
+        outputs.append(marks)
     return tuple(outputs)
 
 
@@ -83,13 +89,20 @@ class DaliLoader:
     Decodes on the GPU (`mixed`, nvJPEG) when the resolved loader device is
     cuda, else on the CPU (`device_id=None`, no GPU needed). Each rank of a
     torch.distributed job (or `rank` of `world_size`, when given) reads its own
-    slice of the samples: `samples_per_epoch` of them, each once per epoch, the
-    last batch of an epoch smaller when the slice is not a whole number of batches.
+    whole shards (shard i goes to rank i % world size), read ahead by a
+    ShardStream in a seeded order per epoch: `samples_per_epoch` of them, each
+    once per epoch, the last batch of an epoch smaller when they are not a whole
+    number of batches. Each batch carries its EpochMark; opened at `start`, the
+    loader goes on within that epoch. With `loader.bucket_reads: samples`, DALI's
+    own reader splits a bucket's samples between the ranks instead, and batches
+    carry no mark.
     """
+
+    streams = 1
 
     def __init__(self, shards: Path | str, manifest: Manifest, cfg: LoaderConfig, batch_size: int,
                  seed: int, device: torch.device, rank: int | None = None, world_size: int | None = None,
-                 with_quality: bool = False):
+                 with_quality: bool = False, start: LoaderPosition | None = None):
         self.info: DatasetInfo = dataset_info(manifest)
         self.device = device
         self.shards = shards
@@ -99,11 +112,11 @@ class DaliLoader:
         rank, world = (rank, world_size) if rank is not None and world_size is not None else rank_and_world()
         gpu = torch.cuda.current_device() if resolve_device(cfg.device, "loader.device").type == "cuda" else None
         stream = None
-        if is_url(shards) and cfg.bucket_reads == "shards":  # whole shards fetched ahead; see docs/decisions.md
-            mine = shards_of_rank(manifest, shards, rank, world, "a bucket is read by whole shards", "")
+        if not (is_url(shards) and cfg.bucket_reads == "samples"):  # see docs/decisions.md
+            mine = shards_of_rank(manifest, shards, rank, world, "the dali loader splits by whole shards", "")
             stream = ShardStream(shards, mine, batch_size, seed + rank, cfg.shuffle_buffer,
                                  cfg.bucket_cache_mb << 20, manifest.labelled,
-                                 with_meta=with_quality and not cfg.jpeg_distort)
+                                 with_meta=with_quality and not cfg.jpeg_distort, start=start)
         self.pipeline = _shard_pipeline(
             paths=[str(join(shards, s.tar)) for s in manifest.shards],
             index_paths=[str(join(shards, s.index)) for s in manifest.shards],
@@ -115,7 +128,8 @@ class DaliLoader:
         try:  # the iterator runs the pipeline for its first batches at once: a bad sample can fail here
             self.pipeline.build()
             self._iterator = DALIGenericIterator(
-                self.pipeline, ["images", "labels"] + (["quality"] if with_quality else []),
+                self.pipeline, ["images", "labels"] + (["quality"] if with_quality else [])
+                + (["marks"] if stream else []),
                 reader_name=None if stream else READER_NAME, last_batch_policy=LastBatchPolicy.PARTIAL,
                 auto_reset=True,
             )
@@ -138,7 +152,11 @@ class DaliLoader:
                     quality = out["quality"].reshape(-1).float().div(100) if self.distorted else \
                         _qualities(out["quality"], self.shards)
                     quality = to_device(quality, self.device)
-                yield Batch(images=images, labels=labels, quality=quality)
+                mark = None
+                if "marks" in out:  # the same for every sample of the batch
+                    epoch, started = out["marks"][-1].numpy().view(np.int64).tolist()
+                    mark = EpochMark(epoch, 0, started)
+                yield Batch(images=images, labels=labels, quality=quality, mark=mark)
 
 
 def _qualities(meta: torch.Tensor, shards: Path) -> torch.Tensor:

@@ -14,6 +14,7 @@ from ..config import LoaderConfig, default_cache_dir
 from ..devices import available_memory, gib
 from ..errors import ConfigError, DataError
 from .batch import Batch, Loader
+from .epochs import LoaderPosition
 from ..locations import location
 from .bucket import check_objects
 from .manifest import MANIFEST_NAME, Manifest, shard_set_manifest
@@ -24,12 +25,13 @@ CHECKED_SHARDS = "checked-shards.json"  # in the cache folder: shards whose chec
 
 
 def open_loader(shards: Path | str, cfg: LoaderConfig, batch_size: int, seed: int, device: torch.device,
-                whole: bool = False, with_quality: bool = False) -> Loader:
+                whole: bool = False, with_quality: bool = False, start: LoaderPosition | None = None) -> Loader:
     """Open the shard set at `shards` (a folder, or a URL such as s3://bucket/prefix) with the backend
     `cfg.backend`, yielding Batches on `device`: this rank's part of the samples, or all of them
     when `whole` (for work only one rank does, such as evaluation). With `with_quality`, each
     Batch carries the JPEG quality of its samples in [0, 1]: the one drawn by `cfg.jpeg_distort`,
-    else the one in their `.json`."""
+    else the one in their `.json`. Each epoch's order is seeded by (`seed`, epoch); opened at `start`
+    (a position batches' marks gave), the loader goes on within that epoch (data/epochs.py)."""
     shards = location(shards, "loader.shards")
     if isinstance(shards, str) and cfg.backend == "dali" and cfg.bucket_reads == "samples" \
             and not shards.startswith("s3://"):
@@ -66,10 +68,12 @@ def open_loader(shards: Path | str, cfg: LoaderConfig, batch_size: int, seed: in
     if cfg.backend == "dali":
         from .dali_loader import DaliLoader  # DALI is imported only when asked for
 
-        return DaliLoader(shards, manifest, cfg, batch_size, seed, device, *part, with_quality=with_quality)
+        return DaliLoader(shards, manifest, cfg, batch_size, seed, device, *part, with_quality=with_quality,
+                          start=start)
     from .torch_loader import TorchLoader
 
-    return TorchLoader(shards, manifest, cfg, batch_size, seed, device, *part, with_quality=with_quality)
+    return TorchLoader(shards, manifest, cfg, batch_size, seed, device, *part, with_quality=with_quality,
+                       start=start)
 
 
 def _fitted_shuffle_buffer(cfg: LoaderConfig, manifest: Manifest, shards: Path | str) -> LoaderConfig:

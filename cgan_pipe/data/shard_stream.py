@@ -1,78 +1,98 @@
-"""The samples of a shard set in a bucket as batches of raw bytes for DALI's external source: whole shards
-fetched ahead by threads into a bounded memory cache, each checked against the manifest and fetched once
-per epoch, in a seeded order."""
+"""The samples of a shard set (in a folder, or in a bucket) as batches of raw bytes for DALI's external source:
+whole shards read ahead by threads into a bounded memory cache (from a bucket, each checked against the
+manifest), in a seeded order per epoch, each batch marked with where its epoch stands (data/epochs.py)."""
 
 from __future__ import annotations
 
 import random
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
 from ..errors import DataError
 from ..images import EXTENSIONS
+from ..locations import is_url
 from .bucket import read_bytes, read_checked
+from .epochs import LoaderPosition, epoch_shards, where_to_start
 from .manifest import MANIFEST_NAME, IndexEntry, ShardInfo, parse_dali_index
 
 FETCH_THREADS = 4
+MARK_BYTES = 16  # a batch's mark as a sample's last output: (epoch, shards started) as two int64
 _IMAGE_EXTENSIONS = set(EXTENSIONS.values())
 
 
 class ShardStream:
-    """An iterable over one epoch of batches [images, classes(, metas)], each a list of uint8 arrays (the raw
-    member bytes; an empty array for a missing `.cls`), made of this rank's `shards` of the set at `url`.
+    """An iterable over epochs of batches [images, classes(, metas), marks], each a list of uint8 arrays (the
+    raw member bytes; an empty array for a missing `.cls`; the batch's mark), made of this rank's `shards`
+    of the set at `where` (a folder, or a URL).
 
-    Shards are read in a new seeded order each epoch and their samples mixed in a buffer of
-    `shuffle_buffer`; up to `cache_bytes` of shards are held (always at least one), fetched ahead by
-    threads. When all of them fit, they are kept and fetched only once; otherwise each is fetched once per
-    epoch and dropped after use. The last batch of an epoch is smaller when the samples do not fill it.
+    Each pass is one epoch: its shards are read in an order seeded by (seed, epoch) and their samples mixed
+    in a buffer of `shuffle_buffer`; up to `cache_bytes` of shards are held (always at least one), read
+    ahead by threads. When a bucket's shards all fit, they are kept and fetched only once; otherwise each is
+    read once per epoch and dropped after use. The last batch of an epoch is smaller when the samples do not
+    fill it. Opened at `start`, the first pass is that epoch less the shards the position says were started.
     """
 
-    def __init__(self, url: str, shards: list[ShardInfo], batch_size: int, seed: int, shuffle_buffer: int,
-                 cache_bytes: int, labelled: bool, with_meta: bool):
-        self.url, self.shards, self.batch_size = url, shards, batch_size
+    def __init__(self, where: Path | str, shards: list[ShardInfo], batch_size: int, seed: int,
+                 shuffle_buffer: int, cache_bytes: int, labelled: bool, with_meta: bool,
+                 start: LoaderPosition | None = None):
+        self.where, self.shards, self.batch_size, self.seed = where, shards, batch_size, seed
         self.shuffle_buffer, self.cache_bytes = shuffle_buffer, cache_bytes
-        self.keep_all = sum(s.bytes for s in shards) <= cache_bytes
+        self.remote = is_url(where)
+        self.keep_all = self.remote and sum(s.bytes for s in shards) <= cache_bytes
         self._kept: dict[str, np.ndarray] = {}
-        self._rng = random.Random(seed)
-        with ThreadPoolExecutor(max_workers=FETCH_THREADS) as pool:  # the index files, from the bucket
-            texts = list(pool.map(lambda s: read_bytes(f"{url}/{s.index}").decode(errors="replace"), shards))
-        self._spans = {s.tar: [_spans(files, f"{url}/{s.index}", labelled, with_meta)
-                               for files in parse_dali_index(f"{url}/{s.index}", text)]
+        start = where_to_start(start, shards, seed, 1)
+        self._epoch = start.epoch if start else 0
+        self._skip = start.skipped(0, 1) if start else 0
+        with ThreadPoolExecutor(max_workers=FETCH_THREADS) as pool:  # the index files, read once
+            texts = list(pool.map(lambda s: self._index_text(s.index), shards))
+        # each shard's samples as an array (samples, outputs, 2) of byte spans: 48 bytes a sample
+        self._spans = {s.tar: np.array([_spans(files, f"{where}/{s.index}", labelled, with_meta)
+                                        for files in parse_dali_index(f"{where}/{s.index}", text)],
+                                       dtype=np.int64).reshape(-1, 3 if with_meta else 2, 2)
                        for s, text in zip(shards, texts)}
         self.samples = sum(len(samples) for samples in self._spans.values())
 
     def __iter__(self) -> Iterator[list[list[np.ndarray]]]:
-        order = list(self.shards)
-        self._rng.shuffle(order)
+        epoch, skip = self._epoch, self._skip
+        self._epoch, self._skip = epoch + 1, 0
+        rng = random.Random(f"{self.seed}:{epoch}:samples")
+        started = skip
         buffer: list[list[np.ndarray]] = []
         batch: list[list[np.ndarray]] = []
-        for shard, data in self._fetched(order):
-            for spans in self._spans[shard.tar]:
+
+        def marked(samples: list[list[np.ndarray]]) -> list[list[np.ndarray]]:
+            mark = np.array([epoch, started], dtype=np.int64).view(np.uint8)
+            return [list(column) for column in zip(*samples)] + [[mark] * len(samples)]
+
+        for shard, data in self._read(epoch_shards(self.shards, self.seed, epoch, 0, 1)[skip:]):
+            started += 1
+            for spans in self._spans[shard.tar].tolist():
                 # views when every shard stays in memory anyway; else copies, so that a sample in the shuffle
                 # buffer does not keep its whole shard alive
                 sample = [data[start:end] for start, end in spans]
                 buffer.append(sample if self.keep_all else [part.copy() for part in sample])
                 if len(buffer) >= self.shuffle_buffer:  # a random one out: swapped to the end, then popped
-                    pick = self._rng.randrange(len(buffer))
+                    pick = rng.randrange(len(buffer))
                     buffer[pick], buffer[-1] = buffer[-1], buffer[pick]
                     batch.append(buffer.pop())
                     if len(batch) == self.batch_size:
-                        yield _columns(batch)
+                        yield marked(batch)
                         batch = []
-        self._rng.shuffle(buffer)
+        rng.shuffle(buffer)
         for sample in buffer:
             batch.append(sample)
             if len(batch) == self.batch_size:
-                yield _columns(batch)
+                yield marked(batch)
                 batch = []
         if batch:
-            yield _columns(batch)
+            yield marked(batch)
 
-    def _fetched(self, order: list[ShardInfo]) -> Iterator[tuple[ShardInfo, np.ndarray]]:
-        """The shards of `order` with their bytes, fetched ahead within the cache's bound."""
+    def _read(self, order: list[ShardInfo]) -> Iterator[tuple[ShardInfo, np.ndarray]]:
+        """The shards of `order` with their bytes, read ahead within the cache's bound."""
         with ThreadPoolExecutor(max_workers=FETCH_THREADS) as pool:
             pending: deque[tuple[ShardInfo, Future]] = deque()
             held = 0
@@ -80,21 +100,32 @@ class ShardStream:
             nxt = next(upcoming, None)
             while pending or nxt is not None:
                 while nxt is not None and (not pending or held + nxt.bytes <= self.cache_bytes):
-                    pending.append((nxt, pool.submit(self._fetch, nxt)))
+                    pending.append((nxt, pool.submit(self._shard_bytes, nxt)))
                     held += nxt.bytes
                     nxt = next(upcoming, None)
                 shard, future = pending.popleft()
                 yield shard, future.result()
                 held -= shard.bytes
 
-    def _fetch(self, shard: ShardInfo) -> np.ndarray:
+    def _shard_bytes(self, shard: ShardInfo) -> np.ndarray:
+        if not self.remote:  # checked against the manifest's sha256 when the loader opened the folder
+            data = np.fromfile(Path(self.where) / shard.tar, dtype=np.uint8)
+            if len(data) != shard.bytes:
+                raise DataError(f"{Path(self.where) / shard.tar}: {len(data)} bytes where the manifest says "
+                                f"{shard.bytes} (changed while training); run `cgan-pipe verify {self.where}`")
+            return data
         if shard.tar in self._kept:
             return self._kept[shard.tar]
-        data = np.frombuffer(read_checked(f"{self.url}/{shard.tar}", shard.bytes, shard.sha256,
-                                          f"{self.url}/{MANIFEST_NAME}"), dtype=np.uint8)
+        data = np.frombuffer(read_checked(f"{self.where}/{shard.tar}", shard.bytes, shard.sha256,
+                                          f"{self.where}/{MANIFEST_NAME}"), dtype=np.uint8)
         if self.keep_all:
             self._kept[shard.tar] = data
         return data
+
+    def _index_text(self, name: str) -> str:
+        if self.remote:
+            return read_bytes(f"{self.where}/{name}").decode(errors="replace")
+        return (Path(self.where) / name).read_text(errors="replace")
 
 
 def _spans(files: list[IndexEntry], index: str, labelled: bool, with_meta: bool) -> list[tuple[int, int]]:
@@ -108,8 +139,3 @@ def _spans(files: list[IndexEntry], index: str, labelled: bool, with_meta: bool)
                         f"member; run `cgan-pipe verify` on the shard set")
     wanted = [image, by_ext.get("cls")] + ([by_ext.get("json")] if with_meta else [])
     return [(f.offset, f.offset + f.size) if f is not None else (0, 0) for f in wanted]
-
-
-def _columns(samples: list[list[np.ndarray]]) -> list[list[np.ndarray]]:
-    """A batch as one list per output."""
-    return [list(column) for column in zip(*samples)]

@@ -130,7 +130,7 @@ def prepare(data: DataConfig, out_dir: Path | str, *, seed: int = 0, rank: int =
         if world_size > 1:
             return None, False
         with disk_full_explained(out.shards_dir, "the shards are all written, only the manifest is missing"):
-            return merge_shards(out_dir), False
+            return out.merge(), False
 
 
 def _write_all(pool: ProcessPoolExecutor | None, workers: int, todo: list[_ShardJob], out: _Folder | _Bucket,
@@ -214,6 +214,10 @@ class _Folder:
     def written(self) -> None:
         """Every shard of this rank is written: nothing more to do."""
 
+    def merge(self) -> Manifest:
+        """The manifest, written once every shard is (one rank)."""
+        return merge_shards(self.out_dir)
+
     def _mine(self, number: int) -> bool:
         return number % self.world_size == self.rank
 
@@ -233,6 +237,7 @@ class _Bucket:
         self.parts = BucketParts(self.url, _parts(self.shards_dir))
         self.uploads = ThreadPoolExecutor(max_workers=UPLOAD_THREADS)
         self.plan: dict[str, Any] = {}
+        self.records: dict[int, dict[str, Any]] = {}  # this rank's finished parts: uploaded, or uploading
 
     def complete(self, recorded: dict[str, Any]) -> Manifest | None:
         """The bucket's manifest when it is complete for the settings `recorded` (and the records of a run
@@ -276,6 +281,7 @@ class _Bucket:
             path.unlink()
         log.info(f"{self.url}: preparing in {self.shards_dir}, each shard uploaded once written "
                  f"(at most {self.scratch / 1e6:,.0f} MB of them held locally: data.upload_scratch)")
+        self.records = dict(done)
         return done
 
     def check_room(self, shard_bytes: float | None, per_shard: int) -> None:
@@ -287,11 +293,17 @@ class _Bucket:
 
     def finished(self, number: int, record: dict[str, Any]) -> Future:
         """Upload the shard just written (in a thread); the future completes once its local copy is gone."""
+        self.records[number] = record
         return self.uploads.submit(self.parts.ship, self.shards_dir, number, record, self.plan)
 
     def written(self) -> None:
         """Every shard of this rank is in the bucket: the staging folder goes."""
         published(self.shards_dir, self.url)
+
+    def merge(self) -> Manifest:
+        """The manifest, from the records of the parts this process finished or found finished (one rank:
+        all of them), uploaded last."""
+        return _merge_in_bucket(self.url, [self.records[number] for number in range(self.plan["jobs"])])
 
     def _mine(self, number: int) -> bool:
         return number % self.world_size == self.rank
@@ -426,15 +438,15 @@ def merge_shards(out_dir: Path | str) -> Manifest:
         return manifest
 
 
-def _merge_in_bucket(url: str) -> Manifest:
-    """`merge_shards` for a bucket prefix: the manifest from the done records there, uploaded last, then the
-    records and the plan removed."""
+def _merge_in_bucket(url: str, records: list[dict[str, Any]] | None = None) -> Manifest:
+    """`merge_shards` for a bucket prefix: the manifest from the done records of all parts (`records`, else
+    read from the bucket), uploaded last, then the records and the plan removed."""
     parts = BucketParts(url, _parts(staging_dir(url)))
     plan = parts.plan()
     if plan is None:
         raise DataError(f"{url}: no unfinished prepare to merge (no {_PLAN_NAME}); run `cgan-pipe prepare` "
                         f"there first")
-    manifest = _planned_manifest(plan, parts.records(plan, plan["jobs"]))
+    manifest = _planned_manifest(plan, records if records is not None else parts.records(plan, plan["jobs"]))
     with tempfile.TemporaryDirectory(prefix="cgan-pipe-manifest-") as folder:
         upload_file(write_manifest(Path(folder), manifest), f"{url}/{MANIFEST_NAME}")
     parts.finish(plan["jobs"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import gc
 import io
+import random
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Iterator
 import torch
 import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg, encode_jpeg
 from torchvision.transforms import v2
 
@@ -29,6 +30,7 @@ from .batch import (Batch, DatasetInfo, checked_labels, dataset_info, known_qual
                     to_device)
 from ..locations import is_url
 from .bucket import read_checked
+from .epochs import EpochMark, LoaderPosition, epoch_shards, where_to_start
 from .manifest import MANIFEST_NAME, Manifest, ShardInfo
 
 FETCH_THREADS = 2  # per DataLoader worker: shards fetched at once, ahead of the one being read
@@ -79,10 +81,10 @@ def _keep_encoded(sample: tuple[bytes, ...]) -> tuple[torch.Tensor, int, float]:
             parse_quality(meta[0] if meta else None))
 
 
-def _collate_encoded(samples: list[tuple[torch.Tensor, int, float]]
-                     ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    return ([data for data, _, _ in samples], torch.tensor([label for _, label, _ in samples], dtype=torch.int64),
-            torch.tensor([quality for _, _, quality in samples], dtype=torch.float64))
+def _collate_encoded(samples: list[tuple[torch.Tensor, int, float, torch.Tensor]]
+                     ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+    return ([data for data, *_ in samples], torch.tensor([s[1] for s in samples], dtype=torch.int64),
+            torch.tensor([s[2] for s in samples], dtype=torch.float64), torch.stack([s[3] for s in samples]))
 
 
 def _decode_on_cpu(data: bytes | torch.Tensor) -> torch.Tensor:
@@ -132,12 +134,14 @@ class TorchLoader:
     each worker's last batch of an epoch may be smaller. Each rank of a
     torch.distributed job (or `rank` of `world_size`, when given) reads every
     `world_size`-th shard from its `rank`-th: `samples_per_epoch` samples,
-    each once per epoch.
+    each once per epoch. Each worker is a stream of epochs.py: it reads its
+    share of each epoch's seeded shard order, and its batches carry its
+    EpochMark; opened at `start`, each worker goes on within that epoch.
     """
 
     def __init__(self, shards: Path | str, manifest: Manifest, cfg: LoaderConfig, batch_size: int,
                  seed: int, device: torch.device, rank: int | None = None, world_size: int | None = None,
-                 with_quality: bool = False):
+                 with_quality: bool = False, start: LoaderPosition | None = None):
         self.info: DatasetInfo = dataset_info(manifest)
         self.device = device
         self.shards = shards
@@ -147,30 +151,23 @@ class TorchLoader:
         self.gpu_decode = resolve_device(cfg.device, "loader.device").type == "cuda" and not self.distort
         self.augment = _augmentations(cfg, manifest.resolution)
         rank, world = (rank, world_size) if rank is not None and world_size is not None else rank_and_world()
-        mine = shards_of_rank(manifest, shards, rank, world, "the torch loader splits by shard",
-                              ", or use the dali loader")
+        mine = shards_of_rank(manifest, shards, rank, world, "the torch loader splits by whole shards", "")
         self.samples_per_epoch: int = sum(s.samples for s in mine)  # this rank's share
-        if is_url(shards):  # whole shards fetched by fsspec and checked against the manifest, then unpacked
-            opened = wds.DataPipeline(
-                wds.SimpleShardList([f"{shards}/{s.tar}" for s in mine]), wds.split_by_worker,
-                wds.shuffle(len(mine), seed=seed), _FetchShards({f"{shards}/{s.tar}": s for s in mine}, shards,
-                             (cfg.bucket_cache_mb << 20) // max(1, cfg.threads)),
-                wds.pipelinefilter(tar_file_expander)(), wds.pipelinefilter(group_by_keys)(),
-            )
-        else:
-            opened = wds.WebDataset(
-                [str(Path(shards) / s.tar) for s in mine],
-                shardshuffle=len(mine), seed=seed,
-                nodesplitter=_this_rank_already, workersplitter=wds.split_by_worker,
-                empty_check=False,  # fewer shards than workers leaves some workers idle
-            )
+        # each worker reads its own shards of each epoch (epochs.py); from a bucket, fetched whole and checked
+        self.streams = cfg.threads
+        epochs = _EpochShards(mine, seed, self.streams, where_to_start(start, mine, seed, self.streams))
+        opened = wds.DataPipeline(
+            epochs, _FetchShards(shards, (cfg.bucket_cache_mb << 20) // max(1, cfg.threads)),
+            wds.pipelinefilter(tar_file_expander)(), wds.pipelinefilter(group_by_keys)(),
+        )
         dataset = wds.DataPipeline(
             opened,
-            wds.shuffle(cfg.shuffle_buffer),
+            wds.shuffle(cfg.shuffle_buffer, rng=random.Random(seed)),  # each worker a copy: seeded runs repeat
             # unlabelled sets have no `.cls`; a labelled sample without one is an error
             wds.to_tuple(ANY_IMAGE_EXTENSION, "cls", *(["json"] if with_quality and not self.distort else []),
                          missing_is_error=manifest.labelled),
             wds.map(_keep_encoded if self.gpu_decode else _DecodeSample(cfg, manifest.resolution)),
+            wds.map(epochs.marked),
         )
         generator = torch.Generator().manual_seed(seed)
         self.loader = DataLoader(
@@ -186,7 +183,7 @@ class TorchLoader:
         # that were not forked: collect it here first.
         gc.collect()
         while True:  # one pass of the DataLoader is one epoch
-            for images, labels, quality in _naming_failures(self.loader, self.shards):
+            for images, labels, quality, marks in _naming_failures(self.loader, self.shards):
                 if self.gpu_decode:
                     decoded = _decode_batch(images, self.device)
                     images = torch.stack([self.augment(image) for image in decoded])
@@ -196,7 +193,7 @@ class TorchLoader:
                     labels = checked_labels(labels, self.info, self.shards)
                 yield Batch(images=images, labels=to_device(labels, self.device),
                             quality=to_device(known_qualities(quality, self.shards), self.device)
-                            if self.with_quality else None)
+                            if self.with_quality else None, mark=EpochMark(*marks[-1].tolist()))
 
 
 @functools.lru_cache(maxsize=None)
@@ -205,35 +202,63 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return torch.cuda.Stream(device)
 
 
+class _EpochShards(IterableDataset):
+    """The first stage of a DataLoader worker's pipeline: the worker's shards of each epoch in order
+    (epochs.epoch_shards, one stream per worker), a pass per epoch, counting the shards it has started so
+    that `marked` can tag each sample it hands over with the worker's EpochMark."""
+
+    def __init__(self, shards: list[ShardInfo], seed: int, streams: int, start: LoaderPosition | None):
+        self.shards, self.seed, self.streams, self.start = shards, seed, streams, start
+        self.epoch = start.epoch if start else 0
+        self.current = self.stream = self.started = 0
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        self.stream = info.id if info is not None else 0
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        skip = self.start.skipped(self.stream, self.streams) if self.start and epoch == self.start.epoch else 0
+        self.started = skip
+        for shard in epoch_shards(self.shards, self.seed, epoch, self.stream, self.streams)[skip:]:
+            self.started += 1
+            self.current = epoch
+            yield {"shard": shard}
+
+    def marked(self, sample: tuple) -> tuple:
+        """`sample` with this worker's mark as it is handed over: (epoch, stream, shards started)."""
+        return (*sample, torch.tensor([self.current, self.stream, self.started], dtype=torch.int64))
+
+
 class _FetchShards:
-    """webdataset stage (in each DataLoader worker): each shard URL with its whole bytes as the stream,
-    fetched by fsspec (s3fs retries with backoff) and checked against the manifest's size and sha256. The
-    next shards are fetched ahead by threads while the current one is read, about `cache_bytes` of them
-    (always at least the next), so that a request's round trip is hidden behind the reading."""
+    """webdataset stage (in each DataLoader worker): each shard of the set at `where` with a stream of its
+    bytes: a folder's file opened; a bucket's object fetched whole by fsspec (s3fs retries with backoff) and
+    checked against the manifest's size and sha256, the next ones fetched ahead by threads while the current
+    one is read, about `cache_bytes` of them (always at least the next), so that a request's round trip is
+    hidden behind the reading."""
 
-    def __init__(self, shards: dict[str, ShardInfo], url: str, cache_bytes: int):
-        self.shards, self.where, self.cache_bytes = shards, f"{url}/{MANIFEST_NAME}", cache_bytes
+    def __init__(self, where: Path | str, cache_bytes: int):
+        self.where, self.manifest, self.cache_bytes = where, f"{where}/{MANIFEST_NAME}", cache_bytes
 
-    def __call__(self, urls: Iterator[dict]) -> Iterator[dict]:
+    def __call__(self, shards: Iterator[dict]) -> Iterator[dict]:
+        if not is_url(self.where):
+            for sample in shards:
+                path = Path(self.where) / sample["shard"].tar
+                with open(path, "rb") as stream:
+                    yield {"url": str(path), "stream": stream}
+            return
         with ThreadPoolExecutor(max_workers=FETCH_THREADS) as pool:
-            pending: deque[tuple[dict, int, Future]] = deque()
+            pending: deque[tuple[str, int, Future]] = deque()
             held = 0  # bytes fetched, or being fetched, ahead of the shard being read
-            for sample in urls:
-                shard = self.shards[sample["url"]]
-                pending.append((sample, shard.bytes,
-                                pool.submit(read_checked, sample["url"], shard.bytes, shard.sha256, self.where)))
+            for sample in shards:
+                shard, url = sample["shard"], f"{self.where}/{sample['shard'].tar}"
+                pending.append((url, shard.bytes, pool.submit(read_checked, url, shard.bytes, shard.sha256,
+                                                               self.manifest)))
                 held += shard.bytes
                 while len(pending) > 1 and held > self.cache_bytes:  # the next stays in flight while one is read
                     ahead, size, fetched = pending.popleft()
                     held -= size
-                    yield {**ahead, "stream": io.BytesIO(fetched.result())}
+                    yield {"url": ahead, "stream": io.BytesIO(fetched.result())}
             for ahead, _, fetched in pending:
-                yield {**ahead, "stream": io.BytesIO(fetched.result())}
-
-
-def _this_rank_already(urls: Iterator[str]) -> Iterator[str]:
-    """webdataset's node splitter when the shards given are already this rank's."""
-    return urls
+                yield {"url": ahead, "stream": io.BytesIO(fetched.result())}
 
 
 def _naming_failures(loader: DataLoader, shards: Path) -> Iterator[tuple[torch.Tensor, ...]]:

@@ -14,6 +14,7 @@ from torch import nn
 from ..atomic import atomic_path
 from ..config import CompressionConfig, ModelConfig, PipelineConfig, config_from_dict, to_dict
 from ..data.batch import DatasetInfo
+from ..data.epochs import LoaderPosition
 from ..errors import ConfigError, DataError
 from .ema import OWN_STATISTICS
 
@@ -79,9 +80,11 @@ def _free_name(path: Path) -> Path:
 
 def training_state(cfg: PipelineConfig, networks: tuple[nn.Module, nn.Module, nn.Module],
                    optimizers: tuple[torch.optim.Optimizer, torch.optim.Optimizer], info: DatasetInfo,
-                   qualities: list[int] | None, shards_sha256: str, device: torch.device, seconds: float) -> dict:
+                   qualities: list[int] | None, shards_sha256: str, device: torch.device, seconds: float,
+                   data_position: list[dict] | None = None) -> dict:
     """What a training checkpoint holds: G, D and G_ema, their optimisers, the config, the data's shape and
-    classes (and trained qualities), the shard set's hash, the RNG states and the training time so far."""
+    classes (and trained qualities), the shard set's hash, the RNG states, the training time so far, and
+    each rank's loader position (`data_position`, data/epochs.py), when known."""
     (G, D, G_ema), (opt_g, opt_d) = networks, optimizers
     return {
         "G": G.state_dict(), "D": D.state_dict(), "G_ema": G_ema.state_dict(),
@@ -93,7 +96,20 @@ def training_state(cfg: PipelineConfig, networks: tuple[nn.Module, nn.Module, nn
         "rng": rng_state(device),
         "train_seconds": seconds,
         "ema_batchnorm": OWN_STATISTICS,
+        **({"data_position": data_position} if data_position is not None else {}),
     }
+
+
+def data_position(state: dict, rank: int, world: int, estimate: int) -> LoaderPosition:
+    """Where rank `rank` of `world` resumes reading the data from the checkpoint `state`: its loader's
+    recorded position; for a checkpoint without one (older, or written by another number of ranks), the
+    start of epoch `estimate` (how many epochs its step amounts to)."""
+    positions = state.get("data_position")
+    if isinstance(positions, list) and len(positions) == world:
+        position = LoaderPosition.from_dict(positions[rank])
+        if position is not None:
+            return position
+    return LoaderPosition(estimate, ())
 
 
 def load_weights(module: nn.Module, state: dict, key: str, path: Path | str) -> None:

@@ -24,17 +24,18 @@ from ..compression import trained_qualities
 from ..config import PipelineConfig, TrainConfig
 from ..data.fingerprint import shard_set_fingerprint
 from ..data.batch import DatasetInfo, dataset_info
+from ..data.epochs import LoaderPosition
 from ..data.loader import open_loader
 from ..data.manifest import shard_set_manifest
 from ..devices import has_fast_bf16, resolve_device
-from ..distributed import any_rank, broadcast_module, rank_and_world, wait_for_all_ranks
+from ..distributed import all_ranks, any_rank, broadcast_module, rank_and_world, wait_for_all_ranks
 from ..errors import ConfigError, DataError, Interrupted, TrainingError
 from ..interrupts import StopRequest, stop_requests
 from ..lock import folder_lock
 from ..metrics.evaluate import Evaluator, check_eval_settings
 from ..models import build_networks, check_fits
-from .checkpoint import (check_compatible, checkpoint_path, load_weights, newest_checkpoint, restore_rng,
-                         save_checkpoint, trained_on_other_shards, training_state)
+from .checkpoint import (check_compatible, checkpoint_path, data_position, load_weights, newest_checkpoint,
+                         restore_rng, save_checkpoint, trained_on_other_shards, training_state)
 from .curves import plot_curves
 from .ema import recompute_batchnorm, standing_inputs, update_ema
 from .guard import GuardReport, StepGuard, load_optimizer_state, make_adam
@@ -119,12 +120,19 @@ def _train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: boo
 
     check_fits(cfg.model, info, cfg.compression, device, training=True)  # before a mistyped width takes it all
 
-    # Data: an endless stream of this rank's batches on the training device. A resumed run draws a
-    # fresh order (seed + step) rather than replaying the first run's from its start, so frequent
-    # restarts do not favour the images early in the first order.
+    # Data: an endless stream of this rank's batches on the training device, each epoch in its own seeded
+    # order. A resumed run goes on within the epoch its checkpoint recorded (data/epochs.py): each of its
+    # loader's streams skips the shards it had started, so no sample is seen twice in that epoch.
     mode = cfg.compression.mode  # condition / ambient: every real batch carries its JPEG qualities
-    loader = open_loader(shards, cfg.loader, tc.batch_size // world, cfg.seed + start, device,
-                         with_quality=mode != "none")
+    resume_at = data_position(state, rank, world, _epochs_done(start, tc, world, manifest.num_samples)) \
+        if state is not None else None
+    loader = open_loader(shards, cfg.loader, tc.batch_size // world, cfg.seed, device,
+                         with_quality=mode != "none", start=resume_at)
+    position = resume_at if resume_at is not None and len(resume_at.started) == loader.streams \
+        else LoaderPosition(resume_at.epoch if resume_at else 0, (0,) * loader.streams)
+    if resume_at is not None:
+        log.info(f"the data goes on in epoch {position.epoch}, each of the loader's {loader.streams} streams past "
+                 f"the shards it had started ({', '.join(map(str, position.started))})")
 
     # Networks (built from the data's shape and classes, identical on every rank), EMA generator, optimisers.
     torch.manual_seed(cfg.seed)
@@ -185,6 +193,8 @@ def _train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: boo
             t0 = time.perf_counter()
             batch = next(batches)
             window_wait += time.perf_counter() - t0
+            if batch.mark is not None:
+                position = position.after(batch.mark)
             window_images += batch.images.shape[0] * world
             loss_d, reals, fakes = loss.discriminator_main(batch)
             guard.step(loss_d, D, opt_d, "the discriminator loss", step)
@@ -258,9 +268,10 @@ def _train(cfg: PipelineConfig, shards: Path | str, run_dir: Path, progress: boo
             _save_grid(G_ema, fixed_z, fixed_labels, fixed_quality, samples_dir / f"step-{step:07d}.png")
         if lead and (evaluating or last):  # a drawing takes ~0.5 s: not at every sample grid (TensorBoard is live)
             plot_curves(read_metrics(metrics_path), read_metrics(eval_path), run_dir / "curves.png")
+        positions = all_ranks(position.to_dict(), world) if step % tc.checkpoint_every == 0 or last else None
         if saving:
             trained = training_state(cfg, (G, D, G_ema), (opt_g, opt_d), info, qualities, shards_sha256, device,
-                                     seconds)
+                                     seconds, positions)
             path = save_checkpoint(ckpt_dir, step, trained, keep=tc.keep_checkpoints, warn=warn)
             log.debug(f"wrote {path}")
         if last:
@@ -295,6 +306,12 @@ def _checkpoint_to_resume(cfg: PipelineConfig, run_dir: Path, info: DatasetInfo,
     if state is not None:
         check_compatible(state, cfg, info, path)
     return path, state
+
+
+def _epochs_done(step: int, tc: TrainConfig, world: int, samples: int) -> int:
+    """Whole epochs of a rank's share of `samples` that `step` steps amount to (for a checkpoint that records
+    no loader position)."""
+    return step * tc.n_dis * (tc.batch_size // world) * world // max(1, samples)
 
 
 def _weights_sha256(*modules: nn.Module) -> str:
