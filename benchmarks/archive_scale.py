@@ -141,15 +141,25 @@ def folder_bytes(folder: Path) -> int:
     return total
 
 
-def timed_prepare(archive: Path, out: str, shard_size: int, images: int, staging: Path | None) -> dict:
-    """`cgan-pipe prepare` of the archive into `out`: seconds, images/s, peak RSS and staging disk."""
+def timed_prepare(archive: Path, out: str, shard_size: int, images: int, staging: Path | None,
+                  server: int) -> dict:
+    """`cgan-pipe prepare` of the archive into `out`: seconds, images/s, peak RSS and staging disk, and the CPU
+    seconds of the S3 server (process `server`), which shares this machine's cores with prepare."""
+    server_cpu = cpu_seconds(server)
     start = time.perf_counter()
     job = subprocess.Popen([CLI, "prepare", str(archive), out, "--shard-size", str(shard_size), "-q"])
     sampler = Sampler(job.pid, staging)
     if job.wait() != 0:
         raise SystemExit(f"prepare into {out} failed")
     seconds = time.perf_counter() - start
-    return {"seconds": round(seconds, 1), "images_per_s": round(images / seconds), **sampler.close()}
+    return {"seconds": round(seconds, 1), "images_per_s": round(images / seconds), **sampler.close(),
+            "server_cpu_s": round(cpu_seconds(server) - server_cpu, 1)}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds process `pid` has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class DelayProxy:
@@ -188,8 +198,9 @@ class DelayProxy:
 
 
 def epoch_probe(shards: str, backend: str, cache_mb: int, batches: int, every: int) -> None:
-    """(Run in a child process.) Read `batches` batches of 256 with `backend` on the CPU and print a JSON line
-    per `every` batches: images so far, seconds, RSS of this process tree."""
+    """(Run in a child process.) Read the first epoch with `backend` on the CPU, batches of 256 (at most
+    `batches` of them), and print a JSON line per `every` batches: images so far, seconds, RSS of this
+    process tree. The epoch ends where the batches' marks say the next one begins."""
     import torch
 
     from cgan_pipe.config import LoaderConfig
@@ -197,13 +208,18 @@ def epoch_probe(shards: str, backend: str, cache_mb: int, batches: int, every: i
 
     cfg = LoaderConfig(backend=backend, threads=os.cpu_count() or 1, bucket_cache_mb=cache_mb)
     loader = iter(open_loader(shards, cfg, 256, 0, torch.device("cpu")))
-    next(loader)
-    start, images = time.perf_counter(), 0
-    for number in range(1, batches + 1):
-        images += next(loader).images.shape[0]
-        if number % every == 0 or number == batches:
+    images = next(loader).images.shape[0]  # the first batch waits for the workers to start: not timed
+    start = time.perf_counter()
+    for number in range(1, batches):
+        batch = next(loader)
+        if batch.mark.epoch > 0:
+            break
+        images += batch.images.shape[0]
+        if number % every == 0:
             print(json.dumps({"images": images, "seconds": round(time.perf_counter() - start, 2),
                               "rss_mib": round(tree_rss(os.getpid()) / 2**20, 1)}), flush=True)
+    print(json.dumps({"images": images, "seconds": round(time.perf_counter() - start, 2),
+                      "rss_mib": round(tree_rss(os.getpid()) / 2**20, 1)}), flush=True)
 
 
 def run_probe(shards: str, backend: str, cache_mb: int, batches: int, env: dict[str, str]) -> dict:
@@ -298,9 +314,11 @@ def main() -> None:
         folder, url = work / "shards", "s3://scale/shards"
         if "prepare" in stages:
             subprocess.run(["rm", "-rf", str(folder), str(work / "cache")], check=True)
-            results["prepare_folder"] = timed_prepare(archive, str(folder), args.shard_size, args.images, None)
+            results["prepare_folder"] = timed_prepare(archive, str(folder), args.shard_size, args.images, None,
+                                                      server.pid)
             save()
-            results["prepare_bucket"] = timed_prepare(archive, url, args.shard_size, args.images, staging_dir(url))
+            results["prepare_bucket"] = timed_prepare(archive, url, args.shard_size, args.images, staging_dir(url),
+                                                      server.pid)
             results["prepare_bucket_over_folder"] = round(results["prepare_folder"]["seconds"]
                                                           / results["prepare_bucket"]["seconds"], 3)
             results["bucket_equals_folder"] = bucket_contents(url) == {
@@ -316,7 +334,7 @@ def main() -> None:
         epoch = (args.images + 255) // 256
         for backend in ("dali", "torch") if "loader" in stages else ():
             for name, where in (("folder", str(folder)), ("bucket", url)):
-                results[f"loader_{backend}_{name}"] = run_probe(where, backend, cache_mb, epoch, {})
+                results[f"loader_{backend}_{name}"] = run_probe(where, backend, cache_mb, 2 * epoch, {})
                 save()
             proxy = DelayProxy(int(env["AWS_ENDPOINT_URL"].rsplit(":", 1)[1]), 0.020)
             results[f"loader_{backend}_bucket_20ms"] = run_probe(

@@ -262,7 +262,7 @@ class LoaderConfig:
     bucket_cache_mb: int = option(
         1024, "Memory for whole shards read ahead from a bucket (loader.bucket_reads: shards; shared by the torch "
         "backend's workers): with DALI a shard set that fits is fetched once; otherwise each shard is fetched "
-        "once per epoch and dropped after use.", _positive
+        "once per epoch, at most 8 ahead (4 per torch worker), and dropped after use.", _positive
     )
     hflip: bool = option(True, "Random horizontal flip.")
     pad_crop: int = option(

@@ -20,6 +20,7 @@ from .epochs import LoaderPosition, epoch_shards, where_to_start
 from .manifest import MANIFEST_NAME, IndexEntry, ShardInfo, parse_dali_index
 
 FETCH_THREADS = 4
+AHEAD_SHARDS = 8  # read ahead of the one in use, at most (and within the cache): enough to hide a request's wait
 MARK_BYTES = 16  # a batch's mark as a sample's last output: (epoch, shards started) as two int64
 _IMAGE_EXTENSIONS = set(EXTENSIONS.values())
 
@@ -92,14 +93,16 @@ class ShardStream:
             yield marked(batch)
 
     def _read(self, order: list[ShardInfo]) -> Iterator[tuple[ShardInfo, np.ndarray]]:
-        """The shards of `order` with their bytes, read ahead within the cache's bound."""
+        """The shards of `order` with their bytes, read ahead within the cache's bound: all of it when every
+        shard is kept anyway, else at most AHEAD_SHARDS, so that memory is flat from the first shards on."""
         with ThreadPoolExecutor(max_workers=FETCH_THREADS) as pool:
             pending: deque[tuple[ShardInfo, Future]] = deque()
             held = 0
             upcoming = iter(order)
             nxt = next(upcoming, None)
             while pending or nxt is not None:
-                while nxt is not None and (not pending or held + nxt.bytes <= self.cache_bytes):
+                while nxt is not None and (not pending or (held + nxt.bytes <= self.cache_bytes and (
+                        self.keep_all or len(pending) < AHEAD_SHARDS))):
                     pending.append((nxt, pool.submit(self._shard_bytes, nxt)))
                     held += nxt.bytes
                     nxt = next(upcoming, None)

@@ -34,6 +34,7 @@ from .epochs import EpochMark, LoaderPosition, epoch_shards, where_to_start
 from .manifest import MANIFEST_NAME, Manifest, ShardInfo
 
 FETCH_THREADS = 2  # per DataLoader worker: shards fetched at once, ahead of the one being read
+AHEAD_SHARDS = 4  # per DataLoader worker, at most (and within its part of the cache)
 
 
 def _augmentations(cfg: LoaderConfig, resolution: int) -> v2.Transform:
@@ -232,8 +233,8 @@ class _FetchShards:
     """webdataset stage (in each DataLoader worker): each shard of the set at `where` with a stream of its
     bytes: a folder's file opened; a bucket's object fetched whole by fsspec (s3fs retries with backoff) and
     checked against the manifest's size and sha256, the next ones fetched ahead by threads while the current
-    one is read, about `cache_bytes` of them (always at least the next), so that a request's round trip is
-    hidden behind the reading."""
+    one is read, at most AHEAD_SHARDS and about `cache_bytes` of them (always at least the next), so that a
+    request's round trip is hidden behind the reading and memory stays flat."""
 
     def __init__(self, where: Path | str, cache_bytes: int):
         self.where, self.manifest, self.cache_bytes = where, f"{where}/{MANIFEST_NAME}", cache_bytes
@@ -253,7 +254,8 @@ class _FetchShards:
                 pending.append((url, shard.bytes, pool.submit(read_checked, url, shard.bytes, shard.sha256,
                                                                self.manifest)))
                 held += shard.bytes
-                while len(pending) > 1 and held > self.cache_bytes:  # the next stays in flight while one is read
+                # the next stays in flight while one is read
+                while len(pending) > 1 and (held > self.cache_bytes or len(pending) > AHEAD_SHARDS):
                     ahead, size, fetched = pending.popleft()
                     held -= size
                     yield {"url": ahead, "stream": io.BytesIO(fetched.result())}
