@@ -7,7 +7,9 @@
 3. both loaders (DALI and torch, CPU) over a whole epoch of each set with loader.bucket_cache_mb at 10% of
    the set (images/s, RSS of the process tree every 50 batches), and from the bucket through a proxy that
    adds 20 ms to every request;
-4. shuffle: over one epoch of the bucket's stream (DALI), the shards and classes in each batch.
+4. train: a short training from the bucket, killed with SIGKILL once its first checkpoint is written, and
+   rerun (the step and epoch position it goes on from, processes left, the bucket unchanged);
+5. shuffle: over the bucket's stream (DALI), the shards and classes in each batch.
 
     python benchmarks/archive_scale.py ../shared/data/cifar10/train.tar --images 1000000 \\
         --shard-size 1000 --work /tmp/scale --out archive-scale.json
@@ -149,10 +151,13 @@ def timed_prepare(archive: Path, out: str, shard_size: int, images: int, staging
     start = time.perf_counter()
     job = subprocess.Popen([CLI, "prepare", str(archive), out, "--shard-size", str(shard_size), "-q"])
     sampler = Sampler(job.pid, staging)
-    if job.wait() != 0:
+    _, status, usage = os.wait4(job.pid, 0)  # usage: prepare and the workers it waited for
+    job.returncode = os.waitstatus_to_exitcode(status)
+    if job.returncode != 0:
         raise SystemExit(f"prepare into {out} failed")
     seconds = time.perf_counter() - start
     return {"seconds": round(seconds, 1), "images_per_s": round(images / seconds), **sampler.close(),
+            "prepare_cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
             "server_cpu_s": round(cpu_seconds(server) - server_cpu, 1)}
 
 
@@ -222,10 +227,13 @@ def epoch_probe(shards: str, backend: str, cache_mb: int, batches: int, every: i
                       "rss_mib": round(tree_rss(os.getpid()) / 2**20, 1)}), flush=True)
 
 
-def run_probe(shards: str, backend: str, cache_mb: int, batches: int, env: dict[str, str]) -> dict:
-    """`epoch_probe` in a child process: images/s, and RSS over the run against RSS after its first 5%."""
+def run_probe(shards: str, backend: str, cache_mb: int, batches: int, env: dict[str, str], server: int) -> dict:
+    """`epoch_probe` in a child process: images/s, and RSS over the run against RSS after its first 5%; the CPU
+    seconds of the S3 server (process `server`) meanwhile."""
     command = [sys.executable, __file__, "--probe", shards, backend, str(cache_mb), str(batches)]
+    server_cpu = cpu_seconds(server)
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **env})
+    server_cpu = cpu_seconds(server) - server_cpu
     if result.returncode != 0:
         raise SystemExit(f"loader probe {backend} on {shards} failed:\n{result.stderr[-3000:]}")
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
@@ -235,6 +243,7 @@ def run_probe(shards: str, backend: str, cache_mb: int, batches: int, env: dict[
             "images_per_s": round(last["images"] / last["seconds"]), "rss_at_5pct_mib": early["rss_mib"],
             "peak_rss_mib": max(r["rss_mib"] for r in rows),
             "peak_over_5pct": round(max(r["rss_mib"] for r in rows) / early["rss_mib"], 3),
+            "server_cpu_s": round(server_cpu, 1),
             "rss_mib_over_time": [(r["images"], r["rss_mib"]) for r in rows]}
 
 
@@ -286,8 +295,9 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=1000)
     parser.add_argument("--work", default="/tmp/archive-scale", help="folder for the archive, shards and caches")
     parser.add_argument("--delay-batches", type=int, default=400, help="batches read through the 20 ms proxy")
-    parser.add_argument("--stages", default="build,prepare,loader,shuffle",
+    parser.add_argument("--stages", default="build,prepare,loader,train,shuffle",
                         help="which to run; without prepare, the folder's set from an earlier run is uploaded")
+    parser.add_argument("--backends", default="dali,torch", help="the loaders the loader stage times")
     parser.add_argument("--out", default="archive-scale.json", help="results (those of other stages kept)")
     args = parser.parse_args()
     stages = set(args.stages.split(","))
@@ -332,14 +342,17 @@ def main() -> None:
         results["manifest_load_s"] = manifest_load_seconds(folder, url)
         save()
         epoch = (args.images + 255) // 256
-        for backend in ("dali", "torch") if "loader" in stages else ():
+        for backend in args.backends.split(",") if "loader" in stages else ():
             for name, where in (("folder", str(folder)), ("bucket", url)):
-                results[f"loader_{backend}_{name}"] = run_probe(where, backend, cache_mb, 2 * epoch, {})
+                results[f"loader_{backend}_{name}"] = run_probe(where, backend, cache_mb, 2 * epoch, {}, server.pid)
                 save()
             proxy = DelayProxy(int(env["AWS_ENDPOINT_URL"].rsplit(":", 1)[1]), 0.020)
             results[f"loader_{backend}_bucket_20ms"] = run_probe(
                 url, backend, cache_mb, args.delay_batches,
-                {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"})
+                {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"}, server.pid)
+            save()
+        if "train" in stages:
+            results["killed_training"] = killed_training(url, work)
             save()
         if "shuffle" in stages:
             results["shuffle"] = shuffle_measure(url, folder, cache_mb, min(epoch, 1000))
@@ -350,6 +363,54 @@ def main() -> None:
     for key, value in results.items():
         if key.startswith("loader_"):
             print(key, {k: v for k, v in value.items() if k != "rss_mib_over_time"})
+
+
+def killed_training(url: str, work: Path) -> dict[str, object]:
+    """Train from the bucket (DALI on the CPU, a small DCGAN, batch 64, a checkpoint every 40 steps), SIGKILL
+    the whole process tree once the first checkpoint is written, and rerun: the step and epoch position the
+    rerun goes on from, whether any process outlived the kill, and whether the bucket changed."""
+    import fsspec
+
+    from cgan_pipe.train.checkpoint import list_checkpoints, load_checkpoint
+
+    fs = fsspec.filesystem("s3")
+
+    def listing() -> dict[str, str]:  # every object's name and ETag (its MD5)
+        fs.invalidate_cache()
+        return {name: info["ETag"] for name, info in fs.find(url.removeprefix("s3://"), detail=True).items()}
+
+    before = listing()
+    run_dir = work / "train-run"
+    subprocess.run(["rm", "-rf", str(run_dir)], check=True)
+    pipeline = work / "train.yaml"
+    pipeline.write_text(f"name: scale\nrun_dir: {run_dir}\ndata:\n  source: unused\nloader:\n  shards: {url}\n"
+                        f"  backend: dali\n  bucket_cache_mb: 351\nmodel:\n  z_dim: 64\n  g_width: 32\n"
+                        f"  d_width: 32\neval:\n  metrics: []\ntrain:\n  steps: 200\n  batch_size: 64\n"
+                        f"  checkpoint_every: 40\n  sample_every: 200\n  log_every: 20\n  device: cpu\n")
+    job = subprocess.Popen([CLI, "train", str(pipeline), "-q"], start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not list_checkpoints(run_dir / "checkpoints") and job.poll() is None:
+        time.sleep(0.05)
+    os.killpg(job.pid, 9)
+    job.wait()
+    time.sleep(1)
+    survivors = [pid for pid in os.listdir("/proc") if pid.isdigit() and _session(int(pid)) == job.pid]
+    killed_at = load_checkpoint(list_checkpoints(run_dir / "checkpoints")[-1])
+    rerun = subprocess.run([CLI, "train", str(pipeline), "-v"], capture_output=True, text=True)
+    goes_on = next((line[line.index("the data goes on"):] for line in rerun.stderr.splitlines()
+                    if "the data goes on in epoch" in line), None)
+    return {"checkpoint_step": killed_at["step"], "checkpoint_position": killed_at["data_position"],
+            "processes_left": len(survivors), "rerun_rc": rerun.returncode,
+            "rerun_says": [line for line in rerun.stdout.splitlines() if "resumed from step" in line][:1],
+            "rerun_log": goes_on, "bucket_unchanged": listing() == before}
+
+
+def _session(pid: int) -> int | None:
+    """The session id of process `pid` (None once it is gone)."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[3])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def manifest_load_seconds(folder: Path, url: str) -> dict[str, float]:

@@ -1,6 +1,6 @@
 """The archive-scale benchmark (benchmarks/archive_scale.py) on 50,000 images: prepare into a folder and into a
-bucket on the test S3 server, both loaders over a whole epoch with the cache at 10% of the set, and the
-shuffle measure. Checked here: what it reports holds (the same bytes in both places, whole epochs read, local
+bucket on the test S3 server, both loaders over a whole epoch with the cache at 10% of the set, a training
+from the bucket killed and resumed, and the shuffle measure. Checked here: what it reports holds (the same bytes in both places, whole epochs read, local
 scratch bounded), not its speed, which docs/benchmarks.md records."""
 
 from __future__ import annotations
@@ -34,6 +34,11 @@ def test_fifty_thousand_images_through_a_bucket_with_the_cache_at_a_tenth_of_the
             assert probe["images"] == 50000  # one whole epoch, each sample once
             assert probe["peak_rss_mib"] >= probe["rss_at_5pct_mib"] > 0
         assert scale[f"loader_{backend}_bucket_20ms"]["images"] == 20 * 256  # not a whole epoch: 20 batches
+    killed = scale["killed_training"]
+    assert killed["processes_left"] == 0 and killed["bucket_unchanged"] is True and killed["rerun_rc"] == 0
+    assert killed["rerun_says"] == [] or f"resumed from step {killed['checkpoint_step']}" in killed["rerun_says"][0]
+    position = killed["checkpoint_position"][0]
+    assert killed["rerun_log"].startswith(f"the data goes on in epoch {position['epoch']}")
     shuffle = scale["shuffle"]
     assert shuffle["batches"] == 196 and shuffle["shards_per_batch_min"] >= 1
     assert 0 < shuffle["next_sample_same_class"] < 1

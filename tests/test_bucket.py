@@ -7,6 +7,7 @@ import collections
 import hashlib
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -460,3 +461,27 @@ def test_the_torch_loader_fetches_the_next_shard_while_one_is_read(bucket_shards
         events.append(("read", sample["url"].rsplit("/", 1)[1]))
     assert events == [("fetched", "shard-000000.tar"), ("fetched", "shard-000001.tar"),
                       ("read", "shard-000000.tar"), ("read", "shard-000001.tar")]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_prepare_into_a_bucket_killed_anywhere_reruns_to_the_uninterrupted_bucket(bucket, cifar_tar, seed):
+    settings = ["--shard-size", "50", "--format", "png", "--workers", str(1 + seed), "-q"]
+    whole, url = f"{bucket}/whole", f"{bucket}/killed"
+    subprocess.run([CLI, "prepare", str(cifar_tar), whole, *settings], check=True, capture_output=True, timeout=300)
+    rng = random.Random(seed)
+    target, extra = rng.randrange(16), rng.uniform(0, 0.05)  # 16 shards; killed once `target` are uploaded
+    process = subprocess.Popen([CLI, "prepare", str(cifar_tar), url, *settings], stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while process.poll() is None and time.monotonic() < deadline and \
+            sum(name.endswith(".done.json") for name in object_sizes(url)) < target:
+        time.sleep(0.02)
+    time.sleep(extra)
+    process.kill()
+    process.wait()
+    rerun = subprocess.run([CLI, "prepare", str(cifar_tar), url, *settings], capture_output=True, text=True,
+                           timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert contents(url) == contents(whole)
+    assert not staging_dir(url).exists()
+    assert not fsspec.filesystem("s3").call_s3("list_multipart_uploads",
+                                               Bucket=bucket.removeprefix("s3://")).get("Uploads")
