@@ -8,10 +8,10 @@ import logging
 import multiprocessing
 import os
 import random
+import tempfile
 import threading
 import warnings
 from collections import Counter
-import tempfile
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
@@ -136,9 +136,8 @@ def prepare(data: DataConfig, out_dir: Path | str, *, seed: int = 0, rank: int =
 def _write_all(pool: ProcessPoolExecutor | None, workers: int, todo: list[_ShardJob], out: _Folder | _Bucket,
                shard_bytes: float | None) -> None:
     """Write the shards of `todo` (in `pool`'s `workers` processes, else here) and hand each to `out` as it is
-    done,
-    with no more than `out.scratch` bytes of shards (about `shard_bytes` each) written and not yet handed
-    over (`out.finished` returns a future while it still needs the files)."""
+    done, with no more than `out.scratch` bytes of shards (about `shard_bytes` each) written and not yet
+    handed over (`out.finished` returns a future while it still needs the files)."""
     writing: dict[Future, _ShardJob] = {}
     handing: dict[Future, int] = {}  # future -> the shard's bytes on disk until it completes
 
@@ -235,7 +234,7 @@ class _Bucket:
         staging = staging_dir(self.url)
         self.shards_dir = staging / f"rank-{rank}" if world_size > 1 else staging
         self.parts = BucketParts(self.url, _parts(self.shards_dir))
-        self.uploads = ThreadPoolExecutor(max_workers=UPLOAD_THREADS)
+        self.listed: dict[str, int] = {}  # the prefix's objects when prepare started, with their sizes
         self.plan: dict[str, Any] = {}
         self.records: dict[int, dict[str, Any]] = {}  # this rank's finished parts: uploaded, or uploading
 
@@ -262,7 +261,7 @@ class _Bucket:
         uploaded are uploaded now. Returns the finished parts."""
         self.plan = plan
         held.enter_context(folder_lock(self.shards_dir))  # one writer per prefix and rank on this machine
-        held.callback(self.uploads.shutdown, cancel_futures=True)
+        self.uploads = held.enter_context(ThreadPoolExecutor(max_workers=UPLOAD_THREADS))
         listed_manifest = _remote_listed(self.url) if MANIFEST_NAME in self.listed else set()
         unfinished = self.parts.plan() is not None
 
