@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import itertools
-import dataclasses
 import os
 import sys
 import tarfile
@@ -151,8 +151,9 @@ def bench_loader(shards: Path | str, *, batch_size: int = 256, batches: int = 10
     the CPU with batches on the CPU, and, when there is a GPU, decoding there (DALI `mixed`, nvJPEG
     through torchvision) with batches on the GPU; then the baseline (webdataset + Pillow +
     torchvision transforms in a DataLoader, batches on the CPU). Each uses `workers`
-    threads/processes (default: `settings.threads` when given, else one per core). With `jpeg_distort` (lo, hi), each loader is timed
-    again with on-the-fly JPEG distortion at a quality drawn from lo..hi ('dali+jpeg_distort', ...).
+    threads/processes (default: `settings.threads` when given, else one per core). With `jpeg_distort`
+    (lo, hi), each loader is timed again with on-the-fly JPEG distortion at a quality drawn from lo..hi
+    ('dali+jpeg_distort', ...).
     `backends` picks which of 'dali', 'torch' and 'baseline' run (DALI is imported only for its rows). A shard
     set at a URL is read as training reads it (DALI as `bucket_reads` says); the baseline reads folders only.
     The loaders take every other setting from `settings` (default: the defaults)."""

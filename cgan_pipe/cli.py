@@ -617,7 +617,7 @@ def bench_prepare_command(source: str, quality: int, workers: int | None, limit:
 @verbosity_options
 @_reports_errors
 def bench_loader_command(shards: Path | str, batch_size: int, batches: int, workers: int | None,
-                         jpeg_distort: list[int] | None, backends: tuple[str, ...], bucket_reads: str,
+                         jpeg_distort: list[int] | None, backends: tuple[str, ...], bucket_reads: str | None,
                          overrides: tuple[str, ...], json_path: str | None) -> None:
     """Time the loaders on the shard set SHARDS with flip + normalise: DALI and the torch backend
     (decoding on the CPU, and on the GPU when present), and a baseline (webdataset + Pillow +

@@ -39,10 +39,8 @@ class BucketParts:
         """The plan object of the unfinished job in the bucket, or None."""
         try:
             return json.loads(read_bytes(f"{self.url}/{self.names.plan_name}"))
-        except ObjectMissing:
+        except (ObjectMissing, ValueError):  # a damaged plan is no plan: its parts are written again
             return None
-        except ValueError:
-            return None  # a damaged plan is no plan: its parts are written again
 
     def done(self, plan: dict[str, Any], listed: dict[str, int] | None = None,
              mine: Callable[[int], bool] = lambda number: True) -> dict[int, dict[str, Any]]:

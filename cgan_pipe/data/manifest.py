@@ -184,6 +184,14 @@ def parse_dali_index(path: Path | str, text: str | None = None) -> list[list[Ind
     return samples
 
 
+def read_dali_index(where: Path | str, name: str) -> list[list[IndexEntry]]:
+    """The samples of the index file `name` of the shard set at `where` (a folder, or a URL read whole)."""
+    if is_url(where):
+        url = f"{where}/{name}"
+        return parse_dali_index(url, read_bytes(url).decode(errors="replace"))
+    return parse_dali_index(Path(where) / name)
+
+
 def shard_set_manifest(shards: Path | str) -> Manifest:
     """The checked manifest of the shard set in a folder or at a URL."""
     return read_remote_manifest(str(shards).rstrip("/")) if is_url(shards) else read_manifest(Path(shards))

@@ -15,9 +15,9 @@ import numpy as np
 from ..errors import DataError
 from ..images import EXTENSIONS
 from ..locations import is_url
-from .bucket import read_bytes, read_checked
+from .bucket import read_checked
 from .epochs import LoaderPosition, epoch_shards, where_to_start
-from .manifest import MANIFEST_NAME, IndexEntry, ShardInfo, parse_dali_index
+from .manifest import MANIFEST_NAME, IndexEntry, ShardInfo, read_dali_index
 
 FETCH_THREADS = 4
 AHEAD_SHARDS = 8  # read ahead of the one in use, at most (and within the cache): enough to hide a request's wait
@@ -49,12 +49,11 @@ class ShardStream:
         self._epoch = start.epoch if start else 0
         self._skip = start.skipped(0, 1) if start else 0
         with ThreadPoolExecutor(max_workers=FETCH_THREADS) as pool:  # the index files, read once
-            texts = list(pool.map(lambda s: self._index_text(s.index), shards))
+            indexes = list(pool.map(lambda s: read_dali_index(where, s.index), shards))
         # each shard's samples as an array (samples, outputs, 2) of byte spans: 48 bytes a sample
-        self._spans = {s.tar: np.array([_spans(files, f"{where}/{s.index}", labelled, with_meta)
-                                        for files in parse_dali_index(f"{where}/{s.index}", text)],
+        self._spans = {s.tar: np.array([_spans(files, f"{where}/{s.index}", labelled, with_meta) for files in index],
                                        dtype=np.int64).reshape(-1, 3 if with_meta else 2, 2)
-                       for s, text in zip(shards, texts)}
+                       for s, index in zip(shards, indexes)}
         self.samples = sum(len(samples) for samples in self._spans.values())
 
     def __iter__(self) -> Iterator[list[list[np.ndarray]]]:
@@ -124,11 +123,6 @@ class ShardStream:
         if self.keep_all:
             self._kept[shard.tar] = data
         return data
-
-    def _index_text(self, name: str) -> str:
-        if self.remote:
-            return read_bytes(f"{self.where}/{name}").decode(errors="replace")
-        return (Path(self.where) / name).read_text(errors="replace")
 
 
 def _spans(files: list[IndexEntry], index: str, labelled: bool, with_meta: bool) -> list[tuple[int, int]]:

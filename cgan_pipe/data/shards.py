@@ -270,13 +270,13 @@ class _Bucket:
 
         delete_objects(self.url, [MANIFEST_NAME] if MANIFEST_NAME in self.listed else [])
         done = self.parts.claim(plan, self.listed, self._mine, owned)
-        local = _parts(self.shards_dir).resume(plan, mine=self._mine)
-        for number, record in local.items():
+        staged = _parts(self.shards_dir)
+        for number, record in staged.resume(plan, mine=self._mine).items():
             if number not in done:
                 log.info(f"{self.url}: uploading shard {number}, written by a run that stopped before uploading it")
                 self.parts.ship(self.shards_dir, number, record, plan)
                 done[number] = record
-        for path in _parts(self.shards_dir).files(self._mine):  # all in the bucket now: the local copies go
+        for path in staged.files(self._mine):  # all in the bucket now: the local copies go
             path.unlink()
         log.info(f"{self.url}: preparing in {self.shards_dir}, each shard uploaded once written "
                  f"(at most {self.scratch / 1e6:,.0f} MB of them held locally: data.upload_scratch)")

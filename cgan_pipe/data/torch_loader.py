@@ -218,10 +218,9 @@ class _EpochShards(IterableDataset):
         self.stream = info.id if info is not None else 0
         epoch, self.epoch = self.epoch, self.epoch + 1
         skip = self.start.skipped(self.stream, self.streams) if self.start and epoch == self.start.epoch else 0
-        self.started = skip
+        self.current, self.started = epoch, skip
         for shard in epoch_shards(self.shards, self.seed, epoch, self.stream, self.streams)[skip:]:
             self.started += 1
-            self.current = epoch
             yield {"shard": shard}
 
     def marked(self, sample: tuple) -> tuple:

@@ -20,9 +20,9 @@ from ..errors import DataError
 from ..images import decode, shard_extensions
 from ..processes import process_pool
 from .inputs import count_by_kind
-from ..locations import is_url, join
-from .bucket import UPLOAD_THREADS, local_copies, object_sizes, read_bytes
-from .manifest import Manifest, ShardInfo, parse_dali_index, shard_set_manifest
+from ..locations import is_url
+from .bucket import UPLOAD_THREADS, local_copies, object_sizes
+from .manifest import Manifest, ShardInfo, read_dali_index, shard_set_manifest
 from .digest import file_identity, file_sha256
 from .shard_format import dali_index, member_extension, sample_members
 
@@ -228,9 +228,7 @@ def inspect_shards(where: Path | str) -> dict:
     allowed = shard_extensions(manifest.image_format)
 
     def image_bytes_of(index: str) -> int:
-        path = join(where, index)
-        text = read_bytes(str(path)).decode(errors="replace") if is_url(where) else None
-        return sum(entry.size for files in parse_dali_index(path, text) for entry in files if entry.ext in allowed)
+        return sum(entry.size for files in read_dali_index(where, index) for entry in files if entry.ext in allowed)
 
     with ThreadPoolExecutor(max_workers=UPLOAD_THREADS) as pool:
         image_bytes = sum(pool.map(image_bytes_of, [shard.index for shard in manifest.shards]))
