@@ -318,7 +318,7 @@ def main() -> None:
     try:
         import fsspec
 
-        from cgan_pipe.data.bucket import publish, staging_dir
+        from cgan_pipe.data.bucket import staging_dir, upload_file
 
         fsspec.filesystem("s3").mkdir("scale")
         folder, url = work / "shards", "s3://scale/shards"
@@ -335,7 +335,8 @@ def main() -> None:
                 p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir() if p.is_file()}
             save()
         else:
-            publish(folder, url, last=["manifest.json"])
+            for path in sorted(folder.iterdir(), key=lambda path: path.name == "manifest.json"):  # manifest last
+                upload_file(path, f"{url}/{path.name}")
         set_mib = sum(p.stat().st_size for p in folder.glob("*.tar")) / 2**20
         cache_mb = max(1, int(set_mib / 10))
         results["set_mib"], results["bucket_cache_mb"] = round(set_mib), cache_mb

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 
 from cgan_pipe.cli import main
 from cgan_pipe.config import DataConfig, LoaderConfig
-from cgan_pipe.data.bucket import object_sizes, publish, staging_dir, upload_file
+from cgan_pipe.data.bucket import object_sizes, staging_dir, upload_file
 from cgan_pipe.data.bucket_parts import BucketParts
 from cgan_pipe.data.loader import open_loader
 from cgan_pipe.data.manifest import read_manifest, read_remote_manifest
@@ -40,6 +40,13 @@ def contents(url: str) -> dict[str, str]:
     fs.invalidate_cache()
     return {name.removeprefix(key + "/"): hashlib.sha256(fs.cat_file(name)).hexdigest()
             for name in fs.find(key)}
+
+
+def copy_to_bucket(folder: Path, url: str) -> None:
+    """Upload the shard set in `folder` to `url`, its manifest last."""
+    files = sorted(folder.iterdir(), key=lambda path: path.name == "manifest.json")
+    for path in files:
+        upload_file(path, f"{url}/{path.name}")
 
 
 def folder_contents(folder: Path) -> dict[str, str]:
@@ -149,6 +156,13 @@ def test_train_and_generate_with_a_bucket(bucket_shards, bucket, tmp_path):
     assert other.exit_code == 2 and "holds an export made with other settings" in other.output
     loader = open_loader(f"{out}/shards", LoaderConfig(backend="torch", threads=1), 10, 0, torch.device("cpu"))
     assert loader.samples_per_epoch == 30
+    fewer = ["generate", str(checkpoint), out, "--n", "20", "--device", "cpu", "--overwrite"]
+    assert CliRunner().invoke(main, fewer).exit_code == 0
+    assert CliRunner().invoke(main, [*fewer[:2], str(tmp_path / "fewer"), *fewer[3:]]).exit_code == 0
+    assert contents(out) == folder_contents(tmp_path / "fewer")  # nothing of the export it replaced is left
+    fsspec.filesystem("s3").pipe_file(f"{out}/notes.txt", b"mine")
+    foreign = CliRunner().invoke(main, [*fewer[:3], "--n", "10", "--overwrite"])
+    assert foreign.exit_code == 2 and "holds objects cgan-pipe did not write (notes.txt)" in foreign.output
 
 
 def test_an_upload_cut_short_resumes_to_the_bucket_an_uninterrupted_run_gives(bucket, small_tar, monkeypatch):
@@ -206,18 +220,9 @@ def test_prepare_into_a_bucket_holds_at_most_its_scratch_on_local_disk(bucket, s
         prepare(DataConfig(str(small_tar), shard_size=10, upload_scratch="10kB", limit=150), url, progress=False)
 
 
-def test_publish_sends_only_what_the_bucket_lacks_and_the_manifest_last(bucket, small_shards, tmp_path):
-    url = f"{bucket}/set"
-    assert publish(small_shards, url, last=["manifest.json"]) == 5
-    assert publish(small_shards, url, last=["manifest.json"]) == 0
-    fsspec.filesystem("s3").pipe_file(f"{url}/shard-000001.idx", b"changed")
-    assert publish(small_shards, url, last=["manifest.json"]) == 2  # the index, then the manifest again
-    assert contents(url) == folder_contents(small_shards)
-
-
 def test_a_missing_or_changed_shard_is_named(bucket, small_shards):
     url = f"{bucket}/set"
-    publish(small_shards, url, last=["manifest.json"])
+    copy_to_bucket(small_shards, url)
     fs = fsspec.filesystem("s3")
     data = bytearray(fs.cat_file(f"{url}/shard-000000.tar"))
     data[-2000] ^= 0xFF  # same size, other bytes
@@ -278,7 +283,7 @@ def test_storage_errors_name_the_bucket_and_exit_1(s3_server, bucket, small_tar,
     result = run_cli("prepare", str(small_tar), "s3://no-such-bucket-here/x", env={})
     assert result.returncode == 1 and "no bucket 'no-such-bucket-here'" in result.stderr
     assert "aws s3 mb" in result.stderr
-    publish(small_shards, f"{bucket}/set", last=["manifest.json"])
+    copy_to_bucket(small_shards, f"{bucket}/set")
     unreachable = run_cli("verify", f"{bucket}/set", env={"AWS_ENDPOINT_URL": "http://127.0.0.1:9"})
     assert unreachable.returncode == 1 and f"{bucket}/set/manifest.json" in unreachable.stderr
     assert "check that the server" in unreachable.stderr and "Traceback" not in unreachable.stderr
@@ -485,3 +490,84 @@ def test_prepare_into_a_bucket_killed_anywhere_reruns_to_the_uninterrupted_bucke
     assert not staging_dir(url).exists()
     assert not fsspec.filesystem("s3").call_s3("list_multipart_uploads",
                                                Bucket=bucket.removeprefix("s3://")).get("Uploads")
+
+
+def _generate_into(checkpoint: Path, out: str, verbosity: str = "-q") -> list[str]:
+    return [CLI, "generate", str(checkpoint), out, "--seeds", "0-239", "--output", "both", "--batch-size", "10",
+            "--shard-size", "30", "--device", "cpu", verbosity]
+
+
+def test_generate_uploads_each_part_as_it_finishes_holding_at_most_two_locally(checkpoint, bucket, tmp_path,
+                                                                              monkeypatch):
+    from cgan_pipe import export as export_module
+
+    url = f"{bucket}/streamed"
+    events, held = [], []
+    ship, generate = BucketParts.ship, export_module.generate
+
+    def shipped(self, local, number, record, plan):
+        held.append(len(list((local / "shards").glob("*shard-*.tar*"))))  # finished or being written
+        ship(self, local, number, record, plan)
+        events.append(f"uploaded {number}")
+
+    def generated(*args, **kwargs):
+        events.append("generated")
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(BucketParts, "ship", shipped)
+    monkeypatch.setattr(export_module, "generate", generated)
+    result = CliRunner().invoke(main, _generate_into(checkpoint, url)[1:])
+    assert result.exit_code == 0, result.output
+    assert max(held) <= 2 and len(held) == 8
+    generated_at = [i for i, event in enumerate(events) if event == "generated"]  # 3 per part, then the sheet's
+    assert events.index("uploaded 0") < generated_at[7 * 3]  # before the last part was begun
+    monkeypatch.undo()
+    local = tmp_path / "local"
+    subprocess.run(_generate_into(checkpoint, str(local)), check=True, capture_output=True, timeout=300)
+    assert contents(url) == folder_contents(local)  # the same export, byte for byte
+    assert not staging_dir(url).exists()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_generate_into_a_bucket_killed_anywhere_reruns_to_the_uninterrupted_bucket(bucket, checkpoint, tmp_path,
+                                                                                   seed):
+    url = f"{bucket}/generate-killed-{seed}"
+    local = tmp_path / "whole"
+    subprocess.run(_generate_into(checkpoint, str(local)), check=True, capture_output=True, timeout=300)
+    rng = random.Random(seed)
+    target, extra = rng.randrange(8), rng.uniform(0, 0.05)  # 8 parts; killed once `target` are uploaded
+    process = subprocess.Popen(_generate_into(checkpoint, url), stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while process.poll() is None and time.monotonic() < deadline and \
+            sum(name.endswith(".done.json") for name in object_sizes(url)) < target:
+        time.sleep(0.02)
+    time.sleep(extra)
+    process.kill()
+    process.wait()
+    rerun = subprocess.run(_generate_into(checkpoint, url, "-v"), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"{target} of 8 kept from an earlier run" in rerun.stderr or \
+        f"{target + 1} of 8 kept from an earlier run" in rerun.stderr, rerun.stderr[-2000:]
+    assert contents(url) == folder_contents(local)
+    assert not staging_dir(url).exists()
+    assert not fsspec.filesystem("s3").call_s3("list_multipart_uploads",
+                                               Bucket=bucket.removeprefix("s3://")).get("Uploads")
+
+
+def test_under_torchrun_ranks_generate_into_one_bucket_prefix(s3_server, bucket, checkpoint, tmp_path):
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"{bucket}/generate-torchrun"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", f"--master-port={port}",
+               "-m", "cgan_pipe", *_generate_into(checkpoint, url)[1:]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("240 images") == 1  # rank 0 reports, once
+    local = tmp_path / "single"
+    subprocess.run(_generate_into(checkpoint, str(local)), check=True, capture_output=True, timeout=300, env=env)
+    assert contents(url) == folder_contents(local)
+    assert not list(staging_dir(url).rglob("*"))
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode == 0 and "already complete" in again.stdout, again.stderr[-3000:]

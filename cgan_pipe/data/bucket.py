@@ -1,6 +1,6 @@
 """Shard sets in object storage (s3://bucket/prefix): whole-object reads checked against the manifest,
-listings, resumable uploads with the completion marker last, and errors that name the bucket and key and
-say what to do."""
+listings, uploads that appear whole or not at all (with their sha256 recorded), staging folders, and errors
+that name the bucket and key and say what to do."""
 
 from __future__ import annotations
 
@@ -10,14 +10,12 @@ import logging
 import os
 import shutil
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ..config import default_cache_dir
 from ..errors import ConfigError, DataError
 from ..locations import is_url
-from ..lock import LOCK_NAME
 from .digest import file_sha256
 
 log = logging.getLogger(__name__)
@@ -201,53 +199,6 @@ def staging_dir(url: str) -> Path:
     return default_cache_dir() / "staging" / hashlib.sha256(url.encode()).hexdigest()[:16]
 
 
-def publish(local: Path, url: str, last: list[str], remove_others: bool = False) -> int:
-    """Upload the files under the folder `local` to the prefix `url`, so that a reader never takes the
-    bucket for complete before it is: unless the bucket already holds every file (same size, same recorded
-    sha256), the completion markers `last` (paths relative to `local`, such as the manifest) are deleted
-    from it first, then every other file it lacks is uploaded, then `last` in order. With
-    `remove_others`, objects under `url` that are not among the files are deleted first. An object
-    appears only when its upload completes, and a killed upload's parts are aborted on the rerun, so a
-    rerun after a kill resumes and gives the same bucket as an uninterrupted run. Returns the files
-    uploaded."""
-    files = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file() and p.name != LOCK_NAME)
-    markers = [name for name in last if name in files]
-    digests = {name: file_sha256(local / name) for name in files}
-    fs = filesystem(url)
-    listed = object_sizes(url, recursive=True)
-    sizes = {name: listed.get(name) for name in files}
-
-    def recorded(name: str) -> str | None:  # only objects of the right size are asked for their sha256
-        if sizes[name] != (local / name).stat().st_size:
-            return None
-        with explained(f"{url}/{name}", "reading its metadata"):
-            return _remote_sha256(fs, f"{_key(url)}/{name}")
-
-    with ThreadPoolExecutor(max_workers=UPLOAD_THREADS) as pool:
-        remote = dict(zip(files, pool.map(recorded, files)))
-    todo = [name for name in files if name not in markers and remote[name] != digests[name]]
-    if not todo and all(remote[name] == digests[name] for name in markers):
-        return 0  # complete already
-    with explained(url, "removing its completion markers and other objects"):
-        present = [name for name in markers if sizes[name] is not None]  # back, the same or new, once all is in
-        others = [name for name in listed if name not in digests] if remove_others else []
-        if present + others:
-            fs.rm([f"{_key(url)}/{name}" for name in present + others])
-        _abort_unfinished_uploads(fs, url)
-    log.info(f"{url}: {len(todo) + len(markers)} files to upload, {len(files) - len(todo) - len(markers)} "
-             f"already there")
-
-    def upload(name: str) -> None:
-        upload_file(local / name, f"{url}/{name}", digests[name])
-
-    with ThreadPoolExecutor(max_workers=UPLOAD_THREADS) as pool:
-        list(pool.map(upload, todo))
-    for name in markers:
-        upload(name)
-    fs.invalidate_cache()
-    return len(todo) + len(markers)
-
-
 def upload_file(path: Path, url: str, sha256: str | None = None) -> None:
     """Upload the file at `path` as the object `url`, recording its sha256 (`sha256`, or computed) with it;
     the object appears only once the upload completes."""
@@ -275,28 +226,14 @@ def published(local: Path, url: str) -> None:
     shutil.rmtree(local, ignore_errors=True)
 
 
-def _remote_sha256(fs: Any, key: str) -> str | None:
-    """The sha256 recorded with the object `key` when it was uploaded, or None when there is no object."""
-    try:
-        return fs.metadata(key, refresh=True).get(SHA256_KEY, "")
-    except FileNotFoundError as exc:
-        if "bucket does not exist" in str(exc):
-            raise
-        return None
-
-
-def _abort_unfinished_uploads(fs: Any, url: str, which: Callable[[str], bool] = lambda name: True) -> None:
-    """Abort the multipart uploads under `url` (of the objects whose relative names `which` selects) that a
-    killed writer left: their parts are invisible but stored."""
-    bucket, _, prefix = _key(url).partition("/")
-    listed = fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix)
-    for upload in listed.get("Uploads", []):
-        if which(upload["Key"].removeprefix(prefix + "/")):
-            fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
-
-
 def abort_unfinished_uploads(url: str, which: Callable[[str], bool]) -> None:
-    """Abort the multipart uploads a killed writer left under `url`, of the objects whose names relative to
-    it `which` selects (another writer's uploads in progress are left alone)."""
+    """Abort the multipart uploads a killed writer left under `url` (their parts are invisible but stored), of
+    the objects whose names relative to it `which` selects (another writer's uploads in progress are left
+    alone)."""
     with explained(url, "aborting its unfinished uploads"):
-        _abort_unfinished_uploads(filesystem(url), url, which)
+        fs = filesystem(url)
+        bucket, _, prefix = _key(url).partition("/")
+        listed = fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix)
+        for upload in listed.get("Uploads", []):
+            if which(upload["Key"].removeprefix(prefix + "/")):
+                fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])

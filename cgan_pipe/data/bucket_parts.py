@@ -1,6 +1,7 @@
 """Resumable parts (resumable.py) whose files are uploaded into a bucket prefix as each part finishes: the
-bucket holds every finished part's shard, index and done record, so that a rerun on any machine, and every
-rank of a job, sees the same parts, while local disk holds only the parts not yet uploaded."""
+bucket holds every finished part's shard, index, other files and done record, so that a rerun on any
+machine, and every rank of a job, sees the same parts, while local disk holds only the parts not yet
+uploaded."""
 
 from __future__ import annotations
 
@@ -25,15 +26,23 @@ def plan_digest(plan: dict[str, Any]) -> str:
 @dataclass(frozen=True)
 class BucketParts:
     """The parts of one job writing into the bucket prefix `url`, named as `names` names them (its plan
-    object, `<record_prefix>NNNNNN.done.json`, shard-NNNNNN.tar and .idx).
+    object, `<record_prefix>NNNNNN.done.json`, and `<shards>shard-NNNNNN.tar` and .idx), with the other
+    files a record lists under "files" (names relative to `url`, as to the local folder a part is written in).
 
     A part is done in the bucket when its record is there, tied to the job's plan, and its tar object has
-    the recorded size: `ship` uploads a part's shard and index before its record, so a record never
-    announces objects that are not complete.
+    the recorded size: `ship` uploads a part's files before its record, so a record never announces objects
+    that are not complete.
     """
 
     url: str
     names: ResumableParts  # only its names are used: the plan's, the records', the part numbers
+    shards: str = ""  # where the shards are under `url`: "" or a folder with its slash, such as "shards/"
+
+    def objects(self, record: dict[str, Any]) -> list[str]:
+        """The objects of the part `record` describes, its record aside: the shard's tar first, its index, the
+        other files."""
+        shard = record.get("shard")
+        return ([self.shards + shard["tar"], self.shards + shard["index"]] if shard else []) + record.get("files", [])
 
     def plan(self) -> dict[str, Any] | None:
         """The plan object of the unfinished job in the bucket, or None."""
@@ -45,7 +54,7 @@ class BucketParts:
     def done(self, plan: dict[str, Any], listed: dict[str, int] | None = None,
              mine: Callable[[int], bool] = lambda number: True) -> dict[int, dict[str, Any]]:
         """The records of the parts of `mine` finished in the bucket for `plan`, by part number (`listed`:
-        the prefix's objects and sizes, when already listed)."""
+        the prefix's objects and sizes, with the shards', when already listed)."""
         listed = object_sizes(self.url) if listed is None else listed
         digest = plan_digest(plan)
         records = [name for name in listed if name.endswith(".done.json")
@@ -59,7 +68,8 @@ class BucketParts:
             if not isinstance(record, dict) or record.get("plan") != digest:
                 return None
             shard = record.get("shard")
-            if shard is not None and (listed.get(shard["tar"]) != shard["bytes"] or shard["index"] not in listed):
+            if shard is not None and (listed.get(self.shards + shard["tar"]) != shard["bytes"]
+                                      or self.shards + shard["index"] not in listed):
                 return None
             return record
 
@@ -87,20 +97,25 @@ class BucketParts:
         return kept
 
     def ship(self, local: Path, number: int, record: dict[str, Any], plan: dict[str, Any]) -> None:
-        """Upload part `number`, finished in the local folder `local` with `record`: its shard and index,
-        then its record (tied to `plan`); then delete the local copies."""
-        shard = record.get("shard")
+        """Upload part `number`, finished in the local folder `local` with `record`: its shard, index and
+        other files, then its record (tied to `plan`); then delete the local copies."""
+        shard, files = record.get("shard"), record.get("files", [])
         if shard is not None:
-            upload_file(local / shard["tar"], f"{self.url}/{shard['tar']}", shard["sha256"])
-            upload_file(local / shard["index"], f"{self.url}/{shard['index']}")
+            tar, index = self.shards + shard["tar"], self.shards + shard["index"]
+            upload_file(local / tar, f"{self.url}/{tar}", shard["sha256"])
+            upload_file(local / index, f"{self.url}/{index}")
+        if files:
+            with ThreadPoolExecutor(max_workers=UPLOAD_THREADS) as pool:
+                list(pool.map(lambda name: upload_file(local / name, f"{self.url}/{name}"), files))
         name = self.names.record_name(number)
         write_object(f"{self.url}/{name}", json.dumps({**record, "plan": plan_digest(plan)}).encode())
-        for path in ([local / shard["tar"], local / shard["index"]] if shard else []) + [local / name]:
+        for path in [local / object_name for object_name in self.objects(record)] + [local / name]:
             path.unlink(missing_ok=True)
 
-    def records(self, plan: dict[str, Any], parts: int) -> list[dict[str, Any]]:
-        """The records of all `parts` parts of `plan`, in order; DataError naming the missing ones."""
-        done = self.done(plan)
+    def records(self, plan: dict[str, Any], parts: int, listed: dict[str, int] | None = None) -> list[dict[str, Any]]:
+        """The records of all `parts` parts of `plan`, in order (`listed` as for `done`); DataError naming the
+        missing ones."""
+        done = self.done(plan, listed)
         missing = [f"shard-{number:06d}" for number in range(parts) if number not in done]
         if missing:
             raise DataError(f"{self.url}: {len(missing)} of {parts} shards are not uploaded yet (e.g. "
