@@ -4,12 +4,14 @@ that name the bucket and key and say what to do."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import logging
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -22,6 +24,10 @@ log = logging.getLogger(__name__)
 
 SHA256_KEY = "sha256"  # the object metadata an upload records its content hash under
 UPLOAD_THREADS = 8
+SINGLE_PUT_BYTES = 64 * 2**20  # larger files are uploaded in parts (by s3fs), each part retried on its own
+_clients: dict[tuple[Any, ...], Any] = {}  # (process, AWS settings, timeout, tries) -> botocore S3 client
+_CLIENT_SETTINGS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_DEFAULT_REGION")
+_clients_lock = threading.Lock()
 
 
 class ObjectMissing(DataError):
@@ -69,6 +75,38 @@ def filesystem(url: str) -> Any:
     return fs
 
 
+def _client() -> Any:
+    """The botocore S3 client that reads and writes whole objects (one per process and settings): the standard
+    AWS credential chain and endpoint settings, the waits and tries of `timeouts`. The body of an upload is
+    not hashed again for the request's signature: the upload carries the sha256 it was written with as its
+    checksum, which the server checks. (s3fs, used for listings and multipart uploads, costs twice the CPU
+    per whole-object read or write, and asks for an object's size before each read.)"""
+    seconds, tries = timeouts()
+    key = (os.getpid(), *map(os.environ.get, _CLIENT_SETTINGS), seconds, tries)  # a forked process makes its own
+    with _clients_lock:
+        if key not in _clients:
+            import botocore.session
+            from botocore.config import Config
+
+            config = Config(connect_timeout=seconds, read_timeout=seconds, max_pool_connections=4 * UPLOAD_THREADS,
+                            retries={"total_max_attempts": tries, "mode": "standard"},
+                            s3={"payload_signing_enabled": False}, request_checksum_calculation="when_required")
+            _clients[key] = botocore.session.get_session().create_client("s3", config=config)
+        return _clients[key]
+
+
+def _s3(operation: str, **arguments: Any) -> Any:
+    """`_client()`'s `operation`, its error answers turned into the Python errors s3fs gives for them (a
+    missing bucket or key: FileNotFoundError; access denied: PermissionError), as `explained` expects."""
+    from botocore.exceptions import ClientError
+    from s3fs.errors import translate_boto_error
+
+    try:
+        return getattr(_client(), operation)(**arguments)
+    except ClientError as exc:
+        raise translate_boto_error(exc) from exc
+
+
 def _key(url: str) -> str:
     """The path fsspec takes for `url` (bucket/key for object stores, the URL itself for http)."""
     return url if url.startswith(("http://", "https://")) else url.split("://", 1)[1]
@@ -77,7 +115,7 @@ def _key(url: str) -> str:
 @contextlib.contextmanager
 def explained(url: str, doing: str) -> Iterator[None]:
     """Turn a storage client's failure while `doing` something with `url` into a DataError that names the
-    bucket or key and says what to do. The clients have already retried with backoff (s3fs: 5 tries)."""
+    bucket or key and says what to do. The clients have already made their tries, with backoff (`timeouts`)."""
     bucket = url.split("/")[2] if "://" in url else url
     try:
         yield
@@ -92,8 +130,9 @@ def explained(url: str, doing: str) -> Iterator[None]:
                         f"policy") from None
     except (OSError, ValueError, TimeoutError) as exc:
         raise DataError(f"{url}: failed while {doing} ({type(exc).__name__}: {exc}); {_check_server()}") from None
-    except Exception as exc:  # noqa: BLE001  botocore's and aiohttp's own families, which s3fs lets through
-        if type(exc).__module__.split(".")[0] not in ("botocore", "aiohttp", "aiobotocore", "s3fs", "fsspec"):
+    except Exception as exc:  # noqa: BLE001  the clients' own families, which they let through
+        if type(exc).__module__.split(".")[0] not in ("botocore", "urllib3", "aiohttp", "aiobotocore", "s3fs",
+                                                      "fsspec"):
             raise
         hint = " (no credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)" \
             if "Credentials" in type(exc).__name__ else ""
@@ -111,7 +150,12 @@ def _check_server() -> str:
 def read_bytes(url: str) -> bytes:
     """The whole object at `url`; DataError naming it when it cannot be read."""
     with explained(url, "reading it"):
-        return filesystem(url).cat_file(_key(url))
+        if not url.startswith("s3://"):
+            return filesystem(url).cat_file(_key(url))
+        bucket, _, key = _key(url).partition("/")
+        body = _s3("get_object", Bucket=bucket, Key=key)["Body"]
+        with contextlib.closing(body):
+            return body.read()
 
 
 def read_checked(url: str, size: int, sha256: str, where: str) -> bytes:
@@ -204,13 +248,23 @@ def upload_file(path: Path, url: str, sha256: str | None = None) -> None:
     the object appears only once the upload completes."""
     digest = sha256 or file_sha256(path)
     with explained(url, "uploading it"):
-        filesystem(url).put_file(str(path), _key(url), Metadata={SHA256_KEY: digest})
+        if path.stat().st_size > SINGLE_PUT_BYTES:
+            filesystem(url).put_file(str(path), _key(url), Metadata={SHA256_KEY: digest})
+        else:
+            _put(url, path.read_bytes(), digest)
 
 
 def write_object(url: str, data: bytes) -> None:
     """Store `data` as the object `url` (a small record; it appears whole or not at all)."""
     with explained(url, "writing it"):
-        filesystem(url).pipe_file(_key(url), data, Metadata={SHA256_KEY: hashlib.sha256(data).hexdigest()})
+        _put(url, data, hashlib.sha256(data).hexdigest())
+
+
+def _put(url: str, data: bytes, sha256: str) -> None:
+    """One PUT of the object `url`, its sha256 (hex) recorded in its metadata and sent as its checksum."""
+    bucket, _, key = _key(url).partition("/")
+    _s3("put_object", Bucket=bucket, Key=key, Body=data, Metadata={SHA256_KEY: sha256},
+        ChecksumSHA256=base64.b64encode(bytes.fromhex(sha256)).decode())
 
 
 def delete_objects(url: str, names: list[str]) -> None:
