@@ -327,6 +327,7 @@ def main() -> None:
             results["prepare_folder"] = timed_prepare(archive, str(folder), args.shard_size, args.images, None,
                                                       server.pid)
             save()
+            subprocess.run(["rm", "-rf", str(work / "cache")], check=True)  # each run hashes the source afresh
             results["prepare_bucket"] = timed_prepare(archive, url, args.shard_size, args.images, staging_dir(url),
                                                       server.pid)
             results["prepare_bucket_over_folder"] = round(results["prepare_folder"]["seconds"]

@@ -258,8 +258,8 @@ def _claim_bucket(parts: BucketParts, record: dict[str, Any], previous: dict[str
     or another export and not `overwrite`."""
     url, names = parts.url, parts.names
     found = object_sizes(url, recursive=True)
-    foreign = sorted(name for name in found if name.split("/")[0] not in EXPORT_ENTRIES
-                     and name != names.plan_name and names.number(name) is None)
+    foreign = sorted(name for name in found if name.split("/")[0] not in EXPORT_ENTRIES and name != names.plan_name
+                     and not (name.endswith(".done.json") and names.number(name) is not None))
     if foreign:
         raise ConfigError(f"{url} holds objects cgan-pipe did not write ({_first_few(foreign)}); export into a new "
                           f"prefix")

@@ -163,6 +163,10 @@ def test_train_and_generate_with_a_bucket(bucket_shards, bucket, tmp_path):
     fsspec.filesystem("s3").pipe_file(f"{out}/notes.txt", b"mine")
     foreign = CliRunner().invoke(main, [*fewer[:3], "--n", "10", "--overwrite"])
     assert foreign.exit_code == 2 and "holds objects cgan-pipe did not write (notes.txt)" in foreign.output
+    before = contents(bucket_shards)
+    into_a_set = CliRunner().invoke(main, [*fewer[:2], bucket_shards, "--n", "10", "--overwrite"])
+    assert into_a_set.exit_code == 2 and "holds objects cgan-pipe did not write (manifest.json" in into_a_set.output
+    assert contents(bucket_shards) == before
 
 
 def test_an_upload_cut_short_resumes_to_the_bucket_an_uninterrupted_run_gives(bucket, small_tar, monkeypatch):
