@@ -200,8 +200,7 @@ def test_an_upload_cut_short_resumes_to_the_bucket_an_uninterrupted_run_gives(bu
     fs.call_s3("create_multipart_upload", Bucket=bucket.removeprefix("s3://"), Key=key)
     prepare(DataConfig(str(small_tar), shard_size=20), cut, progress=False)
     assert contents(cut) == contents(whole)
-    uploads = fs.call_s3("list_multipart_uploads", Bucket=bucket.removeprefix("s3://"))
-    assert not uploads.get("Uploads")
+    assert not _unfinished_uploads(bucket)
     assert not staging_dir(cut).exists()
 
 
@@ -477,9 +476,21 @@ def test_prepare_into_a_bucket_killed_anywhere_reruns_to_the_uninterrupted_bucke
     settings = ["--shard-size", "50", "--format", "png", "--workers", str(1 + seed), "-q"]
     whole, url = f"{bucket}/whole", f"{bucket}/killed"
     subprocess.run([CLI, "prepare", str(cifar_tar), whole, *settings], check=True, capture_output=True, timeout=300)
+    _kill_once_uploaded([CLI, "prepare", str(cifar_tar), url, *settings], url, 16, seed)
+    rerun = subprocess.run([CLI, "prepare", str(cifar_tar), url, *settings], capture_output=True, text=True,
+                           timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert contents(url) == contents(whole)
+    assert not staging_dir(url).exists()
+    assert not _unfinished_uploads(bucket)
+
+
+def _kill_once_uploaded(command: list[str], url: str, parts: int, seed: int) -> int:
+    """Run `command`, which writes `parts` parts into `url`, and SIGKILL it once a number of them drawn by
+    `seed` have their done record in the bucket, plus a few random milliseconds; returns that number."""
     rng = random.Random(seed)
-    target, extra = rng.randrange(16), rng.uniform(0, 0.05)  # 16 shards; killed once `target` are uploaded
-    process = subprocess.Popen([CLI, "prepare", str(cifar_tar), url, *settings], stderr=subprocess.DEVNULL)
+    target, extra = rng.randrange(parts), rng.uniform(0, 0.05)
+    process = subprocess.Popen(command, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while process.poll() is None and time.monotonic() < deadline and \
             sum(name.endswith(".done.json") for name in object_sizes(url)) < target:
@@ -487,13 +498,13 @@ def test_prepare_into_a_bucket_killed_anywhere_reruns_to_the_uninterrupted_bucke
     time.sleep(extra)
     process.kill()
     process.wait()
-    rerun = subprocess.run([CLI, "prepare", str(cifar_tar), url, *settings], capture_output=True, text=True,
-                           timeout=300)
-    assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert contents(url) == contents(whole)
-    assert not staging_dir(url).exists()
-    assert not fsspec.filesystem("s3").call_s3("list_multipart_uploads",
-                                               Bucket=bucket.removeprefix("s3://")).get("Uploads")
+    return target
+
+
+def _unfinished_uploads(bucket: str) -> list:
+    """The multipart uploads under way (or abandoned) in `bucket`."""
+    return fsspec.filesystem("s3").call_s3("list_multipart_uploads", Bucket=bucket.removeprefix("s3://")).get(
+        "Uploads", [])
 
 
 def _generate_into(checkpoint: Path, out: str, verbosity: str = "-q") -> list[str]:
@@ -538,24 +549,14 @@ def test_generate_into_a_bucket_killed_anywhere_reruns_to_the_uninterrupted_buck
     url = f"{bucket}/generate-killed-{seed}"
     local = tmp_path / "whole"
     subprocess.run(_generate_into(checkpoint, str(local)), check=True, capture_output=True, timeout=300)
-    rng = random.Random(seed)
-    target, extra = rng.randrange(8), rng.uniform(0, 0.05)  # 8 parts; killed once `target` are uploaded
-    process = subprocess.Popen(_generate_into(checkpoint, url), stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while process.poll() is None and time.monotonic() < deadline and \
-            sum(name.endswith(".done.json") for name in object_sizes(url)) < target:
-        time.sleep(0.02)
-    time.sleep(extra)
-    process.kill()
-    process.wait()
+    target = _kill_once_uploaded(_generate_into(checkpoint, url), url, 8, seed)
     rerun = subprocess.run(_generate_into(checkpoint, url, "-v"), capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert f"{target} of 8 kept from an earlier run" in rerun.stderr or \
         f"{target + 1} of 8 kept from an earlier run" in rerun.stderr, rerun.stderr[-2000:]
     assert contents(url) == folder_contents(local)
     assert not staging_dir(url).exists()
-    assert not fsspec.filesystem("s3").call_s3("list_multipart_uploads",
-                                               Bucket=bucket.removeprefix("s3://")).get("Uploads")
+    assert not _unfinished_uploads(bucket)
 
 
 def test_under_torchrun_ranks_generate_into_one_bucket_prefix(s3_server, bucket, checkpoint, tmp_path):
