@@ -324,6 +324,17 @@ class TrainConfig:
         1.0, "Probability that each diffaugment transform is applied to an image, drawn per image and transform "
         "(ADA's augmentation probability p); 1: always.", _probability
     )
+    mode_seeking: float = option(
+        0.0, "Weight of the mode-seeking term (MSGAN, Mao et al. 2019): half of each G batch repeats the other "
+        "half's classes with other latents, and G is pushed to keep such pairs as far apart, per unit of latent "
+        "distance, as it can; against a generator that gives one image per class whatever z. 0: off.",
+        _non_negative,
+    )
+    class_loss: float = option(
+        0.0, "Weight of a class loss through D's class embedding (dual projection, Han et al. 2021): D learns to "
+        "name each real image's class with the embedding it judges realness with, and G to make fakes whose class "
+        "D names right; stronger class conditioning. Needs class labels. 0: off.", _non_negative,
+    )
     lr_g: float = option(2e-4, "Generator Adam learning rate.", _positive)
     lr_d: float = option(4e-4, "Discriminator Adam learning rate (twice G's: TTUR).", _positive)
     beta1: float = option(0.0, "Adam beta1 (GAN practice: 0 or 0.5; docs/benchmarks.md compares them).", _unit_interval)
@@ -393,6 +404,9 @@ class TrainConfig:
             problem = checks[key](value)
             if problem:
                 raise ConfigError(f"{where('schedule_to')}.{key}: {problem} (got {value!r})")
+        if self.mode_seeking and self.loss == "rpgan":
+            raise ConfigError(f"{where('mode_seeking')}: not with {where.name('loss')}: rpgan, whose fakes take "
+                              f"their classes from the real batch; use hinge or nonsaturating, or set it to 0")
         if (self.augment_p != 1.0 or "augment_p" in (self.schedule_to or {})) and not self.diffaugment:
             raise ConfigError(f"{where('augment_p')}: an augmentation probability needs transforms to apply; set "
                               f"{where.name('diffaugment')} (e.g. 'color,translation,cutout')")

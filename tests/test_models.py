@@ -36,6 +36,21 @@ def test_discriminator_uses_the_class(arch):
     assert not torch.allclose(D(x, torch.tensor([0, 0])), D(x, torch.tensor([1, 2])))
 
 
+@pytest.mark.parametrize("arch", ["dcgan", "resnet", "r3gan"])
+def test_the_class_logits_are_the_projection_terms_of_every_class(arch):
+    info = DatasetInfo(32, 3, tuple("abcd"), 100)
+    _, D = build_networks(ModelConfig(arch=arch, d_width=32), info)
+    D.eval()
+    x, labels = torch.randn(3, 3, 32, 32), torch.tensor([0, 2, 3])
+    logits, classes = D(x, labels, classes=True)
+    assert classes.shape == (3, 4)
+    torch.testing.assert_close(logits, D(x, labels))
+    for c in range(4):  # the realness logit moves with the class by exactly the class logits' differences
+        other = D(x, torch.full((3,), c))
+        torch.testing.assert_close(other - logits, classes[:, c] - classes[torch.arange(3), labels],
+                                   rtol=1e-4, atol=1e-4)
+
+
 def test_the_resnet_generator_is_conditioned_through_its_batchnorm():
     info = DatasetInfo(32, 3, tuple("abc"), 100)
     G, _ = build_networks(ModelConfig(arch="resnet", z_dim=16, g_width=32), info)

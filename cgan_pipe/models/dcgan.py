@@ -65,8 +65,9 @@ class Discriminator(ProjectionDiscriminator):
         feature_dim = widths[-1] * 4 * 4
         self.build_head(feature_dim, num_classes, quality)
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor, quality: torch.Tensor | None = None) -> torch.Tensor:
-        """One realness logit per image, shape (N,)."""
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, quality: torch.Tensor | None = None,
+                classes: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """One realness logit per image, shape (N,); with `classes`, also each image's class logits (N, classes)."""
         check_quality_input(self, quality)
         f = self.features(images)
-        return self.head(f, labels, quality)
+        return self.head(f, labels, quality, classes)

@@ -22,11 +22,16 @@ class ProjectionDiscriminator(nn.Module):
         self.embed = wrap(nn.Embedding(num_classes, feature_dim)) if num_classes else None
         self.embed_quality = QualityEmbedding(feature_dim, spectral=spectral) if quality else None
 
-    def head(self, f: torch.Tensor, labels: torch.Tensor, quality: torch.Tensor | None) -> torch.Tensor:
-        """One realness logit per row of the features `f` (N, feature_dim), shape (N,)."""
+    def head(self, f: torch.Tensor, labels: torch.Tensor, quality: torch.Tensor | None,
+             classes: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """One realness logit per row of the features `f` (N, feature_dim), shape (N,). With `classes`, also
+        the class logits <embed(c), f> of every class c, shape (N, num_classes): the same embedding judging
+        class membership (dual projection, Han et al. 2021, https://arxiv.org/abs/2108.09016)."""
         logit = self.linear(f).squeeze(1)
         if self.embed is not None:
             logit = logit + (self.embed(labels) * f).sum(dim=1)
         if self.embed_quality is not None:
             logit = logit + (self.embed_quality(quality) * f).sum(dim=1)
+        if classes:
+            return logit, f @ self.embed.weight.t()  # the (spectral-normalised) weight embed(labels) just used
         return logit

@@ -117,11 +117,12 @@ class Discriminator(ProjectionDiscriminator):
         self.basis = _he(nn.Conv2d(plan[-1], plan[-1], 4, groups=plan[-1], bias=False), 1.0)
         self.build_head(plan[-1], num_classes, quality, spectral=False)
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor, quality: torch.Tensor | None = None) -> torch.Tensor:
-        """One realness logit per image, shape (N,)."""
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, quality: torch.Tensor | None = None,
+                classes: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """One realness logit per image, shape (N,); with `classes`, also each image's class logits (N, classes)."""
         check_quality_input(self, quality)
         h = self.from_rgb(images)
         for stage, transition in zip(self.stages, self.transitions):
             h = transition(F.avg_pool2d(stage(h), 2))
         f = self.basis(self.stages[-1](h)).flatten(1)
-        return self.head(f, labels, quality)
+        return self.head(f, labels, quality, classes)

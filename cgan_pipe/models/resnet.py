@@ -126,8 +126,9 @@ class Discriminator(ProjectionDiscriminator):
         self.blocks = nn.Sequential(*blocks)
         self.build_head(width, num_classes, quality)
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor, quality: torch.Tensor | None = None) -> torch.Tensor:
-        """One realness logit per image, shape (N,)."""
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, quality: torch.Tensor | None = None,
+                classes: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """One realness logit per image, shape (N,); with `classes`, also each image's class logits (N, classes)."""
         check_quality_input(self, quality)
         f = F.relu(self.blocks(images)).sum(dim=(2, 3))
-        return self.head(f, labels, quality)
+        return self.head(f, labels, quality, classes)

@@ -13,6 +13,7 @@ from torch import nn
 from ..augment import diff_augment, parse_policy
 from ..compression import mismatched_qualities, simulate_jpeg
 from ..config import PipelineConfig
+from ..errors import ConfigError
 from ..data.batch import Batch
 from .schedule import Scheduled, values_at
 
@@ -35,6 +36,10 @@ class GANLoss:
         self.num_classes = max(num_classes, 1)  # unlabelled data: every image is class 0
         self.autocast, self.memory_format = autocast, memory_format
         self.every = cfg.train.r1_every
+        self.mode_seeking = cfg.train.mode_seeking
+        self.class_loss = cfg.train.class_loss
+        if self.class_loss and not num_classes:
+            raise ConfigError("train.class_loss: needs class labels and these shards have none; set it to 0")
         self.now: Scheduled = values_at(cfg.train, 0.0)  # the penalty weights and augment_p; the loop moves it
         self.compression = cfg.compression
         self.mode = cfg.compression.mode
@@ -60,9 +65,11 @@ class GANLoss:
             wrong, has_one = mismatched_qualities(q, self.levels)
             images, d_labels, d_qualities = images + [reals], d_labels + [labels], d_qualities + [wrong]
         with self.autocast():
-            logits = self.D_train(self._augment(torch.cat(images)), torch.cat(d_labels),
-                                  self._d_quality(torch.cat(d_qualities)) if q is not None else None)
+            logits, classes = self._judged(self._augment(torch.cat(images)), torch.cat(d_labels),
+                                           self._d_quality(torch.cat(d_qualities)) if q is not None else None)
             loss = discriminator_loss(self.kind, logits[:n], logits[n:2 * n])
+            if classes is not None:  # D names the reals' classes
+                loss = loss + self.class_loss * F.cross_entropy(classes[:n].float(), labels)
             if self.mismatch_weight:  # the mismatched reals, those with a level far enough from their own
                 loss = loss + self.mismatch_weight * fake_loss(self.kind, logits[2 * n:], keep=has_one)
         return loss, reals, fake.to(reals.dtype)
@@ -90,10 +97,21 @@ class GANLoss:
         q = real.quality
         if q is not None:
             q = q[torch.randint(0, q.shape[0], (batch_size,), device=self.device)]
+        pairs = batch_size // 2 if self.mode_seeking else 0
+        if pairs:  # the second half repeats the first's classes (and qualities) with other latents
+            labels = torch.cat([labels[:pairs], labels[:pairs], labels[2 * pairs:]])
+            q = torch.cat([q[:pairs], q[:pairs], q[2 * pairs:]]) if q is not None else None
+        z = torch.randn(batch_size, self.z_dim, device=self.device)
         with self.autocast():
-            fake = self.G_train(torch.randn(batch_size, self.z_dim, device=self.device), labels, self._g_quality(q))
+            fake = self.G_train(z, labels, self._g_quality(q))
             fake_seen = self._measured(fake, q)
-            loss = generator_loss(self.kind, self.D_train(self._augment(fake_seen), labels, self._d_quality(q)))
+            logits, classes = self._judged(self._augment(fake_seen), labels, self._d_quality(q))
+            loss = generator_loss(self.kind, logits)
+            if classes is not None:  # G makes fakes whose class D names right
+                loss = loss + self.class_loss * F.cross_entropy(classes.float(), labels)
+            if pairs:
+                loss = loss + self.mode_seeking * mode_seeking_term(fake[:pairs], fake[pairs:2 * pairs],
+                                                                    z[:pairs], z[pairs:2 * pairs])
             return self._with_null_space_penalty(loss, fake, fake_seen)
 
     def _relativistic_generator(self, real: Batch, reals_seen: torch.Tensor) -> torch.Tensor:
@@ -102,9 +120,12 @@ class GANLoss:
             fake = self.G_train(torch.randn(n, self.z_dim, device=self.device), labels, self._g_quality(q))
             fake_seen = self._measured(fake, q)
             both = torch.cat([fake_seen.to(reals_seen.dtype), reals_seen.detach()])
-            logits = self.D_train(self._augment(both), torch.cat([labels, labels]),
-                                  self._d_quality(torch.cat([q, q])) if q is not None else None)
-            return self._with_null_space_penalty(generator_loss(self.kind, logits[:n], logits[n:]), fake, fake_seen)
+            logits, classes = self._judged(self._augment(both), torch.cat([labels, labels]),
+                                           self._d_quality(torch.cat([q, q])) if q is not None else None)
+            loss = generator_loss(self.kind, logits[:n], logits[n:])
+            if classes is not None:
+                loss = loss + self.class_loss * F.cross_entropy(classes[:n].float(), labels)
+            return self._with_null_space_penalty(loss, fake, fake_seen)
 
     def _with_null_space_penalty(self, loss: torch.Tensor, fake: torch.Tensor, fake_seen: torch.Tensor) -> torch.Tensor:
         """`loss`, plus in ambient mode the weighted mean square of the part of each fake that its JPEG
@@ -113,6 +134,13 @@ class GANLoss:
         if self.mode == "ambient" and weight:
             return loss + weight * (fake.float() - fake_seen.float()).square().mean()
         return loss
+
+    def _judged(self, images: torch.Tensor, labels: torch.Tensor,
+                quality: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """D's realness logits of `images` and, with train.class_loss, their class logits (else None)."""
+        if not self.class_loss:
+            return self.D_train(images, labels, quality), None
+        return self.D_train(images, labels, quality, classes=True)
 
     def _augment(self, images: torch.Tensor) -> torch.Tensor:
         return diff_augment(images, self.policy, self.now.augment_p)
@@ -167,6 +195,13 @@ def generator_loss(kind: str, fake_logits: torch.Tensor, real_logits: torch.Tens
     if kind == "rpgan":
         return F.softplus(real_logits - fake_logits).mean()
     raise ValueError(f"unknown loss {kind!r}")
+
+
+def mode_seeking_term(a: torch.Tensor, b: torch.Tensor, z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
+    """MSGAN's term (Mao et al. 2019, https://arxiv.org/abs/1903.05628) for fakes `a`, `b` of the same classes
+    from latents `z_a`, `z_b`: 1 / (mean |a - b| / mean |z_a - z_b| + 1e-5), small when the pairs differ."""
+    ratio = (a.float() - b.float()).abs().mean() / (z_a - z_b).abs().mean()
+    return 1 / (ratio + 1e-5)
 
 
 def gradient_penalty(D: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, quality: torch.Tensor | None,
