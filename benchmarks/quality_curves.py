@@ -180,7 +180,8 @@ def plot(results: dict, path: Path) -> None:
               ("class_accuracy", "class accuracy (real images: dashed)"),
               ("class_diversity", "within-class diversity (real: dashed)"),
               ("d_gap", "D logit: training minus held-out reals")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7.5))
+    axes = axes.flatten()
     for colour, (name, entry) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], results.items()):
         for i, (seed, rows) in enumerate(sorted(entry["seeds"].items())):
             minutes = [row["minutes"] for row in rows]
