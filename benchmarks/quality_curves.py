@@ -103,7 +103,7 @@ class Scorer:
         self.held_out = _reals(held_out, plain, LOGIT_IMAGES) if held_out else None
         classes = max(self.evaluator.info.num_classes, 1)
         many = _reals(shards, plain, max(5000, 60 * classes))
-        self.real_diversity = class_diversity(*_first_per_class(*many, PER_CLASS), PER_CLASS)
+        self.real_diversity = class_diversity(*many, PER_CLASS)  # the first PER_CLASS of each class
 
     @torch.no_grad()
     def __call__(self, checkpoint: Path) -> dict:
@@ -121,11 +121,6 @@ class Scorer:
 def _reals(shards: Path, cfg: LoaderConfig, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     batches = list(first_samples(shards, cfg, n, CPU))
     return torch.cat([b.images for b in batches]), torch.cat([b.labels for b in batches])
-
-
-def _first_per_class(images: torch.Tensor, labels: torch.Tensor, per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
-    keep = torch.cat([torch.nonzero(labels == label).flatten()[:per_class] for label in labels.unique()])
-    return images[keep], labels[keep]
 
 
 def _discriminator_logits(state: dict, train_reals: tuple, held_out: tuple | None) -> dict:
